@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  make demo   |   make test
+# Both create the virtual environments they need on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BEDROCK_VENV := .venv-bedrock
+
+.PHONY: demo test install clean-demo
+
+$(VENV)/.installed: pyproject.toml requirements/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -r requirements/cpu.txt -e ".[dev]"
+	touch $@
+
+# transformers 4.51.3 is what Bedrock serves imported models with; the export test loads
+# our artifact there to prove it reads identically.
+$(BEDROCK_VENV)/.installed: requirements/bedrock-runtime.txt
+	$(PYTHON) -m venv $(BEDROCK_VENV)
+	$(BEDROCK_VENV)/bin/pip install -q -U pip
+	$(BEDROCK_VENV)/bin/pip install -q -r requirements/bedrock-runtime.txt
+	touch $@
+
+install: $(VENV)/.installed $(BEDROCK_VENV)/.installed
+
+demo: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+test: $(VENV)/.installed $(BEDROCK_VENV)/.installed
+	TERMTUNE_BEDROCK_PYTHON="$(CURDIR)/$(BEDROCK_VENV)/bin/python" $(VENV)/bin/python -m pytest -q
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,336 @@
+"""The termtune command line: parse, call a stage, print. No logic lives here.
+
+Every stage command takes `[CONFIG] [KEY=VALUE ...]`:
+
+    termtune data prepare configs/demo.yaml run.dir=runs/demo
+    termtune train configs/demo.yaml train.learning_rate=3e-4
+    termtune run configs/flan-t5-large-medical.yaml aws.bucket=my-bucket
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from termtune.config import Config, load_config
+from termtune.errors import UserError
+
+app = typer.Typer(
+    help="Teach Flan-T5 a field's terminology and ship it to Amazon Bedrock Custom Model Import.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Prepare and inspect the training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+ARGS_HELP = "[CONFIG] [KEY=VALUE ...]: a YAML config and dotted overrides, e.g. train.learning_rate=3e-4"
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")) -> None:
+    _state["debug"] = debug
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a UserError as one line and exit 2; --debug keeps the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if _state["debug"]:
+                raise
+            typer.echo(f"termtune: error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("termtune: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def resolve(args: Optional[List[str]]) -> Config:
+    """Split `[CONFIG] [KEY=VALUE ...]` and load the config."""
+    args = list(args or [])
+    path = None
+    if args and "=" not in args[0]:
+        path = args.pop(0)
+    for a in args:
+        if "=" not in a:
+            raise UserError(f"{a!r}: expected KEY=VALUE (only the first argument may be a config file)")
+    return load_config(path, args)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@data_app.command("prepare")
+@friendly
+def data_prepare(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    strict: bool = typer.Option(False, "--strict", help="Any finding in the data is an error."),
+    force: bool = typer.Option(False, "--force", help="Replace existing prepared data."),
+) -> None:
+    """Load, validate, clean, split and tokenize the data into <run.dir>/data.
+
+    Example:
+        termtune data prepare configs/demo.yaml data.source=terms.csv
+    """
+    from termtune import data
+
+    cfg = resolve(args)
+    if strict:
+        cfg.data.strict = True
+    prepared = data.prepare(cfg, force=force)
+    typer.echo(data.summary(prepared.stats))
+
+
+@data_app.command("inspect")
+@friendly
+def data_inspect(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    rows: int = typer.Option(3, "--rows", help="How many training examples to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print stats.json instead."),
+) -> None:
+    """Show the prepared data: stats and a few examples.
+
+    Example:
+        termtune data inspect configs/demo.yaml --rows 5
+    """
+    from termtune import data
+
+    cfg = resolve(args)
+    stats, examples = data.inspect(cfg, rows=rows)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    typer.echo(data.summary(stats))
+    for ex in examples:
+        typer.echo(f"\n[{ex['term']}]\n  prompt: {ex['prompt']}\n  target: {ex['target'][:300]}")
+
+
+# ----------------------------------------------------------------------------- train / evaluate
+
+
+@app.command()
+@friendly
+def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Fine-tune LoRA adapters; re-running after a crash resumes from the last checkpoint.
+
+    Works the same under `torchrun --nproc_per_node N` and `accelerate launch`.
+
+    Example:
+        termtune train configs/demo.yaml train.epochs=2
+    """
+    from termtune import train as train_stage
+
+    result = train_stage.train(resolve(args))
+    typer.echo(result.summary())
+
+
+@app.command()
+@friendly
+def evaluate(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace an existing evaluation."),
+) -> None:
+    """Generate on the held-out split with the base and the tuned model; ROUGE, BLEU, chrF.
+
+    Example:
+        termtune evaluate configs/demo.yaml eval.max_new_tokens=64
+    """
+    from termtune import evaluate as evaluate_stage
+
+    report = evaluate_stage.evaluate(resolve(args), force=force)
+    typer.echo(report.summary())
+
+
+@app.command()
+@friendly
+def report(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """(Re)write report.html and report.md from what the run directory holds.
+
+    Example:
+        termtune report configs/demo.yaml
+    """
+    from termtune import report as report_stage
+
+    path = report_stage.write_report(resolve(args))
+    typer.echo(f"report: {path}")
+
+
+# ----------------------------------------------------------------------------- export / validate
+
+
+@app.command()
+@friendly
+def export(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
+) -> None:
+    """Merge the adapter into the unquantized base and write a Bedrock CMI artifact.
+
+    Example:
+        termtune export configs/demo.yaml export.dtype=fp32
+    """
+    from termtune import export as export_stage
+
+    artifact = export_stage.export(resolve(args), force=force)
+    typer.echo(artifact.summary())
+
+
+@app.command()
+@friendly
+def validate(
+    directory: Path = typer.Argument(..., help="A model folder to check against the Bedrock CMI rules."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Preflight a folder for Bedrock Custom Model Import (no GPU, no AWS needed).
+
+    Exits non-zero if any check fails.
+
+    Example:
+        termtune validate runs/demo/artifact
+    """
+    from termtune import validate as validate_stage
+
+    checks = validate_stage.validate(directory)
+    if as_json:
+        typer.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        typer.echo(validate_stage.format_checks(checks))
+    if any(c.failed for c in checks):
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- AWS
+
+
+@app.command()
+@friendly
+def deploy(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would happen (and the IAM policies)."),
+) -> None:
+    """Upload the artifact to S3, ensure the IAM role, create the import job and wait.
+
+    Example:
+        termtune deploy configs/flan-t5-large-medical.yaml aws.bucket=my-bucket
+    """
+    from termtune import aws
+
+    result = aws.deploy(resolve(args), dry_run=dry_run)
+    typer.echo(result.summary())
+
+
+@app.command()
+@friendly
+def role(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the trust and permission policies only."),
+) -> None:
+    """Create or reuse the IAM service role Bedrock assumes to read the artifact.
+
+    Example:
+        termtune role configs/flan-t5-large-medical.yaml aws.bucket=my-bucket --dry-run
+    """
+    from termtune import aws
+
+    typer.echo(aws.ensure_role(resolve(args), dry_run=dry_run))
+
+
+@app.command()
+@friendly
+def invoke(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    term: Optional[str] = typer.Option(None, "--term", "-t", help="A term: sent through the training prompt."),
+    text: Optional[str] = typer.Option(None, "--raw", help="Send this text as the prompt, unchanged."),
+    model: Optional[str] = typer.Option(None, "--model", help="Imported model ARN (default: the run's)."),
+    stream: bool = typer.Option(False, "--stream", help="Stream tokens as they are generated."),
+    as_json: bool = typer.Option(False, "--json", help="Print the response as JSON."),
+) -> None:
+    """Ask the imported model for a definition.
+
+    Example:
+        termtune invoke configs/demo.yaml --term "Hypertension"
+    """
+    from termtune import aws
+
+    aws.invoke_cli(resolve(args), term=term, raw=text, model_arn=model, stream=stream, as_json=as_json)
+
+
+@app.command()
+@friendly
+def cleanup(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete the imported model, the S3 prefix, and the role if termtune created it.
+
+    Example:
+        termtune cleanup configs/demo.yaml --yes
+    """
+    from termtune import aws
+
+    aws.cleanup(resolve(args), yes=yes)
+
+
+@app.command()
+@friendly
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(8787, "--port", help="Port to bind (0: any free port)."),
+    cold_start: float = typer.Option(0.0, "--cold-start", help="Answer ModelNotReadyException for N seconds "
+                                     "after each import (rehearse a cold start)."),
+    throttle_every: int = typer.Option(0, "--throttle-every", help="Answer ThrottlingException to every Nth call."),
+    import_delay: float = typer.Option(1.0, "--import-delay", help="Seconds an import job stays InProgress."),
+    model_quota: int = typer.Option(3, "--model-quota", help="Imported models allowed (Bedrock's default is 3)."),
+    region: str = typer.Option("us-east-1", "--region"),
+) -> None:
+    """A local Bedrock-compatible endpoint (control plane + runtime) for offline runs and tests.
+
+    Point boto3 at it with AWS_ENDPOINT_URL_BEDROCK / AWS_ENDPOINT_URL_BEDROCK_RUNTIME.
+
+    Example:
+        termtune serve --port 8787
+    """
+    from termtune import serve as serve_stage
+
+    serve_stage.serve(host=host, port=port, cold_start_seconds=cold_start, throttle_every=throttle_every,
+                      import_delay_seconds=import_delay, model_quota=model_quota, region=region)
+
+
+# ----------------------------------------------------------------------------- the whole path
+
+
+@app.command()
+@friendly
+def run(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """Run every stage in order, skipping stages whose outputs are complete.
+
+    data -> train -> evaluate -> export -> validate -> deploy -> invoke
+
+    Example:
+        termtune run configs/demo.yaml
+    """
+    from termtune import pipeline
+
+    pipeline.run(resolve(args))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""One typed configuration for every termtune stage.
+
+A run is described by one YAML file (see configs/) plus dotted command-line overrides:
+
+    termtune train configs/demo.yaml train.learning_rate=3e-4 run.dir=runs/try2
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error
+with a did-you-mean instead of a silently ignored setting. Cross-field rules that would
+otherwise fail hours into a run (fp16 with T5, merging onto a quantized base) are checked
+here, at load time.
+
+Relative paths in a config are resolved against the current working directory, so the
+same config works from the CLI, from scripts and from tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from termtune.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    dir: Path = Path("runs/default")
+    """Run directory: every stage reads its inputs from here and writes its outputs here."""
+    seed: int = 42
+    """Seed for the split, model initialisation, LoRA init and data order."""
+
+
+class ModelConfig(Section):
+    source: str = "google/flan-t5-large"
+    """Hub id or local directory of the base model (weights + config + tokenizer)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """'pretrained' loads weights from `source`; 'random' builds a randomly initialised model
+    from `architecture` (for offline demos and tests; no weights needed)."""
+    architecture: str | None = None
+    """For init=random: a config.json (or a folder holding one) that gives the shape."""
+    architecture_overrides: dict[str, Any] = Field(default_factory=dict)
+    """For init=random: config values to change, e.g. {num_layers: 2, num_decoder_layers: 2}."""
+    tokenizer: str | None = None
+    """Hub id or folder of the tokenizer; defaults to `source`."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the frozen base in 4-bit NF4 (double quantization) or 8-bit for QLoRA training.
+    Export always reloads the base unquantized before merging."""
+    allow_pickle: bool = False
+    """Allow loading .bin (pickle) weights. Pickle can run code: off unless you trust the source."""
+
+
+class DataConfig(Section):
+    source: str = "gamino/wiki_medical_terms"
+    """Hub dataset id, or a local .jsonl/.json/.csv/.parquet file."""
+    hub_split: str = "train"
+    """Which split of a Hub dataset to read."""
+    term_column: str | None = None
+    """Column holding the term. None: recognise `term` or `page_title`."""
+    definition_column: str | None = None
+    """Column holding the definition. None: recognise `definition` or `page_text`."""
+    prompt_template: str = "What is {term}?"
+    """Input text for each row; `{term}` is replaced by the term."""
+    target: Literal["full", "first_paragraph", "first_n_sentences"] = "full"
+    """How much of the definition to train on."""
+    n_sentences: int = Field(2, ge=1)
+    """For target=first_n_sentences: how many sentences to keep."""
+    duplicates: Literal["keep_first", "error"] = "keep_first"
+    """Policy for a term that appears more than once."""
+    strict: bool = False
+    """Turn every validation finding into an error instead of a counted skip."""
+    max_rows: int | None = Field(None, ge=1)
+    """Use only the first N usable rows (after cleaning), e.g. for a quick demo."""
+    max_chars: int = Field(100_000, ge=1)
+    """Rows whose term or definition is longer than this are overlong (skipped)."""
+    test_size: float = Field(0.1, gt=0)
+    """Held-out share (0 < x < 1) or number of held-out rows (x >= 1)."""
+    max_source_length: int = Field(128, ge=8)
+    """Input token limit (truncation)."""
+    max_target_length: int = Field(512, ge=8)
+    """Target token limit (truncation)."""
+
+
+class LoraConfig(Section):
+    r: int = Field(64, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    """'all-linear' or a list of module names such as [q, v]."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run `epochs`)."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per device per step (ignored when max_tokens_per_batch is set)."""
+    max_tokens_per_batch: int | None = Field(None, ge=1)
+    """Token budget per batch (padded source + target tokens) instead of a fixed batch size."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that support it, fp32 on CPU (bf16 backward is ~25x slower on CPUs)."""
+    allow_fp16: bool = False
+    """T5 overflows to inf/NaN in fp16; set this only if you know your checkpoint survives it."""
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    """Batch examples of similar length together so little compute is spent on padding."""
+    eval_steps: int | None = None
+    """Held-out loss every N steps (None: every epoch)."""
+    save_steps: int = Field(50, ge=1)
+    """Checkpoint every N optimizer steps."""
+    save_total_limit: int = Field(2, ge=1)
+    """Keep at most N checkpoints."""
+    logging_steps: int = Field(10, ge=1)
+    dataloader_workers: int = Field(0, ge=0)
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(128, ge=1)
+    """Generation length limit (never the 20-token library default)."""
+    num_beams: int = Field(1, ge=1)
+    """1 = greedy."""
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    """An integer n (0 = off); the seed recipe's `True` silently meant 1."""
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    """Evaluate on at most N held-out rows."""
+    compare_base: bool = True
+    """Also generate with the base model on the same prompts."""
+    samples_in_report: int = Field(10, ge=0)
+
+
+class ExportConfig(Section):
+    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    allow_fp16: bool = False
+    max_shard_size: str = "5GB"
+    """Shard the safetensors weights above this size (e.g. 2GB, 500MB)."""
+    dir: Path | None = None
+    """Artifact folder (default: <run.dir>/artifact)."""
+
+
+class AwsConfig(Section):
+    region: str = "us-east-1"
+    profile: str | None = None
+    """AWS profile name (None: the default credential chain)."""
+    bucket: str | None = None
+    prefix: str = "termtune/{run_name}"
+    """S3 key prefix for the artifact; {run_name} is the run directory's name."""
+    sse: Literal["AES256", "aws:kms"] = "AES256"
+    kms_key_id: str | None = None
+    """KMS key for S3 encryption (with sse=aws:kms) and KMS decrypt in the import role."""
+    role_arn: str | None = None
+    """Existing CMI service role; None: create or reuse `role_name`."""
+    role_name: str = "termtune-bedrock-import"
+    job_name: str | None = None
+    """Import job name (default: <model_name>-<timestamp>)."""
+    model_name: str | None = None
+    """Imported model name (default: derived from the run directory)."""
+    import_timeout_minutes: float = Field(120, gt=0)
+    poll_seconds: float = Field(30, gt=0)
+    invoke_schema: Literal["max_tokens", "max_gen_len"] = "max_tokens"
+    """Request body: OpenAI completion (max_tokens) or Bedrock completion (max_gen_len)."""
+    invoke_max_tokens: int = Field(128, ge=1)
+    invoke_temperature: float = Field(0.0, ge=0)
+    cold_start_budget_minutes: float = Field(10, ge=0)
+    """How long invoke keeps retrying ModelNotReadyException (a cold start)."""
+    invoke_prompt: str = "Hypertension"
+    """Term sent by `termtune run` once the model is imported."""
+    deploy: bool = True
+    """`termtune run` deploys and invokes after export; false stops at validate."""
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    aws: AwsConfig = Field(default_factory=AwsConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> "Config":
+        if self.train.precision == "fp16" and not self.train.allow_fp16:
+            raise ValueError(
+                "train.precision=fp16 is refused for T5: its activations overflow to inf/NaN in fp16 "
+                "(T5 was trained in bf16). Use bf16 on a GPU or fp32, or set train.allow_fp16=true to force it."
+            )
+        if self.export.dtype == "fp16" and not self.export.allow_fp16:
+            raise ValueError(
+                "export.dtype=fp16 is refused for T5: it overflows to inf/NaN in fp16 at inference. "
+                "Use bf16 or fp32, or set export.allow_fp16=true to force it."
+            )
+        if self.model.init == "random" and not self.model.architecture:
+            raise ValueError("model.init=random needs model.architecture (a config.json or a folder holding one)")
+        if self.model.architecture_overrides and self.model.init != "random":
+            raise ValueError("model.architecture_overrides only applies with model.init=random")
+        if self.data.test_size >= 1 and self.data.test_size != int(self.data.test_size):
+            raise ValueError("data.test_size must be a share below 1 or a whole number of rows")
+        if "{term}" not in self.data.prompt_template:
+            raise ValueError("data.prompt_template must contain {term}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir)
+
+    @property
+    def artifact_dir(self) -> Path:
+        return Path(self.export.dir) if self.export.dir else self.run_dir / "artifact"
+
+    @property
+    def tokenizer_source(self) -> str:
+        return self.model.tokenizer or self.model.source
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply `KEY=VALUE` overrides.
+
+    Raises:
+        UserError: the file is missing or not YAML, a key is unknown (with a did-you-mean),
+            a value has the wrong type, or a cross-field rule fails.
+    """
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
+    for item in overrides:
+        _apply_override(raw, item)
+    _check_keys(raw, Config, prefix="", where=where)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{where}: {_describe(e)}") from e
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {item!r}: expected KEY=VALUE, e.g. train.learning_rate=3e-4")
+    # YAML parsing turns "3e-4" into a float, "[q, v]" into a list and "null" into None.
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str, where: str) -> None:
+    """Unknown keys are errors; say which known key was probably meant."""
+    fields = model.model_fields
+    for key, value in raw.items():
+        if key not in fields:
+            known = list(fields)
+            guess = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean {prefix}{guess[0]}?)" if guess else f" (known: {', '.join(known)})"
+            raise UserError(f"{where}: unknown key {prefix}{key}{hint}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section) and isinstance(value, dict):
+            _check_keys(value, annotation, prefix=f"{prefix}{key}.", where=where)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, the form written into every run directory."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every config key, for the README reference."""
+    import ast
+    import inspect
+
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in Config.model_fields.items():
+        section = field.annotation
+        docs: dict[str, str] = {}
+        # Attribute docstrings (the string right after a field) are the field's documentation.
+        tree = ast.parse(inspect.getsource(section))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+        for key, sub in section.model_fields.items():
+            default = sub.default if sub.default_factory is None else sub.default_factory()
+            type_name = str(sub.annotation).replace("typing.", "").replace("pathlib.", "")
+            rows.append((f"{name}.{key}", type_name, repr(default), docs.get(key, "")))
+    return rows

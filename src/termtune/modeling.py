@@ -1,0 +1,204 @@
+"""Models: Hub ids, local folders, or random init from a config; quantization; LoRA.
+
+Public entry points:
+    load_tokenizer(cfg)                      -> tokenizer
+    base_model_dir(cfg)                      -> where the base weights live
+    load_base(cfg, quantization=None, dtype=None) -> T5ForConditionalGeneration
+    attach_lora(cfg, model)                  -> PeftModel
+
+A randomly initialised base (model.init=random) is built once, seeded, and saved in the
+run directory (`<run>/base-model/`). Every later stage loads that same folder, so the
+evaluation baseline, the model that was trained and the model export merges onto are one
+and the same set of weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from termtune.config import Config
+from termtune.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(cfg: Config) -> "PreTrainedTokenizerBase":
+    """Load the tokenizer with `from_pretrained`.
+
+    `T5Tokenizer(vocab_file=...)` silently builds a broken tokenizer in transformers 5.x
+    (every word maps to <unk>), so a folder or Hub id is the only supported form.
+    """
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer_source
+    _check_local_or_hub(source, "model.tokenizer" if cfg.model.tokenizer else "model.source")
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source}: cannot load a tokenizer: {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None or tok.eos_token_id is None:
+        raise UserError(f"{source}: tokenizer has no pad or eos token; a T5 tokenizer is expected")
+    return tok
+
+
+def _check_local_or_hub(source: str, key: str) -> None:
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists()
+    if looks_local and not Path(source).expanduser().exists():
+        raise UserError(f"{key}: {source} does not exist")
+
+
+# ----------------------------------------------------------------------------- base model
+
+
+def base_model_dir(cfg: Config) -> str:
+    """The folder or Hub id the base weights are loaded from."""
+    if cfg.model.init == "random":
+        return str(cfg.run_dir / "base-model")
+    return cfg.model.source
+
+
+def load_base(cfg: Config, quantization: str | None = None, dtype: "torch.dtype | None" = None) -> "PreTrainedModel":
+    """Load the base model.
+
+    Args:
+        quantization: override cfg.model.quantization ("none" for export, which must merge
+            into unquantized weights).
+        dtype: torch dtype for the unquantized weights (default fp32).
+    """
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig
+
+    quantization = quantization or cfg.model.quantization
+    if cfg.model.init == "random":
+        materialize_random_base(cfg)
+    source = base_model_dir(cfg)
+    _check_local_or_hub(source, "model.source")
+    _refuse_pickle(source, cfg.model.allow_pickle)
+
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
+    if quantization == "4bit":
+        # NF4 with double quantization, as QLoRA does; compute in fp32 on CPU, bf16 on GPU.
+        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": _device_index()}
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": _device_index()}
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, use_safetensors=not cfg.model.allow_pickle or None,
+                                                      **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source}: cannot load the base model: {str(e).splitlines()[0]}") from e
+    return model
+
+
+def _device_index() -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        import os
+
+        return int(os.environ.get("LOCAL_RANK", 0))
+    return "cpu"
+
+
+def _refuse_pickle(source: str, allow_pickle: bool) -> None:
+    folder = Path(source)
+    if not folder.is_dir() or allow_pickle:
+        return
+    if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise UserError(f"{source}: only pickle (.bin) weights found; pickle can run code on load. "
+                        "Convert to safetensors, or set model.allow_pickle=true if you trust this folder")
+
+
+def architecture_config(cfg: Config) -> "Any":
+    """The T5Config for model.init=random: the architecture file plus overrides."""
+    from transformers import AutoConfig
+
+    arch = Path(cfg.model.architecture or "")
+    config_file = arch / "config.json" if arch.is_dir() else arch
+    if not config_file.is_file():
+        raise UserError(f"model.architecture: {config_file} not found")
+    try:
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    values.update(cfg.model.architecture_overrides)
+    model_type = values.pop("model_type", None)
+    if model_type != "t5":
+        raise UserError(f"{config_file}: model_type is {model_type!r}; termtune trains T5 (Flan-T5) models")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def materialize_random_base(cfg: Config) -> Path:
+    """Build the seeded random-init base once and save it (atomically) in the run directory."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from termtune.rundir import atomic_dir
+
+    target = cfg.run_dir / "base-model"
+    if (target / "config.json").is_file():
+        return target
+    config = architecture_config(cfg)
+    torch.manual_seed(cfg.run.seed)
+    model = T5ForConditionalGeneration(config)
+    untie_lm_head(model)
+    tokenizer = load_tokenizer(cfg)
+    with atomic_dir(target, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def untie_lm_head(model: "PreTrainedModel") -> None:
+    """Give the model its own lm_head, as real Flan-T5 checkpoints have.
+
+    transformers 5.x builds every T5 with tied input/output embeddings, even from a config
+    that says `tie_word_embeddings: false`. Flan-T5 is untied, and an export must carry a
+    separate `lm_head.weight`, so the random-init base is untied to match.
+    """
+    import torch
+
+    if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
+        model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def lora_config(cfg: Config) -> "Any":
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias=cfg.lora.bias,
+    )
+
+
+def attach_lora(cfg: Config, model: "PreTrainedModel") -> "Any":
+    """Wrap the base in LoRA adapters (preparing a quantized base for k-bit training first)."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    # LoRA init draws random numbers: seed it so a run (and its resume) is reproducible.
+    torch.manual_seed(cfg.run.seed)
+    return get_peft_model(model, lora_config(cfg))
