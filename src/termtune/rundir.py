@@ -116,3 +116,13 @@ def record_stage(cfg: Config, stage: str, extra: dict[str, Any] | None = None) -
         record.update(extra)
     write_json(run_dir / "provenance" / f"{stage}.json", record)
     write_text(run_dir / "config.yaml", dump_config(cfg))
+    refresh_report(cfg)
+
+
+def refresh_report(cfg: Config) -> None:
+    """Bring report.html / report.md up to date with every stage that has run so far."""
+    try:
+        from termtune.report import write_report
+    except ImportError:  # the report module is optional for the stages themselves
+        return
+    write_report(cfg)
