@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -177,6 +177,10 @@ class AwsConfig(Section):
     """How long invoke keeps retrying ModelNotReadyException (a cold start)."""
     invoke_prompt: str = "Hypertension"
     """Term sent by `termtune run` once the model is imported."""
+    model_quota: int = Field(3, ge=1)
+    """Imported models allowed per region (Bedrock's default quota; deploy checks it first)."""
+    role_retry_minutes: float = Field(2, ge=0)
+    """How long deploy retries 'role ARN is invalid' while a new IAM role propagates."""
     deploy: bool = True
     """`termtune run` deploys and invokes after export; false stops at validate."""
 
@@ -267,13 +271,27 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
-    node = raw
     parts = key.split(".")
+    if _expects_text(parts) and value is not None and not isinstance(value, str):
+        value = text  # "Define: {term}" is a template, not a YAML mapping
+    node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UserError(f"override {item!r}: {part} is not a section")
     node[parts[-1]] = value
+
+
+def _expects_text(parts: list[str]) -> bool:
+    """True when the dotted key names a plain text field (str or str | None)."""
+    model: Any = Config
+    for part in parts[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, Section)):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(parts[-1])
+    return field is not None and field.annotation in (str, Optional[str])
 
 
 def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str, where: str) -> None:

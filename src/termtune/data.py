@@ -1,0 +1,460 @@
+"""The data stage: term/definition rows in, a seeded tokenized train/test split out.
+
+    termtune data prepare configs/demo.yaml          # writes <run>/data/ and <run>/stats.json
+    termtune data inspect configs/demo.yaml --rows 5
+
+Sources are a Hub dataset id (the seed recipe's `gamino/wiki_medical_terms`), a local folder
+laid out like a Hub dataset, or a local .jsonl/.json/.csv/.parquet file. Each row is checked;
+a bad row is skipped and counted by reason (or, with data.strict, is an error naming file
+and row). The output is written to a temporary folder and renamed into place only when
+complete, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from termtune.config import Config
+from termtune.errors import UserError
+from termtune.rundir import atomic_dir, record_stage, write_json
+
+# (term column, definition column) pairs recognised without any mapping.
+KNOWN_SCHEMAS = (("term", "definition"), ("page_title", "page_text"))
+LOCAL_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+MAX_TERM_CHARS = 300  # longer "terms" are almost always a shifted column or a pasted paragraph
+
+
+@dataclass
+class Row:
+    """One source row as read, before validation. `where` names it for messages."""
+
+    where: str
+    values: dict[str, Any] | None = None
+    problem: str | None = None  # a reading error (unparsable line, invalid UTF-8)
+
+
+@dataclass
+class PreparedData:
+    train_path: Path
+    test_path: Path
+    stats: dict[str, Any]
+
+
+@dataclass
+class _Findings:
+    strict: bool
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str, detail: str) -> None:
+        if self.strict:
+            raise UserError(f"{where}: {detail} (data.strict is on; fix the row or drop --strict to skip it)")
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, f"{where}: {detail}")
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def prepare(cfg: Config, force: bool = False) -> PreparedData:
+    """Read, validate, clean, split and tokenize `cfg.data.source` into the run directory."""
+    d = cfg.data
+    out_dir = cfg.run_dir / "data"
+    if out_dir.exists() and not force:
+        raise UserError(f"{out_dir} already exists; pass --force to prepare the data again")
+
+    # --- read and validate
+    label, columns, rows = _open_source(d.source, d.hub_split)
+    term_col, def_col = _pick_columns(label, columns, d.term_column, d.definition_column)
+    findings = _Findings(strict=d.strict)
+    examples: list[dict[str, str]] = []
+    seen: dict[str, str] = {}
+    rows_read = 0
+    for row in rows:
+        rows_read += 1
+        example = _check_row(row, term_col, def_col, d.max_chars, findings)
+        if example is None:
+            continue
+        key = example["term"].casefold()
+        if key in seen:
+            if d.duplicates == "error":
+                raise UserError(f"{row.where}: duplicate term {example['term']!r} (first at {seen[key]}); "
+                                "remove it or set data.duplicates=keep_first")
+            findings.add("duplicate_term", row.where, f"duplicate term {example['term']!r} (first at {seen[key]})")
+            continue
+        seen[key] = row.where
+        example["target"] = shape_target(example.pop("definition"), d.target, d.n_sentences)
+        if not example["target"]:
+            findings.add("empty_definition", row.where, "definition is empty after shaping")
+            continue
+        example["prompt"] = d.prompt_template.replace("{term}", example["term"])
+        examples.append(example)
+        if d.max_rows and len(examples) >= d.max_rows:
+            break
+    if not examples:
+        reasons = ", ".join(f"{k}: {v}" for k, v in findings.skipped.items()) or "no rows"
+        raise UserError(f"{label}: no usable rows ({reasons})")
+
+    # --- split by term, seeded
+    train_rows, test_rows = split_by_term(examples, d.test_size, cfg.run.seed)
+    if not train_rows or not test_rows:
+        raise UserError(f"{label}: {len(examples)} usable rows cannot be split with data.test_size={d.test_size}")
+
+    # --- tokenize
+    from termtune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    lengths: dict[str, list[int]] = {"source": [], "target": []}
+    for split_rows in (train_rows, test_rows):
+        _tokenize(tokenizer, split_rows, d.max_source_length, d.max_target_length, lengths)
+
+    # --- save
+    stats = {
+        "source": label,
+        "columns": {"term": term_col, "definition": def_col},
+        "rows_read": rows_read,
+        "rows_used": len(examples),
+        "rows_skipped": dict(findings.skipped),
+        "skip_examples": findings.examples,
+        "train_rows": len(train_rows),
+        "test_rows": len(test_rows),
+        "seed": cfg.run.seed,
+        "target": d.target,
+        "prompt_template": d.prompt_template,
+        "max_source_length": d.max_source_length,
+        "max_target_length": d.max_target_length,
+        "source_tokens": _length_stats(lengths["source"], d.max_source_length),
+        "target_tokens": _length_stats(lengths["target"], d.max_target_length),
+    }
+    with atomic_dir(out_dir, force=force) as tmp:
+        _write_jsonl(tmp / "train.jsonl", train_rows)
+        _write_jsonl(tmp / "test.jsonl", test_rows)
+        write_json(tmp / "stats.json", stats)
+    write_json(cfg.run_dir / "stats.json", stats)
+    record_stage(cfg, "data", extra={"rows_used": len(examples)})
+    return PreparedData(out_dir / "train.jsonl", out_dir / "test.jsonl", stats)
+
+
+def load_split(cfg: Config, split: str) -> "Any":
+    """The prepared `train` or `test` split as a `datasets.Dataset`."""
+    from datasets import Dataset
+
+    path = cfg.run_dir / "data" / f"{split}.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `termtune data prepare` first")
+    with path.open(encoding="utf-8") as f:
+        return Dataset.from_list([json.loads(line) for line in f])
+
+
+def inspect(cfg: Config, rows: int = 3) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Stats and the first `rows` training examples of a prepared run."""
+    stats_path = cfg.run_dir / "data" / "stats.json"
+    if not stats_path.is_file():
+        raise UserError(f"{stats_path} not found: run `termtune data prepare` first")
+    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    examples = []
+    with (cfg.run_dir / "data" / "train.jsonl").open(encoding="utf-8") as f:
+        for line, _ in zip(f, range(rows)):
+            examples.append(json.loads(line))
+    return stats, examples
+
+
+def summary(stats: dict[str, Any]) -> str:
+    skipped = stats["rows_skipped"]
+    lines = [
+        f"data: {stats['source']}",
+        f"  rows read {stats['rows_read']}, used {stats['rows_used']}, skipped {sum(skipped.values())}"
+        + (f" ({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""),
+        f"  split: {stats['train_rows']} train / {stats['test_rows']} test (seed {stats['seed']}, by term)",
+    ]
+    for side in ("source", "target"):
+        t = stats[f"{side}_tokens"]
+        lines.append(f"  {side} tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
+                     f"{t['truncated_fraction']:.1%} truncated at {t['limit']}")
+    for reason, example in stats.get("skip_examples", {}).items():
+        lines.append(f"  first {reason}: {example}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open_source(source: str, hub_split: str) -> tuple[str, list[str], Iterator[Row]]:
+    """(label for messages, column names, row iterator) for a file, a folder or a Hub id."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        fmt = LOCAL_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise UserError(f"{source}: unsupported file type {path.suffix!r} (use .jsonl, .json, .csv or .parquet)")
+        return str(path), *_READERS[fmt](path)
+    looks_local = source.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_FORMATS
+    if looks_local and not path.exists():
+        raise UserError(f"data.source: {source} not found")
+    return _open_hub(source, hub_split)
+
+
+def _open_hub(source: str, hub_split: str) -> tuple[str, list[str], Iterator[Row]]:
+    """A Hub dataset id, or a local folder with the same layout (what the Hub would download)."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(source, split=hub_split)
+    except Exception as e:  # datasets raises many types: missing repo, offline, bad split
+        raise UserError(f"data.source: cannot load dataset {source!r} (split {hub_split!r}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    label = f"{source}[{hub_split}]"
+
+    def rows() -> Iterator[Row]:
+        for i, values in enumerate(ds, start=1):
+            yield Row(f"{label} row {i}", values=values)
+
+    return label, list(ds.column_names), rows()
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Row]]:
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    columns: list[str] = []
+    for raw in lines:  # columns come from the first parsable object
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            columns = list(obj)
+            break
+
+    def rows() -> Iterator[Row]:
+        for n, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Row(where, problem=f"invalid_utf8:invalid UTF-8 at byte {e.start}")
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError as e:
+                yield Row(where, problem=f"unparsable:not valid JSON ({e.msg}, column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                yield Row(where, problem=f"unparsable:expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield Row(where, values=obj)
+
+    return columns, rows()
+
+
+def _read_json(path: Path) -> tuple[list[str], Iterator[Row]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: invalid UTF-8 at byte {e.start}") from e
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
+    if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]}: take the one list of objects
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else data
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON array of objects (or JSON Lines in a .jsonl file)")
+    columns = list(next((x for x in data if isinstance(x, dict)), {}))
+
+    def rows() -> Iterator[Row]:
+        for n, obj in enumerate(data, start=1):
+            where = f"{path} item {n}"
+            if isinstance(obj, dict):
+                yield Row(where, values=obj)
+            else:
+                yield Row(where, problem=f"unparsable:expected an object, got {type(obj).__name__}")
+
+    return columns, rows()
+
+
+def _read_csv(path: Path) -> tuple[list[str], Iterator[Row]]:
+    import csv
+    import io
+
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: invalid UTF-8 at byte {e.start}") from e
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header:
+        raise UserError(f"{path}: empty CSV file (a header row is needed)")
+
+    def rows() -> Iterator[Row]:
+        line = reader.line_num
+        try:
+            for record in reader:
+                where, line = f"{path}:{line + 1}", reader.line_num
+                if not any(cell.strip() for cell in record):
+                    continue
+                if len(record) != len(header):
+                    yield Row(where, problem=f"unparsable:{len(record)} fields, the header has {len(header)}")
+                    continue
+                yield Row(where, values=dict(zip(header, record)))
+        except csv.Error as e:
+            yield Row(f"{path}:{reader.line_num}", problem=f"unparsable:{e}")
+
+    return header, rows()
+
+
+def _read_parquet(path: Path) -> tuple[list[str], Iterator[Row]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
+        raise UserError(f"{path}: not a readable parquet file ({e})") from e
+
+    def rows() -> Iterator[Row]:
+        for n, values in enumerate(table.to_pylist(), start=1):
+            yield Row(f"{path} row {n}", values=values)
+
+    return table.column_names, rows()
+
+
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+
+
+def _pick_columns(label: str, columns: list[str], term_col: str | None, def_col: str | None) -> tuple[str, str]:
+    if not columns:
+        raise UserError(f"{label}: no usable rows (the source holds no records)")
+    if term_col or def_col:
+        pair = (term_col or "term", def_col or "definition")
+        missing = [c for c in pair if c not in columns]
+        if missing:
+            raise UserError(f"{label}: missing column {missing[0]!r} (columns: {', '.join(columns) or 'none'})")
+        return pair
+    for pair in KNOWN_SCHEMAS:
+        if all(c in columns for c in pair):
+            return pair
+    raise UserError(f"{label}: no term/definition columns found (columns: {', '.join(columns) or 'none'}); "
+                    "set data.term_column and data.definition_column")
+
+
+# ----------------------------------------------------------------------------- validation and cleaning
+
+
+def _check_row(row: Row, term_col: str, def_col: str, max_chars: int, findings: _Findings) -> dict[str, str] | None:
+    """A clean {"term", "definition"} or None (the finding is counted or raised)."""
+    if row.problem:
+        reason, _, detail = row.problem.partition(":")
+        findings.add(reason, row.where, detail)
+        return None
+    assert row.values is not None
+    out = {}
+    for name, column, limit in (("term", term_col, MAX_TERM_CHARS), ("definition", def_col, max_chars)):
+        value = row.values.get(column)
+        if value is None:
+            findings.add(f"empty_{name}", row.where, f"{column} is missing or null")
+            return None
+        if not isinstance(value, str):
+            findings.add("wrong_type", row.where, f"{column} is a {type(value).__name__}, expected text")
+            return None
+        if _has_control_chars(value):
+            findings.add("control_characters", row.where, f"{column} contains control characters")
+            return None
+        value = normalize_whitespace(value)
+        if not value:
+            findings.add(f"empty_{name}", row.where, f"{column} is empty or whitespace only")
+            return None
+        if len(value) > limit:
+            findings.add("overlong", row.where, f"{column} has {len(value)} characters (limit {limit})")
+            return None
+        out[name] = value if name == "definition" else " ".join(value.split())
+    return out
+
+
+def _has_control_chars(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in text)
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def normalize_whitespace(text: str) -> str:
+    """Collapse runs of spaces/tabs/newlines inside paragraphs; keep paragraph breaks as one newline."""
+    paragraphs = (" ".join(p.split()) for p in _PARAGRAPH_BREAK.split(text.replace("\r\n", "\n")))
+    return "\n".join(p for p in paragraphs if p)
+
+
+def shape_target(definition: str, mode: str, n_sentences: int) -> str:
+    """The training target: the whole definition, its first paragraph, or its first n sentences."""
+    if mode == "first_paragraph":
+        return definition.split("\n", 1)[0]
+    flat = " ".join(definition.split())
+    if mode == "first_n_sentences":
+        return " ".join(_SENTENCE_END.split(flat)[:n_sentences])
+    return flat
+
+
+# ----------------------------------------------------------------------------- split and tokenize
+
+
+def split_by_term(examples: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded, deterministic split in which a term never lands on both sides.
+
+    Terms are sorted before shuffling so the split depends only on the set of terms and
+    the seed, not on the order rows arrived in.
+    """
+    groups: dict[str, list[dict]] = {}
+    for ex in examples:
+        groups.setdefault(ex["term"].casefold(), []).append(ex)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    n_test = int(test_size) if test_size >= 1 else max(1, round(len(keys) * test_size))
+    test_keys = set(keys[:n_test])
+    train = [ex for ex in examples if ex["term"].casefold() not in test_keys]
+    test = [ex for ex in examples if ex["term"].casefold() in test_keys]
+    return train, test
+
+
+def _tokenize(tokenizer: Any, rows: list[dict], max_source: int, max_target: int,
+              lengths: dict[str, list[int]]) -> None:
+    """Add input_ids / labels (truncated, eos kept) and record the untruncated lengths."""
+    sources = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    targets = tokenizer(text_target=[r["target"] for r in rows])["input_ids"]
+    for row, src, tgt in zip(rows, sources, targets):
+        lengths["source"].append(len(src))
+        lengths["target"].append(len(tgt))
+        row["input_ids"] = _truncate(src, max_source, tokenizer.eos_token_id)
+        row["labels"] = _truncate(tgt, max_target, tokenizer.eos_token_id)
+
+
+def _truncate(ids: list[int], limit: int, eos: int) -> list[int]:
+    # Same as the tokenizer's own truncation: cut, then end with eos so the model learns to stop.
+    return ids if len(ids) <= limit else ids[: limit - 1] + [eos]
+
+
+def _length_stats(lengths: list[int], limit: int) -> dict[str, Any]:
+    ordered = sorted(lengths)
+
+    def pct(p: float) -> int:
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    return {
+        "limit": limit,
+        "mean": round(sum(ordered) / len(ordered), 1),
+        "p50": pct(50), "p90": pct(90), "p95": pct(95), "p99": pct(99), "max": ordered[-1],
+        "truncated_fraction": round(sum(1 for n in ordered if n > limit) / len(ordered), 4),
+    }
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: row[k] for k in ("term", "prompt", "target", "input_ids", "labels")},
+                               ensure_ascii=False) + "\n")

@@ -1,0 +1,244 @@
+"""The data stage on real MedQuAD rows and on crafted bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import MEDQUAD, medquad_rows, tiny_overrides, write_jsonl
+from termtune import data
+from termtune.config import load_config
+from termtune.errors import UserError
+
+
+def cfg_for(tmp_path: Path, source: Path | str, *extra: str):
+    return load_config(None, tiny_overrides(tmp_path / "run", source) + list(extra))
+
+
+def read_split(cfg, split):
+    return [json.loads(x) for x in (cfg.run_dir / "data" / f"{split}.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_medquad_prepares_split_and_stats(tmp_path):
+    cfg = cfg_for(tmp_path, MEDQUAD, "data.max_rows=300", "data.test_size=0.1")
+    prepared = data.prepare(cfg)
+    stats = json.loads((cfg.run_dir / "stats.json").read_text())
+    for key in ("rows_read", "rows_used", "rows_skipped", "train_rows", "test_rows"):
+        assert key in stats
+    assert stats["rows_used"] == 300
+    assert stats["train_rows"] + stats["test_rows"] == 300
+    assert stats["test_rows"] == 30
+    # MedQuAD repeats some terms across sites: they are counted, not silently dropped.
+    assert stats["rows_read"] - stats["rows_used"] == stats["rows_skipped"]["duplicate_term"] > 0
+
+    train, test = read_split(cfg, "train"), read_split(cfg, "test")
+    assert {r["term"].casefold() for r in train}.isdisjoint({r["term"].casefold() for r in test})
+    row = train[0]
+    assert row["prompt"] == f"What is {row['term']}?"
+    assert row["input_ids"][-1] == 1 and row["labels"][-1] == 1  # eos kept after truncation
+    assert max(len(r["labels"]) for r in train + test) <= cfg.data.max_target_length
+    assert 0 < stats["target_tokens"]["truncated_fraction"] < 1
+    assert prepared.stats == stats
+    assert (cfg.run_dir / "provenance" / "data.json").is_file()
+
+
+def test_split_is_seeded_and_deterministic(tmp_path):
+    a = cfg_for(tmp_path / "a", MEDQUAD, "data.max_rows=200")
+    b = cfg_for(tmp_path / "b", MEDQUAD, "data.max_rows=200")
+    c = cfg_for(tmp_path / "c", MEDQUAD, "data.max_rows=200", "run.seed=7")
+    for cfg in (a, b, c):
+        data.prepare(cfg)
+    terms = lambda cfg: [r["term"] for r in read_split(cfg, "test")]  # noqa: E731
+    assert terms(a) == terms(b)
+    assert terms(a) != terms(c)
+
+
+def test_split_keeps_a_term_on_one_side():
+    examples = [{"term": t} for t in ["Asthma", "asthma", "Gout", "Flu", "Mumps", "Rabies"] * 2]
+    for seed in range(10):
+        train, test = data.split_by_term(examples, 2, seed)
+        assert {e["term"].casefold() for e in train}.isdisjoint({e["term"].casefold() for e in test})
+        assert len({e["term"].casefold() for e in test}) == 2
+
+
+def test_target_shaping_and_whitespace():
+    text = "First   sentence here.  Second one!\n\n  Third\tpart? Fourth.\n"
+    clean = data.normalize_whitespace(text)
+    assert clean == "First sentence here. Second one!\nThird part? Fourth."
+    assert data.shape_target(clean, "first_paragraph", 1) == "First sentence here. Second one!"
+    assert data.shape_target(clean, "first_n_sentences", 3) == "First sentence here. Second one! Third part?"
+    assert data.shape_target(clean, "full", 1) == "First sentence here. Second one! Third part? Fourth."
+
+
+def test_custom_prompt_template(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", medquad_rows(20))
+    cfg = cfg_for(tmp_path, src, "data.prompt_template=Define the medical term: {term}", "data.test_size=2")
+    data.prepare(cfg)
+    assert read_split(cfg, "train")[0]["prompt"].startswith("Define the medical term: ")
+
+
+# ----------------------------------------------------------------------------- formats and schemas
+
+
+def _seed_schema(rows):
+    return [{"page_title": r["term"], "page_text": r["definition"]} for r in rows]
+
+
+def test_hub_layout_with_seed_schema_offline(tmp_path):
+    """The Hub-id code path (datasets.load_dataset) on a local folder shaped like gamino/wiki_medical_terms."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "wiki_medical_terms"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(_seed_schema(medquad_rows(40))), repo / "data" / "train-00000-of-00001.parquet")
+    cfg = cfg_for(tmp_path, repo, "data.test_size=4")
+    prepared = data.prepare(cfg)
+    assert prepared.stats["columns"] == {"term": "page_title", "definition": "page_text"}
+    assert prepared.stats["train_rows"] + prepared.stats["test_rows"] == prepared.stats["rows_used"] > 30
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet", "jsonl"])
+def test_local_formats_and_both_known_schemas(tmp_path, fmt):
+    import pandas as pd
+
+    rows = medquad_rows(30)
+    for schema, frame in (("term", pd.DataFrame(rows)), ("page", pd.DataFrame(_seed_schema(rows)))):
+        path = tmp_path / f"{schema}.{fmt}"
+        {"csv": lambda p: frame.to_csv(p, index=False),
+         "json": lambda p: frame.to_json(p, orient="records"),
+         "jsonl": lambda p: frame.to_json(p, orient="records", lines=True),
+         "parquet": lambda p: frame.to_parquet(p)}[fmt](path)
+        cfg = cfg_for(tmp_path / schema, path, "data.test_size=3")
+        stats = data.prepare(cfg).stats
+        assert stats["rows_used"] == 30 - stats["rows_skipped"].get("duplicate_term", 0)
+        assert stats["test_rows"] == 3
+
+
+def test_explicit_column_mapping(tmp_path):
+    rows = [{"name": r["term"], "text": r["definition"]} for r in medquad_rows(20)]
+    src = write_jsonl(tmp_path / "x.jsonl", rows)
+    with pytest.raises(UserError, match="no term/definition columns found.*name, text"):
+        data.prepare(cfg_for(tmp_path, src))
+    cfg = cfg_for(tmp_path, src, "data.term_column=name", "data.definition_column=text", "data.test_size=2")
+    assert data.prepare(cfg).stats["rows_used"] == 20
+    with pytest.raises(UserError, match="missing column 'nope'"):
+        data.prepare(cfg_for(tmp_path / "b", src, "data.term_column=nope", "data.definition_column=text"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad_jsonl(tmp_path: Path) -> Path:
+    good = medquad_rows(12)
+    lines = [json.dumps(r) for r in good]
+    lines.insert(2, '{"term": "Broken", "definition": ')                       # line 3: unparsable
+    lines.insert(4, json.dumps({"term": "   ", "definition": "x y"}))           # line 5: empty term
+    lines.insert(6, json.dumps({"term": "Gout", "definition": "\t \n"}))        # line 7: empty definition
+    lines.insert(8, json.dumps({"term": 42, "definition": "A number."}))        # line 9: wrong type
+    lines.insert(10, json.dumps({"term": "Bell", "definition": "Ring\x07 bell"}))  # line 11: control char
+    lines.append(json.dumps(good[0]))                                           # duplicate term
+    lines.append(json.dumps({"term": "Long", "definition": "word " * 25_000}))  # overlong
+    body = "\n".join(lines).encode() + b"\n" + b'{"term": "Caf\xe9", "definition": "bad bytes"}\n'
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(body)
+    return path
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path):
+    src = _bad_jsonl(tmp_path)
+    cfg = cfg_for(tmp_path, src, "data.test_size=2")
+    stats = data.prepare(cfg).stats
+    assert stats["rows_skipped"] == {
+        "unparsable": 1, "empty_term": 1, "empty_definition": 1, "wrong_type": 1,
+        "control_characters": 1, "duplicate_term": 1, "overlong": 1, "invalid_utf8": 1,
+    }
+    assert stats["rows_used"] == 12
+    assert stats["skip_examples"]["unparsable"].startswith(f"{src}:3:")
+    assert stats["skip_examples"]["invalid_utf8"].startswith(f"{src}:20:")
+
+
+@pytest.mark.parametrize("line,reason", [(3, "not valid JSON"), (5, "empty or whitespace only")])
+def test_strict_names_the_row_and_leaves_nothing(tmp_path, line, reason):
+    src = _bad_jsonl(tmp_path)
+    if line == 5:  # make line 3 good so the first finding is the empty term
+        lines = src.read_bytes().split(b"\n")
+        lines[2] = json.dumps({"term": "Fine", "definition": "Fine text."}).encode()
+        src.write_bytes(b"\n".join(lines))
+    cfg = cfg_for(tmp_path, src, "data.strict=true")
+    with pytest.raises(UserError, match=f"^{src}:{line}: .*{reason}"):
+        data.prepare(cfg)
+    assert not cfg.run_dir.exists() or not any((cfg.run_dir).iterdir())
+
+
+def test_duplicate_policy_error(tmp_path):
+    rows = medquad_rows(10)
+    src = write_jsonl(tmp_path / "d.jsonl", rows + [rows[3]])
+    with pytest.raises(UserError, match=r"d.jsonl:11: duplicate term .* \(first at .*d.jsonl:4\)"):
+        data.prepare(cfg_for(tmp_path, src, "data.duplicates=error"))
+
+
+def test_csv_with_ragged_row_and_bad_utf8(tmp_path):
+    rows = medquad_rows(8)
+    text = "term,definition\n" + "".join(f'"{r["term"]}","{r["definition"][:80]}"\n' for r in rows)
+    text += "only-one-field\n"
+    src = tmp_path / "t.csv"
+    src.write_text(text)
+    stats = data.prepare(cfg_for(tmp_path, src, "data.test_size=2")).stats
+    assert stats["rows_skipped"] == {"unparsable": 1}
+    assert stats["skip_examples"]["unparsable"].startswith(f"{src}:10:")
+    src.write_bytes(src.read_bytes() + b"\xff\xfe,x\n")
+    with pytest.raises(UserError, match=r"t.csv:11: invalid UTF-8"):
+        data.prepare(cfg_for(tmp_path / "b", src))
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "not found"),
+    ("", "no usable rows"),
+    ('{"term": "", "definition": ""}\n', r"no usable rows \(empty_term: 1\)"),
+])
+def test_unusable_sources(tmp_path, content, message):
+    src = tmp_path / "in.jsonl"
+    if content is not None:
+        src.write_text(content)
+    with pytest.raises(UserError, match=message):
+        data.prepare(cfg_for(tmp_path, src))
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_unsupported_extension_and_missing_hub_dataset(tmp_path):
+    src = tmp_path / "terms.xlsx"
+    src.write_text("x")
+    with pytest.raises(UserError, match=r"unsupported file type '.xlsx'"):
+        data.prepare(cfg_for(tmp_path, src))
+    with pytest.raises(UserError, match="cannot load dataset 'nobody/no-such-dataset'"):
+        data.prepare(cfg_for(tmp_path, "nobody/no-such-dataset"))
+
+
+def test_existing_output_needs_force(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", medquad_rows(20))
+    cfg = cfg_for(tmp_path, src, "data.test_size=2")
+    data.prepare(cfg)
+    before = (cfg.run_dir / "data" / "train.jsonl").read_text()
+    with pytest.raises(UserError, match="already exists; pass --force"):
+        data.prepare(cfg)
+    cfg.run.seed = 1
+    data.prepare(cfg, force=True)
+    assert (cfg.run_dir / "data" / "train.jsonl").read_text() != before
+    assert not [p for p in cfg.run_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_force_keeps_old_output(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", medquad_rows(20))
+    cfg = cfg_for(tmp_path, src, "data.test_size=2")
+    data.prepare(cfg)
+    before = (cfg.run_dir / "data" / "train.jsonl").read_text()
+    cfg.data.source = str(tmp_path / "missing.jsonl")
+    with pytest.raises(UserError):
+        data.prepare(cfg, force=True)
+    assert (cfg.run_dir / "data" / "train.jsonl").read_text() == before
