@@ -1,0 +1,435 @@
+"""Preflight a model folder against the Bedrock Custom Model Import rules for Flan-T5.
+
+    checks = validate("runs/demo/artifact")
+    print(format_checks(checks))          # ✓ [1/19] folder: ...   ✗ ...   ! ...
+    if any(c.failed for c in checks): ...
+
+Works on any folder (an export, a plain `save_pretrained` output, a trainer checkpoint)
+without a GPU, without AWS and without importing torch: safetensors headers are parsed
+straight from the file (an 8-byte little-endian length, then a JSON header).
+
+The rules are reference/bedrock-cmi.md §1.9 plus what transformers 4.51.3, the version
+Bedrock serves imported models with, needs to read the folder the way it was meant:
+the tie flag must agree with the presence of `lm_head.weight` (4.x ties and rescales the
+output otherwise), `tokenizer_config.json` must not use 5.x-only forms, and `torch_dtype`
+must be present.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+MAX_TOTAL_BYTES = 200 * 10**9  # CMI text-model size limit
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
+T5_TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx")
+TRAINER_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+KNOWN_FILES = {"config.json", "generation_config.json", INDEX_FILE, "manifest.json", "README.md",
+               "added_tokens.json", ".gitattributes", *TOKENIZER_FILES}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100 * 2**20
+
+OK, FAIL, WARN = "ok", "fail", "warn"
+
+
+@dataclass
+class Check:
+    """One numbered rule and its outcome. A warning never fails the folder."""
+
+    number: int
+    name: str
+    ok: bool
+    message: str
+    warning: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return not self.ok and not self.warning
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "failed": self.failed}
+
+
+def validate(directory: str | Path) -> list[Check]:
+    """Run every rule on `directory` and return the numbered results (never raises)."""
+    folder = _Folder(Path(directory))
+    if not folder.path.is_dir():
+        reason = "does not exist" if not folder.path.exists() else "is not a folder"
+        return [Check(1, "folder", False, f"{folder.path} {reason}")]
+    checks = []
+    for number, (name, rule) in enumerate(RULES, start=1):
+        try:
+            status, message = rule(folder)
+        except Exception as e:  # a rule must never take the whole preflight down
+            status, message = FAIL, f"could not check: {type(e).__name__}: {e}"
+        checks.append(Check(number, name, status == OK, message, warning=status == WARN))
+    return checks
+
+
+def format_checks(checks: list[Check]) -> str:
+    """One line per check (✓ pass, ✗ fail, ! warning) and a one-line verdict."""
+    total = len(checks)
+    lines = []
+    for c in checks:
+        mark = "✓" if c.ok else ("!" if c.warning else "✗")
+        lines.append(f"{mark} [{c.number}/{total}] {c.name}: {c.message}")
+    failed = sum(c.failed for c in checks)
+    warnings = sum(c.warning and not c.ok for c in checks)
+    verdict = "FAILED" if failed else "OK"
+    lines.append(f"{verdict}: {total - failed - warnings} passed, {failed} failed, {warnings} warnings")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- folder facts
+
+
+class _Folder:
+    """What the rules look at, read once: file list, config, safetensors headers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cache: dict[str, Any] = {}
+
+    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def files(self) -> dict[str, int]:
+        """Top-level file name -> size in bytes."""
+        return self._once("files", lambda: {p.name: p.stat().st_size for p in sorted(self.path.iterdir())
+                                            if p.is_file()})
+
+    @property
+    def subfolders(self) -> list[str]:
+        return self._once("dirs", lambda: sorted(p.name for p in self.path.iterdir() if p.is_dir()))
+
+    def json(self, name: str) -> tuple[Any, str | None]:
+        """(parsed JSON, None) or (None, why it could not be read)."""
+        def load() -> tuple[Any, str | None]:
+            if name not in self.files:
+                return None, f"{name} is missing"
+            try:
+                return json.loads((self.path / name).read_text(encoding="utf-8")), None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                return None, f"{name} is not valid JSON ({e})"
+        return self._once(f"json:{name}", load)
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        value, _ = self.json("config.json")
+        return value if isinstance(value, dict) else None
+
+    @property
+    def weight_files(self) -> list[str]:
+        """Model (not adapter) safetensors files."""
+        return [n for n in self.files if n.endswith(".safetensors") and not n.startswith("adapter_model")]
+
+    @property
+    def headers(self) -> dict[str, tuple[dict | None, str | None]]:
+        return self._once("headers", lambda: {n: read_safetensors_header(self.path / n) for n in self.weight_files})
+
+    @property
+    def tensors(self) -> dict[str, tuple[str, list[int], str]]:
+        """Tensor name -> (dtype, shape, file) over every readable shard."""
+        def collect() -> dict[str, tuple[str, list[int], str]]:
+            out = {}
+            for file, (header, _) in self.headers.items():
+                for name, info in (header or {}).items():
+                    if name != "__metadata__" and isinstance(info, dict):
+                        out[name] = (info.get("dtype"), info.get("shape"), file)
+            return out
+        return self._once("tensors", collect)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict | None, str | None]:
+    """Parse a safetensors header without loading tensors; also catch truncated files.
+
+    Returns (header, None) or (None, what is wrong).
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return None, "shorter than 8 bytes"
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                return None, f"header length {n} is impossible for a {size}-byte file"
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable header ({e})"
+    if not isinstance(header, dict):
+        return None, "header is not a JSON object"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            width = DTYPE_BYTES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            return None, f"tensor {name}: malformed header entry"
+        if width is not None and stop - begin != count * width:
+            return None, f"tensor {name}: {stop - begin} bytes for shape {info['shape']} {info['dtype']}"
+        end = max(end, stop)
+    if size != 8 + n + end:
+        return None, f"file is {size} bytes but the header describes {8 + n + end} (truncated or padded)"
+    return header, None
+
+
+# ----------------------------------------------------------------------------- rules
+# Each rule returns (status, one-line reason). Order matters: it is the numbering users see.
+
+
+def _adapter(f: _Folder) -> tuple[str, str]:
+    found = [n for n in ADAPTER_FILES if n in f.files]
+    if not found:
+        return OK, "no LoRA adapter files"
+    if not f.weight_files:
+        return FAIL, f"adapter only ({', '.join(found)}): run termtune export first to merge it into the base"
+    return FAIL, f"adapter files beside the merged weights ({', '.join(found)}): remove them; merge LoRA first"
+
+
+def _pickle_and_trainer(f: _Folder) -> tuple[str, str]:
+    pickles = [n for n in f.files if n.endswith(PICKLE_SUFFIXES) or n.startswith(("rng_state", "optimizer"))]
+    trainer = [n for n in f.files if n in TRAINER_FILES and n not in pickles]
+    others = [n for n in f.files if n.endswith(OTHER_WEIGHT_SUFFIXES)]
+    bad = pickles + trainer + others
+    if not bad:
+        return OK, "no pickle, trainer-state or non-PyTorch weight files"
+    if not f.weight_files and any(n.endswith(".bin") for n in pickles):
+        return FAIL, (f"pickle weights only ({', '.join(pickles)}): Bedrock reads safetensors; "
+                      "run termtune export (or save_pretrained with safe_serialization=True)")
+    return FAIL, f"remove {', '.join(bad)}: Bedrock needs only the merged safetensors model and its tokenizer"
+
+
+def _config_present(f: _Folder) -> tuple[str, str]:
+    value, error = f.json("config.json")
+    if error:
+        return FAIL, error
+    if not isinstance(value, dict):
+        return FAIL, "config.json is not a JSON object"
+    return OK, "config.json readable"
+
+
+def _architecture(f: _Folder) -> tuple[str, str]:
+    c = f.config
+    if c is None:
+        return FAIL, "no readable config.json"
+    if c.get("model_type") != "t5":
+        return FAIL, f"model_type is {c.get('model_type')!r}; expected 't5' (Flan-T5)"
+    if c.get("architectures") != ["T5ForConditionalGeneration"]:
+        return FAIL, f"architectures is {c.get('architectures')!r}; expected ['T5ForConditionalGeneration']"
+    return OK, "t5 / T5ForConditionalGeneration"
+
+
+def _attention_shape(f: _Folder) -> tuple[str, str]:
+    c = f.config or {}
+    try:
+        d_model, heads, d_kv = int(c["d_model"]), int(c["num_heads"]), int(c["d_kv"])
+    except (KeyError, TypeError, ValueError):
+        return FAIL, "config.json lacks integer d_model, num_heads or d_kv"
+    if d_model != heads * d_kv:
+        return FAIL, f"d_model {d_model} != num_heads {heads} * d_kv {d_kv}"
+    return OK, f"d_model {d_model} = {heads} heads * d_kv {d_kv}"
+
+
+def _head_count(f: _Folder) -> tuple[str, str]:
+    heads = (f.config or {}).get("num_heads")
+    if not isinstance(heads, int):
+        return FAIL, "config.json has no integer num_heads"
+    if heads % 4:
+        return WARN, (f"num_heads {heads} is not a multiple of 4: CMI once required it (lifted in 2024-10, "
+                      "flan-t5-small imports now); an import may still fail")
+    return OK, f"num_heads {heads} is a multiple of 4"
+
+
+def _not_quantized(f: _Folder) -> tuple[str, str]:
+    c = f.config or {}
+    if "quantization_config" in c:
+        method = (c["quantization_config"] or {}).get("quant_method", "?")
+        return FAIL, (f"config.json has quantization_config ({method}): Bedrock imports full weights; "
+                      "merge into the unquantized base (termtune export does)")
+    return OK, "no quantization_config"
+
+
+def _torch_dtype(f: _Folder) -> tuple[str, str]:
+    c = f.config or {}
+    value = c.get("torch_dtype")
+    if value is None:
+        return FAIL, "config.json has no torch_dtype (transformers 5.x writes only 'dtype'; 4.51.3 reads torch_dtype)"
+    if value not in ("float32", "bfloat16"):
+        return FAIL, f"torch_dtype is {value!r}; use float32 or bfloat16 for T5"
+    return OK, f"torch_dtype {value}"
+
+
+def _shards(f: _Folder) -> tuple[str, str]:
+    files = f.weight_files
+    if not files:
+        return FAIL, "no model *.safetensors file"
+    if INDEX_FILE not in f.files:
+        if files == ["model.safetensors"]:
+            return OK, "single model.safetensors"
+        return FAIL, f"{len(files)} safetensors files ({', '.join(files)}) but no {INDEX_FILE}"
+    index, error = f.json(INDEX_FILE)
+    if error:
+        return FAIL, error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        return FAIL, f"{INDEX_FILE} has no weight_map"
+    named = set(weight_map.values())
+    missing = sorted(named - set(files))
+    if missing:
+        return FAIL, f"{INDEX_FILE} names shards that are missing: {', '.join(missing)}"
+    unlisted = sorted(set(files) - named)
+    if unlisted:
+        return FAIL, f"safetensors files not in {INDEX_FILE}: {', '.join(unlisted)}"
+    wrong = [t for t, shard in weight_map.items() if t in f.tensors and f.tensors[t][2] != shard]
+    absent = [t for t, shard in weight_map.items() if f.headers[shard][0] is not None and t not in f.tensors]
+    extra = [t for t in f.tensors if t not in weight_map]
+    if wrong or absent or extra:
+        first = (wrong or absent or extra)[0]
+        return FAIL, (f"{INDEX_FILE} disagrees with the shard headers ({len(wrong)} misplaced, "
+                      f"{len(absent)} missing, {len(extra)} unlisted tensors; e.g. {first})")
+    return OK, f"{len(files)} shards match {INDEX_FILE}"
+
+
+def _headers(f: _Folder) -> tuple[str, str]:
+    if not f.weight_files:
+        return FAIL, "no safetensors headers to read"
+    for name, (header, error) in f.headers.items():
+        if error:
+            return FAIL, f"{name}: {error}"
+        fmt = (header.get("__metadata__") or {}).get("format")
+        if fmt != "pt":
+            return FAIL, f"{name}: metadata format is {fmt!r}; transformers needs {{'format': 'pt'}}"
+    return OK, f"{len(f.tensors)} tensors, metadata format pt, sizes consistent"
+
+
+def _weight_dtype(f: _Folder) -> tuple[str, str]:
+    dtypes = sorted({dtype for dtype, _, _ in f.tensors.values()})
+    if not dtypes:
+        return FAIL, "no tensors found"
+    if "F16" in dtypes:
+        return FAIL, "F16 weights: T5 overflows to inf/NaN in fp16; export in bf16 or fp32"
+    bad = [d for d in dtypes if d not in ("F32", "BF16")]
+    if bad:
+        return FAIL, f"{', '.join(bad)} weights (quantized or unsupported): export full-precision F32 or BF16"
+    return OK, f"weights in {', '.join(dtypes)}"
+
+
+def _tie_flag(f: _Folder) -> tuple[str, str]:
+    if "shared.weight" not in f.tensors:
+        return FAIL, "shared.weight (the token embeddings) is not in the weights"
+    has_head = "lm_head.weight" in f.tensors
+    # T5Config defaults tie_word_embeddings to true, so a missing flag means tied.
+    tied = (f.config or {}).get("tie_word_embeddings", True)
+    if has_head and tied is not False:
+        return FAIL, ("lm_head.weight is in the weights but tie_word_embeddings is not false: transformers 4.51.3 "
+                      "would ignore it, tie lm_head to shared.weight and rescale the output (wrong logits)")
+    if not has_head and tied is False:
+        return FAIL, "tie_word_embeddings is false but lm_head.weight is missing: the output layer would be random"
+    if not has_head:
+        return WARN, "tied embeddings without lm_head.weight (original T5 layout); Flan-T5 is untied"
+    return OK, "untied lm_head.weight present and tie_word_embeddings false"
+
+
+def _tokenizer_files(f: _Folder) -> tuple[str, str]:
+    missing = [n for n in TOKENIZER_FILES if n not in f.files]
+    if missing:
+        return FAIL, f"missing {', '.join(missing)} (Bedrock lists every one of {', '.join(TOKENIZER_FILES)} for T5)"
+    return OK, ", ".join(TOKENIZER_FILES)
+
+
+def _tokenizer_config(f: _Folder) -> tuple[str, str]:
+    value, error = f.json("tokenizer_config.json")
+    if error:
+        return FAIL, error
+    if not isinstance(value, dict):
+        return FAIL, "tokenizer_config.json is not a JSON object"
+    if isinstance(value.get("extra_special_tokens"), list):
+        return FAIL, ("extra_special_tokens is a list (transformers 5.x form): 4.51.3 fails with "
+                      "\"'list' object has no attribute 'keys'\"; use additional_special_tokens")
+    cls = value.get("tokenizer_class")
+    if cls is None:
+        return WARN, "no tokenizer_class; transformers falls back to the model type (T5TokenizerFast)"
+    if cls not in T5_TOKENIZERS:
+        return FAIL, f"tokenizer_class {cls!r}; expected one of {', '.join(T5_TOKENIZERS)}"
+    return OK, f"{cls}, readable by transformers 4.x"
+
+
+def _generation_config(f: _Folder) -> tuple[str, str]:
+    if "generation_config.json" not in f.files:
+        return WARN, "no generation_config.json (recommended: decoder_start_token_id 0, eos 1, pad 0)"
+    value, error = f.json("generation_config.json")
+    if error or not isinstance(value, dict):
+        return FAIL, error or "generation_config.json is not a JSON object"
+    return OK, "generation_config.json readable"
+
+
+def _total_size(f: _Folder) -> tuple[str, str]:
+    total = sum(f.files.values())
+    if total >= MAX_TOTAL_BYTES:
+        return FAIL, f"{total / 1e9:.1f} GB is over the 200 GB CMI limit"
+    return OK, f"{total / 1e9:.3f} GB (limit 200 GB)"
+
+
+def _manifest(f: _Folder) -> tuple[str, str]:
+    if "manifest.json" not in f.files:
+        return WARN, "no manifest.json (not written by termtune export, or the export did not finish)"
+    value, error = f.json("manifest.json")
+    listed = value.get("files") if isinstance(value, dict) else None
+    if error or not isinstance(listed, list):
+        return FAIL, error or "manifest.json has no files list"
+    for entry in listed:
+        name, size = entry.get("path"), entry.get("size")
+        if name not in f.files:
+            return FAIL, f"manifest lists {name}, which is missing"
+        if f.files[name] != size:
+            return FAIL, f"{name} is {f.files[name]} bytes, manifest says {size}"
+    return OK, f"{len(listed)} files match manifest.json sizes"
+
+
+def _other_files(f: _Folder) -> tuple[str, str]:
+    handled = KNOWN_FILES | set(f.weight_files) | set(ADAPTER_FILES) | set(TRAINER_FILES)
+    unknown = [n for n in f.files if n not in handled and not n.endswith(PICKLE_SUFFIXES + OTHER_WEIGHT_SUFFIXES)
+               and not n.startswith(("rng_state", "optimizer"))]
+    unknown += [f"{d}/" for d in f.subfolders]
+    if unknown:
+        return WARN, f"unexpected entries {', '.join(unknown[:5])}: upload only the model files (flat prefix)"
+    return OK, "no unexpected files"
+
+
+RULES: list[tuple[str, Callable[[_Folder], tuple[str, str]]]] = [
+    ("merged model, not an adapter", _adapter),
+    ("no pickle or trainer files", _pickle_and_trainer),
+    ("config.json", _config_present),
+    ("architecture", _architecture),
+    ("attention shape", _attention_shape),
+    ("head count", _head_count),
+    ("not quantized", _not_quantized),
+    ("torch_dtype (transformers 4.51.3)", _torch_dtype),
+    ("safetensors shards and index", _shards),
+    ("safetensors headers", _headers),
+    ("weight dtype", _weight_dtype),
+    ("embeddings and tie flag (transformers 4.51.3)", _tie_flag),
+    ("tokenizer files", _tokenizer_files),
+    ("tokenizer_config.json (transformers 4.51.3)", _tokenizer_config),
+    ("generation_config.json", _generation_config),
+    ("total size", _total_size),
+    ("manifest", _manifest),
+    ("other files", _other_files),
+]
