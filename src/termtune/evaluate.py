@@ -1,0 +1,317 @@
+"""Evaluate: generate on the held-out split with the base and the tuned model, and score both.
+
+The seed recipe never measured whether fine-tuning helped; it printed one answer. Here the
+base model and base + adapter answer the same held-out prompts with the same explicit
+decoding settings (cfg.eval), and both are scored against the reference definitions:
+
+    ROUGE-1/2/L (rouge-score, F-measure, 0..1), BLEU and chrF (sacrebleu, 0..100),
+    mean/median generated length (tokens), share of empty outputs, share cut at max_new_tokens.
+
+Generation is batched over length-sorted prompts (little padding, few forward passes),
+which is what makes it several times faster than a one-prompt-at-a-time `generate` loop
+(benchmarks/bench_evaluate.py).
+
+Outputs (written atomically; metrics.json last, so its presence means the stage is complete):
+    <run>/eval/predictions.jsonl   one row per example: term, prompt, reference, base, tuned
+    <run>/eval/metrics.json        {"base": {...}, "tuned": {...}, "n": N, "decoding": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from termtune.config import Config, EvalConfig
+from termtune.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "bleu", "chrf")
+"""Quality metrics, in report order. ROUGE is 0..1, BLEU and chrF are 0..100 (each library's own scale)."""
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class Generation:
+    """One decoded output and the facts about how generation ended."""
+
+    text: str
+    n_tokens: int
+    """New tokens before the end-of-sequence token (padding not counted)."""
+    cut: bool
+    """True when generation stopped at max_new_tokens without an end-of-sequence token."""
+
+
+@dataclass
+class EvalReport:
+    """What `termtune evaluate` produced; `metrics` is the content of metrics.json."""
+
+    directory: Path
+    metrics: dict[str, Any]
+    reused: bool = False
+    """True when an earlier complete evaluation was returned instead of running again."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.directory / "predictions.jsonl"
+
+    def summary(self) -> str:
+        m = self.metrics
+        models = [name for name in ("base", "tuned") if isinstance(m.get(name), dict)]
+        head = "evaluation (existing; pass --force to redo)" if self.reused else "evaluation"
+        lines = [f"{head}: {m.get('n', '?')} held-out examples, {_describe_decoding(m.get('decoding', {}))}"]
+        lines.append(f"  {'metric':<16}" + "".join(f"{name:>10}" for name in models))
+        for key, label in _SUMMARY_ROWS:
+            cells = [format_metric(key, m[name].get(key)) for name in models]
+            lines.append(f"  {label:<16}" + "".join(f"{c:>10}" for c in cells))
+        lines += [f"  {note}" for note in self.notes]
+        lines.append(f"  predictions: {self.predictions_path}")
+        lines.append(f"  metrics:     {self.directory / 'metrics.json'}")
+        return "\n".join(lines)
+
+
+_SUMMARY_ROWS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),
+                 ("chrf", "chrF"), ("mean_length", "mean length"), ("median_length", "median length"),
+                 ("empty_share", "empty"), ("cut_share", "cut at limit"))
+
+
+def format_metric(key: str, value: Any, missing: str = "-") -> str:
+    """One metric as shown in summaries and the report: ROUGE 0.123, shares 12.5%, others 12.34."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        return missing
+    if key.startswith("rouge"):
+        return f"{value:.3f}"
+    if key.endswith("_share"):
+        return f"{value:.1%}"
+    return f"{value:.2f}"
+
+
+def _describe_decoding(d: dict[str, Any]) -> str:
+    if not d:
+        return "decoding unknown"
+    mode = "greedy" if d.get("num_beams", 1) == 1 else f"beam search ({d['num_beams']} beams)"
+    text = f"{mode}, max_new_tokens={d.get('max_new_tokens')}"
+    if d.get("no_repeat_ngram_size"):
+        text += f", no_repeat_ngram_size={d['no_repeat_ngram_size']}"
+    return text
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def evaluate(cfg: Config, force: bool = False) -> EvalReport:
+    """Generate on the held-out split with the base and the tuned model and score both.
+
+    Returns the existing report when <run>/eval/metrics.json exists and `force` is False.
+
+    Raises:
+        UserError: no adapter (train has not run), or no held-out rows.
+    """
+    from termtune.rundir import atomic_dir, record_stage, write_json
+
+    # validate inputs
+    out_dir = cfg.run_dir / "eval"
+    if (out_dir / "metrics.json").is_file() and not force:
+        return EvalReport(out_dir, json.loads((out_dir / "metrics.json").read_text(encoding="utf-8")), reused=True)
+    adapter_dir = cfg.run_dir / "train" / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no trained adapter (adapter_config.json missing); run termtune train first")
+    rows = _held_out_rows(cfg)
+
+    # set up
+    import torch
+
+    from termtune.modeling import load_base, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    model = load_base(cfg)
+    device = _device_of(model)
+    input_ids = [list(r["input_ids"]) for r in rows]
+
+    # do: the base first, because loading the adapter modifies the base model in place
+    base_out: list[Generation] | None = None
+    if cfg.eval.compare_base:
+        base_out = generate(model, tokenizer, input_ids, cfg.eval, device=device)
+    tuned_model = _with_adapter(model, adapter_dir)
+    tuned_out = generate(tuned_model, tokenizer, input_ids, cfg.eval, device=device)
+    del model, tuned_model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    references = [r["target"] for r in rows]
+    metrics: dict[str, Any] = {}
+    if base_out is not None:
+        metrics["base"] = score(base_out, references, cfg.eval.max_new_tokens)
+    metrics["tuned"] = score(tuned_out, references, cfg.eval.max_new_tokens)
+    metrics["n"] = len(rows)
+    metrics["decoding"] = decoding_settings(cfg.eval)
+    metrics["adapter"] = str(adapter_dir)
+
+    # save: predictions first, metrics.json last (its presence marks the stage complete)
+    # An eval/ folder without metrics.json is the leftover of an interrupted run, never a result,
+    # so it is replaced without asking for --force.
+    with atomic_dir(out_dir, force=True) as tmp:
+        lines = []
+        for i, r in enumerate(rows):
+            lines.append(json.dumps({
+                "term": r["term"], "prompt": r["prompt"], "reference": r["target"],
+                "base": base_out[i].text if base_out is not None else None, "tuned": tuned_out[i].text,
+            }, ensure_ascii=False))
+        (tmp / "predictions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_json(tmp / "metrics.json", metrics)
+
+    # report
+    record_stage(cfg, "evaluate", extra={"metrics": {k: metrics[k] for k in ("base", "tuned", "n") if k in metrics}})
+    return EvalReport(out_dir, metrics)
+
+
+def _held_out_rows(cfg: Config) -> list[dict[str, Any]]:
+    from termtune.data import load_split
+
+    split = load_split(cfg, "test")
+    n = len(split)
+    if cfg.eval.max_examples is not None:
+        n = min(n, cfg.eval.max_examples)
+    if n == 0:
+        raise UserError(f"{cfg.run_dir / 'data'}: the held-out split is empty; raise data.test_size and "
+                        "run termtune data prepare --force")
+    # The split is already shuffled with the run seed, so its first rows are a fair sample.
+    return split.select(range(n)).to_list()
+
+
+def _device_of(model: "PreTrainedModel") -> "torch.device":
+    import torch
+
+    if getattr(model, "hf_device_map", None) is None and torch.cuda.is_available():
+        model.to("cuda")
+    return next(model.parameters()).device
+
+
+def _with_adapter(model: "PreTrainedModel", adapter_dir: Path) -> "PreTrainedModel":
+    """The base plus the trained LoRA adapter; merged in memory unless the base is quantized.
+
+    Merging removes the per-layer LoRA detour, so generation runs at the speed of the plain
+    model. A 4/8-bit base cannot be merged exactly (rounding), so it keeps the adapter attached.
+    """
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return tuned
+    return tuned.merge_and_unload()
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def decoding_settings(ecfg: EvalConfig) -> dict[str, Any]:
+    """The decoding settings that produced the outputs, as recorded in metrics.json."""
+    return {"max_new_tokens": ecfg.max_new_tokens, "num_beams": ecfg.num_beams,
+            "do_sample": False, "no_repeat_ngram_size": ecfg.no_repeat_ngram_size,
+            "batch_size": ecfg.batch_size, "skip_special_tokens": True}
+
+
+def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", input_ids: Sequence[Sequence[int]],
+             ecfg: EvalConfig, device: "torch.device | str | None" = None,
+             min_new_tokens: int | None = None) -> list[Generation]:
+    """Generate for every tokenized prompt, in batches of similar length; results in input order.
+
+    Every setting is explicit: the model's generation_config (whose max_length=20 default cut
+    the seed recipe's answers short) is not consulted.
+
+    Args:
+        input_ids: token ids per prompt (unpadded, ending in eos), e.g. a data split's input_ids.
+        min_new_tokens: force at least this many new tokens (benchmarks use it for equal work).
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    eos_id = tokenizer.eos_token_id
+    gen_config = GenerationConfig(
+        max_new_tokens=ecfg.max_new_tokens, min_new_tokens=min_new_tokens, num_beams=ecfg.num_beams,
+        do_sample=False, no_repeat_ngram_size=ecfg.no_repeat_ngram_size,
+        early_stopping=ecfg.num_beams > 1, pad_token_id=pad_id, eos_token_id=eos_id,
+        decoder_start_token_id=model.config.decoder_start_token_id,
+    )
+    # Longest first: the first batch shows at once whether memory suffices, and neighbours
+    # in length share a batch, so padding stays small.
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]), reverse=True)
+    results: list[Generation | None] = [None] * len(input_ids)
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), ecfg.batch_size):
+            batch = order[start:start + ecfg.batch_size]
+            width = max(len(input_ids[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, :len(input_ids[i])] = torch.tensor(input_ids[i], dtype=torch.long)
+                mask[row, :len(input_ids[i])] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=gen_config)
+            new = out[:, 1:].tolist()  # drop the decoder start token
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for row, i in enumerate(batch):
+                n_tokens, ended = _count_new_tokens(new[row], eos_id, pad_id)
+                results[i] = Generation(text=texts[row].strip(), n_tokens=n_tokens,
+                                        cut=not ended and len(new[row]) >= ecfg.max_new_tokens)
+    return results  # type: ignore[return-value]
+
+
+def _count_new_tokens(ids: list[int], eos_id: int, pad_id: int) -> tuple[int, bool]:
+    """(tokens before eos, whether eos was produced); padding after a finished sequence is not counted."""
+    n = 0
+    for token in ids:
+        if token == eos_id:
+            return n, True
+        if token != pad_id:
+            n += 1
+    return n, False
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def quality_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """ROUGE-1/2/L (mean F-measure, 0..1, Porter stemming) and corpus BLEU / chrF (0..100)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return {name: 0.0 for name in METRIC_NAMES}
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score(ref, pred)  # rouge-score takes (target, prediction)
+        for key in sums:
+            sums[key] += scores[key].fmeasure
+    out = {key: value / len(predictions) for key, value in sums.items()}
+    out["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+    out["chrf"] = float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
+    return out
+
+
+def score(outputs: Sequence[Generation], references: Sequence[str], max_new_tokens: int) -> dict[str, Any]:
+    """Quality metrics plus length facts for one model's outputs."""
+    lengths = [g.n_tokens for g in outputs]
+    result: dict[str, Any] = quality_metrics([g.text for g in outputs], references)
+    result.update({
+        "mean_length": statistics.fmean(lengths) if lengths else 0.0,
+        "median_length": float(statistics.median(lengths)) if lengths else 0.0,
+        "empty_share": sum(1 for g in outputs if not g.text) / len(outputs) if outputs else 0.0,
+        "cut_share": sum(1 for g in outputs if g.cut) / len(outputs) if outputs else 0.0,
+        "max_new_tokens": max_new_tokens,
+    })
+    return result

@@ -1,0 +1,558 @@
+"""The run report: report.html (self-contained, images embedded) and report.md, in the run dir.
+
+Every stage refreshes it at its end (rundir.record_stage -> refresh_report), so it shows
+whatever the run directory holds so far. Every section is optional:
+
+    configuration      <run>/config.yaml, <run>/provenance/*.json
+    data               <run>/stats.json
+    training           <run>/train/metrics.jsonl (loss curves), <run>/train/result.json
+    evaluation         <run>/eval/metrics.json (table + bar chart)
+    samples            <run>/eval/predictions.jsonl
+    artifact           <artifact>/manifest.json, <run>/validation.json
+    deployment         <run>/deploy.json, <run>/invoke.json
+
+The report never fails a stage: a file it cannot read or a shape it does not expect turns
+into a visible note in that section ("could not read ...") instead of an exception. Tests
+assert that no such note appears for well-formed run directories, so real bugs still show.
+
+Plots use matplotlib's Agg canvas directly (no pyplot, no global backend switch). In the
+HTML they are base64 PNG data URIs; report.md links PNG copies in <run>/report_assets/.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from termtune.config import Config
+
+PROBLEM_NOTE = "could not read"
+"""Prefix of the note shown where a file could not be turned into a section."""
+
+_STAGE_ORDER = ("data", "train", "evaluate", "export", "validate", "deploy", "invoke")
+
+_METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF",
+                  "mean_length": "mean length (tokens)", "median_length": "median length (tokens)",
+                  "empty_share": "empty outputs", "cut_share": "cut at max_new_tokens"}
+
+
+@dataclass
+class Image:
+    name: str
+    """File name stem in report_assets/."""
+    png: bytes
+    alt: str
+
+
+@dataclass
+class Section:
+    """One report section, kept as simple blocks so HTML and Markdown come from the same data."""
+
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def text(self, value: str) -> "Section":
+        self.blocks.append(("text", value))
+        return self
+
+    def table(self, header: list[str], rows: Iterable[Iterable[Any]], cls: str = "") -> "Section":
+        self.blocks.append(("table", (header, [[_cell(c) for c in r] for r in rows], cls)))
+        return self
+
+    def image(self, image: Image) -> "Section":
+        self.blocks.append(("image", image))
+        return self
+
+    def code(self, value: str, summary: str) -> "Section":
+        self.blocks.append(("code", (summary, value)))
+        return self
+
+    def note(self, value: str) -> "Section":
+        self.blocks.append(("note", value))
+        return self
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def write_report(cfg: Config) -> Path:
+    """Write <run>/report.html and <run>/report.md from what the run directory holds; return the HTML path."""
+    from termtune.rundir import write_text
+
+    run = cfg.run_dir
+    sections = []
+    for build in (_config_section, _data_section, _training_section, _evaluation_section, _samples_section,
+                  _artifact_section, _validation_section, _deploy_section):
+        try:
+            section = build(cfg)
+        except Exception as e:  # noqa: BLE001 - a report must never fail the stage that refreshes it
+            section = Section(build.__doc__ or build.__name__).note(
+                f"{PROBLEM_NOTE} this part of the run directory: {type(e).__name__}: {e}")
+        if section is not None:
+            sections.append(section)
+
+    title = f"termtune run report: {run.name or run}"
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    assets = run / "report_assets"
+    for section in sections:
+        for kind, value in section.blocks:
+            if kind == "image":
+                _write_bytes(assets / f"{value.name}.png", value.png)
+    write_text(run / "report.md", _render_md(title, generated, run, sections))
+    html_path = run / "report.html"
+    write_text(html_path, _render_html(title, generated, run, sections))
+    return html_path
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _config_section(cfg: Config) -> Section | None:
+    """Configuration"""
+    run = cfg.run_dir
+    path = run / "config.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    section = Section("Configuration")
+    if isinstance(data, dict):
+        keys = ("run.seed", "model.source", "model.init", "model.quantization", "data.source", "data.target",
+                "data.test_size", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "train.epochs",
+                "train.max_steps", "train.batch_size", "train.learning_rate", "train.precision",
+                "eval.max_new_tokens", "eval.num_beams", "eval.no_repeat_ngram_size", "export.dtype",
+                "aws.region")
+        flat = dict(_flatten(data))
+        section.table(["setting", "value"], [(k, flat[k]) for k in keys if k in flat])
+    stages = _stages_done(run)
+    if stages:
+        section.table(["stage", "finished", "git commit"], stages)
+    section.code(text, "full resolved config (config.yaml)")
+    return section
+
+
+def _stages_done(run: Path) -> list[tuple[str, str, str]]:
+    rows = []
+    folder = run / "provenance"
+    if not folder.is_dir():
+        return rows
+    found = {p.stem: p for p in folder.glob("*.json")}
+    for stage in sorted(found, key=lambda s: (_STAGE_ORDER.index(s) if s in _STAGE_ORDER else 99, s)):
+        record = _read_json(found[stage])
+        if isinstance(record, dict):
+            rows.append((stage, str(record.get("finished_at", "")), str(record.get("git_commit") or "")))
+    return rows
+
+
+def _data_section(cfg: Config) -> Section | None:
+    """Data"""
+    stats = _read_json(cfg.run_dir / "stats.json")
+    if stats is None:
+        return None
+    section = Section("Data")
+    if not isinstance(stats, dict):
+        return section.note(f"{PROBLEM_NOTE} stats.json: expected an object, found {type(stats).__name__}")
+    scalars = [(k, v) for k, v in stats.items() if not isinstance(v, (dict, list))]
+    if scalars:
+        section.table(["", "value"], scalars)
+    skipped = stats.get("rows_skipped")
+    if isinstance(skipped, dict):
+        section.text("rows skipped, by reason" if skipped else "rows skipped: none")
+        if skipped:
+            section.table(["reason", "rows"], skipped.items())
+    # Other objects of plain values (token length stats per side) share one table, one row each.
+    groups = {k: v for k, v in stats.items()
+              if k != "rows_skipped" and isinstance(v, dict) and v
+              and all(not isinstance(x, (dict, list)) for x in v.values())}
+    if groups:
+        columns: list[str] = []
+        for value in groups.values():
+            columns += [c for c in value if c not in columns]
+        section.text("token lengths" if all("token" in k for k in groups) else "details")
+        section.table([""] + columns, [[k] + [v.get(c, "") for c in columns] for k, v in groups.items()])
+    return section
+
+
+def _training_section(cfg: Config) -> Section | None:
+    """Training"""
+    train_dir = cfg.run_dir / "train"
+    metrics_path = train_dir / "metrics.jsonl"
+    result = _read_json(train_dir / "result.json")
+    if not metrics_path.is_file() and result is None:
+        return None
+    section = Section("Training")
+    if isinstance(result, dict):
+        section.table(["", "value"], [(k, v) for k, v in result.items() if not isinstance(v, (dict, list))])
+    if metrics_path.is_file():
+        train, held_out = [], []
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if not isinstance(event, dict) or not _is_number(event.get("step")):
+                continue
+            if _is_number(event.get("loss")):
+                train.append((event["step"], event["loss"]))
+            if _is_number(event.get("eval_loss")):
+                held_out.append((event["step"], event["eval_loss"]))
+        if train or held_out:
+            section.image(_loss_plot(train, held_out))
+            last = [("last training loss", f"{train[-1][1]:.4f} (step {train[-1][0]})")] if train else []
+            last += [("last held-out loss", f"{held_out[-1][1]:.4f} (step {held_out[-1][0]})")] if held_out else []
+            section.table(["", "value"], last)
+        else:
+            section.note("metrics.jsonl holds no loss values yet")
+    return section
+
+
+def _evaluation_section(cfg: Config) -> Section | None:
+    """Evaluation"""
+    from termtune.evaluate import format_metric
+
+    metrics = _read_json(cfg.run_dir / "eval" / "metrics.json")
+    if metrics is None:
+        return None
+    section = Section("Evaluation: base vs tuned")
+    if not isinstance(metrics, dict):
+        return section.note(f"{PROBLEM_NOTE} eval/metrics.json: expected an object")
+    models = [m for m in ("base", "tuned") if isinstance(metrics.get(m), dict)]
+    decoding = metrics.get("decoding")
+    intro = f"{metrics.get('n', '?')} held-out examples"
+    if isinstance(decoding, dict) and decoding:
+        intro += "; decoding: " + ", ".join(f"{k}={v}" for k, v in decoding.items())
+    section.text(intro)
+    keys = [k for k in _METRIC_LABELS if any(k in metrics[m] for m in models)]
+    rows = [[_METRIC_LABELS[k]] + [format_metric(k, metrics[m].get(k), missing="") for m in models] for k in keys]
+    section.table(["metric"] + models, rows, cls="metrics")
+    quality = [k for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf") if k in keys]
+    if quality and models:
+        section.image(_metric_plot(quality, {m: metrics[m] for m in models}))
+    section.text("ROUGE is the mean F-measure (0-1); BLEU and chrF are corpus scores (0-100, sacrebleu).")
+    return section
+
+
+def _samples_section(cfg: Config) -> Section | None:
+    """Samples"""
+    path = cfg.run_dir / "eval" / "predictions.jsonl"
+    count = cfg.eval.samples_in_report
+    if not path.is_file() or count == 0:
+        return None
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if len(rows) >= count:
+                break
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(item, dict):
+                rows.append([item.get("term", ""), item.get("reference", ""), item.get("base") or "",
+                             item.get("tuned") or ""])
+    section = Section(f"Sample answers ({len(rows)} held-out terms)")
+    section.table(["term", "reference", "base", "tuned"], rows, cls="samples")
+    return section
+
+
+def _artifact_section(cfg: Config) -> Section | None:
+    """Artifact"""
+    manifest = _read_json(cfg.artifact_dir / "manifest.json")
+    if manifest is None:
+        return None
+    section = Section("Artifact")
+    section.text(f"folder: {cfg.artifact_dir}")
+    files = manifest.get("files") if isinstance(manifest, dict) else manifest
+    if isinstance(manifest, dict):
+        section.table(["", "value"], [(k, v) for k, v in manifest.items() if not isinstance(v, (dict, list))])
+    if isinstance(files, dict):  # {"path": {"size":..., "sha256":...}} or {"path": sha}
+        files = [{"path": k, **(v if isinstance(v, dict) else {"sha256": v})} for k, v in files.items()]
+    if isinstance(files, list):
+        rows = []
+        for item in files:
+            if isinstance(item, dict):
+                size = item.get("size", item.get("bytes"))
+                rows.append((item.get("path", item.get("name", "")), _human_size(size) if _is_number(size) else "",
+                             str(item.get("sha256", ""))[:16]))
+            else:
+                rows.append((item, "", ""))
+        section.table(["file", "size", "sha256 (first 16)"], rows, cls="files")
+    return section
+
+
+def _validation_section(cfg: Config) -> Section | None:
+    """Validation"""
+    checks = _read_json(cfg.run_dir / "validation.json")
+    if checks is None:
+        return None
+    section = Section("Bedrock CMI validation")
+    if isinstance(checks, dict):
+        checks = checks.get("checks", [])
+    rows = []
+    failed = 0
+    for c in checks if isinstance(checks, list) else []:
+        if not isinstance(c, dict):
+            continue
+        status = c.get("status")
+        if status is None:
+            ok = c.get("ok", c.get("passed"))
+            status = "warning" if ok and c.get("warning") else ("pass" if ok else "FAIL")
+        failed += str(status).lower() in ("fail", "failed", "error")
+        rows.append((c.get("number", ""), c.get("name", ""), str(status), c.get("message", "")))
+    section.text(f"{len(rows)} checks, {failed} failed" if rows else "no checks recorded")
+    if rows:
+        section.table(["#", "check", "result", "message"], rows, cls="checks")
+    return section
+
+
+def _deploy_section(cfg: Config) -> Section | None:
+    """Deployment"""
+    deploy = _read_json(cfg.run_dir / "deploy.json")
+    invoke = _read_json(cfg.run_dir / "invoke.json")
+    if deploy is None and invoke is None:
+        return None
+    section = Section("Deployment")
+    for name, data in (("deploy.json", deploy), ("invoke.json", invoke)):
+        if isinstance(data, dict):
+            section.text(name)
+            section.table(["", "value"], [(k, v if not isinstance(v, (dict, list)) else json.dumps(v))
+                                         for k, v in data.items()])
+        elif data is not None:
+            section.note(f"{PROBLEM_NOTE} {name}: expected an object")
+    return section
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _loss_plot(train: list[tuple[float, float]], held_out: list[tuple[float, float]]) -> Image:
+    fig = _figure(7.5, 3.6)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="training loss", color="#1f77b4")
+    if held_out:
+        ax.plot([s for s, _ in held_out], [v for _, v in held_out], label="held-out loss", color="#d62728",
+                marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return Image("loss", _png(fig), "training and held-out loss by step")
+
+
+def _metric_plot(keys: list[str], by_model: dict[str, dict[str, Any]]) -> Image:
+    fig = _figure(7.5, 3.6)
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(by_model), 1)
+    colors = {"base": "#9e9e9e", "tuned": "#2ca02c"}
+    for j, (name, values) in enumerate(by_model.items()):
+        # ROUGE is 0..1; shown x100 so every bar shares the 0..100 axis of BLEU and chrF.
+        heights = [_as_percent(k, values.get(k)) for k in keys]
+        xs = [i + (j - (len(by_model) - 1) / 2) * width for i in range(len(keys))]
+        bars = ax.bar(xs, heights, width=width, label=name, color=colors.get(name))
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(keys)), [_METRIC_LABELS[k] for k in keys])
+    ax.set_ylabel("score (0-100; ROUGE x100)")
+    ax.set_ylim(0, max(5.0, ax.get_ylim()[1] * 1.1))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return Image("metrics", _png(fig), "quality metrics, base vs tuned")
+
+
+def _as_percent(key: str, value: Any) -> float:
+    if not _is_number(value):
+        return 0.0
+    return float(value) * 100 if key.startswith("rouge") else float(value)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2129}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:1.6em;margin:0 0 4px}
+h2{font-size:1.25em;margin:0 0 12px;border-bottom:1px solid #e1e4e8;padding-bottom:6px}
+section{background:#fff;border:1px solid #e1e4e8;border-radius:8px;padding:16px 20px;margin:16px 0}
+.meta{color:#586069;font-size:.9em}
+table{border-collapse:collapse;margin:8px 0 12px;font-size:.92em}
+th,td{border:1px solid #e1e4e8;padding:5px 9px;text-align:left;vertical-align:top}
+th{background:#f1f3f5}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+table.samples{width:100%;table-layout:fixed}
+table.samples td{white-space:pre-wrap;overflow-wrap:anywhere}
+table.samples th:first-child{width:15%}
+img{max-width:100%;height:auto;display:block;margin:8px 0}
+pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:.85em}
+.note{color:#b35900}
+td.ok{color:#1a7f37;font-weight:600}
+td.fail{color:#cf222e;font-weight:700}
+td.warn{color:#9a6700;font-weight:600}
+p{margin:6px 0}
+"""
+
+
+def _render_html(title: str, generated: str, run: Path, sections: list[Section]) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             f"<title>{e(title)}</title><style>{_CSS}</style></head><body><main>",
+             f"<h1>{e(title)}</h1>", f'<p class="meta">run directory: {e(str(run))} &middot; generated {e(generated)}</p>']
+    if not sections:
+        parts.append("<section><p>Nothing in this run directory yet: run <code>termtune data prepare</code>.</p>"
+                     "</section>")
+    for section in sections:
+        parts.append(f"<section><h2>{e(section.title)}</h2>")
+        for kind, value in section.blocks:
+            if kind == "text":
+                parts.append(f"<p>{e(value)}</p>")
+            elif kind == "note":
+                parts.append(f'<p class="note">{e(value)}</p>')
+            elif kind == "code":
+                summary, body = value
+                parts.append(f"<details><summary>{e(summary)}</summary><pre>{e(body)}</pre></details>")
+            elif kind == "image":
+                data = base64.b64encode(value.png).decode("ascii")
+                parts.append(f'<img src="data:image/png;base64,{data}" alt="{e(value.alt)}">')
+            elif kind == "table":
+                header, rows, cls = value
+                parts.append(f'<table class="{e(cls)}"><thead><tr>'
+                             + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
+                for row in rows:
+                    parts.append("<tr>" + "".join(_td(c) for c in row)
+                                 + "</tr>")
+                parts.append("</tbody></table>")
+        parts.append("</section>")
+    parts.append("</main></body></html>\n")
+    return "\n".join(parts)
+
+
+def _render_md(title: str, generated: str, run: Path, sections: list[Section]) -> str:
+    lines = [f"# {_md_inline(title)}", "", f"run directory: `{run}` · generated {generated}", ""]
+    if not sections:
+        lines += ["Nothing in this run directory yet: run `termtune data prepare`.", ""]
+    for section in sections:
+        lines += [f"## {_md_inline(section.title)}", ""]
+        for kind, value in section.blocks:
+            if kind == "text":
+                lines += [_md_inline(value), ""]
+            elif kind == "note":
+                lines += [f"> {_md_inline(value)}", ""]
+            elif kind == "code":
+                summary, body = value
+                fence = "````" if "```" in body else "```"
+                lines += [f"<details><summary>{html.escape(summary)}</summary>", "", f"{fence}yaml", body.rstrip(),
+                          fence, "", "</details>", ""]
+            elif kind == "image":
+                lines += [f"![{_md_inline(value.alt)}](report_assets/{value.name}.png)", ""]
+            elif kind == "table":
+                header, rows, _ = value
+                lines.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
+                lines.append("|" + "---|" * len(header))
+                lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+                lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _md_inline(text: str) -> str:
+    # HTML-escape so data text can never become markup in a Markdown viewer.
+    return html.escape(str(text), quote=False)
+
+
+def _md_cell(text: Any) -> str:
+    return _md_inline(str(text)).replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed file, or None when it does not exist. Unreadable JSON raises (shown as a note)."""
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _td(text: str) -> str:
+    cls = _STATUS_CLASSES.get(text) or ("num" if _looks_numeric(text) else "")
+    return f'<td class="{cls}">{html.escape(text)}</td>' if cls else f"<td>{html.escape(text)}</td>"
+
+
+_STATUS_CLASSES = {"pass": "ok", "FAIL": "fail", "warning": "warn"}
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text.rstrip("%"))
+    except ValueError:
+        return False
+    return True
+
+
+def _human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+

@@ -1,0 +1,200 @@
+"""The run report: built from whatever the run directory holds, escaped, and rendered by a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from termtune.config import load_config
+from termtune.report import PROBLEM_NOTE, write_report
+
+HOSTILE = '<script>alert("x")</script> & <b>bold</b>'
+
+
+def make_cfg(run_dir: Path):
+    return load_config(None, [f"run.dir={run_dir}"])
+
+
+def populate_run(run: Path, n_predictions: int = 12) -> None:
+    """A run directory as the stages leave it after export, validate, deploy and invoke."""
+    from termtune.config import dump_config
+
+    cfg = make_cfg(run)
+    (run / "provenance").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    for stage, t in (("data", "10:00"), ("train", "10:05"), ("evaluate", "10:07")):
+        (run / "provenance" / f"{stage}.json").write_text(json.dumps(
+            {"stage": stage, "finished_at": f"2026-01-01T{t}:00", "git_commit": "abc123"}))
+    (run / "stats.json").write_text(json.dumps({
+        "source": "terms.jsonl", "rows_read": 100, "rows_used": 90,
+        "rows_skipped": {"empty_definition": 6, "duplicate_term": 4}, "train_rows": 80, "test_rows": 10,
+        "seed": 42,
+        "source_tokens": {"limit": 128, "mean": 8.5, "p50": 8, "p90": 11, "p95": 12, "p99": 14, "max": 15},
+        "target_tokens": {"limit": 64, "mean": 40.2, "p50": 39, "p90": 60, "p95": 64, "p99": 64, "max": 64},
+    }))
+    (run / "train").mkdir()
+    events = [{"step": s, "epoch": s / 10, "loss": 5.0 / (1 + s / 5), "learning_rate": 1e-3} for s in range(2, 41, 2)]
+    events += [{"step": s, "eval_loss": 5.5 / (1 + s / 6)} for s in (10, 20, 30, 40)]
+    (run / "train" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"step": 4')
+    (run / "train" / "result.json").write_text(json.dumps({"steps": 40, "train_loss": 0.55, "eval_loss": 0.71}))
+    (run / "eval").mkdir()
+    metric = {"rouge1": 0.41, "rouge2": 0.2, "rougeL": 0.35, "bleu": 12.3, "chrf": 38.0, "mean_length": 40.1,
+              "median_length": 39.0, "empty_share": 0.0, "cut_share": 0.1}
+    base = {k: v / 4 for k, v in metric.items()}
+    (run / "eval" / "metrics.json").write_text(json.dumps(
+        {"base": base, "tuned": metric, "n": 10, "decoding": {"max_new_tokens": 64, "num_beams": 1}}))
+    rows = [{"term": f"Term {i}" if i else HOSTILE, "prompt": f"What is Term {i}?",
+             "reference": f"Term {i} is a condition of the body. " * 3, "base": "a a a", "tuned": f"Term {i} is a."}
+            for i in range(n_predictions)]
+    (run / "eval" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "artifact").mkdir()
+    (run / "artifact" / "manifest.json").write_text(json.dumps({"dtype": "bfloat16", "files": [
+        {"path": "model.safetensors", "size": 123456789, "sha256": "f" * 64},
+        {"path": "config.json", "size": 812, "sha256": "0" * 64}]}))
+    (run / "validation.json").write_text(json.dumps([
+        {"number": 1, "name": "architecture", "ok": True, "message": "T5ForConditionalGeneration", "warning": False},
+        {"number": 2, "name": "num_heads", "ok": False, "message": "6 is not a multiple of 4", "warning": False},
+        {"number": 3, "name": "size", "ok": True, "message": "close to the limit", "warning": True}]))
+    (run / "deploy.json").write_text(json.dumps({"s3_uri": "s3://b/p/", "model_arn": "arn:aws:bedrock:x"}))
+    (run / "invoke.json").write_text(json.dumps({"term": "Hypertension", "text": "High blood pressure."}))
+
+
+# ----------------------------------------------------------------------------- content
+
+
+def test_full_run_dir_has_every_section_and_escapes_data(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    populate_run(run)
+    path = write_report(make_cfg(run))
+    page = path.read_text(encoding="utf-8")
+    md = (run / "report.md").read_text(encoding="utf-8")
+
+    for title in ("Configuration", "Data", "Training", "Evaluation: base vs tuned", "Sample answers",
+                  "Artifact", "Bedrock CMI validation", "Deployment"):
+        assert f"<h2>{title}" in page
+        assert f"## {title}" in md
+    assert PROBLEM_NOTE not in page  # every file was read as intended
+    assert page.count('src="data:image/png;base64,') == 2  # loss curves + metric bars
+    assert (run / "report_assets" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](report_assets/metrics.png)" in md
+    # data text never becomes markup
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<script>" not in md
+    # ten samples by default, of the twelve predictions
+    assert "Term 9 is a." in page and "Term 10" not in page
+    assert "6 is not a multiple of 4" in page and "FAIL" in page and "warning" in page
+    assert "117.7 MB" in page  # 123456789 bytes
+    assert "empty_definition" in page
+
+
+def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    populate_run(run)
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    table = page[page.index('<table class="metrics">'):]
+    table = table[:table.index("</table>")]
+    row = re.search(r"<td>ROUGE-L</td>(.*?)</tr>", table).group(1)
+    assert re.findall(r">([\d.]+)<", row) == ["0.087", "0.350"]
+
+
+@pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["stats.json"], 1), (["train"], 1),
+                                            (["eval"], 2), (["artifact"], 1), (["deploy.json"], 1)])
+def test_partial_run_dirs_render(tmp_path: Path, keep: list[str], sections: int) -> None:
+    full = tmp_path / "full"
+    populate_run(full)
+    run = tmp_path / "partial"
+    run.mkdir()
+    for name in keep:
+        src = full / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, run / name)
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    assert PROBLEM_NOTE not in page
+    assert page.count("<section>") == sections  # an empty run dir gets one "nothing yet" section
+
+
+def test_odd_files_become_notes_not_exceptions(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "stats.json").write_text("{not json")
+    (run / "validation.json").write_text(json.dumps({"checks": "nope"}))
+    (run / "deploy.json").write_text(json.dumps([1, 2]))
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text(json.dumps({"tuned": {"rougeL": "high"}}))
+    (run / "eval" / "predictions.jsonl").write_text('["a list"]\n{"term": 3}\nnot json\n')
+    (run / "train").mkdir()
+    (run / "train" / "metrics.jsonl").write_text('{"step": "x", "loss": null}\n')
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    assert page.count(PROBLEM_NOTE) == 2  # stats.json (not JSON) and deploy.json (not an object)
+    assert "metrics.jsonl holds no loss values yet" in page
+
+
+# ----------------------------------------------------------------------------- in a browser
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+# Added to a copy of the page for the test only: after load, record each image's decoded size
+# and each table's row count as attributes, which --dump-dom then shows.
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  document.body.setAttribute('data-images', imgs.map(i => i.complete ? i.naturalWidth + 'x' + i.naturalHeight
+                                                                    : 'pending').join(','));
+  document.body.setAttribute('data-tables', [...document.querySelectorAll('table')]
+                                              .map(t => t.rows.length).join(','));
+  document.body.setAttribute('data-width', document.documentElement.scrollWidth);
+});
+</script>"""
+
+
+def browser(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    if chromium() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is required in CI (apt-get install chromium)")
+        pytest.skip("chromium is not installed")
+    run = tmp_path / "run"
+    populate_run(run)
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+
+    done = browser("--window-size=1200,2000", "--dump-dom", probe.as_uri(), profile=tmp_path / "profile")
+    assert done.returncode == 0, done.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", done.stdout).group(1)
+    images = re.search(r'data-images="([^"]*)"', body).group(1).split(",")
+    assert len(images) == 2
+    for size in images:  # decoded, and as large as the PNGs we drew (7.5 x 3.6 in at 100 dpi, cropped)
+        width, height = map(int, size.split("x"))
+        assert width > 500 and height > 250, images
+    tables = [int(n) for n in re.search(r'data-tables="([^"]*)"', body).group(1).split(",")]
+    assert len(tables) >= 8 and min(tables) >= 2  # every table has a header and at least one row
+    assert int(re.search(r'data-width="(\d+)"', body).group(1)) <= 1200  # nothing overflows sideways
+    assert done.stdout.count("<script") == 1  # only the probe: the hostile term stayed text
+
+    shot = tmp_path / "report.png"
+    done = browser("--window-size=1200,2000", "--hide-scrollbars", f"--screenshot={shot}", path_uri(run),
+                   profile=tmp_path / "profile2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    keep = os.environ.get("TERMTUNE_REPORT_SCREENSHOT")  # a place to keep it for a human to look at
+    if keep:
+        shutil.copy(shot, keep)
+
+
+def path_uri(run: Path) -> str:
+    return (run / "report.html").as_uri()
