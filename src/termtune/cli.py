@@ -86,9 +86,9 @@ def data_prepare(
     Example:
         termtune data prepare configs/demo.yaml data.source=terms.csv
     """
+    cfg = resolve(args)
     from termtune import data
 
-    cfg = resolve(args)
     if strict:
         cfg.data.strict = True
     prepared = data.prepare(cfg, force=force)
@@ -107,9 +107,9 @@ def data_inspect(
     Example:
         termtune data inspect configs/demo.yaml --rows 5
     """
+    cfg = resolve(args)
     from termtune import data
 
-    cfg = resolve(args)
     stats, examples = data.inspect(cfg, rows=rows)
     if as_json:
         typer.echo(json.dumps(stats, indent=2))
@@ -132,9 +132,10 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     Example:
         termtune train configs/demo.yaml train.epochs=2
     """
+    cfg = resolve(args)
     from termtune import train as train_stage
 
-    result = train_stage.train(resolve(args))
+    result = train_stage.train(cfg)
     typer.echo(result.summary())
 
 
@@ -149,9 +150,10 @@ def evaluate(
     Example:
         termtune evaluate configs/demo.yaml eval.max_new_tokens=64
     """
+    cfg = resolve(args)
     from termtune import evaluate as evaluate_stage
 
-    report = evaluate_stage.evaluate(resolve(args), force=force)
+    report = evaluate_stage.evaluate(cfg, force=force)
     typer.echo(report.summary())
 
 
@@ -163,9 +165,10 @@ def report(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     Example:
         termtune report configs/demo.yaml
     """
+    cfg = resolve(args)
     from termtune import report as report_stage
 
-    path = report_stage.write_report(resolve(args))
+    path = report_stage.write_report(cfg)
     typer.echo(f"report: {path}")
 
 
@@ -183,9 +186,10 @@ def export(
     Example:
         termtune export configs/demo.yaml export.dtype=fp32
     """
+    cfg = resolve(args)
     from termtune import export as export_stage
 
-    artifact = export_stage.export(resolve(args), force=force)
+    artifact = export_stage.export(cfg, force=force)
     typer.echo(artifact.summary())
 
 
@@ -227,9 +231,10 @@ def deploy(
     Example:
         termtune deploy configs/flan-t5-large-medical.yaml aws.bucket=my-bucket
     """
+    cfg = resolve(args)
     from termtune import aws
 
-    result = aws.deploy(resolve(args), dry_run=dry_run)
+    result = aws.deploy(cfg, dry_run=dry_run)
     typer.echo(result.summary())
 
 
@@ -244,9 +249,10 @@ def role(
     Example:
         termtune role configs/flan-t5-large-medical.yaml aws.bucket=my-bucket --dry-run
     """
+    cfg = resolve(args)
     from termtune import aws
 
-    typer.echo(aws.ensure_role(resolve(args), dry_run=dry_run))
+    typer.echo(aws.ensure_role(cfg, dry_run=dry_run))
 
 
 @app.command()
@@ -264,9 +270,10 @@ def invoke(
     Example:
         termtune invoke configs/demo.yaml --term "Hypertension"
     """
+    cfg = resolve(args)
     from termtune import aws
 
-    aws.invoke_cli(resolve(args), term=term, raw=text, model_arn=model, stream=stream, as_json=as_json)
+    aws.invoke_cli(cfg, term=term, raw=text, model_arn=model, stream=stream, as_json=as_json)
 
 
 @app.command()
@@ -280,9 +287,10 @@ def cleanup(
     Example:
         termtune cleanup configs/demo.yaml --yes
     """
+    cfg = resolve(args)
     from termtune import aws
 
-    aws.cleanup(resolve(args), yes=yes)
+    aws.cleanup(cfg, yes=yes)
 
 
 @app.command()
@@ -323,9 +331,10 @@ def run(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> Non
     Example:
         termtune run configs/demo.yaml
     """
+    cfg = resolve(args)
     from termtune import pipeline
 
-    pipeline.run(resolve(args))
+    pipeline.run(cfg)
 
 
 def main() -> None:
