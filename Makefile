@@ -26,8 +26,10 @@ install: $(VENV)/.installed $(BEDROCK_VENV)/.installed
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
+# pytest exits 5 when it collected no tests: that is a failure, never a silent pass.
 test: $(VENV)/.installed $(BEDROCK_VENV)/.installed
-	TERMTUNE_BEDROCK_PYTHON="$(CURDIR)/$(BEDROCK_VENV)/bin/python" $(VENV)/bin/python -m pytest -q
+	TERMTUNE_BEDROCK_PYTHON="$(CURDIR)/$(BEDROCK_VENV)/bin/python" $(VENV)/bin/python -m pytest -q; \
+	status=$$?; [ $$status -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$status
 
 clean-demo:
 	rm -rf runs/demo

@@ -100,3 +100,13 @@ def test_every_field_is_documented():
                "aws.region", "aws.bucket", "aws.sse", "aws.role_name", "aws.import_timeout_minutes",
                "aws.poll_seconds", "aws.invoke_max_tokens", "aws.invoke_temperature"}
     assert set(undocumented) <= allowed, set(undocumented) - allowed
+
+
+def test_config_reference_is_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_reference", REPO / "scripts" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    current = (REPO / "docs" / "config-reference.md").read_text(encoding="utf-8")
+    assert current == module.render(), "docs/config-reference.md is stale: run python scripts/config_reference.py"

@@ -16,6 +16,7 @@ same config works from the CLI, from scripts and from tests.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -338,6 +339,9 @@ def field_docs() -> list[tuple[str, str, str, str]]:
                 docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
         for key, sub in section.model_fields.items():
             default = sub.default if sub.default_factory is None else sub.default_factory()
-            type_name = str(sub.annotation).replace("typing.", "").replace("pathlib.", "")
-            rows.append((f"{name}.{key}", type_name, repr(default), docs.get(key, "")))
+            annotation = sub.annotation
+            type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+            type_name = type_name.replace("typing.", "").replace("pathlib.", "").replace("Path", "path")
+            shown = json.dumps(str(default) if isinstance(default, Path) else default)
+            rows.append((f"{name}.{key}", type_name, shown, docs.get(key, "")))
     return rows
