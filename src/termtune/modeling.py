@@ -161,7 +161,7 @@ def materialize_random_base(cfg: Config) -> Path:
 
 
 def untie_lm_head(model: "PreTrainedModel") -> None:
-    """Give the model its own lm_head, as real Flan-T5 checkpoints have.
+    """Give the model its own lm_head, as real Flan-T5 checkpoints have (call right after init).
 
     transformers 5.x builds every T5 with tied input/output embeddings, even from a config
     that says `tie_word_embeddings: false`. Flan-T5 is untied, and an export must carry a
@@ -170,7 +170,10 @@ def untie_lm_head(model: "PreTrainedModel") -> None:
     import torch
 
     if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
-        model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+        # A fresh draw (T5's own init: normal, std = initializer_factor), not a copy: with equal
+        # values transformers would tie the two again when the folder is loaded.
+        weight = torch.empty_like(model.shared.weight).normal_(0.0, model.config.initializer_factor)
+        model.lm_head.weight = torch.nn.Parameter(weight)
     model.config.tie_word_embeddings = False
 
 

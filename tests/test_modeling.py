@@ -1,0 +1,78 @@
+"""Models without the Hub: the real tokenizer, a seeded random-init base, LoRA, pickle refusal."""
+
+from __future__ import annotations
+
+import pytest
+
+from termtune import modeling
+from termtune.errors import UserError
+
+
+def test_real_tokenizer_loads_correctly(tiny_cfg):
+    tok = modeling.load_tokenizer(tiny_cfg())
+    # Known ids of the Flan-T5 SentencePiece model (a broken tokenizer maps everything to <unk>=2).
+    ids = tok("What is Dexamethasone suppression test")["input_ids"]
+    assert ids == [363, 19, 374, 226, 9, 3493, 10293, 782, 23059, 794, 1]
+    assert len(tok) == 32100 and tok.convert_tokens_to_ids("<extra_id_0>") == 32099
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+
+
+def test_random_base_is_seeded_untied_and_saved_once(tiny_cfg):
+    import torch
+
+    cfg = tiny_cfg()
+    model = modeling.load_base(cfg)
+    base_dir = cfg.run_dir / "base-model"
+    assert (base_dir / "config.json").is_file() and (base_dir / "model.safetensors").is_file()
+    # Real Flan-T5 has its own lm_head; the random base must too, or export would change the model.
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+    assert not torch.equal(model.lm_head.weight, model.shared.weight)
+    assert model.config.num_layers == 2 and model.config.d_model == 64
+
+    again = modeling.load_base(cfg)  # loads the saved folder, not a fresh draw
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    other = tiny_cfg(run_name="other", extra={"run.seed": 7})
+    assert not torch.equal(modeling.load_base(other).shared.weight, model.shared.weight)
+
+
+def test_lora_wraps_all_linear_layers(tiny_cfg):
+    cfg = tiny_cfg()
+    peft_model = modeling.attach_lora(cfg, modeling.load_base(cfg))
+    trainable = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
+    named = tiny_cfg(run_name="qv", extra={"lora.target_modules": "[q, v]"})
+    peft_qv = modeling.attach_lora(named, modeling.load_base(named))
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in peft_qv.named_parameters() if p.requires_grad} == {"q", "v"}
+
+
+def test_4bit_base_loads_on_cpu(tiny_cfg):
+    pytest.importorskip("bitsandbytes")
+    cfg = tiny_cfg(extra={"model.quantization": "4bit"})
+    model = modeling.load_base(cfg)
+    assert getattr(model, "is_loaded_in_4bit", False)
+    assert type(model.encoder.block[0].layer[0].SelfAttention.q).__name__ == "Linear4bit"
+
+
+def test_pickle_only_folder_is_refused(tmp_path, tiny_cfg):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    cfg = tiny_cfg(extra={"model.init": "pretrained", "model.architecture_overrides": "{}",
+                          "model.source": str(folder)})
+    with pytest.raises(UserError, match="only pickle .* model.allow_pickle=true"):
+        modeling.load_base(cfg)
+
+
+def test_bad_architecture_and_missing_source(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(extra={"model.architecture": str(tmp_path / "none.json")})
+    with pytest.raises(UserError, match="none.json not found"):
+        modeling.load_base(cfg)
+    not_t5 = tmp_path / "gpt.json"
+    not_t5.write_text('{"model_type": "gpt2"}')
+    with pytest.raises(UserError, match="model_type is 'gpt2'"):
+        modeling.load_base(tiny_cfg(run_name="g", extra={"model.architecture": str(not_t5)}))
+    with pytest.raises(UserError, match="does not exist"):
+        modeling.load_tokenizer(tiny_cfg(run_name="m", extra={"model.source": str(tmp_path / "nowhere")}))
