@@ -1,0 +1,10 @@
+"""Amazon Bedrock Custom Model Import with boto3: S3 upload, IAM role, import job, invoke, cleanup.
+
+Modules: clients (the one boto3 client factory), names (the service's patterns), s3, iam,
+bedrock (control plane), stage (deploy / role / cleanup), runtime (invoke).
+"""
+
+from termtune.aws.runtime import invoke, invoke_cli
+from termtune.aws.stage import DeployResult, cleanup, deploy, ensure_role
+
+__all__ = ["DeployResult", "cleanup", "deploy", "ensure_role", "invoke", "invoke_cli"]

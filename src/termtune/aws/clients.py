@@ -1,0 +1,56 @@
+"""Every boto3 client termtune makes comes from here.
+
+No endpoint_url is ever passed: boto3 (>= 1.34) reads the SDK's standard endpoint settings
+itself (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL_BEDROCK,
+AWS_ENDPOINT_URL_BEDROCK_RUNTIME, or `endpoint_url` / `services` in an AWS profile). So the
+same code talks to real AWS, to moto's server, or to `termtune serve`, with no termtune flag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from termtune.errors import UserError
+
+
+def client(service: str, region: str, profile: str | None = None, read_timeout: int = 60) -> Any:
+    """A boto3 client with standard-mode retries (the attempt count stays configurable the
+    AWS way: AWS_MAX_ATTEMPTS or max_attempts in a profile)."""
+    import boto3
+    import botocore.exceptions
+    from botocore.config import Config
+
+    try:
+        session = boto3.Session(profile_name=profile, region_name=region)
+    except botocore.exceptions.ProfileNotFound as e:
+        raise UserError(f"aws.profile: {e}; list profiles with `aws configure list-profiles`") from e
+    config = Config(retries={"mode": "standard"}, read_timeout=read_timeout, connect_timeout=10)
+    return session.client(service, config=config)
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a botocore ClientError (None for anything else)."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return response.get("Error", {}).get("Code")
+    return None
+
+
+def error_message(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return response.get("Error", {}).get("Message") or str(exc)
+    return str(exc)
+
+
+def credentials_problem(exc: BaseException) -> UserError | None:
+    """A clear UserError for missing credentials or unreachable endpoints, else None."""
+    import botocore.exceptions
+
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return UserError("no AWS credentials found: set AWS_PROFILE (or aws.profile), or "
+                         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; see docs/aws.md")
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return UserError(f"cannot reach {exc.kwargs.get('endpoint_url')}: check the network, or the "
+                         "AWS_ENDPOINT_URL_* settings if you run against a local endpoint")
+    return None

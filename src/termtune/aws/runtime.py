@@ -1,0 +1,129 @@
+"""termtune invoke: ask the imported model for a definition through bedrock-runtime.
+
+Imported models scale to zero when idle; the first call after that answers
+ModelNotReadyException while Bedrock restores the model, which can take minutes. The SDK
+gives up after seconds, so invoke keeps retrying within aws.cold_start_budget_minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Callable
+
+from termtune.aws.clients import client, error_code, error_message
+from termtune.aws.stage import aws_errors, read_record
+from termtune.config import Config
+from termtune.errors import UserError
+from termtune.rundir import write_json
+
+RETRY_CODES = ("ModelNotReadyException", "ThrottlingException")
+
+
+def request_body(cfg: Config, prompt: str) -> dict[str, Any]:
+    """max_tokens selects the OpenAI completion schema, max_gen_len the Bedrock completion one."""
+    return {"prompt": prompt, cfg.aws.invoke_schema: cfg.aws.invoke_max_tokens,
+            "temperature": cfg.aws.invoke_temperature}
+
+
+def response_text(body: dict[str, Any]) -> str:
+    """The generated text from any of the response schemas imported models use (§4.2)."""
+    if isinstance(body.get("generation"), str):
+        return body["generation"]
+    for key in ("choices", "outputs"):
+        items = body.get(key)
+        if isinstance(items, list) and items and isinstance(items[0], dict):
+            first = items[0]
+            if isinstance(first.get("text"), str):
+                return first["text"]
+            if isinstance(first.get("message"), dict):
+                return str(first["message"].get("content", ""))
+    raise UserError(f"unrecognised response from the model (no generation, choices or outputs): "
+                    f"{json.dumps(body)[:300]}")
+
+
+def invoke(cfg: Config, prompt: str, model_arn: str, stream: bool = False,
+           on_text: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """One generation; returns {"text", "response"|"chunks", "cold_start_retries", "seconds"}."""
+    rt = client("bedrock-runtime", cfg.aws.region, cfg.aws.profile, read_timeout=300)
+    body = json.dumps(request_body(cfg, prompt))
+    budget = cfg.aws.cold_start_budget_minutes * 60
+    start = time.monotonic()
+    retries, delay = 0, 1.0
+    while True:
+        try:
+            with aws_errors():
+                if stream:
+                    out = _stream(rt, model_arn, body, on_text)
+                else:
+                    resp = rt.invoke_model(modelId=model_arn, body=body, contentType="application/json",
+                                           accept="application/json")
+                    raw = json.loads(resp["body"].read())
+                    out = {"text": response_text(raw), "response": raw}
+            break
+        except Exception as e:
+            code = error_code(e)
+            waited = time.monotonic() - start
+            if code in RETRY_CODES and waited < budget:
+                if retries == 0 and code == "ModelNotReadyException":
+                    print(f"the model is cold (ModelNotReadyException): Bedrock is loading it, which can take "
+                          f"minutes; retrying for up to {budget / 60:g} min (aws.cold_start_budget_minutes)",
+                          file=sys.stderr)
+                retries += 1
+                sleep(min(delay, budget - waited))
+                delay = min(delay * 2, 30.0)
+                continue
+            if code in RETRY_CODES:
+                raise UserError(f"{code} after {waited:.0f}s of retries: {error_message(e)}; the model may still "
+                                "be loading: try again later or raise aws.cold_start_budget_minutes") from e
+            if code in ("ValidationException", "ResourceNotFoundException", "AccessDeniedException",
+                        "ModelErrorException", "ModelTimeoutException"):
+                raise UserError(f"InvokeModel failed: {code}: {error_message(e)}") from e
+            raise
+    out.update({"cold_start_retries": retries, "seconds": round(time.monotonic() - start, 3)})
+    return out
+
+
+def _stream(rt: Any, model_arn: str, body: str, on_text: Callable[[str], None] | None) -> dict:
+    resp = rt.invoke_model_with_response_stream(modelId=model_arn, body=body, contentType="application/json",
+                                                accept="application/json")
+    pieces, chunks = [], []
+    for event in resp["body"]:
+        if "chunk" not in event:
+            continue
+        data = json.loads(event["chunk"]["bytes"])
+        chunks.append(data)
+        piece = response_text(data)
+        pieces.append(piece)
+        if on_text:
+            on_text(piece)
+    return {"text": "".join(pieces), "chunks": chunks}
+
+
+def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, model_arn: str | None = None,
+               stream: bool = False, as_json: bool = False) -> dict:
+    """termtune invoke: build the prompt, call the model, print, and save <run>/invoke.json."""
+    if term and raw:
+        raise UserError("--term and --raw are exclusive: give a term (sent through data.prompt_template) or raw text")
+    record = read_record(cfg)
+    model_arn = model_arn or record.get("model_arn")
+    if not model_arn:
+        raise UserError(f"{cfg.run_dir / 'deploy.json'}: no imported model recorded; run termtune deploy, "
+                        "or pass --model <imported model ARN>")
+    prompt = raw if raw is not None else cfg.data.prompt_template.replace("{term}", term or cfg.aws.invoke_prompt)
+
+    def echo(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    result = invoke(cfg, prompt, model_arn, stream=stream, on_text=None if as_json else echo)
+    saved = {"model_arn": model_arn, "prompt": prompt, "request": request_body(cfg, prompt), "stream": stream,
+             **result}
+    write_json(cfg.run_dir / "invoke.json", saved)
+    if as_json:
+        print(json.dumps(saved, indent=2))
+    elif stream:
+        print()
+    else:
+        print(result["text"])
+    return saved

@@ -1,0 +1,164 @@
+"""Upload an artifact folder to S3 and prove the prefix holds exactly that artifact.
+
+Each object carries its sha256 in user metadata (x-amz-meta-sha256), so a rerun after an
+interrupted upload re-sends only the files that are missing or different, and the check
+before importing compares content, not just names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from termtune.errors import UserError
+
+MANIFEST = "manifest.json"
+MiB = 1024 * 1024
+
+
+@dataclass
+class ArtifactFile:
+    path: str  # relative to the artifact folder (and to the S3 prefix)
+    size: int
+    sha256: str
+
+
+@dataclass
+class UploadResult:
+    uploaded: list[str]
+    skipped: list[str]
+    bytes_sent: int
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 * MiB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_files(directory: Path) -> list[ArtifactFile]:
+    """The files to upload: those named in manifest.json (its hashes are trusted only if the
+    size matches), plus manifest.json itself. Without a manifest, every file, hashed here."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{manifest}: not a termtune manifest ({e}); re-run termtune export") from e
+        names = [e["path"] for e in entries]
+        known = {e["path"]: e for e in entries}
+        names.append(MANIFEST)
+    else:
+        names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+        known = {}
+    files = []
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{manifest}: lists {name}, which is missing from {directory}; re-run termtune export")
+        size = path.stat().st_size
+        entry = known.get(name)
+        digest = entry.get("sha256") if entry and entry.get("size") == size else None
+        files.append(ArtifactFile(name, size, digest or sha256_file(path)))
+    return files
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """s3://bucket/some/prefix/ -> ("bucket", "some/prefix/")."""
+    rest = uri.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, prefix
+
+
+def remote_objects(s3: Any, bucket: str, prefix: str) -> dict[str, int]:
+    """key (relative to prefix) -> size, for every object under the prefix."""
+    out: dict[str, int] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"][len(prefix):]] = obj["Size"]
+    return out
+
+
+def remote_sha256(s3: Any, bucket: str, key: str) -> str | None:
+    return s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get("sha256")
+
+
+def upload(s3: Any, directory: Path, files: list[ArtifactFile], bucket: str, prefix: str,
+           sse: str = "AES256", kms_key_id: str | None = None, progress: bool = True) -> UploadResult:
+    """Send the files not already under the prefix with the same sha256, with boto3's
+    transfer manager (multipart above 16 MiB, 8 parts in flight) and server-side encryption."""
+    from boto3.s3.transfer import TransferConfig
+    from tqdm import tqdm
+
+    present = remote_objects(s3, bucket, prefix)
+    todo, skipped = [], []
+    for f in files:
+        if present.get(f.path) == f.size and remote_sha256(s3, bucket, prefix + f.path) == f.sha256:
+            skipped.append(f.path)
+        else:
+            todo.append(f)
+
+    extra: dict[str, Any] = {"ServerSideEncryption": sse}
+    if sse == "aws:kms" and kms_key_id:
+        extra["SSEKMSKeyId"] = kms_key_id
+    transfer = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB, max_concurrency=8)
+    total = sum(f.size for f in todo)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload",
+              disable=not progress or not todo) as bar:
+        for f in todo:
+            s3.upload_file(str(Path(directory) / f.path), bucket, prefix + f.path, Config=transfer,
+                           ExtraArgs={**extra, "Metadata": {"sha256": f.sha256}}, Callback=bar.update)
+    return UploadResult([f.path for f in todo], skipped, total)
+
+
+def check_prefix(s3: Any, files: list[ArtifactFile], bucket: str, prefix: str) -> None:
+    """Refuse to import unless the prefix holds exactly the artifact: every file, same size,
+    same sha256, and nothing else (stray files may make the import fail, §1.3)."""
+    present = remote_objects(s3, bucket, prefix)
+    uri = f"s3://{bucket}/{prefix}"
+    problems = []
+    for f in files:
+        if f.path not in present:
+            problems.append(f"{f.path} missing")
+        elif present[f.path] != f.size:
+            problems.append(f"{f.path} has {present[f.path]} bytes, expected {f.size}")
+        elif remote_sha256(s3, bucket, prefix + f.path) != f.sha256:
+            problems.append(f"{f.path} has a different sha256")
+    stray = sorted(set(present) - {f.path for f in files})
+    if stray:
+        problems.append(f"files not in the artifact: {', '.join(stray[:5])}")
+    if problems:
+        raise UserError(f"{uri} does not match the artifact's manifest ({'; '.join(problems[:5])}); "
+                        "re-run termtune deploy to re-upload; for stray files run termtune cleanup or use another aws.prefix")
+
+
+def delete_prefix(s3: Any, bucket: str, prefix: str) -> int:
+    """Delete every object under the prefix; returns how many were deleted (0 the second time)."""
+    keys = [prefix + k for k in remote_objects(s3, bucket, prefix)]
+    for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+        batch = [{"Key": k} for k in keys[start:start + 1000]]
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    return len(keys)
+
+
+def download(s3: Any, bucket: str, prefix: str, target: Path) -> list[str]:
+    """Copy every object under the prefix into `target` (used by termtune serve's import job)."""
+    names = []
+    for name in remote_objects(s3, bucket, prefix):
+        if not name or name.endswith("/"):
+            continue
+        path = Path(target) / name
+        if ".." in Path(name).parts:
+            continue  # never write outside the target folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, prefix + name, str(path))
+        names.append(name)
+    return names

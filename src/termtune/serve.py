@@ -1,0 +1,579 @@
+"""termtune serve: a local endpoint that speaks Amazon Bedrock's REST protocol.
+
+One HTTP server plays both services boto3 knows as `bedrock` (the Custom Model Import
+control plane) and `bedrock-runtime` (InvokeModel), so unmodified boto3 clients work
+against it once the SDK's standard endpoint settings point at it:
+
+    termtune serve --port 8787 &
+    export AWS_ENDPOINT_URL_BEDROCK=http://127.0.0.1:8787
+    export AWS_ENDPOINT_URL_BEDROCK_RUNTIME=http://127.0.0.1:8787
+
+What it does like AWS: the rest-json routes and status codes, the field patterns and
+lengths (termtune.aws.names), one running import job per region, the imported-model
+quota, clientRequestToken idempotency, the exact status strings InProgress / Completed /
+Failed, ARNs of the real form, error codes botocore raises as the same ClientError, both
+completion schemas, and the event-stream framing of InvokeModelWithResponseStream.
+
+The import job reads `s3://bucket/prefix/` through boto3, so AWS_ENDPOINT_URL_S3 decides
+which S3 (moto's server, or real S3); with `local_root` set, s3://bucket/prefix/ is read
+from <local_root>/bucket/prefix/ instead (no S3 needed). It runs termtune's validate on
+the files, loads the model with transformers, and then answers InvokeModel with real
+greedy generation by that model.
+
+What it does not do: authentication (SigV4 signatures are ignored, any credentials work),
+persistence (state lives in memory), or Bedrock's own model hosting. It binds 127.0.0.1
+unless told otherwise. Faults for rehearsal: a cold start (ModelNotReadyException for N
+seconds after each import), throttling of every Nth call, and IAM propagation (a role ARN
+is "invalid" for N seconds after it is first seen).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import shutil
+import struct
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from termtune.aws.names import MODEL_ARN_RE, ROLE_ARN_RE, field_problem
+
+MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit
+MAX_INPUT_TOKENS = 512  # Flan-T5's training input length
+STATUSES = ("InProgress", "Completed", "Failed")
+NOT_READY = ("Model is not ready for inference. Wait and try your request again. Refer to "
+             "https://docs.aws.amazon.com/bedrock/latest/userguide/invoke-imported-model.html")
+
+
+class ApiError(Exception):
+    """An AWS-shaped error: botocore reads `code` from x-amzn-ErrorType."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _new_id() -> str:
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(12))
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class Bedrock:
+    """Everything the fake service knows: jobs, imported models, loaded weights, faults."""
+
+    def __init__(self, region: str = "us-east-1", cold_start_seconds: float = 0.0, throttle_every: int = 0,
+                 import_delay_seconds: float = 1.0, model_quota: int = 3, role_delay_seconds: float = 0.0,
+                 max_body_bytes: int = MAX_BODY_BYTES, local_root: str | Path | None = None):
+        self.region = region
+        self.cold_start_seconds = cold_start_seconds
+        self.throttle_every = throttle_every
+        self.import_delay_seconds = import_delay_seconds
+        self.model_quota = model_quota
+        self.role_delay_seconds = role_delay_seconds
+        self.max_body_bytes = max_body_bytes
+        self.local_root = Path(local_root) if local_root else None
+        self.lock = threading.Lock()
+        self.jobs: dict[str, dict] = {}  # job ARN -> GetModelImportJob response
+        self.models: dict[str, dict] = {}  # model ARN -> GetImportedModel response
+        self.tokens: dict[str, str] = {}  # clientRequestToken -> job ARN
+        self.loaded: dict[str, tuple[Any, Any, threading.Lock]] = {}  # model ARN -> (model, tokenizer, lock)
+        self.ready_at: dict[str, float] = {}  # model ARN -> end of its cold start
+        self.roles_seen: dict[str, float] = {}
+        self.calls = 0
+        self.counts: dict[str, int] = {}  # error code or "ok" -> how many answers (for tests and logs)
+        self.workdir = Path(tempfile.mkdtemp(prefix="termtune-serve-"))
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def count(self, key: str) -> None:
+        with self.lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def throttle(self) -> None:
+        with self.lock:
+            self.calls += 1
+            hit = self.throttle_every > 0 and self.calls % self.throttle_every == 0
+        if hit:
+            raise ApiError("ThrottlingException", "Too many requests, please wait before trying again.", 429)
+
+    # --------------------------------------------------------------- control plane
+
+    def create_job(self, body: dict) -> tuple[int, dict]:
+        source = body.get("modelDataSource")
+        s3_uri = source.get("s3DataSource", {}).get("s3Uri") if isinstance(source, dict) else None
+        for field, value in (("jobName", body.get("jobName")), ("importedModelName", body.get("importedModelName")),
+                             ("roleArn", body.get("roleArn")), ("s3Uri", s3_uri)):
+            if value is None:
+                raise ApiError("ValidationException", f"1 validation error detected: Value null at '{field}' "
+                                                      "failed to satisfy constraint: Member must not be null")
+            _check(field, value)
+        token = body.get("clientRequestToken")
+        if token is not None:
+            _check("clientRequestToken", token)
+        with self.lock:
+            if token in self.tokens:  # "ignores the request, but does not return an error"
+                return 201, {"jobArn": self.tokens[token]}
+            self._role_ready(body["roleArn"])
+            if any(j["jobName"] == body["jobName"] for j in self.jobs.values()):
+                raise ApiError("ConflictException", f"A job with the name {body['jobName']} already exists.")
+            name = body["importedModelName"]
+            if any(m["modelName"] == name for m in self.models.values()) or any(
+                    j["importedModelName"] == name and j["status"] == "InProgress" for j in self.jobs.values()):
+                raise ApiError("ConflictException", f"A model with the name {name} already exists.")
+            if any(j["status"] == "InProgress" for j in self.jobs.values()):
+                raise ApiError("ServiceQuotaExceededException",
+                               "The number of concurrent model import jobs exceeds the service quota (1).")
+            if len(self.models) >= self.model_quota:
+                raise ApiError("ServiceQuotaExceededException",
+                               f"The number of imported models exceeds the service quota ({self.model_quota}).")
+            account = _account(body["roleArn"])
+            arn = f"arn:aws:bedrock:{self.region}:{account}:model-import-job/{_new_id()}"
+            now = _now()
+            job = {"jobArn": arn, "jobName": body["jobName"], "importedModelName": name,
+                   "roleArn": body["roleArn"], "modelDataSource": {"s3DataSource": {"s3Uri": s3_uri}},
+                   "status": "InProgress", "creationTime": now, "lastModifiedTime": now}
+            self.jobs[arn] = job
+            if token:
+                self.tokens[token] = arn
+        threading.Thread(target=self._run_import, args=(arn,), daemon=True).start()
+        return 201, {"jobArn": arn}
+
+    def _role_ready(self, role_arn: str) -> None:
+        """IAM propagation: a role first seen less than role_delay_seconds ago is 'invalid'."""
+        first = self.roles_seen.setdefault(role_arn, time.monotonic())
+        if time.monotonic() - first < self.role_delay_seconds:
+            raise ApiError("ValidationException", "The provided role ARN is invalid.")
+
+    def _run_import(self, job_arn: str) -> None:
+        """InProgress -> read the files -> validate -> load -> Completed, or Failed with a reason."""
+        started = time.monotonic()
+        job = self.jobs[job_arn]
+        folder = self.workdir / job_arn.rsplit("/", 1)[1]
+        try:
+            self._fetch(job["modelDataSource"]["s3DataSource"]["s3Uri"], folder)
+            model, tokenizer, architecture = _load(folder)
+            failure = None
+        except ImportFailure as e:
+            failure = str(e)[:2048]
+        except Exception as e:  # anything else is still the job's failure, not the server's
+            failure = f"{type(e).__name__}: {e}"[:2048]
+        time.sleep(max(0.0, self.import_delay_seconds - (time.monotonic() - started)))
+        with self.lock:
+            now = _now()
+            job.update(lastModifiedTime=now, endTime=now)
+            if failure:
+                job.update(status="Failed", failureMessage=failure)
+                shutil.rmtree(folder, ignore_errors=True)
+                return
+            model_arn = f"{job_arn.split(':model-import-job/')[0]}:imported-model/{_new_id()}"
+            self.models[model_arn] = {
+                "modelArn": model_arn, "modelName": job["importedModelName"], "jobName": job["jobName"],
+                "jobArn": job_arn, "modelDataSource": job["modelDataSource"], "creationTime": now,
+                "modelArchitecture": architecture, "instructSupported": False,
+                "customModelUnits": {"customModelUnitsPerModelCopy": 1, "customModelUnitsVersion": "v1.0"}}
+            self.loaded[model_arn] = (model, tokenizer, threading.Lock())
+            self.ready_at[model_arn] = time.monotonic() + self.cold_start_seconds
+            job.update(status="Completed", importedModelArn=model_arn)
+
+    def _fetch(self, s3_uri: str, folder: Path) -> None:
+        from termtune.aws import s3
+        from termtune.aws.clients import client, error_code
+
+        bucket, prefix = s3.split_uri(s3_uri)
+        if self.local_root:
+            source = self.local_root / bucket / prefix
+            if not source.is_dir():
+                raise ImportFailure(f"No model files were found at {s3_uri} ({source} does not exist).")
+            shutil.copytree(source, folder)
+            return
+        try:
+            names = s3.download(client("s3", self.region), bucket, prefix, folder)
+        except Exception as e:
+            code = error_code(e)
+            if code is None:
+                raise
+            raise ImportFailure(f"Amazon Bedrock can't access the S3 location {s3_uri}: {code}.") from e
+        if not names:
+            raise ImportFailure(f"No model files were found at {s3_uri}.")
+
+    def job(self, identifier: str) -> dict:
+        _check("jobIdentifier", identifier)
+        with self.lock:
+            for job in self.jobs.values():
+                if identifier in (job["jobArn"], job["jobName"]):
+                    return dict(job)
+        raise ApiError("ResourceNotFoundException", f"The specified model import job {identifier} was not found.",
+                       404)
+
+    def model(self, identifier: str) -> dict:
+        _check("modelIdentifier", identifier)
+        with self.lock:
+            for model in self.models.values():
+                if identifier in (model["modelArn"], model["modelName"]):
+                    return dict(model)
+        raise ApiError("ResourceNotFoundException", f"The specified imported model {identifier} was not found.",
+                       404)
+
+    def delete_model(self, identifier: str) -> dict:
+        arn = self.model(identifier)["modelArn"]
+        with self.lock:
+            self.models.pop(arn, None)
+            self.loaded.pop(arn, None)
+            self.ready_at.pop(arn, None)
+        shutil.rmtree(self.workdir / self.jobs_for(arn), ignore_errors=True)
+        return {}
+
+    def jobs_for(self, model_arn: str) -> str:
+        for job in self.jobs.values():
+            if job.get("importedModelArn") == model_arn:
+                return job["jobArn"].rsplit("/", 1)[1]
+        return "-"
+
+    def list_jobs(self, query: dict[str, str]) -> dict:
+        status = query.get("statusEquals")
+        if status is not None and status not in STATUSES:
+            raise ApiError("ValidationException", f"Value '{status}' at 'statusEquals' failed to satisfy constraint: "
+                                                  f"Member must satisfy enum value set: [{', '.join(STATUSES)}]")
+        with self.lock:
+            rows = [j for j in self.jobs.values() if status in (None, j["status"])
+                    and query.get("nameContains", "") in j["jobName"]]
+        keys = ("jobArn", "jobName", "status", "creationTime", "lastModifiedTime", "endTime",
+                "importedModelArn", "importedModelName")
+        return _page([{k: j[k] for k in keys if k in j} for j in rows], query, "modelImportJobSummaries")
+
+    def list_models(self, query: dict[str, str]) -> dict:
+        with self.lock:
+            rows = [{k: m[k] for k in ("modelArn", "modelName", "creationTime", "instructSupported",
+                                       "modelArchitecture")}
+                    for m in self.models.values() if query.get("nameContains", "") in m["modelName"]]
+        return _page(rows, query, "modelSummaries")
+
+    # --------------------------------------------------------------- runtime
+
+    def prepare_invoke(self, model_id: str, content_type: str | None, raw: bytes) -> tuple[Any, dict, dict]:
+        """Check the model and the body; returns (loaded model tuple, request, generation kwargs)."""
+        import re
+
+        if not re.fullmatch(MODEL_ARN_RE, model_id):
+            raise ApiError("ValidationException", "The provided model identifier is invalid.")
+        with self.lock:
+            loaded = self.loaded.get(model_id)
+            ready_at = self.ready_at.get(model_id, 0.0)
+        if loaded is None:
+            raise ApiError("ResourceNotFoundException", "The requested model was not found.", 404)
+        if time.monotonic() < ready_at:
+            raise ApiError("ModelNotReadyException", NOT_READY, 429)
+        if (content_type or "application/json").split(";")[0].strip() != "application/json":
+            raise ApiError("ValidationException", f"The provided contentType {content_type} is not supported; "
+                                                  "use application/json")
+        try:
+            request = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError("ValidationException", f"Malformed input request: {e}, please reformat your input "
+                                                  "and try again.") from None
+        if not isinstance(request, dict) or not isinstance(request.get("prompt"), str) or not request["prompt"]:
+            raise ApiError("ValidationException", "Malformed input request: #: required key [prompt] not found "
+                                                  "or not a non-empty string, please reformat your input and try again.")
+        if "max_tokens" in request and "max_gen_len" in request:
+            raise ApiError("ValidationException", "Malformed input request: give max_tokens (OpenAI completion) "
+                                                  "or max_gen_len (Bedrock completion), not both.")
+        limit = request.get("max_tokens", request.get("max_gen_len", 16))
+        temperature = request.get("temperature", 0.0)
+        top_p = request.get("top_p", 1.0)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 4096:
+            raise ApiError("ValidationException", "Malformed input request: max_tokens/max_gen_len must be an "
+                                                  "integer between 1 and 4096.")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2 or \
+                not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ApiError("ValidationException", "Malformed input request: temperature must be in [0, 2] and "
+                                                  "top_p in (0, 1].")
+        return loaded, request, {"max_new_tokens": limit, "temperature": float(temperature), "top_p": float(top_p)}
+
+    def generate(self, loaded: tuple[Any, Any, threading.Lock], prompt: str, opts: dict) -> tuple[list[int], int, bool]:
+        """(generated token ids, prompt token count, stopped at eos). Greedy unless temperature > 0."""
+        import torch
+
+        model, tokenizer, lock = loaded
+        enc = tokenizer(prompt, return_tensors="pt")
+        n_prompt = int(enc["input_ids"].shape[1])
+        if n_prompt > MAX_INPUT_TOKENS:
+            raise ApiError("ValidationException", f"Input is too long: {n_prompt} tokens; this model accepts "
+                                                  f"at most {MAX_INPUT_TOKENS}.")
+        sample = opts["temperature"] > 0
+        kwargs = {"max_new_tokens": opts["max_new_tokens"], "do_sample": sample, "num_beams": 1}
+        if sample:
+            kwargs.update(temperature=opts["temperature"], top_p=opts["top_p"])
+        with lock, torch.no_grad():
+            out = model.generate(**enc, **kwargs)[0].tolist()
+        ids = out[1:]  # drop decoder_start_token_id
+        eos = tokenizer.eos_token_id
+        stopped = eos in ids
+        if stopped:
+            ids = ids[:ids.index(eos)]
+        return ids, n_prompt, stopped
+
+
+class ImportFailure(Exception):
+    """A reason the import job fails; becomes failureMessage verbatim."""
+
+
+def _check(field: str, value: Any) -> None:
+    problem = field_problem(field, value)
+    if problem:
+        raise ApiError("ValidationException", f"1 validation error detected: {problem}")
+
+
+def _account(role_arn: str) -> str:
+    import re
+
+    match = re.fullmatch(ROLE_ARN_RE, role_arn)
+    return (match.group(2) if match and match.group(2) else None) or "123456789012"
+
+
+def _page(rows: list[dict], query: dict[str, str], key: str) -> dict:
+    rows = sorted(rows, key=lambda r: r["creationTime"], reverse=query.get("sortOrder", "Descending") == "Descending")
+    try:
+        size = int(query.get("maxResults", "1000"))
+        start = int(query.get("nextToken", "0"))
+    except ValueError:
+        raise ApiError("ValidationException", "maxResults and nextToken must be integers here.") from None
+    if not 1 <= size <= 1000:
+        raise ApiError("ValidationException", "Value at 'maxResults' failed to satisfy constraint: "
+                                              "Member must have value between 1 and 1000")
+    out: dict[str, Any] = {key: rows[start:start + size]}
+    if start + size < len(rows):
+        out["nextToken"] = str(start + size)
+    return out
+
+
+def _load(folder: Path) -> tuple[Any, Any, str]:
+    """Validate the files the way termtune validate does, then load them with transformers."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from termtune.validate import format_checks, validate
+
+    failed = [c for c in validate(folder) if c.failed]
+    if failed:
+        raise ImportFailure("The model artifact is not valid for Custom Model Import:\n" + format_checks(failed))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer, str(config.get("model_type", "unknown"))
+
+
+# ----------------------------------------------------------------------------- event stream
+
+
+def event_frame(headers: dict[str, str], payload: bytes) -> bytes:
+    """One AWS event-stream message: prelude (total length, headers length, CRC32), string
+    headers (type 7), payload, message CRC32 (the format botocore's EventStream parses)."""
+    encoded = b"".join(bytes([len(name)]) + name.encode() + b"\x07" + struct.pack(">H", len(value.encode()))
+                       + value.encode() for name, value in headers.items())
+    prelude = struct.pack(">II", 12 + len(encoded) + len(payload) + 4, len(encoded))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    message = prelude + encoded + payload
+    return message + struct.pack(">I", zlib.crc32(message))
+
+
+def chunk_frame(body: dict) -> bytes:
+    payload = json.dumps({"bytes": base64.b64encode(json.dumps(body).encode()).decode()}).encode()
+    return event_frame({":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"},
+                       payload)
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: "BedrockServer"
+    server_version = "termtune-serve"
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.quiet:  # method, path and status only; headers (credentials) never
+            sys.stderr.write(f"serve: {self.command} {unquote(urlsplit(self.path).path)} {args[1] if len(args) > 1 else ''}\n")
+
+    def _dispatch(self, method: str) -> None:
+        state = self.server.state
+        url = urlsplit(self.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        try:
+            raw = self._body()
+            state.throttle()
+            route = (method, parts[0], len(parts))
+            if route == ("POST", "model-import-jobs", 1):
+                status, out = state.create_job(self._json(raw))
+                return self._reply(status, out)
+            if route == ("GET", "model-import-jobs", 1):
+                return self._reply(200, state.list_jobs(query))
+            if route == ("GET", "model-import-jobs", 2):
+                return self._reply(200, state.job(parts[1]))
+            if route == ("GET", "imported-models", 1):
+                return self._reply(200, state.list_models(query))
+            if route == ("GET", "imported-models", 2):
+                return self._reply(200, state.model(parts[1]))
+            if route == ("DELETE", "imported-models", 2):
+                return self._reply(200, state.delete_model(parts[1]))
+            if method == "POST" and parts[0] == "model" and len(parts) == 3 and parts[2] in (
+                    "invoke", "invoke-with-response-stream"):
+                return self._invoke(parts[1], raw, stream=parts[2] != "invoke")
+            raise ApiError("UnknownOperationException", f"{method} {url.path} is not an operation termtune serve "
+                                                         "implements", 404)
+        except ApiError as e:
+            state.count(e.code)
+            self._reply(e.status, {"message": e.message}, error=e.code)
+        except Exception as e:  # a bug here must still answer like a service, not hang the client
+            state.count("InternalServerException")
+            self._reply(500, {"message": f"{type(e).__name__}: {e}"}, error="InternalServerException")
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        limit = self.server.state.max_body_bytes
+        if length > limit:
+            remaining = length
+            while remaining > 0:  # drain it so the client reads our answer instead of a reset
+                chunk = self.rfile.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+            raise ApiError("ValidationException", f"The request body is {length} bytes; the limit is {limit}.")
+        return self.rfile.read(length) if length else b""
+
+    @staticmethod
+    def _json(raw: bytes) -> dict:
+        try:
+            value = json.loads(raw or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError("ValidationException", "The request body is not valid JSON.") from None
+        if not isinstance(value, dict):
+            raise ApiError("ValidationException", "The request body must be a JSON object.")
+        return value
+
+    def _reply(self, status: int, body: dict, error: str | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-amzn-RequestId", secrets.token_hex(16))
+        if error:
+            self.send_header("x-amzn-ErrorType", error)
+        else:
+            self.server.state.count("ok")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _invoke(self, model_id: str, raw: bytes, stream: bool) -> None:
+        state = self.server.state
+        loaded, request, opts = state.prepare_invoke(model_id, self.headers.get("Content-Type"), raw)
+        ids, n_prompt, stopped = state.generate(loaded, request["prompt"], opts)
+        tokenizer = loaded[1]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        openai = "max_gen_len" not in request
+        reason = "stop" if stopped else "length"
+        if not stream:
+            body = (_openai(model_id, text, reason, n_prompt, len(ids)) if openai else
+                    {"generation": text, "prompt_token_count": n_prompt, "generation_token_count": len(ids),
+                     "stop_reason": reason, "logprobs": None})
+            return self._reply(200, body)
+        # Stream one chunk per generated token, in each schema's shape.
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.amazon.eventstream")
+        self.send_header("X-Amzn-Bedrock-Content-Type", "application/json")
+        self.send_header("x-amzn-RequestId", secrets.token_hex(16))
+        self.end_headers()
+        state.count("ok")
+        sent = ""
+        for i in range(1, len(ids) + 1):
+            upto = tokenizer.decode(ids[:i], skip_special_tokens=True)
+            piece, sent = upto[len(sent):], upto
+            last = i == len(ids)
+            if openai:
+                chunk = _openai(model_id, piece, reason if last else None, n_prompt, i)
+            else:
+                chunk = {"generation": piece, "prompt_token_count": n_prompt if i == 1 else None,
+                         "generation_token_count": i, "stop_reason": reason if last else None}
+            self.wfile.write(chunk_frame(chunk))
+            self.wfile.flush()
+        self.close_connection = True
+
+
+def _openai(model_id: str, text: str, reason: str | None, n_prompt: int, n_out: int) -> dict:
+    return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+            "model": model_id, "choices": [{"index": 0, "text": text, "finish_reason": reason}],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
+
+
+class BedrockServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], state: Bedrock, quiet: bool = False):
+        super().__init__(address, Handler)
+        self.state = state
+        self.quiet = quiet
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.state.close()
+
+
+def start_server(host: str = "127.0.0.1", port: int = 0, quiet: bool = True, **options: Any) -> tuple[BedrockServer, str]:
+    """Start in a background thread (for tests and scripts); stop with `server.stop()`.
+    `options` are Bedrock's parameters (cold_start_seconds, throttle_every, ...)."""
+    server = BedrockServer((host, port), Bedrock(**options), quiet=quiet)
+    threading.Thread(target=server.serve_forever, name="termtune-serve", daemon=True).start()
+    return server, server.url
+
+
+def serve(host: str = "127.0.0.1", port: int = 8787, cold_start_seconds: float = 0.0, throttle_every: int = 0,
+          import_delay_seconds: float = 1.0, model_quota: int = 3, region: str = "us-east-1",
+          role_delay_seconds: float = 0.0, local_root: str | None = None) -> None:
+    """Serve until interrupted (termtune serve)."""
+    state = Bedrock(region=region, cold_start_seconds=cold_start_seconds, throttle_every=throttle_every,
+                    import_delay_seconds=import_delay_seconds, model_quota=model_quota,
+                    role_delay_seconds=role_delay_seconds, local_root=local_root)
+    server = BedrockServer((host, port), state)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"serve: warning: listening on {host} with no authentication; anyone who can reach it can "
+              "import and invoke models", file=sys.stderr)
+    print(f"termtune serve: Bedrock (control plane + runtime, region {region}) on {server.url}\n"
+          f"  export AWS_ENDPOINT_URL_BEDROCK={server.url} AWS_ENDPOINT_URL_BEDROCK_RUNTIME={server.url}",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        state.close()

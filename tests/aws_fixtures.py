@@ -1,0 +1,128 @@
+"""Fixtures for the AWS tests: a tiny CMI-valid artifact, moto's S3/IAM/STS server, termtune serve.
+
+Everything runs on 127.0.0.1 with real boto3 clients; the endpoints reach boto3 only
+through the SDK's standard settings (AWS_ENDPOINT_URL_*), as they would in production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_CONFIG, TINY_ARCH, TOKENIZER_DIR
+
+SECRET = "tt-secret-Do-Not-Log-8f3a2c"  # a credential value that must never reach a file or the output
+BUCKET = "termtune-test"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_artifact(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Flan-T5-shaped model in the layout termtune export writes (and that
+    transformers 4.51.3 reads): untied lm_head, torch_dtype, the real tokenizer files, a manifest."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from termtune.modeling import untie_lm_head
+
+    values = json.loads(SMALL_CONFIG.read_text())
+    values.update(TINY_ARCH, tie_word_embeddings=False)
+    values.pop("model_type", None)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(T5Config(**values))
+    untie_lm_head(model)  # Flan-T5 is untied; transformers 5.x would tie it
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(torch_dtype="float32", tie_word_embeddings=False)
+    config.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name in TOKENIZER_FILES:
+        shutil.copy(TOKENIZER_DIR / name, folder / name)
+    write_manifest(folder)
+    return folder
+
+
+def write_manifest(folder: Path) -> None:
+    files = [{"path": p.name, "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != "manifest.json"]
+    (folder / "manifest.json").write_text(json.dumps({"files": files}, indent=2))
+
+
+@pytest.fixture(scope="session")
+def artifact_template(tmp_path_factory) -> Path:
+    return build_artifact(tmp_path_factory.mktemp("artifact") / "artifact")
+
+
+@pytest.fixture(scope="session")
+def moto_url():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch, moto_url):
+    """Dummy credentials and the standard endpoint variables pointing S3/IAM/STS at moto.
+    Returns a function that starts termtune serve with given options and points Bedrock at it."""
+    from termtune.serve import start_server
+
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    for service in ("S3", "IAM", "STS"):
+        monkeypatch.setenv(f"AWS_ENDPOINT_URL_{service}", moto_url)
+    servers = []
+
+    def start(**options):
+        options.setdefault("import_delay_seconds", 0.2)
+        server, url = start_server(**options)
+        servers.append(server)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK", url)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", url)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def boto(service: str):
+    import boto3
+
+    return boto3.client(service, region_name="us-east-1")
+
+
+@pytest.fixture
+def bucket(aws_env):
+    """A fresh, versioned bucket (versions count every PUT)."""
+    s3 = boto("s3")
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=BUCKET) if _exists(s3) else []:
+        for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
+            s3.delete_object(Bucket=BUCKET, Key=v["Key"], VersionId=v["VersionId"])
+    if not _exists(s3):
+        s3.create_bucket(Bucket=BUCKET)
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    return BUCKET
+
+
+def _exists(s3) -> bool:
+    return any(b["Name"] == BUCKET for b in s3.list_buckets().get("Buckets", []))
