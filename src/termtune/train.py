@@ -1,0 +1,670 @@
+"""Training stage: LoRA / QLoRA fine-tuning of a seq2seq model on the prepared data.
+
+    termtune train configs/demo.yaml                 # one process (CPU or one GPU)
+    torchrun --nproc_per_node 2 -m termtune.cli train configs/demo.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m termtune.cli train configs/demo.yaml
+
+Built on transformers' `Seq2SeqTrainer` with `DataCollatorForSeq2Seq(label_pad_token_id=-100)`
+(TRL's SFTTrainer cannot train encoder-decoder models; it fails on the first step). What this
+module adds is the glue the seed recipe got wrong or left out:
+
+- batching: dynamic padding per batch, labels padded with -100 (never trained on), batches of
+  similar-length examples, and optionally a token budget per batch instead of a fixed size;
+- precision: bf16 on GPUs that support it, fp32 on CPU, fp16 refused for T5;
+- checkpoints that are sealed only once every file is on disk, so a run killed at any moment
+  (even mid-save) resumes from the last complete one and ends with the same weights;
+- a metrics log (JSONL, TensorBoard when installed), padding fraction and target tokens/s,
+  held-out loss, a loss curve, the final adapter plus tokenizer; `result.json` is written last.
+
+Reads  <run>/data/{train,test}.jsonl and <run>/base-model/ (random-init bases).
+Writes <run>/train/{checkpoints/, adapter/, metrics.jsonl, loss.png, result.json}.
+Only rank 0 writes (each rank saves its own RNG state inside a checkpoint, as transformers does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from termtune.config import Config
+from termtune.errors import UserError
+from termtune.rundir import write_json, write_text
+
+if TYPE_CHECKING:
+    import torch
+
+SEAL_FILE = "termtune-complete.json"
+"""Written into a checkpoint folder after everything else; a folder without it is never resumed."""
+
+# Settings that change the optimisation trajectory: resuming with different values would splice
+# two different runs together, so it is refused.
+_TRAJECTORY_KEYS = {
+    "train": ["epochs", "max_steps", "batch_size", "max_tokens_per_batch", "gradient_accumulation_steps",
+              "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
+              "group_by_length"],
+    "lora": ["r", "alpha", "dropout", "target_modules", "bias"],
+    "model": ["source", "init", "architecture", "architecture_overrides", "quantization"],
+    "run": ["seed"],
+}
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    adapter_dir: str
+    global_step: int
+    epochs: float
+    train_loss: float | None
+    eval_loss: float | None
+    precision: str
+    quantization: str
+    world_size: int
+    trainable_params: int
+    resumed_from: str | None
+    train_seconds: float
+    """Wall time of this invocation's training loop (a resumed run counts only its own part)."""
+    examples_per_s: float
+    target_tokens_per_s: float
+    """Non-pad target tokens per second, all ranks together."""
+    padding_fraction: float
+    """Share of the (source + target) token slots in the batches that were padding."""
+    files: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        def num(x: float | None, fmt: str = ".4f") -> str:
+            return "n/a" if x is None else format(x, fmt)
+
+        lines = [
+            f"trained {self.global_step} steps ({self.epochs:.2f} epochs) in {self.train_seconds:.1f} s"
+            + (f", resumed from {Path(self.resumed_from).name}" if self.resumed_from else ""),
+            f"  train loss {num(self.train_loss)}   held-out loss {num(self.eval_loss)}",
+            f"  {self.examples_per_s:.2f} examples/s, {self.target_tokens_per_s:.0f} target tokens/s, "
+            f"padding {self.padding_fraction:.1%}",
+            f"  precision {self.precision}, quantization {self.quantization}, {self.world_size} process(es), "
+            f"{self.trainable_params:,} trainable parameters",
+            f"  adapter: {self.adapter_dir}",
+        ]
+        return "\n".join(lines)
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainResult":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def train(cfg: Config) -> TrainResult:
+    """Train LoRA adapters on <run>/data and save them in <run>/train/adapter.
+
+    A finished stage (result.json present) is returned as is: delete <run>/train, or use a new
+    run.dir, to train again. An unfinished one resumes from its last complete checkpoint.
+    """
+    # -- validate inputs
+    train_dir = cfg.run_dir / "train"
+    result_file = train_dir / "result.json"
+    if result_file.is_file():
+        return TrainResult.load(result_file)
+    data_dir = cfg.run_dir / "data"
+    if not (data_dir / "train.jsonl").is_file():
+        raise UserError(f"{data_dir / 'train.jsonl'}: no prepared data; run `termtune data prepare` "
+                        "with the same config first")
+    precision = resolve_precision(cfg)
+    checkpoints_dir = train_dir / "checkpoints"
+    rank = int(os.environ.get("RANK", "0"))
+    resume = last_complete_checkpoint(checkpoints_dir)
+    if resume is not None:
+        _check_same_trajectory(cfg, resume)
+    if rank == 0:
+        _discard_incomplete_checkpoints(checkpoints_dir)
+        _truncate_metrics(train_dir / "metrics.jsonl", _checkpoint_step(resume) if resume else 0)
+
+    # -- set up
+    from termtune.data import load_split
+    from termtune.modeling import attach_lora, load_base, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    train_ds = _model_columns(load_split(cfg, "train"))
+    eval_ds = _model_columns(load_split(cfg, "test")) if (data_dir / "test.jsonl").is_file() else None
+    if len(train_ds) == 0:
+        raise UserError(f"{data_dir / 'train.jsonl'}: the training split is empty")
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
+    if eval_ds is not None:
+        # Held-out batches of similar length pad less; the order does not change the loss.
+        lengths = [(len(t), len(s)) for t, s in zip(eval_ds["labels"], eval_ds["input_ids"])]
+        eval_ds = eval_ds.select(sorted(range(len(lengths)), key=lengths.__getitem__))
+
+    args = _training_arguments(cfg, precision, checkpoints_dir, has_eval=eval_ds is not None)
+    with args.main_process_first(desc="load the base model"):
+        # rank 0 materialises a random-init base once; the other ranks then load that same folder
+        model = attach_lora(cfg, load_base(cfg))
+    collator = make_collator(tokenizer, model)
+    batch_sampler = LengthGroupedBatchSampler(
+        source_lengths=[len(x) for x in train_ds["input_ids"]],
+        target_lengths=[len(x) for x in train_ds["labels"]],
+        batch_size=cfg.train.batch_size, max_tokens=cfg.train.max_tokens_per_batch,
+        group_by_length=cfg.train.group_by_length, seed=cfg.run.seed)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+        processing_class=tokenizer, batch_sampler=batch_sampler)
+    _install_callbacks(trainer, cfg, train_dir, rank)
+
+    # -- do
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.flush_throughput()  # steps after the last log still count in the totals (a collective: all ranks)
+    last_eval_step = max((h["step"] for h in trainer.state.log_history if "eval_loss" in h), default=None)
+    if eval_ds is not None and last_eval_step != trainer.state.global_step:
+        trainer.evaluate()  # the result always carries the held-out loss of the final weights
+    _debug_dump_adapter(trainer)
+
+    # -- save (rank 0 only) and report
+    result = _result(cfg, trainer, precision, resume)
+    if trainer.is_world_process_zero():
+        from termtune.rundir import atomic_dir, record_stage
+
+        with atomic_dir(train_dir / "adapter", force=True) as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        plot_loss(train_dir / "metrics.jsonl", train_dir / "loss.png")
+        result.files = {"adapter": str(train_dir / "adapter"), "metrics": str(train_dir / "metrics.jsonl"),
+                        "loss_plot": str(train_dir / "loss.png"), "checkpoints": str(checkpoints_dir)}
+        write_json(result_file, asdict(result))
+        record_stage(cfg, "train", extra={"result": asdict(result)})
+    trainer.accelerator.wait_for_everyone()
+    return result
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def resolve_precision(cfg: Config) -> str:
+    """'bf16' on GPUs that support it, 'fp32' on CPU; fp16 only when explicitly forced."""
+    import torch
+
+    wanted = cfg.train.precision
+    cuda = torch.cuda.is_available()
+    if wanted == "fp16":
+        if not cfg.train.allow_fp16:
+            raise UserError("train.precision=fp16 is refused for T5: its activations overflow to inf/NaN in fp16 "
+                            "(T5 was trained in bf16). Use bf16 on a GPU or fp32, or set train.allow_fp16=true "
+                            "to force it.")
+        if not cuda:
+            raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use fp32 (or auto)")
+        return "fp16"
+    if wanted == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("train.precision=bf16: this GPU has no bf16 support; use fp32 (or auto)")
+    if wanted == "auto":
+        # bf16 backward is ~25x slower than fp32 on CPUs without native bf16, so CPUs train in fp32.
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return wanted
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class LengthGroupedBatchSampler:
+    """Batches of examples of similar length, in a fresh random order each epoch.
+
+    With a token budget, each batch holds as many examples as fit in `max_tokens` padded
+    (source + target) token slots. The number of batches per epoch never changes, and each
+    epoch's batches depend only on (seed, epoch): that is what lets a resumed run skip exactly
+    the batches it already trained on.
+    """
+
+    batch_size = None  # batches vary in size; tells accelerate's per-rank sharding not to assume one
+
+    def __init__(self, source_lengths: list[int], target_lengths: list[int], batch_size: int,
+                 max_tokens: int | None, group_by_length: bool, seed: int) -> None:
+        self.source_lengths = source_lengths
+        self.target_lengths = target_lengths
+        self.fixed_size = batch_size
+        self.max_tokens = max_tokens
+        self.group_by_length = group_by_length or max_tokens is not None
+        self.seed = seed
+        self.epoch = 0
+        self._len = len(self._batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches(self.epoch))
+
+    def cost(self, batch: list[int]) -> int:
+        """Padded token slots of a batch: every row is padded to the longest source and target."""
+        return len(batch) * (max(self.source_lengths[i] for i in batch) + max(self.target_lengths[i] for i in batch))
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        n = len(self.source_lengths)
+        if self.max_tokens is not None:
+            batches = self._pack_by_tokens(rng)
+        elif self.group_by_length:
+            # Sort within random "megabatches" of 50 batches: similar lengths together, yet a
+            # different grouping each epoch. Megabatches are whole batches, so the count is fixed.
+            order = list(range(n))
+            rng.shuffle(order)
+            mega = self.fixed_size * 50
+            batches = []
+            for start in range(0, n, mega):
+                chunk = sorted(order[start:start + mega], key=self._length_key)
+                batches += [chunk[i:i + self.fixed_size] for i in range(0, len(chunk), self.fixed_size)]
+        else:
+            order = list(range(n))
+            rng.shuffle(order)
+            return [order[i:i + self.fixed_size] for i in range(0, n, self.fixed_size)]
+        rng.shuffle(batches)
+        # The most expensive batch goes first, so an out-of-memory shows up at step 1, not hours in.
+        costliest = max(range(len(batches)), key=lambda b: self.cost(batches[b]))
+        batches.insert(0, batches.pop(costliest))
+        return batches
+
+    def _length_key(self, i: int) -> tuple[int, int]:
+        return (self.target_lengths[i], self.source_lengths[i])
+
+    def _pack_by_tokens(self, rng: random.Random) -> list[list[int]]:
+        # Sort by length with random tie-breaking: the sequence of lengths (and so the batch
+        # boundaries and their count) is the same every epoch, the examples within ties are not.
+        ties = [rng.random() for _ in self.source_lengths]
+        order = sorted(range(len(ties)), key=lambda i: (*self._length_key(i), ties[i]))
+        batches: list[list[int]] = []
+        current: list[int] = []
+        max_src = max_tgt = 0
+        for i in order:
+            src, tgt = max(max_src, self.source_lengths[i]), max(max_tgt, self.target_lengths[i])
+            if current and (len(current) + 1) * (src + tgt) > self.max_tokens:
+                batches.append(current)
+                current, src, tgt = [], self.source_lengths[i], self.target_lengths[i]
+            current.append(i)
+            max_src, max_tgt = src, tgt
+        if current:
+            batches.append(current)
+        return batches
+
+
+def make_collator(tokenizer: Any, model: Any = None) -> Any:
+    """Pad each batch to its own longest row; labels are padded with -100 so the loss skips them.
+
+    (The seed recipe padded labels with the pad id, so it trained the model to emit padding.)
+    """
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, padding="longest",
+                                  pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+
+
+def _model_columns(ds: Any) -> Any:
+    """Keep only what the model consumes; terms and texts stay in the JSONL for people."""
+    missing = {"input_ids", "labels"} - set(ds.column_names)
+    if missing:
+        raise UserError(f"prepared data lacks {sorted(missing)}; re-run `termtune data prepare --force`")
+    return ds.select_columns(["input_ids", "labels"])
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval: bool) -> Any:
+    import torch
+    from transformers import Seq2SeqTrainingArguments
+
+    t = cfg.train
+    if has_eval:
+        eval_strategy, eval_steps = ("steps", t.eval_steps) if t.eval_steps else ("epoch", None)
+    else:
+        eval_strategy, eval_steps = "no", None
+    return Seq2SeqTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        eval_strategy=eval_strategy,
+        eval_steps=eval_steps,
+        prediction_loss_only=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # rotation is ours: only after the new checkpoint is sealed
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        dataloader_num_workers=t.dataloader_workers,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        ddp_find_unused_parameters=False,
+        report_to=[],
+        disable_tqdm=False,
+    )
+
+
+def _trainer_class() -> type:
+    from transformers import Seq2SeqTrainer
+
+    class Trainer(Seq2SeqTrainer):
+        """Seq2SeqTrainer with our batch sampler and padding / throughput accounting."""
+
+        def __init__(self, *args: Any, batch_sampler: LengthGroupedBatchSampler, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.batch_sampler = batch_sampler
+            # [real source, padded source, real target, padded target, examples] since the last log
+            self.window = [0, 0, 0, 0, 0]
+            self.totals = [0, 0, 0, 0, 0]
+            self.window_start = time.perf_counter()
+            self.excluded = 0.0  # evaluation / checkpoint seconds inside the current window
+            self.train_seconds = 0.0
+
+        def get_train_dataloader(self) -> Any:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator,
+                                num_workers=self.args.dataloader_num_workers,
+                                pin_memory=self.args.dataloader_pin_memory)
+            # accelerate shards the batches across ranks (every Nth batch per rank).
+            return self.accelerator.prepare(loader)
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            mask, labels = inputs["attention_mask"], inputs["labels"]
+            counts = [int(mask.sum()), mask.numel(), int((labels != -100).sum()), labels.numel(), labels.shape[0]]
+            self.window = [a + b for a, b in zip(self.window, counts)]
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self.excluded += time.perf_counter() - start
+
+        def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+            start = time.perf_counter()
+            try:
+                super()._save_checkpoint(*args, **kwargs)
+            finally:
+                self.excluded += time.perf_counter() - start
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:  # a training log: every rank gets here at the same step
+                logs.update(self._throughput())
+            super().log(logs, start_time)
+
+        def flush_throughput(self) -> None:
+            self._throughput()
+
+        def _throughput(self) -> dict[str, float]:
+            import torch
+
+            now = time.perf_counter()
+            seconds = max(now - self.window_start - self.excluded, 1e-9)
+            counts = torch.tensor(self.window, dtype=torch.float64)
+            if self.args.world_size > 1:
+                counts = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").cpu()
+            src, src_slots, tgt, tgt_slots, examples = counts.tolist()
+            self.totals = [a + b for a, b in zip(self.totals, (src, src_slots, tgt, tgt_slots, examples))]
+            self.train_seconds += seconds
+            self.window, self.window_start, self.excluded = [0, 0, 0, 0, 0], now, 0.0
+            slots = src_slots + tgt_slots
+            return {"examples_per_s": examples / seconds, "target_tokens_per_s": tgt / seconds,
+                    "padding_fraction": 1 - (src + tgt) / slots if slots else 0.0}
+
+    return Trainer
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+def _install_callbacks(trainer: Any, cfg: Config, train_dir: Path, rank: int) -> None:
+    from transformers import ProgressCallback, TrainerCallback
+
+    class ProgressBar(ProgressCallback):
+        """tqdm bar with loss and throughput in its postfix instead of a dict printed per log."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if not (state.is_world_process_zero and self.training_bar is not None and logs):
+                return
+            if "loss" in logs:
+                self.postfix = {"loss": f"{logs['loss']:.3f}", "tok/s": f"{logs.get('target_tokens_per_s', 0):.0f}",
+                                "ex/s": f"{logs.get('examples_per_s', 0):.1f}"}
+            if "eval_loss" in logs:
+                self.postfix = {**getattr(self, "postfix", {}), "eval": f"{logs['eval_loss']:.3f}"}
+            self.training_bar.set_postfix(getattr(self, "postfix", {}), refresh=True)
+
+    class MetricsLog(TrainerCallback):
+        """One JSON object per log event in <run>/train/metrics.jsonl (rank 0)."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if state.is_world_process_zero and logs:
+                row = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+                with (train_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+
+    class Checkpoints(TrainerCallback):
+        """Seal each checkpoint once all ranks have written it, then rotate old ones."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            trainer.window_start, trainer.excluded = time.perf_counter(), 0.0  # setup time is not training time
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            trainer.accelerator.wait_for_everyone()  # every rank's rng_state_<i>.pth is on disk
+            if state.is_world_process_zero:
+                seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", cfg, args.world_size)
+                rotate_checkpoints(Path(args.output_dir), cfg.train.save_total_limit)
+
+    class StepDelay(TrainerCallback):
+        """Test hook: TERMTUNE_TEST_STEP_DELAY=<seconds> slows each step so a test can kill a run mid-way."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            time.sleep(float(os.environ["TERMTUNE_TEST_STEP_DELAY"]))
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    trainer.add_callback(Checkpoints())
+    if rank == 0:
+        train_dir.mkdir(parents=True, exist_ok=True)
+        trainer.add_callback(MetricsLog())
+        tensorboard = _tensorboard_callback(train_dir / "tensorboard")
+        if tensorboard is not None:
+            trainer.add_callback(tensorboard)
+    if os.environ.get("TERMTUNE_TEST_STEP_DELAY"):
+        trainer.add_callback(StepDelay())
+
+
+def _tensorboard_callback(log_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:  # tensorboard is optional
+        return None
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _checkpoint_step(folder: Path) -> int:
+    match = _CHECKPOINT.match(folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def seal_checkpoint(folder: Path, cfg: Config, world_size: int) -> None:
+    """Flush a finished checkpoint to disk and record its files (name -> size) in the seal."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+            files[path.name] = path.stat().st_size
+    write_json(folder / SEAL_FILE, {"step": _checkpoint_step(folder), "world_size": world_size,
+                                    "trajectory": _trajectory(cfg), "files": files})
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """Sealed, and every sealed file still there with its size (a half-deleted one is not complete)."""
+    try:
+        seal = json.loads((folder / SEAL_FILE).read_text(encoding="utf-8"))
+        files = seal["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    needed = {"trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"}
+    world_size = int(seal.get("world_size", 1))
+    needed |= {f"rng_state_{i}.pth" for i in range(world_size)} if world_size > 1 else {"rng_state.pth"}
+    if not needed <= set(files):
+        return False
+    return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
+
+
+def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
+    if not checkpoints_dir.is_dir():
+        return None
+    folders = sorted((p for p in checkpoints_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
+                     key=_checkpoint_step, reverse=True)
+    return next((p for p in folders if checkpoint_is_complete(p)), None)
+
+
+def rotate_checkpoints(checkpoints_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and any unsealed leftovers."""
+    folders = sorted((p for p in checkpoints_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
+                     key=_checkpoint_step, reverse=True)
+    complete = [p for p in folders if checkpoint_is_complete(p)]
+    newest = _checkpoint_step(complete[0]) if complete else -1
+    for p in complete[keep:] + [p for p in folders if p not in complete and _checkpoint_step(p) < newest]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _discard_incomplete_checkpoints(checkpoints_dir: Path) -> None:
+    """A run killed mid-save leaves an unsealed folder (or a temp folder): remove it before resuming."""
+    if not checkpoints_dir.is_dir():
+        return
+    for p in checkpoints_dir.iterdir():
+        if p.is_dir() and not checkpoint_is_complete(p):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _trajectory(cfg: Config) -> dict[str, Any]:
+    dump = cfg.model_dump(mode="json")
+    return {f"{section}.{key}": dump[section][key] for section, keys in _TRAJECTORY_KEYS.items() for key in keys}
+
+
+def _check_same_trajectory(cfg: Config, checkpoint: Path) -> None:
+    seal = json.loads((checkpoint / SEAL_FILE).read_text(encoding="utf-8"))
+    before, now = seal.get("trajectory", {}), _trajectory(cfg)
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
+    if changed:
+        raise UserError(f"{checkpoint}: this run was started with different settings ({'; '.join(changed)}); "
+                        f"resuming would mix two runs. Restore them, or delete {checkpoint.parent.parent} "
+                        "(or use a new run.dir) to start over")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log rows from after the checkpoint we resume from: they are about to be redone."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut short by the crash
+    write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _debug_dump_adapter(trainer: Any) -> None:
+    """Test hook: TERMTUNE_DEBUG_DUMP_DIR=<dir> makes every rank save its LoRA weights as rank<N>.safetensors,
+    so a test can check that data-parallel ranks ended with identical adapters."""
+    out = os.environ.get("TERMTUNE_DEBUG_DUMP_DIR")
+    if not out:
+        return
+    from safetensors.torch import save_file
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    weights = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    save_file(weights, str(Path(out) / f"rank{trainer.args.process_index}.safetensors"))
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _result(cfg: Config, trainer: Any, precision: str, resume: Path | None) -> TrainResult:
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    src, src_slots, tgt, tgt_slots, examples = trainer.totals
+    seconds = trainer.train_seconds
+    model = trainer.model
+    return TrainResult(
+        run_dir=str(cfg.run_dir),
+        adapter_dir=str(cfg.run_dir / "train" / "adapter"),
+        global_step=trainer.state.global_step,
+        epochs=float(trainer.state.epoch or 0.0),
+        train_loss=train_losses[-1] if train_losses else None,
+        eval_loss=eval_losses[-1] if eval_losses else None,
+        precision=precision,
+        quantization=cfg.model.quantization,
+        world_size=trainer.args.world_size,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        resumed_from=str(resume) if resume else None,
+        train_seconds=round(seconds, 3),
+        examples_per_s=examples / seconds if seconds else 0.0,
+        target_tokens_per_s=tgt / seconds if seconds else 0.0,
+        padding_fraction=1 - (src + tgt) / (src_slots + tgt_slots) if src_slots + tgt_slots else 0.0,
+    )
+
+
+def plot_loss(metrics_file: Path, out: Path) -> None:
+    """Training and held-out loss against optimizer steps, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if metrics_file.is_file() else []
+    train_pts = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train loss")
+    if eval_pts:
+        ax.plot(*zip(*eval_pts), marker="o", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per target token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)

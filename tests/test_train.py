@@ -1,0 +1,296 @@
+"""The training stage on a tiny random Flan-T5-shaped model with the real tokenizer and real MedQuAD rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
+from termtune import data, train
+from termtune.config import load_config
+from termtune.errors import UserError
+
+TERMTUNE = [sys.executable, "-m", "termtune.cli"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            **extra}
+
+
+def _prepared(tmp_path: Path, extra: dict | None = None, n_rows: int = 64, run: str = "run") -> tuple[list[str], object]:
+    """Overrides for a tiny run whose data stage has run, and its Config."""
+    src = tmp_path / "terms.jsonl"
+    if not src.exists():
+        write_jsonl(src, medquad_rows(n_rows))
+    overrides = tiny_overrides(tmp_path / run, src) + [f"{k}={v}" for k, v in (extra or {}).items()]
+    cfg = load_config(None, overrides)
+    data.prepare(cfg)
+    return overrides, cfg
+
+
+def _metrics(cfg) -> list[dict]:
+    return [json.loads(line) for line in (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ----------------------------------------------------------------------------- training works
+
+
+def test_loss_falls_and_stage_outputs_are_complete(tmp_path):
+    _, cfg = _prepared(tmp_path, {"train.epochs": 2, "train.logging_steps": 1})
+    result = train.train(cfg)
+
+    rows = _metrics(cfg)
+    train_losses = [r["loss"] for r in rows if "loss" in r]
+    eval_losses = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(eval_losses) == 2  # held-out loss once per epoch
+    assert train_losses[-1] < 0.8 * train_losses[0]
+    assert eval_losses[-1] < eval_losses[0]
+    assert result.eval_loss == eval_losses[-1]
+    assert all(0 <= r["padding_fraction"] < 1 and r["target_tokens_per_s"] > 0 for r in rows if "loss" in r)
+
+    out = cfg.run_dir / "train"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "loss.png", "result.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert (cfg.run_dir / "provenance" / "train.json").is_file()
+    assert len(list((out / "checkpoints").glob("checkpoint-*"))) <= cfg.train.save_total_limit
+    assert "held-out loss" in result.summary()
+
+    # The stage is complete: calling it again returns the recorded result without training.
+    again = train.train(cfg)
+    assert again.global_step == result.global_step and again.eval_loss == result.eval_loss
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_qlora_trains_on_cpu(tmp_path, bits):
+    _, cfg = _prepared(tmp_path, {"model.quantization": bits, "train.epochs": 2, "train.logging_steps": 1})
+    from termtune.modeling import attach_lora, load_base
+
+    model = attach_lora(cfg, load_base(cfg))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert ("Linear4bit" if bits == "4bit" else "Linear8bitLt") in kinds
+
+    result = train.train(cfg)
+    losses = [r["loss"] for r in _metrics(cfg) if "loss" in r]
+    assert result.quantization == bits
+    assert losses[-1] < losses[0]
+    assert (cfg.run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- batching and labels
+
+
+def test_collator_pads_labels_with_minus_100_and_loss_ignores_padding(tmp_path):
+    import torch
+
+    _, cfg = _prepared(tmp_path)
+    from termtune.modeling import load_base, load_tokenizer
+
+    tokenizer, model = load_tokenizer(cfg), load_base(cfg)
+    rows = data.load_split(cfg, "train")
+    short = min(range(len(rows)), key=lambda i: len(rows[i]["labels"]))
+    long = max(range(len(rows)), key=lambda i: len(rows[i]["labels"]))
+    features = [{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for i in (short, long)]
+    assert len(features[0]["labels"]) < len(features[1]["labels"])
+
+    batch = train.make_collator(tokenizer, model)(features)
+    labels = batch["labels"]
+    n_short = len(features[0]["labels"])
+    assert labels.shape[1] == len(features[1]["labels"])  # padded to the longest row, not to a fixed length
+    assert (labels[0, n_short:] == -100).all()  # padding is -100 ...
+    assert (labels[labels != -100] != tokenizer.pad_token_id).all()  # ... and no real label is the pad id
+    assert labels[0, :n_short].tolist() == features[0]["labels"]
+    assert batch["attention_mask"][0].sum() == len(features[0]["input_ids"])
+
+    # The padded batch's loss is exactly the token-weighted mean of the two rows alone.
+    model.eval()
+    with torch.no_grad():
+        both = model(**batch).loss
+        alone = [model(**train.make_collator(tokenizer, model)([f])).loss for f in features]
+    counts = [len(f["labels"]) for f in features]
+    expected = (alone[0] * counts[0] + alone[1] * counts[1]) / sum(counts)
+    assert torch.allclose(both, expected, atol=1e-5)
+
+
+def test_token_budget_batches_are_deterministic_per_epoch_and_cover_every_row():
+    import random
+
+    rng = random.Random(1)
+    src = [rng.randint(5, 30) for _ in range(200)]
+    tgt = [rng.randint(10, 300) for _ in range(200)]
+    sampler = train.LengthGroupedBatchSampler(src, tgt, batch_size=8, max_tokens=2000, group_by_length=True, seed=3)
+    epochs = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(200))
+        assert all(sampler.cost(b) <= 2000 or len(b) == 1 for b in batches)
+        epochs.append(batches)
+    assert epochs[0] == epochs[2] and epochs[0] != epochs[1]
+    # Grouping by length wastes far less than random batches of the same sizes would.
+    pad = sum(sampler.cost(b) for b in epochs[0]) / sum(src[i] + tgt[i] for b in epochs[0] for i in b) - 1
+    assert pad < 0.2
+
+    fixed = train.LengthGroupedBatchSampler(src, tgt, batch_size=8, max_tokens=None, group_by_length=True, seed=3)
+    assert len(fixed) == 25 and all(len(b) <= 8 for b in fixed)
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_fp16_is_refused_for_t5_with_the_reason(tmp_path):
+    overrides, cfg = _prepared(tmp_path)
+    out = subprocess.run([*TERMTUNE, "train", *overrides, "train.precision=fp16"], capture_output=True, text=True,
+                         env=_env(), cwd=REPO, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "fp16" in out.stderr and "overflow" in out.stderr and "allow_fp16" in out.stderr
+
+    # Also when a config object is changed after loading (the library path, not just the CLI).
+    cfg.train.precision = "fp16"
+    with pytest.raises(UserError, match="overflow"):
+        train.train(cfg)
+    cfg.train.precision = "auto"
+    assert train.resolve_precision(cfg) == "fp32"  # no GPU here: fp32, never bf16 on CPU
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+
+
+def _fake_checkpoint(folder: Path, cfg, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def test_only_complete_checkpoints_are_resumed(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    ckpts = tmp_path / "train" / "checkpoints"
+    full = {n: b"x" * 10 for n in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors",
+                                    "adapter_config.json", "rng_state.pth")}
+    train.seal_checkpoint(_fake_checkpoint(ckpts / "checkpoint-10", cfg, full), cfg, world_size=1)
+    # newer, but unsealed (killed while saving)
+    _fake_checkpoint(ckpts / "checkpoint-20", cfg, full)
+    # newer, sealed, then half deleted (killed while rotating)
+    half = _fake_checkpoint(ckpts / "checkpoint-30", cfg, full)
+    train.seal_checkpoint(half, cfg, world_size=1)
+    (half / "optimizer.pt").unlink()
+    # newer, sealed, but a file was cut short afterwards
+    cut = _fake_checkpoint(ckpts / "checkpoint-40", cfg, full)
+    train.seal_checkpoint(cut, cfg, world_size=1)
+    (cut / "adapter_model.safetensors").write_bytes(b"x")
+    # a temp folder from an interrupted write
+    _fake_checkpoint(ckpts / ".checkpoint-50.partial-abc", cfg, full)
+
+    assert train.last_complete_checkpoint(ckpts) == ckpts / "checkpoint-10"
+
+    # Resuming with settings that change the trajectory is refused, naming what changed.
+    changed = load_config(None, [f"run.dir={tmp_path}", "train.learning_rate=0.5"])
+    with pytest.raises(UserError, match="train.learning_rate"):
+        train._check_same_trajectory(changed, ckpts / "checkpoint-10")
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_adapter(tmp_path):
+    # Two epochs with gradient accumulation and LoRA dropout: resuming must restore the data position
+    # (mid-epoch 2), the optimizer, the scheduler and the RNG that drives dropout.
+    extra = {"train.epochs": 2, "train.batch_size": 4, "train.gradient_accumulation_steps": 2,
+             "train.save_steps": 3, "train.save_total_limit": 2, "lora.dropout": 0.1}
+    plain_args, plain_cfg = _prepared(tmp_path, extra, run="uninterrupted")
+    crash_args, crash_cfg = _prepared(tmp_path, extra, run="crashed")
+
+    done = subprocess.run([*TERMTUNE, "train", *plain_args], capture_output=True, text=True, env=_env(), cwd=REPO,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ckpts = crash_cfg.run_dir / "train" / "checkpoints"
+    proc = subprocess.Popen([*TERMTUNE, "train", *crash_args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_env(TERMTUNE_TEST_STEP_DELAY="0.4"), cwd=REPO)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            last = train.last_complete_checkpoint(ckpts)
+            if last is not None and int(last.name.split("-")[1]) >= 9:  # step 9 of 14 is in epoch 2
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)  # land somewhere inside a later step
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (crash_cfg.run_dir / "train" / "result.json").exists()
+    resume_point = train.last_complete_checkpoint(ckpts)
+    # What a kill during a save leaves behind: a newer checkpoint folder that was never sealed.
+    half = ckpts / "checkpoint-13"
+    if not half.exists():
+        half.mkdir()
+        (half / "trainer_state.json").write_text('{"global_step": 13}')
+
+    rerun = subprocess.run([*TERMTUNE, "train", *crash_args], capture_output=True, text=True, env=_env(), cwd=REPO,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+    result = json.loads((crash_cfg.run_dir / "train" / "result.json").read_text())
+    assert result["resumed_from"] == str(resume_point)
+    assert result["global_step"] == 14
+    a = _adapter(plain_cfg.run_dir / "train" / "adapter" / "adapter_model.safetensors")
+    b = _adapter(crash_cfg.run_dir / "train" / "adapter" / "adapter_model.safetensors")
+    assert _max_abs_diff(a, b) <= 1e-5
+    steps = [r["step"] for r in _metrics(crash_cfg) if "loss" in r]
+    assert steps == sorted(set(steps))  # the redone steps replaced, not duplicated, their log rows
+
+
+# ----------------------------------------------------------------------------- scale-out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_train_to_the_end_with_identical_adapters(tmp_path):
+    overrides, cfg = _prepared(tmp_path, {"train.epochs": 2})
+    dump = tmp_path / "ranks"
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), "-m", "termtune.cli", "train", *overrides],
+        capture_output=True, text=True, env=_env(TERMTUNE_DEBUG_DUMP_DIR=str(dump), OMP_NUM_THREADS="1"),
+        cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    result = json.loads((cfg.run_dir / "train" / "result.json").read_text())
+    assert result["world_size"] == 2
+    # 56 rows, batches of 8 -> 7 batches per epoch; two ranks take turns, so 4 steps per epoch.
+    assert result["global_step"] == 8
+    rank0, rank1 = _adapter(dump / "rank0.safetensors"), _adapter(dump / "rank1.safetensors")
+    assert _max_abs_diff(rank0, rank1) == 0.0
+    assert any(float(t.abs().max()) > 0 for k, t in rank0.items() if "lora_B" in k)  # it did train
+    saved = _adapter(cfg.run_dir / "train" / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == len(rank0)
