@@ -75,8 +75,9 @@ def invoke(cfg: Config, prompt: str, model_arn: str, stream: bool = False,
                 delay = min(delay * 2, 30.0)
                 continue
             if code in RETRY_CODES:
-                raise UserError(f"{code} after {waited:.0f}s of retries: {error_message(e)}; the model may still "
-                                "be loading: try again later or raise aws.cold_start_budget_minutes") from e
+                why = "the model may still be loading" if code == "ModelNotReadyException" else "requests are throttled"
+                raise UserError(f"{code} after {waited:.0f}s of retries: {error_message(e)} ({why}); try again "
+                                "later or raise aws.cold_start_budget_minutes") from e
             if code in ("ValidationException", "ResourceNotFoundException", "AccessDeniedException",
                         "ModelErrorException", "ModelTimeoutException"):
                 raise UserError(f"InvokeModel failed: {code}: {error_message(e)}") from e

@@ -1,0 +1,258 @@
+"""termtune deploy / invoke / cleanup with real boto3 clients against moto's S3/IAM/STS
+server and termtune serve, both on 127.0.0.1, reached only through AWS_ENDPOINT_URL_*."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aws_fixtures import SECRET, artifact_template, aws_env, boto, bucket, moto_url  # noqa: F401
+from termtune.config import load_config
+from termtune.errors import UserError
+
+ROLE = "arn:aws:iam::123456789012:role/existing-import-role"
+
+
+def make_cfg(tmp_path: Path, artifact: Path, name: str = "run", **extra):
+    """A run directory holding a copy of the tiny artifact, and its config."""
+    run = tmp_path / name
+    shutil.copytree(artifact, run / "artifact")
+    overrides = {"run.dir": run, "aws.bucket": "termtune-test", "aws.poll_seconds": 0.1,
+                 "aws.invoke_max_tokens": 8, "aws.role_arn": ROLE, **extra}
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def versions(bucket_name: str, prefix: str) -> dict[str, int]:
+    """How many times each key was PUT (the bucket is versioned)."""
+    out: dict[str, int] = {}
+    for v in boto("s3").list_object_versions(Bucket=bucket_name, Prefix=prefix).get("Versions", []):
+        out[v["Key"][len(prefix):]] = out.get(v["Key"][len(prefix):], 0) + 1
+    return out
+
+
+def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_template, capfd):  # noqa: F811
+    from termtune import aws
+
+    server = aws_env(throttle_every=4)  # the SDK's standard retries absorb occasional throttling
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": "null", "aws.role_name": "tt-e2e-role"})
+    result = aws.deploy(cfg)
+    record = json.loads((cfg.run_dir / "deploy.json").read_text())
+    assert record["status"] == "Completed" and record["model_arn"] == result.model_arn
+    assert record["role_created"] is True and record["role_arn"].endswith(":role/tt-e2e-role")
+    assert record["s3_uri"] == "s3://termtune-test/termtune/run/"
+    assert set(result.uploaded) == {f["path"] for f in json.loads(
+        (cfg.artifact_dir / "manifest.json").read_text())["files"]} | {"manifest.json"}
+    assert (cfg.run_dir / "provenance" / "deploy.json").is_file()
+
+    # The role is least-privilege: Bedrock only, this account and region, this prefix only.
+    iam = boto("iam")
+    trust = iam.get_role(RoleName="tt-e2e-role")["Role"]["AssumeRolePolicyDocument"]
+    trust = json.loads(trust) if isinstance(trust, str) else trust
+    assert trust["Statement"][0]["Condition"]["StringEquals"]["aws:SourceAccount"] == "123456789012"
+    policy = iam.get_role_policy(RoleName="tt-e2e-role", PolicyName="termtune-artifact-read")["PolicyDocument"]
+    assert "arn:aws:s3:::termtune-test/termtune/run/*" in json.dumps(policy)
+
+    out = aws.invoke_cli(cfg, term="Asthma")
+    assert out["prompt"] == "What is Asthma?" and out["request"]["max_tokens"] == 8
+    streamed = aws.invoke_cli(cfg, term="Asthma", stream=True)
+    assert streamed["text"] == out["text"]
+    cfg.aws.invoke_schema = "max_gen_len"
+    gen = aws.invoke_cli(cfg, raw="What is Asthma?", as_json=True)
+    assert gen["response"]["generation"] == out["text"] and gen["request"]["max_gen_len"] == 8
+    assert json.loads((cfg.run_dir / "invoke.json").read_text())["text"] == out["text"]
+    assert server.state.counts.get("ThrottlingException", 0) >= 1
+
+    aws.cleanup(cfg, yes=True)
+    assert boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/run/").get("KeyCount") == 0
+    assert not server.state.models
+    assert "tt-e2e-role" not in [r["RoleName"] for r in iam.list_roles()["Roles"]]
+    aws.cleanup(cfg, yes=True)  # safe to run twice
+    assert "nothing left to delete" in capfd.readouterr().err
+
+    # No credential value in any run file or in what was printed.
+    for path in cfg.run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".html", ".jsonl", ".txt"):
+            assert SECRET not in path.read_text(errors="ignore"), path
+    captured = capfd.readouterr()
+    assert SECRET not in captured.out + captured.err
+
+
+def test_rerun_after_interrupted_upload_sends_only_missing_files(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                 artifact_template):
+    from termtune import aws
+    from termtune.aws import s3 as s3mod
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template)
+    files = s3mod.artifact_files(cfg.artifact_dir)
+    # What an interrupted run leaves: some files complete, the rest never sent.
+    done = [f for f in files if f.path in ("config.json", "tokenizer.json", "spiece.model")]
+    s3mod.upload(boto("s3"), cfg.artifact_dir, done, bucket, "termtune/run/", progress=False)
+    before = versions(bucket, "termtune/run/")
+    assert set(before) == {f.path for f in done}
+
+    result = aws.deploy(cfg)
+    after = versions(bucket, "termtune/run/")
+    assert sorted(result.skipped) == sorted(f.path for f in done)
+    assert {k for k, n in after.items() if n > before.get(k, 0)} == {f.path for f in files} - {f.path for f in done}
+    assert all(n == 1 for n in after.values())  # nothing was sent twice
+
+
+def test_changed_file_is_resent_and_stray_files_block_the_import(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                 artifact_template):
+    from termtune import aws
+    from termtune.aws import s3 as s3mod
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template)
+    s3c = boto("s3")
+    s3c.put_object(Bucket=bucket, Key="termtune/run/config.json", Body=b"{}", Metadata={"sha256": "0" * 64})
+    s3c.put_object(Bucket=bucket, Key="termtune/run/old-shard.safetensors", Body=b"x")
+    with pytest.raises(UserError, match="old-shard.safetensors"):
+        aws.deploy(cfg)
+    assert versions(bucket, "termtune/run/")["config.json"] == 2  # the stale copy was replaced
+    assert not (cfg.run_dir / "deploy.json").exists()  # refused before any import job
+    s3c.delete_object(Bucket=bucket, Key="termtune/run/old-shard.safetensors")
+    assert aws.deploy(cfg).model_arn
+    assert s3mod.remote_sha256(s3c, bucket, "termtune/run/config.json") == next(
+        f.sha256 for f in s3mod.artifact_files(cfg.artifact_dir) if f.path == "config.json")
+
+
+def test_refuses_an_artifact_that_fails_validation(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from termtune import aws
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template)
+    (cfg.artifact_dir / "spiece.model").unlink()
+    with pytest.raises(UserError, match="preflight"):
+        aws.deploy(cfg)
+    assert boto("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("aws.model_name", "flan.t5", "aws.model_name"), ("aws.job_name", "job_1", "aws.job_name"),
+    ("aws.prefix", "models/flan t5", "aws.bucket / aws.prefix"), ("aws.region", "eu-west-1", "eu-central-1"),
+    ("aws.role_arn", "arn:aws:iam::12:role/x", "aws.role_arn")])
+def test_invalid_names_fail_before_any_call(tmp_path, aws_env, bucket, artifact_template, key, value, match):  # noqa: F811
+    from termtune import aws
+
+    server = aws_env()
+    cfg = make_cfg(tmp_path, artifact_template, **{key: value})
+    with pytest.raises(UserError, match=match):
+        aws.deploy(cfg)
+    assert server.state.calls == 0
+    assert boto("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_quota_and_running_job_are_checked_first(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from termtune import aws
+
+    server = aws_env(model_quota=1)
+    aws.deploy(make_cfg(tmp_path, artifact_template, name="first"))
+    with pytest.raises(UserError, match="quota is 1"):  # termtune's own check (aws.model_quota)
+        aws.deploy(make_cfg(tmp_path, artifact_template, name="second", **{"aws.model_quota": 1}))
+    with pytest.raises(UserError, match="ServiceQuotaExceeded|service quota"):  # the service's answer
+        aws.deploy(make_cfg(tmp_path, artifact_template, name="third"))
+    assert len(server.state.jobs) == 1
+
+    server.state.model_quota = 5
+    server.state.import_delay_seconds = 30
+    boto("bedrock").create_model_import_job(
+        jobName="someone-else", importedModelName="other", roleArn=ROLE,
+        modelDataSource={"s3DataSource": {"s3Uri": "s3://termtune-test/termtune/first/"}})
+    with pytest.raises(UserError, match="someone-else is still InProgress"):
+        aws.deploy(make_cfg(tmp_path, artifact_template, name="fourth"))
+
+
+def test_failed_job_prints_failure_message_and_exits_nonzero(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from termtune.aws import s3 as s3mod
+    from termtune.cli import app
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template)
+    files = s3mod.artifact_files(cfg.artifact_dir)
+    s3mod.upload(boto("s3"), cfg.artifact_dir, files, bucket, "termtune/run/", progress=False)
+    # Corrupt config.json in S3 but keep its size and recorded hash: only the import can notice.
+    entry = next(f for f in files if f.path == "config.json")
+    boto("s3").put_object(Bucket=bucket, Key="termtune/run/config.json", Body=b"#" * entry.size,
+                          Metadata={"sha256": entry.sha256})
+    result = CliRunner().invoke(app, ["deploy", f"run.dir={cfg.run_dir}", "aws.bucket=termtune-test",
+                                      "aws.poll_seconds=0.1", f"aws.role_arn={ROLE}"])
+    assert result.exit_code == 2
+    assert "failed: The model artifact is not valid" in result.output and "config.json" in result.output
+    record = json.loads((cfg.run_dir / "deploy.json").read_text())
+    assert record["status"] == "Failed" and "config.json" in record["failure_message"]
+
+
+def test_role_propagation_is_retried(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from termtune import aws
+
+    server = aws_env(role_delay_seconds=2.0)
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_retry_minutes": 0})
+    with pytest.raises(UserError, match="role ARN is invalid"):
+        aws.deploy(cfg)
+    cfg = make_cfg(tmp_path, artifact_template, name="again", **{"aws.role_retry_minutes": 0.5})
+    assert aws.deploy(cfg).model_arn
+    assert server.state.counts["ValidationException"] >= 2
+
+
+def test_interrupted_create_reuses_its_token(tmp_path, aws_env, bucket, artifact_template, monkeypatch):  # noqa: F811
+    from termtune import aws
+    from termtune.aws import bedrock
+
+    server = aws_env()
+    real = bedrock.create_job
+
+    def lost_response(*args, **kwargs):
+        real(*args, **kwargs)
+        raise ConnectionError("connection reset after the job was created")
+
+    monkeypatch.setattr(bedrock, "create_job", lost_response)
+    cfg = make_cfg(tmp_path, artifact_template)
+    with pytest.raises(ConnectionError):
+        aws.deploy(cfg)
+    assert json.loads((cfg.run_dir / "deploy.json").read_text())["status"] == "creating"
+    monkeypatch.setattr(bedrock, "create_job", real)
+    result = aws.deploy(cfg)
+    assert len(server.state.jobs) == 1 and result.job_arn in server.state.jobs
+    assert aws.deploy(cfg).already_deployed
+
+
+def test_cold_start_and_throttled_invoke_are_retried(tmp_path, aws_env, bucket, artifact_template, capfd,  # noqa: F811
+                                                     monkeypatch):
+    from termtune import aws
+
+    server = aws_env(cold_start_seconds=2.0)
+    cfg = make_cfg(tmp_path, artifact_template)
+    aws.deploy(cfg)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # no SDK retries: termtune's own loop must cope
+    out = aws.invoke_cli(cfg, term="Asthma")
+    assert out["cold_start_retries"] >= 1 and out["text"] is not None
+    assert "cold" in capfd.readouterr().err
+    server.state.throttle_every = 2
+    assert aws.invoke_cli(cfg, term="Asthma")["text"] == out["text"]
+    server.state.throttle_every = 0
+    server.state.ready_at = {k: 1e18 for k in server.state.ready_at}  # never ready
+    cfg.aws.cold_start_budget_minutes = 0.02
+    with pytest.raises(UserError, match="ModelNotReadyException"):
+        aws.invoke_cli(cfg, term="Asthma")
+
+
+def test_role_dry_run_prints_policies_and_creates_nothing(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from termtune import aws
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": "null", "aws.role_name": "tt-dry",
+                                                   "aws.sse": "aws:kms", "aws.kms_key_id": "alias/tt"})
+    text = aws.ensure_role(cfg, dry_run=True)
+    for needle in ("bedrock.amazonaws.com", "aws:SourceAccount", "aws:SourceArn", "kms:Decrypt",
+                   "arn:aws:s3:::termtune-test/termtune/run/*"):
+        assert needle in text
+    assert aws.deploy(cfg, dry_run=True).dry_run
+    assert "tt-dry" not in [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
+    assert not (cfg.run_dir / "deploy.json").exists()
