@@ -1,0 +1,479 @@
+"""Export: merge the trained LoRA adapter into the unquantized base and write a Bedrock
+Custom Model Import artifact that transformers 4.51.3 (what Bedrock serves with) reads
+exactly as the model that was trained.
+
+    artifact = export(cfg, force=False)     # <run>/artifact (or cfg.export.dir)
+    print(artifact.summary())
+
+Steps: validate inputs -> load the base unquantized (also after 4-bit/8-bit training) and
+apply + merge the adapter -> write weights, configs, tokenizer files, model card into a
+temporary folder -> verify it (the preflight rules, then every weight file re-read and
+compared with the bytes that were written) -> write manifest.json last -> rename into place
+-> <run>/validation.json -> provenance.
+
+Why not `save_pretrained` alone: transformers 5.x writes T5 with `tie_word_embeddings: true`
+and a `tokenizer_config.json` that 4.x cannot read, and it writes no `spiece.model` or
+`special_tokens_map.json` (reference/cpu-findings.md §4b). The folder it writes loads in
+4.51.3 with a tied, rescaled output layer: different logits, different text. The weights are
+also written here by a streaming safetensors writer: one tensor at a time, cast on the fly,
+so peak memory stays near the fp32 model itself instead of model + a full serialized copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from termtune.config import Config
+from termtune.errors import UserError
+from termtune.rundir import atomic_dir, record_stage, write_json, write_text
+from termtune.validate import INDEX_FILE, Check, format_checks, validate
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+SAFETENSORS_DTYPES = {"bf16": "BF16", "fp32": "F32", "fp16": "F16"}
+# T5 keeps its token embeddings once (shared.weight); encoder/decoder embed_tokens are views of it
+# that every transformers version re-ties on load, so they are not written twice.
+TIED_TO_SHARED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+PAUSE_ENV = "TERMTUNE_EXPORT_TEST_PAUSE"  # seconds to sleep mid-export (crash tests only)
+MEDQUAD_CITATION = ('Asma Ben Abacha and Dina Demner-Fushman. "A Question-Entailment Approach to Question '
+                    'Answering". BMC Bioinformatics 20:511, 2019.')
+
+
+@dataclass
+class Artifact:
+    path: Path
+    dtype: str
+    base_model: str
+    files: list[dict[str, Any]]
+    checks: list[Check]
+    seconds: float
+    shards: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f["size"] for f in self.files)
+
+    def summary(self) -> str:
+        failed = sum(c.failed for c in self.checks)
+        warnings = sum(c.warning and not c.ok for c in self.checks)
+        return (f"artifact: {self.path} ({len(self.files)} files, {self.total_bytes / 1e6:.1f} MB, {self.dtype}, "
+                f"{self.shards} weight file{'s' if self.shards != 1 else ''}) in {self.seconds:.1f}s\n"
+                f"validate: {len(self.checks)} checks, {failed} failed, {warnings} warnings "
+                f"(details: termtune validate {self.path})")
+
+
+def export(cfg: Config, force: bool = False) -> Artifact:
+    """Merge, write, verify and atomically publish the CMI artifact. See the module docstring."""
+    started = time.time()
+    # ---- validate inputs (cheap checks first, before loading any weights)
+    adapter_dir = cfg.run_dir / "train" / "adapter"
+    _check_adapter(adapter_dir, cfg.model.allow_pickle)
+    final = cfg.artifact_dir
+    if final.exists() and not force:
+        raise UserError(f"{final} already exists; pass --force to replace it")
+    max_shard = parse_size(cfg.export.max_shard_size)
+    spiece = spiece_model_path(cfg.tokenizer_source)
+    _remove_stale_partials(final)
+
+    # ---- set up: the base unquantized, whatever training used, with the adapter merged in
+    model = merged_model(cfg, adapter_dir)
+    tied = bool(getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings))
+    from termtune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+
+    # ---- do + save: into a temporary folder that becomes `final` only when verified
+    with atomic_dir(final, force=force) as tmp:
+        weights = write_weights(model, tmp, cfg.export.dtype, max_shard, tied=tied)
+        write_model_config(model, tmp, cfg.export.dtype, tied=tied)
+        write_tokenizer(tokenizer, tmp, spiece)
+        _pause_for_crash_tests()
+        write_text(tmp / "README.md", model_card(cfg))
+        checks = validate(tmp)
+        if any(c.failed for c in checks):
+            raise UserError(f"export: the artifact fails the CMI preflight:\n{format_checks(checks)}")
+        verify_weights(tmp, weights)
+        files = write_manifest(tmp, cfg, weights, tied=tied)
+    del model
+
+    # ---- report
+    checks = validate(final)
+    write_json(cfg.run_dir / "validation.json", {
+        "directory": str(final), "ok": not any(c.failed for c in checks), "checks": [c.as_dict() for c in checks]})
+    artifact = Artifact(path=final, dtype=cfg.export.dtype, base_model=_base_name(cfg), files=files, checks=checks,
+                        seconds=time.time() - started, shards=len(weights))
+    record_stage(cfg, "export", extra={"artifact": str(final), "dtype": cfg.export.dtype,
+                                       "total_bytes": artifact.total_bytes, "weight_files": len(weights),
+                                       "validation_failed": sum(c.failed for c in checks)})
+    return artifact
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _check_adapter(adapter_dir: Path, allow_pickle: bool) -> None:
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no trained adapter (adapter_config.json); run termtune train first")
+    if (adapter_dir / "adapter_model.safetensors").is_file():
+        return
+    if (adapter_dir / "adapter_model.bin").is_file():
+        if not allow_pickle:
+            raise UserError(f"{adapter_dir}: only a pickle adapter (adapter_model.bin) was found; pickle can run "
+                            "code on load. Re-save it as safetensors, or set model.allow_pickle=true if you trust it")
+        return
+    raise UserError(f"{adapter_dir}: no adapter weights (adapter_model.safetensors); run termtune train first")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '500MB' -> 5e8, '2GiB' -> 2*2**30 (the units save_pretrained accepts)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UserError(f"export.max_shard_size: {text!r} is not a size such as 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise UserError(f"export.max_shard_size: {text!r} must be positive")
+    return size
+
+
+def spiece_model_path(source: str) -> Path:
+    """The SentencePiece model of the tokenizer source: a local folder, or the Hub (cached)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        path = folder / "spiece.model"
+        if not path.is_file():
+            raise UserError(f"{source}: no spiece.model in the tokenizer folder; Bedrock lists it for T5. "
+                            "Point model.tokenizer at a Flan-T5 tokenizer folder that has it")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=source, filename="spiece.model"))
+    except Exception as e:  # offline, unknown repo, no such file: all user-fixable
+        raise UserError(f"{source}: cannot get spiece.model from the Hugging Face Hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def _remove_stale_partials(final: Path) -> None:
+    """Temporary folders left by an export that was killed (atomic_dir names them .<name>.partial-*)."""
+    for stale in final.parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pause_for_crash_tests() -> None:
+    seconds = os.environ.get(PAUSE_ENV)
+    if seconds:
+        time.sleep(float(seconds))
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def merged_model(cfg: Config, adapter_dir: Path) -> "PreTrainedModel":
+    """Base in fp32 and unquantized (merging into 4-bit weights would bake in quantization
+    error, and CMI needs full weights), with the adapter applied and merged."""
+    import torch
+    from peft import PeftModel
+
+    from termtune.modeling import load_base
+
+    base = load_base(cfg, quantization="none", dtype=torch.float32)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{adapter_dir}: cannot apply the adapter to {_base_name(cfg)}: "
+                        f"{str(e).splitlines()[0]}") from e
+    model = peft_model.merge_and_unload()
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _tensors_to_write(model: "PreTrainedModel", tied: bool) -> list[tuple[str, "torch.Tensor"]]:
+    state = model.state_dict()
+    out = []
+    for name, tensor in state.items():
+        if name in TIED_TO_SHARED and tensor.data_ptr() == state["shared.weight"].data_ptr():
+            continue
+        if name == "lm_head.weight" and tied:
+            continue  # a tied model is written without an lm_head; the reader ties it back
+        out.append((name, tensor))
+    return out
+
+
+def write_weights(model: "PreTrainedModel", folder: Path, dtype: str, max_shard_bytes: int,
+                  tied: bool) -> dict[str, dict[str, Any]]:
+    """Write model.safetensors, or shards plus model.safetensors.index.json above max_shard_bytes.
+
+    Returns {file name: {"sha256", "size"}} for the weight files (hashed while writing).
+    """
+    import torch
+
+    target = getattr(torch, TORCH_DTYPE_NAMES[dtype])
+    width = torch.tensor([], dtype=target).element_size()
+    tensors = _tensors_to_write(model, tied)
+    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
+    used = 0
+    for name, tensor in tensors:
+        n = tensor.numel() * width
+        if groups[-1] and used + n > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append((name, tensor))
+        used += n
+    if len(groups) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    written = {}
+    for name, group in zip(names, groups):
+        written[name] = write_safetensors(folder / name, group, target, SAFETENSORS_DTYPES[dtype])
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * width for _, t in tensors)},
+                 "weight_map": {t: file for file, group in zip(names, groups) for t, _ in group}}
+        write_json(folder / INDEX_FILE, index)
+    return written
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, "torch.Tensor"]], target: "torch.dtype",
+                      dtype_name: str) -> dict[str, Any]:
+    """Stream tensors into a safetensors file, one at a time, casting on the fly.
+
+    safetensors' own save_file first copies every tensor into Python bytes (a second full copy
+    of the shard in memory); this writes each tensor's buffer directly and hashes it on the way.
+    """
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    width = torch.tensor([], dtype=target).element_size()
+    for name, tensor in tensors:
+        n = tensor.numel() * width
+        header[name] = {"dtype": dtype_name, "shape": list(tensor.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            f.write(chunk)
+            digest.update(chunk)
+        for _, tensor in tensors:
+            data = tensor.detach().to(target).contiguous().reshape(-1).view(torch.uint8)
+            view = memoryview(data.numpy())
+            f.write(view)
+            digest.update(view)
+            del data, view
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+
+
+def verify_weights(folder: Path, written: dict[str, dict[str, Any]]) -> None:
+    """Re-read every weight file from disk and compare it with the bytes that were written."""
+    for name, expected in written.items():
+        actual = sha256_file(folder / name)
+        if actual != expected["sha256"]:
+            raise RuntimeError(f"{folder / name}: read back differs from what was written (disk or filesystem error)")
+
+
+def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- configs + tokenizer
+
+
+def write_model_config(model: "PreTrainedModel", folder: Path, dtype: str, tied: bool) -> None:
+    """config.json and generation_config.json as transformers 4.51.3 must read them."""
+    model.config.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    # 5.x always writes tie_word_embeddings: true for T5; 4.x then ignores lm_head.weight, ties it to
+    # the input embeddings and rescales the decoder output. Say what the written weights are.
+    config["tie_word_embeddings"] = tied
+    config.pop("scale_decoder_outputs", None)  # 5.x-only spelling of the same fact
+    config.pop("quantization_config", None)    # merged into full weights: nothing is quantized
+    config["torch_dtype"] = TORCH_DTYPE_NAMES[dtype]  # 4.x reads torch_dtype; 5.x reads dtype
+    config["dtype"] = TORCH_DTYPE_NAMES[dtype]
+    config["architectures"] = ["T5ForConditionalGeneration"]
+    config["use_cache"] = True  # training turns the cache off; inference wants it on
+    write_json(folder / "config.json", config)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def write_tokenizer(tokenizer: Any, folder: Path, spiece: Path) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and spiece.model, all 4.x-readable."""
+    tokenizer.save_pretrained(folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, dict):
+        config["extra_special_tokens"] = extra  # the named-token form 4.x understands
+    elif extra:
+        # 5.x lists the <extra_id_N> sentinels here; 4.x crashes on a list ('list' object has no
+        # attribute 'keys') and expects them as additional_special_tokens.
+        config["additional_special_tokens"] = [str(t) for t in extra]
+    for key in ("backend", "is_local", "local_files_only"):  # 5.x loader bookkeeping, not tokenizer settings
+        config.pop(key, None)
+    config.setdefault("tokenizer_class", "T5Tokenizer")
+    write_json(path, config)
+    special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    if config.get("additional_special_tokens"):
+        special["additional_special_tokens"] = config["additional_special_tokens"]
+    write_json(folder / "special_tokens_map.json", special)
+    shutil.copyfile(spiece, folder / "spiece.model")
+
+
+# ----------------------------------------------------------------------------- manifest + card
+
+
+def write_manifest(folder: Path, cfg: Config, weights: dict[str, dict[str, Any]], tied: bool) -> list[dict]:
+    """manifest.json (written last: its presence marks a complete artifact)."""
+    files = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name == "manifest.json":
+            continue
+        known = weights.get(path.name)
+        files.append({"path": path.name, "size": path.stat().st_size,
+                      "sha256": known["sha256"] if known else sha256_file(path)})
+    write_json(folder / "manifest.json", {
+        "format": "termtune-cmi-artifact/1",
+        "base_model": _base_name(cfg),
+        "adapter": str(cfg.run_dir / "train" / "adapter"),
+        "dtype": cfg.export.dtype,
+        "torch_dtype": TORCH_DTYPE_NAMES[cfg.export.dtype],
+        "tie_word_embeddings": tied,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+    })
+    return files
+
+
+def _base_name(cfg: Config) -> str:
+    if cfg.model.init == "random":
+        return f"random init, shape of {cfg.model.architecture} (seed {cfg.run.seed})"
+    return cfg.model.source
+
+
+def _data_section(cfg: Config) -> str:
+    source = cfg.data.source
+    lines = [f"- Source: `{source}`", f"- Prompt: `{cfg.data.prompt_template}`; target: {cfg.data.target}"]
+    if "medquad" in source.lower():
+        lines += ["- MedQuAD (NIH-derived medical question-answer pairs; term -> definition rows), "
+                  "repository abachaa/MedQuAD, license **CC BY 4.0**.",
+                  f"- Citation: {MEDQUAD_CITATION}"]
+    elif "wiki_medical_terms" in source:
+        lines.append("- Wikipedia medical articles (gamino/wiki_medical_terms); Wikipedia text is CC BY-SA. "
+                     "Check the dataset card for its terms.")
+    else:
+        lines.append("- Check the license of this data before sharing the model.")
+    stats = _read_json(cfg.run_dir / "stats.json")
+    if stats:
+        lines.append(f"- Rows: {stats.get('train_rows', '?')} train, {stats.get('test_rows', '?')} held out "
+                     f"(seed {cfg.run.seed}, split by term)")
+    return "\n".join(lines)
+
+
+def _metrics_section(cfg: Config) -> str:
+    metrics = _read_json(cfg.run_dir / "eval" / "metrics.json")
+    if not metrics:
+        return "Not evaluated yet (run `termtune evaluate` before exporting to include results here)."
+    rows = []
+    for key, value in _flatten(metrics):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            rows.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if not rows:
+        return "See eval/metrics.json in the run directory."
+    return "Held-out set, from `eval/metrics.json`:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows[:40])
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict):
+        out = []
+        for key, value in data.items():
+            out += _flatten(value, f"{prefix}{key}.")
+        return out
+    return [(prefix.rstrip("."), data)]
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def model_card(cfg: Config) -> str:
+    lora, train = cfg.lora, cfg.train
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    steps = f"max_steps {train.max_steps}" if train.max_steps > 0 else f"{train.epochs:g} epochs"
+    return f"""---
+library_name: transformers
+pipeline_tag: text2text-generation
+tags: [t5, flan-t5, lora, medical, bedrock-custom-model-import]
+---
+
+# {cfg.run_dir.name}: a Flan-T5 fine-tuned on medical terminology
+
+Full (merged) weights of `T5ForConditionalGeneration`, written by `termtune export` for
+Amazon Bedrock Custom Model Import and checked to load under transformers 4.51.3.
+
+## Base model
+
+- {_base_name(cfg)}
+- Weights here: {TORCH_DTYPE_NAMES[cfg.export.dtype]} safetensors, LoRA merged into the unquantized base
+  (training quantization: {cfg.model.quantization}).
+
+## Data
+
+{_data_section(cfg)}
+
+## Training
+
+- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target modules: {targets}, bias: {lora.bias}
+- {steps}, batch size {train.batch_size} x {train.gradient_accumulation_steps} accumulation,
+  learning rate {train.learning_rate:g} ({train.lr_scheduler}, warmup {train.warmup_ratio:g}),
+  weight decay {train.weight_decay:g}, precision {train.precision}, seed {cfg.run.seed}
+- Source length {cfg.data.max_source_length}, target length {cfg.data.max_target_length} tokens
+
+## Evaluation
+
+{_metrics_section(cfg)}
+
+## Intended use
+
+Explaining medical terms in plain language for education, study aids and drafting, where a
+person reads and checks the output. Prompt: `{cfg.data.prompt_template}`.
+
+## Limits
+
+- Not medical advice, and not for diagnosis, treatment or triage decisions. Outputs can be
+  fluent and wrong: the model can invent definitions, mix up similar terms and state
+  outdated facts with confidence.
+- It learned from a fixed set of English definitions; rare terms, other languages and
+  recent findings are likely to be wrong or missing.
+- Automatic scores (ROUGE, BLEU, chrF) measure overlap with reference text, not medical
+  correctness. Have a qualified reviewer check anything used with patients.
+"""

@@ -1,0 +1,396 @@
+"""Export: merge + CMI artifact, and the proof that Bedrock's transformers (4.51.3) reads it
+exactly as the merged model in memory.
+
+The tiny run here skips the train stage: it saves a LoRA adapter whose B matrices are
+random (a trained adapter starts from B = 0, so an untrained one would merge to a no-op),
+which makes the merge change every targeted layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
+
+PROMPTS = ["What is Hypertension?", "What is (are) Paget's disease of bone ?", "What is café-au-lait macules?"]
+MAX_NEW_TOKENS = 12
+EXPECTED_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                  "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "README.md", "manifest.json"}
+
+
+def make_config(run_dir: Path, *extra: str):
+    from termtune.config import load_config
+
+    data = write_jsonl(run_dir.parent / "medquad-rows.jsonl", medquad_rows(16))
+    return load_config(None, [*tiny_overrides(run_dir, data), *extra])
+
+
+def make_trained_run(run_dir: Path, quantization: str = "none"):
+    """A run with a base whose lm_head differs from the embeddings (as in real Flan-T5) and
+    a non-trivial adapter in <run>/train/adapter."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from termtune import modeling
+
+    cfg = make_config(run_dir, f"model.quantization={quantization}")
+    base_dir = modeling.materialize_random_base(cfg)
+    weights = load_file(base_dir / "model.safetensors")
+    weights["lm_head.weight"] = torch.randn(weights["lm_head.weight"].shape, generator=torch.Generator().manual_seed(1))
+    save_file(weights, base_dir / "model.safetensors", metadata={"format": "pt"})
+
+    model = modeling.attach_lora(cfg, modeling.load_base(cfg))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    model.save_pretrained(run_dir / "train" / "adapter")
+    return cfg
+
+
+def reference_model(cfg):
+    """The merged model in memory, built without termtune.export."""
+    import torch
+    from peft import PeftModel
+
+    from termtune import modeling
+
+    base = modeling.load_base(cfg, quantization="none", dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(cfg.run_dir / "train" / "adapter")).merge_and_unload().eval()
+
+
+def greedy_and_logits(model, tokenizer, decoder_ids=None):
+    import torch
+
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        tokens = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS,
+                                do_sample=False, num_beams=1)
+        decoder = tokens[:, :-1] if decoder_ids is None else decoder_ids
+        logits = model(**batch, decoder_input_ids=decoder).logits
+    return batch["input_ids"], tokens, logits
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(cfg, artifact) for one fp32 export of a tiny trained run."""
+    from termtune.export import export
+
+    cfg = make_trained_run(tmp_path_factory.mktemp("export") / "run")
+    return cfg, export(cfg)
+
+
+def copy_run(cfg, tmp_path: Path, *extra: str):
+    """A fresh copy of the trained run (without its artifact) to export again."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, run_dir, ignore=shutil.ignore_patterns("artifact", ".artifact*"))
+    return make_config(run_dir, *extra)
+
+
+# ----------------------------------------------------------------------------- the artifact
+
+
+def test_artifact_holds_exactly_the_cmi_files_and_passes_validation(exported):
+    from termtune.export import sha256_file
+    from termtune.validate import validate
+
+    cfg, artifact = exported
+    folder = cfg.run_dir / "artifact"
+    assert artifact.path == folder
+    assert {p.name for p in folder.iterdir()} == EXPECTED_FILES
+    checks = validate(folder)
+    assert not [c for c in checks if not c.ok], [c.message for c in checks if not c.ok]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {f["path"] for f in manifest["files"]} == EXPECTED_FILES - {"manifest.json"}
+    for entry in manifest["files"]:
+        assert entry["size"] == (folder / entry["path"]).stat().st_size
+        assert entry["sha256"] == sha256_file(folder / entry["path"])
+    assert manifest["dtype"] == "fp32"
+    assert "random init" in manifest["base_model"]
+    validation = json.loads((cfg.run_dir / "validation.json").read_text())
+    assert validation["ok"] is True and len(validation["checks"]) == len(checks)
+    assert (cfg.run_dir / "provenance" / "export.json").is_file()
+    assert "validate:" in artifact.summary() and "0 failed" in artifact.summary()
+
+
+def test_configs_are_written_for_transformers_4(exported):
+    cfg, _ = exported
+    folder = cfg.run_dir / "artifact"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert config["torch_dtype"] == "float32"
+    assert "scale_decoder_outputs" not in config and "quantization_config" not in config
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert not isinstance(tok_config.get("extra_special_tokens"), list)
+    assert len(tok_config["additional_special_tokens"]) == 100
+    assert not {"backend", "is_local", "local_files_only"} & set(tok_config)
+    special = json.loads((folder / "special_tokens_map.json").read_text())
+    assert special["eos_token"] == "</s>" and special["pad_token"] == "<pad>"
+    assert (folder / "spiece.model").read_bytes() == (Path(cfg.tokenizer_source) / "spiece.model").read_bytes()
+
+
+def test_model_card_names_base_data_license_and_settings(exported):
+    cfg, _ = exported
+    card = (cfg.run_dir / "artifact" / "README.md").read_text()
+    for needle in ("CC BY 4.0", "Ben Abacha", "r=8", "alpha=16", "Not medical advice", "Not evaluated yet"):
+        assert needle in card
+
+
+def test_export_reloads_identically_in_transformers_5(exported):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from termtune.modeling import load_base, load_tokenizer
+
+    cfg, _ = exported
+    tokenizer = load_tokenizer(cfg)
+    _, ref_tokens, ref_logits = greedy_and_logits(reference_model(cfg), tokenizer)
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(cfg.run_dir / "artifact").eval()
+    _, tokens, logits = greedy_and_logits(reloaded, tokenizer, decoder_ids=ref_tokens[:, :-1])
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(logits, ref_logits)
+    # The adapter matters: the base alone gives clearly different logits.
+    _, _, base_logits = greedy_and_logits(load_base(cfg, quantization="none").eval(), tokenizer,
+                                          decoder_ids=ref_tokens[:, :-1])
+    assert (base_logits - ref_logits).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- transformers 4.51.3
+
+BEDROCK_SCRIPT = r"""
+import json, sys
+import torch, transformers
+from safetensors.torch import save_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+artifact, request, out = sys.argv[1:4]
+req = json.load(open(request))
+tok = AutoTokenizer.from_pretrained(artifact)
+model = AutoModelForSeq2SeqLM.from_pretrained(artifact).eval()
+batch = tok(req["prompts"], return_tensors="pt", padding=True)
+with torch.no_grad():
+    tokens = model.generate(**batch, max_new_tokens=req["max_new_tokens"], min_new_tokens=req["max_new_tokens"],
+                            do_sample=False, num_beams=1)
+    logits = model(**batch, decoder_input_ids=torch.tensor(req["decoder_ids"])).logits
+save_file({"input_ids": batch["input_ids"], "tokens": tokens, "logits": logits.contiguous()}, out)
+print(json.dumps({"transformers": transformers.__version__, "tokenizer": type(tok).__name__,
+                  "tied": model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()}))
+"""
+
+
+def bedrock_python() -> str:
+    """The transformers==4.51.3 interpreter; in CI its absence is a failure, not a skip."""
+    python = os.environ.get("TERMTUNE_BEDROCK_PYTHON", str(REPO / ".venv-bedrock" / "bin" / "python"))
+    if not Path(python).is_file():
+        message = f"no transformers 4.51.3 python at {python} (make install; set TERMTUNE_BEDROCK_PYTHON)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def run_in_transformers_4(artifact: Path, decoder_ids, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    python = bedrock_python()
+    script, request, out = tmp_path / "bedrock_check.py", tmp_path / "request.json", tmp_path / "out.safetensors"
+    script.write_text(BEDROCK_SCRIPT)
+    request.write_text(json.dumps({"prompts": PROMPTS, "max_new_tokens": MAX_NEW_TOKENS,
+                                   "decoder_ids": decoder_ids.tolist()}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    done = subprocess.run([python, str(script), str(artifact), str(request), str(out)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["transformers"] == "4.51.3"
+    return info, load_file(out)
+
+
+def test_artifact_reads_identically_in_transformers_4_51_3(exported, tmp_path):
+    """The artifact under Bedrock's transformers gives the merged model's greedy tokens and logits."""
+    import torch
+
+    from termtune.modeling import load_tokenizer
+
+    cfg, _ = exported
+    input_ids, ref_tokens, ref_logits = greedy_and_logits(reference_model(cfg), load_tokenizer(cfg))
+    info, v4 = run_in_transformers_4(cfg.run_dir / "artifact", ref_tokens[:, :-1], tmp_path)
+    assert info["tied"] is False
+    assert torch.equal(v4["input_ids"], input_ids), "4.51.3 tokenizes the prompts differently"
+    assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens"
+    diff = (v4["logits"] - ref_logits).abs().max().item()
+    assert diff <= 1e-4, f"max |logit difference| {diff}"
+
+
+def test_a_plain_5x_resave_would_not_read_identically(exported, tmp_path):
+    """The hazard the export fixes is real (if this ever passes, the 4.51.3 test above may be
+    checking nothing): a merged model loaded by transformers 5.x and re-saved with
+    save_pretrained loads in 4.51.3 with a tied, rescaled lm_head. The validator catches it."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from termtune.modeling import load_tokenizer
+    from termtune.validate import validate
+
+    cfg, _ = exported
+    naive = tmp_path / "naive"
+    AutoModelForSeq2SeqLM.from_pretrained(cfg.run_dir / "artifact").save_pretrained(naive)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+        shutil.copy(cfg.run_dir / "artifact" / name, naive / name)  # isolate the weights/config hazard
+    failed = {c.name for c in validate(naive) if c.failed}
+    assert "embeddings and tie flag (transformers 4.51.3)" in failed
+    _, ref_tokens, ref_logits = greedy_and_logits(reference_model(cfg), load_tokenizer(cfg))
+    info, v4 = run_in_transformers_4(naive, ref_tokens[:, :-1], tmp_path)
+    assert info["tied"] is True
+    assert (v4["logits"] - ref_logits).abs().max().item() > 1e-2
+
+
+# ----------------------------------------------------------------------------- options and refusals
+
+
+def test_bf16_sharded_export_matches_the_merged_weights(exported, tmp_path):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from termtune.export import export
+    from termtune.validate import validate
+
+    cfg = copy_run(exported[0], tmp_path, "export.dtype=bf16", "export.max_shard_size=3MB")
+    artifact = export(cfg)
+    names = {p.name for p in artifact.path.iterdir()}
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    assert len(shards) > 1 and "model.safetensors.index.json" in names and artifact.shards == len(shards)
+    assert not [c for c in validate(artifact.path) if c.failed]
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(artifact.path, dtype=torch.bfloat16)
+    assert reloaded.lm_head.weight.data_ptr() != reloaded.shared.weight.data_ptr()
+    expected = reference_model(cfg).state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name].to(torch.bfloat16)), name
+
+
+def test_existing_artifact_is_replaced_only_with_force(exported, tmp_path):
+    from termtune.errors import UserError
+    from termtune.export import export
+
+    cfg = copy_run(exported[0], tmp_path)
+    first = export(cfg)
+    stamp = json.loads((first.path / "manifest.json").read_text())["created_at"]
+    marker = first.path / "config.json"
+    before = marker.stat().st_ino
+    with pytest.raises(UserError, match="already exists; pass --force"):
+        export(cfg)
+    assert marker.stat().st_ino == before
+    time.sleep(1.1)
+    export(cfg, force=True)
+    assert marker.stat().st_ino != before
+    assert json.loads((first.path / "manifest.json").read_text())["created_at"] != stamp
+
+
+def test_missing_adapter_says_train_first(tmp_path):
+    from termtune.errors import UserError
+    from termtune.export import export
+
+    cfg = make_config(tmp_path / "run")
+    with pytest.raises(UserError, match="run termtune train first"):
+        export(cfg)
+
+
+def test_pickle_adapter_is_refused_unless_allowed(exported, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from termtune.errors import UserError
+    from termtune.export import export
+
+    cfg = copy_run(exported[0], tmp_path)
+    adapter = cfg.run_dir / "train" / "adapter"
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="pickle"):
+        export(cfg)
+    allowed = make_config(cfg.run_dir, "model.allow_pickle=true")
+    assert not [c for c in export(allowed).checks if c.failed]
+
+
+def test_fp16_export_is_refused_with_the_reason(tmp_path):
+    from termtune.errors import UserError
+
+    with pytest.raises(UserError, match="overflows"):
+        make_config(tmp_path / "run", "export.dtype=fp16")
+
+
+def test_export_after_4bit_training_merges_into_the_unquantized_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from termtune.export import export
+
+    cfg = make_trained_run(tmp_path / "run", quantization="4bit")
+    artifact = export(cfg)
+    config = json.loads((artifact.path / "config.json").read_text())
+    assert "quantization_config" not in config
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(artifact.path)
+    reference = reference_model(cfg).state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, reference[name]), name
+
+
+# ----------------------------------------------------------------------------- crash safety
+
+
+def start_export(cfg, *flags: str) -> subprocess.Popen:
+    data = cfg.data.source
+    args = [sys.executable, "-m", "termtune.cli", "export", *tiny_overrides(cfg.run_dir, data), *flags]
+    env = {**os.environ, "TERMTUNE_EXPORT_TEST_PAUSE": "60", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def kill_mid_write(proc: subprocess.Popen, run_dir: Path) -> Path:
+    """SIGKILL the export once its temporary folder holds weights; return that folder."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        partials = [p for p in run_dir.glob(".artifact.partial-*") if (p / "spiece.model").exists()]
+        if partials:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            return partials[0]
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the export never reached its temporary folder")
+
+
+def test_kill_during_export_leaves_no_valid_looking_artifact(exported, tmp_path):
+    from termtune.export import export
+    from termtune.validate import validate
+
+    cfg = copy_run(exported[0], tmp_path)
+    partial = kill_mid_write(start_export(cfg), cfg.run_dir)
+    final = cfg.run_dir / "artifact"
+    assert not final.exists()
+    assert [c for c in validate(final) if c.failed]
+    assert (partial / "model.safetensors").exists() and not (partial / "manifest.json").exists()
+    # The next export needs no --force (nothing was published) and sweeps the leftover.
+    assert not [c for c in export(cfg).checks if c.failed]
+    assert not partial.exists()
+
+
+def test_kill_during_forced_export_keeps_the_old_artifact(exported, tmp_path):
+    from termtune.export import sha256_file
+
+    cfg = copy_run(exported[0], tmp_path)
+    shutil.copytree(exported[0].run_dir / "artifact", cfg.run_dir / "artifact")
+    manifest = json.loads((cfg.run_dir / "artifact" / "manifest.json").read_text())
+    kill_mid_write(start_export(cfg, "--force"), cfg.run_dir)
+    for entry in manifest["files"]:
+        assert sha256_file(cfg.run_dir / "artifact" / entry["path"]) == entry["sha256"]
