@@ -147,11 +147,15 @@ def test_consistent_shards_pass(tmp_path):
     assert failed == {}
 
 
-def test_index_naming_a_missing_shard_fails(tmp_path):
+@pytest.mark.parametrize("removed, expected", [
+    ("model-00002-of-00002.safetensors", "missing: model-00002-of-00002.safetensors"),
+    ("model.safetensors.index.json", "no model.safetensors.index.json"),
+])
+def test_a_missing_shard_or_index_fails(tmp_path, removed, expected):
     folder = make_sharded(tmp_path)
-    (folder / "model-00002-of-00002.safetensors").unlink()
+    (folder / removed).unlink()
     failed, _ = outcome(folder)
-    assert "missing: model-00002-of-00002.safetensors" in failed["safetensors shards and index"]
+    assert expected in failed["safetensors shards and index"]
 
 
 def test_index_disagreeing_with_the_headers_fails(tmp_path):
@@ -162,13 +166,6 @@ def test_index_disagreeing_with_the_headers_fails(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     failed, _ = outcome(folder)
     assert "disagrees" in failed["safetensors shards and index"]
-
-
-def test_shards_without_an_index_fail(tmp_path):
-    folder = make_sharded(tmp_path)
-    (folder / "model.safetensors.index.json").unlink()
-    failed, _ = outcome(folder)
-    assert "no model.safetensors.index.json" in failed["safetensors shards and index"]
 
 
 def test_quantized_config_and_int_weights_fail(tmp_path):
