@@ -20,6 +20,11 @@ from <local_root>/bucket/prefix/ instead (no S3 needed). It runs termtune's vali
 the files, loads the model with transformers, and then answers InvokeModel with real
 greedy generation by that model.
 
+Choices where AWS does not document the behaviour: a reused job or model name answers
+ConflictException; a request with neither max_tokens nor max_gen_len gets the OpenAI
+completion schema with 16 tokens; streaming sends one chunk per generated token, each in
+the request's schema.
+
 What it does not do: authentication (SigV4 signatures are ignored, any credentials work),
 persistence (state lives in memory), or Bedrock's own model hosting. It binds 127.0.0.1
 unless told otherwise. Faults for rehearsal: a cold start (ModelNotReadyException for N
@@ -365,6 +370,7 @@ def _page(rows: list[dict], query: dict[str, str], key: str) -> dict:
 
 def _load(folder: Path) -> tuple[Any, Any, str]:
     """Validate the files the way termtune validate does, then load them with transformers."""
+    import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from termtune.validate import format_checks, validate
@@ -373,7 +379,8 @@ def _load(folder: Path) -> tuple[Any, Any, str]:
     if failed:
         raise ImportFailure("The model artifact is not valid for Custom Model Import:\n" + format_checks(failed))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True).eval()
+    # fp32 on the CPU: bf16 matmuls are many times slower there; the weights are the same.
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer, str(config.get("model_type", "unknown"))
 

@@ -95,6 +95,7 @@ def wait_for_job(bedrock: Any, job_arn: str, timeout_s: float, poll_s: float,
     """Poll until Completed or Failed, showing the elapsed time; returns the job description."""
     start = time.monotonic()
     interactive = sys.stderr.isatty()
+    delay = min(2.0, poll_s)  # small jobs finish in seconds; back off to poll_s for long ones
     while True:
         job = bedrock.get_model_import_job(jobIdentifier=job_arn)
         status = job.get("status")
@@ -108,7 +109,8 @@ def wait_for_job(bedrock: Any, job_arn: str, timeout_s: float, poll_s: float,
         if elapsed > timeout_s:
             raise UserError(f"import job {job_arn} still {status} after {_clock(elapsed)} "
                             "(aws.import_timeout_minutes); re-run termtune deploy later to keep waiting")
-        sleep(min(poll_s, max(0.5, timeout_s - elapsed)))
+        sleep(min(delay, max(0.5, timeout_s - elapsed)))
+        delay = min(delay * 1.5, poll_s)
 
 
 def delete_model(bedrock: Any, identifier: str) -> bool:
