@@ -27,7 +27,7 @@ export AWS_ENDPOINT_URL_BEDROCK_RUNTIME=http://127.0.0.1:$BEDROCK_PORT
 # Start the two services in the background; stop exactly these two on any exit.
 moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$LOGS/moto.log" 2>&1 &
 MOTO_PID=$!
-termtune serve --host 127.0.0.1 --port "$BEDROCK_PORT" --cold-start 3 >"$LOGS/serve.log" 2>&1 &
+termtune serve --host 127.0.0.1 --port "$BEDROCK_PORT" --cold-start 10 >"$LOGS/serve.log" 2>&1 &
 SERVE_PID=$!
 trap 'kill $MOTO_PID $SERVE_PID 2>/dev/null || true; wait $MOTO_PID $SERVE_PID 2>/dev/null || true' EXIT
 

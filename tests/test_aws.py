@@ -65,6 +65,18 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     assert json.loads((cfg.run_dir / "invoke.json").read_text())["text"] == out["text"]
     assert server.state.counts.get("ThrottlingException", 0) >= 1
 
+    # The CLI: --json for scripts; cleanup refuses to delete without a terminal or --yes.
+    from typer.testing import CliRunner
+
+    from termtune.cli import app
+
+    args = [f"run.dir={cfg.run_dir}", "aws.bucket=termtune-test", "aws.invoke_max_tokens=8"]
+    result = CliRunner().invoke(app, ["invoke", *args, "--term", "Asthma", "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["text"] == out["text"]
+    result = CliRunner().invoke(app, ["cleanup", *args], input="y\n")
+    assert result.exit_code == 2 and "--yes" in result.output
+    assert server.state.models  # nothing was deleted
+
     aws.cleanup(cfg, yes=True)
     assert boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/run/").get("KeyCount") == 0
     assert not server.state.models
