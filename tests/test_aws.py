@@ -268,3 +268,17 @@ def test_role_dry_run_prints_policies_and_creates_nothing(tmp_path, aws_env, buc
     assert aws.deploy(cfg, dry_run=True).dry_run
     assert "tt-dry" not in [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
     assert not (cfg.run_dir / "deploy.json").exists()
+
+
+def test_endpoints_come_from_an_aws_profile_too(tmp_path, aws_env, monkeypatch):  # noqa: F811
+    from termtune.aws.clients import client
+
+    server = aws_env()
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile offline]\nregion = us-east-1\nservices = offline-endpoints\n"
+                      f"aws_access_key_id = testing\naws_secret_access_key = testing\n"
+                      f"[services offline-endpoints]\nbedrock =\n  endpoint_url = {server.url}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.delenv("AWS_ENDPOINT_URL_BEDROCK")
+    assert client("bedrock", "us-east-1", profile="offline").list_imported_models()["modelSummaries"] == []
+    assert server.state.counts.get("ok") == 1
