@@ -282,3 +282,18 @@ def test_endpoints_come_from_an_aws_profile_too(tmp_path, aws_env, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_BEDROCK")
     assert client("bedrock", "us-east-1", profile="offline").list_imported_models()["modelSummaries"] == []
     assert server.state.counts.get("ok") == 1
+
+
+def test_upload_encrypts_with_aes256_or_a_kms_key(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from termtune.aws import s3 as s3mod
+
+    aws_env()
+    files = [f for f in s3mod.artifact_files(artifact_template) if f.path in ("config.json", "spiece.model")]
+    key_id = "0b8c4a3e-1f2d-4e5a-9b6c-7d8e9f0a1b2c"
+    s3c = boto("s3")
+    s3mod.upload(s3c, artifact_template, files[:1], bucket, "aes/", progress=False)
+    s3mod.upload(s3c, artifact_template, files[1:], bucket, "kms/", sse="aws:kms", kms_key_id=key_id, progress=False)
+    assert s3c.head_object(Bucket=bucket, Key=f"aes/{files[0].path}")["ServerSideEncryption"] == "AES256"
+    head = s3c.head_object(Bucket=bucket, Key=f"kms/{files[1].path}")
+    assert head["ServerSideEncryption"] == "aws:kms" and key_id in head["SSEKMSKeyId"]
+    assert head["Metadata"]["sha256"] == files[1].sha256
