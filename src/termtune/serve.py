@@ -38,6 +38,7 @@ import base64
 import json
 import secrets
 import shutil
+import signal
 import struct
 import sys
 import tempfile
@@ -577,6 +578,8 @@ def serve(host: str = "127.0.0.1", port: int = 8787, cold_start_seconds: float =
     print(f"termtune serve: Bedrock (control plane + runtime, region {region}) on {server.url}\n"
           f"  export AWS_ENDPOINT_URL_BEDROCK={server.url} AWS_ENDPOINT_URL_BEDROCK_RUNTIME={server.url}",
           file=sys.stderr, flush=True)
+    # `kill` (SIGTERM, what scripts send) ends it as cleanly as Ctrl-C: the work folder goes too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever()
     except KeyboardInterrupt:
