@@ -1,0 +1,181 @@
+"""The evaluate stage: metric values on known strings, batched generation, base vs tuned on a memorised set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import medquad_rows, tiny_overrides, write_jsonl
+from termtune.config import EvalConfig, load_config
+from termtune.errors import UserError
+from termtune.evaluate import Generation, evaluate, generate, quality_metrics, score
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: thread hand-offs cost more than the math (50x here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- metrics on known strings
+
+
+def test_identical_strings_score_perfectly() -> None:
+    texts = ["Hypertension is high blood pressure.", "Anemia is a lack of healthy red blood cells."]
+    m = quality_metrics(texts, texts)
+    assert m["rouge1"] == m["rouge2"] == m["rougeL"] == pytest.approx(1.0)
+    assert m["bleu"] == pytest.approx(100.0)
+    assert m["chrf"] == pytest.approx(100.0)
+
+
+def test_disjoint_strings_score_zero() -> None:
+    m = quality_metrics(["qqq zzz xxx"], ["apple banana cherry"])
+    assert m == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0, "bleu": 0.0, "chrf": 0.0}
+
+
+def test_partial_overlap_matches_hand_computation() -> None:
+    # "a b c d e" vs "a b c d f": n-gram precisions 4/5, 3/4, 2/3, 1/2; same length, so no brevity penalty.
+    m = quality_metrics(["a b c d e"], ["a b c d f"])
+    assert m["bleu"] == pytest.approx(100 * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25, abs=1e-6)
+    assert m["rouge1"] == pytest.approx(4 / 5)
+    assert m["rouge2"] == pytest.approx(3 / 4)
+    assert m["rougeL"] == pytest.approx(4 / 5)
+    # ROUGE is the mean over examples: one perfect answer and one with half the unigrams right.
+    m = quality_metrics(["the cat sat", "red green"], ["the cat sat", "red blue"])
+    assert m["rouge1"] == pytest.approx((1 + 1 / 2) / 2)
+    assert m["rouge2"] == pytest.approx((1 + 0) / 2)
+
+
+def test_score_counts_lengths_empty_and_cut_outputs() -> None:
+    outputs = [Generation("a b", 2, False), Generation("", 0, False), Generation("x y z w", 8, True),
+               Generation("c", 1, False)]
+    s = score(outputs, ["a b", "q", "x y", "c"], max_new_tokens=8)
+    assert s["mean_length"] == pytest.approx(11 / 4)
+    assert s["median_length"] == pytest.approx(1.5)
+    assert s["empty_share"] == pytest.approx(1 / 4)
+    assert s["cut_share"] == pytest.approx(1 / 4)
+
+
+# ----------------------------------------------------------------------------- a memorised run
+
+
+def _train_adapter_until_memorised(cfg, rows: list[dict], max_steps: int = 300) -> float:
+    """Full-batch LoRA training on `rows` at a high learning rate; saves <run>/train/adapter."""
+    import torch
+
+    from termtune.modeling import attach_lora, load_base
+
+    def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+        width = max(map(len, seqs))
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
+
+    model = attach_lora(cfg, load_base(cfg))
+    ids = pad([r["input_ids"] for r in rows], 0)
+    mask = pad([[1] * len(r["input_ids"]) for r in rows], 0)
+    labels = pad([r["labels"] for r in rows], -100)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(max_steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if loss.item() < 0.01:
+            break
+    model.save_pretrained(cfg.run_dir / "train" / "adapter")
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def memorised_cfg(tmp_path_factory):
+    """A tiny run whose adapter has memorised its 20 training rows, and whose test split IS those rows."""
+    from termtune import data
+
+    tmp = tmp_path_factory.mktemp("memorised")
+    # Short targets (the first six words) that fit max_target_length untruncated, so the
+    # reference text is exactly what the model learned to produce.
+    rows = [{"term": r["term"], "definition": " ".join(r["definition"].split()[:6]) + "."}
+            for r in medquad_rows(28, seed=3)]
+    source = write_jsonl(tmp / "terms.jsonl", rows)
+    cfg = load_config(None, tiny_overrides(tmp / "run", source) + [
+        "data.test_size=8", "data.max_target_length=32", "lora.r=16", "lora.alpha=32",
+        "eval.max_new_tokens=32", "eval.batch_size=8"])
+    data.prepare(cfg)
+    train_file = cfg.run_dir / "data" / "train.jsonl"
+    (cfg.run_dir / "data" / "test.jsonl").write_text(train_file.read_text(encoding="utf-8"), encoding="utf-8")
+    rows = data.load_split(cfg, "train").to_list()
+    assert len(rows) == 20
+    assert all(len(r["labels"]) < 32 for r in rows)  # nothing truncated
+    final_loss = _train_adapter_until_memorised(cfg, rows)
+    assert final_loss < 0.05
+    return cfg
+
+
+def test_tuned_model_beats_base_on_memorised_rows(memorised_cfg) -> None:
+    report = evaluate(memorised_cfg)
+    m = report.metrics
+    assert m["n"] == 20
+    assert m["tuned"]["rougeL"] > 0.9
+    assert m["base"]["rougeL"] < 0.2
+    assert m["tuned"]["bleu"] > m["base"]["bleu"] + 50
+    assert m["decoding"]["max_new_tokens"] == 32 and m["decoding"]["num_beams"] == 1
+
+    predictions = [json.loads(line) for line in report.predictions_path.read_text().splitlines()]
+    assert len(predictions) == 20
+    assert set(predictions[0]) == {"term", "prompt", "reference", "base", "tuned"}
+    exact = sum(p["tuned"] == p["reference"] for p in predictions)
+    assert exact >= 16, [(p["tuned"], p["reference"]) for p in predictions]
+    assert not any("<pad>" in p["tuned"] or "</s>" in p["tuned"] for p in predictions)
+    assert (memorised_cfg.run_dir / "provenance" / "evaluate.json").is_file()
+    assert "ROUGE-L" in report.summary()
+
+    # the stage refreshed the report with the metric table and the sample answers
+    page = (memorised_cfg.run_dir / "report.html").read_text(encoding="utf-8")
+    assert "Evaluation: base vs tuned" in page and "Sample answers (10 held-out terms)" in page
+
+
+def test_complete_evaluation_is_reused_unless_forced(memorised_cfg) -> None:
+    first = evaluate(memorised_cfg)  # runs, or reuses the previous test's result
+    metrics_file = memorised_cfg.run_dir / "eval" / "metrics.json"
+    stamp = metrics_file.stat().st_mtime_ns
+    again = evaluate(memorised_cfg)
+    assert again.reused and metrics_file.stat().st_mtime_ns == stamp
+    assert again.metrics == json.loads(metrics_file.read_text())
+    forced = evaluate(memorised_cfg, force=True)
+    assert not forced.reused and metrics_file.stat().st_mtime_ns != stamp
+    assert forced.metrics["tuned"] == pytest.approx(first.metrics["tuned"])  # greedy decoding is deterministic
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(memorised_cfg) -> None:
+    """Padding and length sorting change nothing: each prompt gets what it gets alone."""
+    from termtune import data
+    from termtune.modeling import load_base, load_tokenizer
+
+    rows = data.load_split(memorised_cfg, "test").to_list()[:12]
+    ids = [r["input_ids"] for r in rows]
+    assert len({len(x) for x in ids}) > 1  # prompts of different lengths, so padding is exercised
+    model, tokenizer = load_base(memorised_cfg), load_tokenizer(memorised_cfg)
+    ecfg = EvalConfig(max_new_tokens=10, batch_size=5)
+    batched = generate(model, tokenizer, ids, ecfg)
+    single = [generate(model, tokenizer, [x], ecfg.model_copy(update={"batch_size": 1}))[0] for x in ids]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.n_tokens for g in batched] == [g.n_tokens for g in single]
+    assert all(g.n_tokens <= 10 for g in batched)
+
+
+def test_missing_adapter_asks_for_train(tmp_path: Path) -> None:
+    from termtune import data
+
+    source = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(16))
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", source))
+    data.prepare(cfg)
+    with pytest.raises(UserError, match="run termtune train first"):
+        evaluate(cfg)
+    assert not (cfg.run_dir / "eval").exists()
