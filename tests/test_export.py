@@ -120,6 +120,10 @@ def test_artifact_holds_exactly_the_cmi_files_and_passes_validation(exported):
     assert validation["ok"] is True and len(validation["checks"]) == len(checks)
     assert (cfg.run_dir / "provenance" / "export.json").is_file()
     assert "validate:" in artifact.summary() and "0 failed" in artifact.summary()
+    umask = os.umask(0)
+    os.umask(umask)  # the artifact gets a plain save's permissions, not the temp folder's 0700/0600
+    assert (folder.stat().st_mode & 0o777) == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o666 & ~umask}
 
 
 def test_configs_are_written_for_transformers_4(exported):
@@ -143,6 +147,23 @@ def test_model_card_names_base_data_license_and_settings(exported):
     card = (cfg.run_dir / "artifact" / "README.md").read_text()
     for needle in ("CC BY 4.0", "Ben Abacha", "r=8", "alpha=16", "Not medical advice", "Not evaluated yet"):
         assert needle in card
+
+
+def test_model_card_reports_training_and_evaluation_results(tmp_path):
+    from termtune.export import model_card
+
+    cfg = make_config(tmp_path / "run", "data.source=gamino/wiki_medical_terms")
+    (cfg.run_dir / "eval").mkdir(parents=True)
+    (cfg.run_dir / "eval" / "metrics.json").write_text(json.dumps(
+        {"n": 8, "decoding": {"num_beams": 1}, "base": {"rougeL": 0.05, "chrf": 10.0},
+         "tuned": {"rougeL": 0.31, "chrf": 35.5}}))
+    (cfg.run_dir / "train").mkdir()
+    (cfg.run_dir / "train" / "result.json").write_text(json.dumps({"global_step": 7, "train_loss": 2.5,
+                                                                    "eval_loss": 3.25}))
+    card = model_card(cfg)
+    assert "| rougeL | 0.05 | 0.31 |" in card and "8 held-out examples" in card
+    assert "7 optimizer steps, training loss 2.5, held-out loss 3.25" in card
+    assert "CC BY-SA" in card and "CC BY 4.0" not in card
 
 
 def test_export_reloads_identically_in_transformers_5(exported):

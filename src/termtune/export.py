@@ -107,6 +107,7 @@ def export(cfg: Config, force: bool = False) -> Artifact:
             raise UserError(f"export: the artifact fails the CMI preflight:\n{format_checks(checks)}")
         verify_weights(tmp, weights)
         files = write_manifest(tmp, cfg, weights, tied=tied)
+        _shareable_permissions(tmp)
     del model
 
     # ---- report
@@ -175,6 +176,16 @@ def _remove_stale_partials(final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _shareable_permissions(folder: Path) -> None:
+    """The temporary folder and atomic files are owner-only (0700/0600); give the artifact the
+    permissions a plain save would have (umask applied) so it can be shared and uploaded."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
 def _pause_for_crash_tests() -> None:
     seconds = os.environ.get(PAUSE_ENV)
     if seconds:
@@ -194,7 +205,9 @@ def merged_model(cfg: Config, adapter_dir: Path) -> "PreTrainedModel":
 
     base = load_base(cfg, quantization="none", dtype=torch.float32)
     try:
-        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        # low_cpu_mem_usage: create the LoRA weights on the meta device and fill them from the file,
+        # instead of initialising random values that are overwritten at once.
+        peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, low_cpu_mem_usage=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{adapter_dir}: cannot apply the adapter to {_base_name(cfg)}: "
                         f"{str(e).splitlines()[0]}") from e
@@ -222,7 +235,7 @@ def write_weights(model: "PreTrainedModel", folder: Path, dtype: str, max_shard_
                   tied: bool) -> dict[str, dict[str, Any]]:
     """Write model.safetensors, or shards plus model.safetensors.index.json above max_shard_bytes.
 
-    Returns {file name: {"sha256", "size"}} for the weight files (hashed while writing).
+    Returns {file name: {"sha256", "size", "dtype", "shapes"}} for the weight files (hashed while writing).
     """
     import torch
 
@@ -283,14 +296,23 @@ def write_safetensors(path: Path, tensors: list[tuple[str, "torch.Tensor"]], tar
             del data, view
         f.flush()
         os.fsync(f.fileno())
-    return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+    shapes = {name: list(tensor.shape) for name, tensor in tensors}
+    return {"sha256": digest.hexdigest(), "size": path.stat().st_size, "dtype": dtype_name, "shapes": shapes}
 
 
 def verify_weights(folder: Path, written: dict[str, dict[str, Any]]) -> None:
-    """Re-read every weight file from disk and compare it with the bytes that were written."""
+    """Read every weight file back: its header must list exactly the tensors, shapes and dtype that
+    were meant, and its bytes must hash to what was written."""
+    from termtune.validate import read_safetensors_header
+
     for name, expected in written.items():
-        actual = sha256_file(folder / name)
-        if actual != expected["sha256"]:
+        header, error = read_safetensors_header(folder / name)
+        if error:
+            raise RuntimeError(f"{folder / name}: unreadable after writing: {error}")
+        found = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        if found != {k: (expected["dtype"], shape) for k, shape in expected["shapes"].items()}:
+            raise RuntimeError(f"{folder / name}: the header read back does not list the tensors written")
+        if sha256_file(folder / name) != expected["sha256"]:
             raise RuntimeError(f"{folder / name}: read back differs from what was written (disk or filesystem error)")
 
 
@@ -398,24 +420,34 @@ def _data_section(cfg: Config) -> str:
 
 def _metrics_section(cfg: Config) -> str:
     metrics = _read_json(cfg.run_dir / "eval" / "metrics.json")
-    if not metrics:
+    if not isinstance(metrics, dict):
         return "Not evaluated yet (run `termtune evaluate` before exporting to include results here)."
-    rows = []
-    for key, value in _flatten(metrics):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            rows.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if not rows:
+    models = [name for name in ("base", "tuned") if isinstance(metrics.get(name), dict)]
+    if not models:
         return "See eval/metrics.json in the run directory."
-    return "Held-out set, from `eval/metrics.json`:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows[:40])
+    keys = [k for k, v in metrics[models[-1]].items() if _is_number(v)]
+    rows = [f"| {k} | " + " | ".join(_fmt(metrics[m].get(k)) for m in models) + " |" for k in keys]
+    return (f"{metrics.get('n', '?')} held-out examples (`eval/metrics.json`; "
+            f"base = the model before fine-tuning):\n\n| metric | {' | '.join(models)} |\n"
+            f"|---|{'---|' * len(models)}\n" + "\n".join(rows))
 
 
-def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(data, dict):
-        out = []
-        for key, value in data.items():
-            out += _flatten(value, f"{prefix}{key}.")
-        return out
-    return [(prefix.rstrip("."), data)]
+def _training_result(cfg: Config) -> str:
+    result = _read_json(cfg.run_dir / "train" / "result.json")
+    if not isinstance(result, dict):
+        return ""
+    return (f"\n- Result: {result.get('global_step', '?')} optimizer steps, training loss "
+            f"{_fmt(result.get('train_loss'))}, held-out loss {_fmt(result.get('eval_loss'))}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
 
 
 def _read_json(path: Path) -> Any:
@@ -428,7 +460,7 @@ def _read_json(path: Path) -> Any:
 def model_card(cfg: Config) -> str:
     lora, train = cfg.lora, cfg.train
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
-    steps = f"max_steps {train.max_steps}" if train.max_steps > 0 else f"{train.epochs:g} epochs"
+    steps = f"max_steps {train.max_steps}" if train.max_steps > 0 else f"epochs: {train.epochs:g}"
     return f"""---
 library_name: transformers
 pipeline_tag: text2text-generation
@@ -456,7 +488,7 @@ Amazon Bedrock Custom Model Import and checked to load under transformers 4.51.3
 - {steps}, batch size {train.batch_size} x {train.gradient_accumulation_steps} accumulation,
   learning rate {train.learning_rate:g} ({train.lr_scheduler}, warmup {train.warmup_ratio:g}),
   weight decay {train.weight_decay:g}, precision {train.precision}, seed {cfg.run.seed}
-- Source length {cfg.data.max_source_length}, target length {cfg.data.max_target_length} tokens
+- Source length {cfg.data.max_source_length}, target length {cfg.data.max_target_length} tokens{_training_result(cfg)}
 
 ## Evaluation
 
