@@ -14,6 +14,10 @@ import pytest
 from termtune.config import load_config
 from termtune.report import PROBLEM_NOTE, write_report
 
+CHECKS = [
+    {"number": 1, "name": "architecture", "ok": True, "message": "T5ForConditionalGeneration", "warning": False},
+    {"number": 2, "name": "num_heads", "ok": False, "message": "6 is not a multiple of 4", "warning": False},
+    {"number": 3, "name": "size", "ok": False, "message": "close to the limit", "warning": True}]
 HOSTILE = '<script>alert("x")</script> & <b>bold</b>'
 
 
@@ -57,10 +61,8 @@ def populate_run(run: Path, n_predictions: int = 12) -> None:
     (run / "artifact" / "manifest.json").write_text(json.dumps({"dtype": "bfloat16", "files": [
         {"path": "model.safetensors", "size": 123456789, "sha256": "f" * 64},
         {"path": "config.json", "size": 812, "sha256": "0" * 64}]}))
-    (run / "validation.json").write_text(json.dumps([
-        {"number": 1, "name": "architecture", "ok": True, "message": "T5ForConditionalGeneration", "warning": False},
-        {"number": 2, "name": "num_heads", "ok": False, "message": "6 is not a multiple of 4", "warning": False},
-        {"number": 3, "name": "size", "ok": True, "message": "close to the limit", "warning": True}]))
+    (run / "validation.json").write_text(json.dumps({"directory": str(run / "artifact"), "ok": False,
+                                                      "checks": CHECKS}))
     (run / "deploy.json").write_text(json.dumps({"s3_uri": "s3://b/p/", "model_arn": "arn:aws:bedrock:x"}))
     (run / "invoke.json").write_text(json.dumps({"term": "Hypertension", "text": "High blood pressure."}))
 
@@ -116,6 +118,15 @@ def test_partial_run_dirs_render(tmp_path: Path, keep: list[str], sections: int)
     page = write_report(make_cfg(run)).read_text(encoding="utf-8")
     assert PROBLEM_NOTE not in page
     assert page.count("<section>") == sections  # an empty run dir gets one "nothing yet" section
+
+
+def test_validation_as_a_bare_list_of_checks(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "validation.json").write_text(json.dumps(CHECKS))
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    assert "3 checks, 1 failed" in page
+    assert re.findall(r'<td class="(ok|fail|warn)">', page) == ["ok", "fail", "warn"]
 
 
 def test_odd_files_become_notes_not_exceptions(tmp_path: Path) -> None:

@@ -170,16 +170,20 @@ def _data_section(cfg: Config) -> Section | None:
         section.text("rows skipped, by reason" if skipped else "rows skipped: none")
         if skipped:
             section.table(["reason", "rows"], skipped.items())
-    # Other objects of plain values (token length stats per side) share one table, one row each.
-    groups = {k: v for k, v in stats.items()
-              if k != "rows_skipped" and isinstance(v, dict) and v
-              and all(not isinstance(x, (dict, list)) for x in v.values())}
-    if groups:
+    # Objects of numbers (token length stats per side) share one table, one row each; other
+    # objects of plain values (the column mapping) get a small table of their own.
+    numeric = {k: v for k, v in stats.items()
+               if k != "rows_skipped" and isinstance(v, dict) and v and all(_is_number(x) for x in v.values())}
+    if numeric:
         columns: list[str] = []
-        for value in groups.values():
+        for value in numeric.values():
             columns += [c for c in value if c not in columns]
-        section.text("token lengths" if all("token" in k for k in groups) else "details")
-        section.table([""] + columns, [[k] + [v.get(c, "") for c in columns] for k, v in groups.items()])
+        section.text("token lengths" if all("token" in k for k in numeric) else "figures")
+        section.table([""] + columns, [[k] + [v.get(c, "") for c in columns] for k, v in numeric.items()])
+    for key, value in stats.items():
+        if key != "rows_skipped" and key not in numeric and isinstance(value, dict) and value:
+            section.text(key.replace("_", " "))
+            section.table(["", "value"], value.items())
     return section
 
 
@@ -297,6 +301,8 @@ def _validation_section(cfg: Config) -> Section | None:
         return None
     section = Section("Bedrock CMI validation")
     if isinstance(checks, dict):
+        if checks.get("directory"):
+            section.text(f"folder: {checks['directory']}")
         checks = checks.get("checks", [])
     rows = []
     failed = 0
@@ -306,7 +312,8 @@ def _validation_section(cfg: Config) -> Section | None:
         status = c.get("status")
         if status is None:
             ok = c.get("ok", c.get("passed"))
-            status = "warning" if ok and c.get("warning") else ("pass" if ok else "FAIL")
+            # termtune.validate: a warning has ok=False and never fails the folder.
+            status = "pass" if ok else ("warning" if c.get("warning") else "FAIL")
         failed += str(status).lower() in ("fail", "failed", "error")
         rows.append((c.get("number", ""), c.get("name", ""), str(status), c.get("message", "")))
     section.text(f"{len(rows)} checks, {failed} failed" if rows else "no checks recorded")
