@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,7 +58,7 @@ def test_partial_overlap_matches_hand_computation() -> None:
 def test_score_counts_lengths_empty_and_cut_outputs() -> None:
     outputs = [Generation("a b", 2, False), Generation("", 0, False), Generation("x y z w", 8, True),
                Generation("c", 1, False)]
-    s = score(outputs, ["a b", "q", "x y", "c"], max_new_tokens=8)
+    s = score(outputs, ["a b", "q", "x y", "c"])
     assert s["mean_length"] == pytest.approx(11 / 4)
     assert s["median_length"] == pytest.approx(1.5)
     assert s["empty_share"] == pytest.approx(1 / 4)
@@ -179,3 +181,9 @@ def test_missing_adapter_asks_for_train(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="run termtune train first"):
         evaluate(cfg)
     assert not (cfg.run_dir / "eval").exists()
+
+    # the command line says it in one line, exit 2, no traceback
+    done = subprocess.run([sys.executable, "-m", "termtune.cli", "evaluate",
+                           *tiny_overrides(tmp_path / "run", source)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "run termtune train first" in done.stderr and "Traceback" not in done.stderr

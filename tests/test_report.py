@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,16 @@ def test_partial_run_dirs_render(tmp_path: Path, keep: list[str], sections: int)
     page = write_report(make_cfg(run)).read_text(encoding="utf-8")
     assert PROBLEM_NOTE not in page
     assert page.count("<section>") == sections  # an empty run dir gets one "nothing yet" section
+
+
+def test_report_command_rewrites_the_report(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    populate_run(run)
+    done = subprocess.run([sys.executable, "-m", "termtune.cli", "report", f"run.dir={run}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"report: {run / 'report.html'}"
+    assert (run / "report.md").is_file() and (run / "report_assets" / "metrics.png").is_file()
 
 
 def test_validation_as_a_bare_list_of_checks(tmp_path: Path) -> None:

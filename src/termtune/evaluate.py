@@ -149,8 +149,8 @@ def evaluate(cfg: Config, force: bool = False) -> EvalReport:
     references = [r["target"] for r in rows]
     metrics: dict[str, Any] = {}
     if base_out is not None:
-        metrics["base"] = score(base_out, references, cfg.eval.max_new_tokens)
-    metrics["tuned"] = score(tuned_out, references, cfg.eval.max_new_tokens)
+        metrics["base"] = score(base_out, references)
+    metrics["tuned"] = score(tuned_out, references)
     metrics["n"] = len(rows)
     metrics["decoding"] = decoding_settings(cfg.eval)
     metrics["adapter"] = str(adapter_dir)
@@ -303,7 +303,7 @@ def quality_metrics(predictions: Sequence[str], references: Sequence[str]) -> di
     return out
 
 
-def score(outputs: Sequence[Generation], references: Sequence[str], max_new_tokens: int) -> dict[str, Any]:
+def score(outputs: Sequence[Generation], references: Sequence[str]) -> dict[str, Any]:
     """Quality metrics plus length facts for one model's outputs."""
     lengths = [g.n_tokens for g in outputs]
     result: dict[str, Any] = quality_metrics([g.text for g in outputs], references)
@@ -312,6 +312,5 @@ def score(outputs: Sequence[Generation], references: Sequence[str], max_new_toke
         "median_length": float(statistics.median(lengths)) if lengths else 0.0,
         "empty_share": sum(1 for g in outputs if not g.text) / len(outputs) if outputs else 0.0,
         "cut_share": sum(1 for g in outputs if g.cut) / len(outputs) if outputs else 0.0,
-        "max_new_tokens": max_new_tokens,
     })
     return result
