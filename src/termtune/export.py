@@ -15,8 +15,9 @@ Why not `save_pretrained` alone: transformers 5.x writes T5 with `tie_word_embed
 and a `tokenizer_config.json` that 4.x cannot read, and it writes no `spiece.model` or
 `special_tokens_map.json` (reference/cpu-findings.md §4b). The folder it writes loads in
 4.51.3 with a tied, rescaled output layer: different logits, different text. The weights are
-also written here by a streaming safetensors writer: one tensor at a time, cast on the fly,
-so peak memory stays near the fp32 model itself instead of model + a full serialized copy.
+also written here by a streaming safetensors writer: one tensor at a time, cast on the fly and
+hashed on the way, so peak memory stays near the fp32 model itself (no second, cast copy of
+the model) and the manifest needs no extra pass over the files.
 """
 
 from __future__ import annotations
@@ -269,8 +270,8 @@ def write_safetensors(path: Path, tensors: list[tuple[str, "torch.Tensor"]], tar
                       dtype_name: str) -> dict[str, Any]:
     """Stream tensors into a safetensors file, one at a time, casting on the fly.
 
-    safetensors' own save_file first copies every tensor into Python bytes (a second full copy
-    of the shard in memory); this writes each tensor's buffer directly and hashes it on the way.
+    Casting the whole model first (model.to(bf16), then save) would hold the fp32 and the cast
+    copies at once; this casts one tensor, writes its buffer, hashes it and lets it go.
     """
     import torch
 
