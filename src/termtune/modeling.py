@@ -170,9 +170,12 @@ def untie_lm_head(model: "PreTrainedModel") -> None:
     import torch
 
     if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
-        # A fresh draw (T5's own init: normal, std = initializer_factor), not a copy: with equal
-        # values transformers would tie the two again when the folder is loaded.
-        weight = torch.empty_like(model.shared.weight).normal_(0.0, model.config.initializer_factor)
+        # A fresh draw, not a copy: with equal values transformers would tie the two again when
+        # the folder is loaded. std d_model^-0.5 (not T5's 1.0, which assumes trained weights)
+        # puts the random model's first loss near chance, ln(vocab), instead of ~30, so a short
+        # LoRA run on it visibly learns.
+        std = model.config.initializer_factor * model.config.d_model ** -0.5
+        weight = torch.empty_like(model.shared.weight).normal_(0.0, std)
         model.lm_head.weight = torch.nn.Parameter(weight)
     model.config.tie_word_embeddings = False
 
