@@ -68,7 +68,10 @@ def _deployed(cfg: Config) -> bool:
     import json
 
     path = cfg.run_dir / "deploy.json"
-    return path.is_file() and bool(json.loads(path.read_text(encoding="utf-8")).get("model_arn"))
+    if not path.is_file():
+        return False
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record.get("status") == "Completed" and bool(record.get("model_arn"))
 
 
 # (name, "already complete?" check, the stage). Checks look at each stage's last-written file.
