@@ -57,6 +57,7 @@ def populate_run(run: Path, n_predictions: int = 12) -> None:
     rows = [{"term": f"Term {i}" if i else HOSTILE, "prompt": f"What is Term {i}?",
              "reference": f"Term {i} is a condition of the body. " * 3, "base": "a a a", "tuned": f"Term {i} is a."}
             for i in range(n_predictions)]
+    rows[1]["reference"] = "long " * 200
     (run / "eval" / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "artifact").mkdir()
     (run / "artifact" / "manifest.json").write_text(json.dumps({"dtype": "bfloat16", "files": [
@@ -91,6 +92,7 @@ def test_full_run_dir_has_every_section_and_escapes_data(tmp_path: Path) -> None
     assert "<script>" not in md
     # ten samples by default, of the twelve predictions
     assert "Term 9 is a." in page and "Term 10" not in page
+    assert "long " * 79 + "long …" in page and "long " * 81 not in page  # cut at 400 characters
     assert "6 is not a multiple of 4" in page and "FAIL" in page and "warning" in page
     assert "117.7 MB" in page  # 123456789 bytes
     assert "empty_definition" in page

@@ -39,6 +39,9 @@ from termtune.config import Config
 PROBLEM_NOTE = "could not read"
 """Prefix of the note shown where a file could not be turned into a section."""
 
+SAMPLE_CHARS = 400
+"""Sample answers longer than this are cut in the report (the full text is in predictions.jsonl)."""
+
 _STAGE_ORDER = ("data", "train", "evaluate", "export", "validate", "deploy", "invoke")
 
 _METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF",
@@ -262,10 +265,10 @@ def _samples_section(cfg: Config) -> Section | None:
             except json.JSONDecodeError:
                 continue
             if isinstance(item, dict):
-                rows.append([item.get("term", ""), item.get("reference", ""), item.get("base") or "",
-                             item.get("tuned") or ""])
+                rows.append([_clip(item.get(k)) for k in ("term", "reference", "base", "tuned")])
     section = Section(f"Sample answers ({len(rows)} held-out terms)")
     section.table(["term", "reference", "base", "tuned"], rows, cls="samples")
+    section.text(f"Texts longer than {SAMPLE_CHARS} characters are cut here; eval/predictions.jsonl has them whole.")
     return section
 
 
@@ -522,6 +525,11 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def _clip(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS].rstrip() + " …"
 
 
 def _is_number(value: Any) -> bool:
