@@ -96,6 +96,7 @@ def test_full_run_dir_has_every_section_and_escapes_data(tmp_path: Path) -> None
     assert "6 is not a multiple of 4" in page and "FAIL" in page and "warning" in page
     assert "117.7 MB" in page  # 123456789 bytes
     assert "empty_definition" in page
+    assert "stopped at max_new_tokens" not in page  # 10% cut: no warning
 
 
 def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
@@ -106,6 +107,13 @@ def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     table = table[:table.index("</table>")]
     row = re.search(r"<td>ROUGE-L</td>(.*?)</tr>", table).group(1)
     assert re.findall(r">([\d.]+)<", row) == ["0.087", "0.350"]
+
+    metrics_file = run / "eval" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["tuned"]["cut_share"] = 0.9
+    metrics_file.write_text(json.dumps(metrics))
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    assert "90% of the tuned answers stopped at max_new_tokens" in page
 
 
 @pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["stats.json"], 1), (["train"], 1),

@@ -246,6 +246,10 @@ def _evaluation_section(cfg: Config) -> Section | None:
     if quality and models:
         section.image(_metric_plot(quality, {m: metrics[m] for m in models}))
     section.text("ROUGE is the mean F-measure (0-1); BLEU and chrF are corpus scores (0-100, sacrebleu).")
+    cut = metrics.get("tuned", {}).get("cut_share") if "tuned" in models else None
+    if _is_number(cut) and cut > 0.5:
+        section.note(f"{cut:.0%} of the tuned answers stopped at max_new_tokens without ending: raise "
+                     "eval.max_new_tokens, or train longer so the model learns where a definition ends.")
     return section
 
 
