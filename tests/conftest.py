@@ -26,6 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Test models are tiny: one thread per process avoids thread hand-off costing more than
+    # the matmuls (and oversubscription when a test runs two training processes).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def medquad_rows(n: int, seed: int = 0) -> list[dict]:
