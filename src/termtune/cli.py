@@ -136,7 +136,10 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     from termtune import train as train_stage
 
     result = train_stage.train(cfg)
-    typer.echo(result.summary())
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate, one summary, not one per process
+        typer.echo(result.summary())
 
 
 @app.command()
