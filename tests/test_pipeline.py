@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from aws_fixtures import artifact_template, aws_env, boto, bucket, moto_url  # noqa: F401
 from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
 
 
@@ -40,3 +41,35 @@ def test_run_offline_stages_then_skip_them(tmp_path):
     for stage in ("data", "train", "evaluate", "export"):
         assert f"== {stage}: complete in {run_dir}, skipped" in second.stdout, stage
     assert "== validate\n" in second.stdout
+
+
+def test_run_deploys_and_the_served_model_is_the_trained_model(tmp_path, aws_env, bucket, capfd):  # noqa: F811
+    """The whole path in one process against moto and termtune serve; then the text Bedrock's
+    stand-in generates must equal the trained PEFT model's own greedy generation."""
+    import torch
+    from peft import PeftModel
+
+    from termtune import aws, modeling, pipeline
+    from termtune.config import load_config
+
+    aws_env()
+    src = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(48))
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "run", src), f"aws.bucket={bucket}",
+                             "aws.role_name=tt-pipeline-role", "aws.poll_seconds=0.1", "aws.invoke_max_tokens=12",
+                             "aws.invoke_prompt=Asthma"])
+    pipeline.run(cfg)
+    out = capfd.readouterr().out
+    for stage in ("data", "train", "evaluate", "export", "validate", "deploy", "invoke"):
+        assert f"== {stage}\n" in out, stage
+    served = json.loads((cfg.run_dir / "invoke.json").read_text())
+    assert served["prompt"] == "What is Asthma?" and served["text"].strip()
+
+    tokenizer = modeling.load_tokenizer(cfg)
+    trained = PeftModel.from_pretrained(modeling.load_base(cfg), cfg.run_dir / "train" / "adapter").eval()
+    with torch.inference_mode():
+        ids = trained.generate(**tokenizer("What is Asthma?", return_tensors="pt"), max_new_tokens=12,
+                               do_sample=False, num_beams=1)
+    assert served["text"] == tokenizer.decode(ids[0], skip_special_tokens=True)
+
+    aws.cleanup(cfg, yes=True)
+    assert not boto("s3").list_objects_v2(Bucket=bucket).get("Contents")
