@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -136,8 +137,6 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     from termtune import train as train_stage
 
     result = train_stage.train(cfg)
-    import os
-
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate, one summary, not one per process
         typer.echo(result.summary())
 
