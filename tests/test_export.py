@@ -256,7 +256,6 @@ def test_a_plain_5x_resave_would_not_read_identically(exported, tmp_path):
     """The hazard the export fixes is real (if this ever passes, the 4.51.3 test above may be
     checking nothing): a merged model loaded by transformers 5.x and re-saved with
     save_pretrained loads in 4.51.3 with a tied, rescaled lm_head. The validator catches it."""
-    import torch
     from transformers import AutoModelForSeq2SeqLM
 
     from termtune.modeling import load_tokenizer

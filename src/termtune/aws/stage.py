@@ -15,7 +15,6 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from termtune.aws import bedrock, iam, s3
