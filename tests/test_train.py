@@ -132,6 +132,56 @@ def test_collator_pads_labels_with_minus_100_and_loss_ignores_padding(tmp_path):
     assert torch.allclose(both, expected, atol=1e-5)
 
 
+def test_chunked_loss_and_its_lora_gradients_equal_the_standard_loss(tmp_path):
+    import torch
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from termtune.lm_loss import chunked_lm_loss, supports_chunked_loss
+    from termtune.modeling import attach_lora, load_base, load_tokenizer
+
+    _, cfg = _prepared(tmp_path)
+    tokenizer, model = load_tokenizer(cfg), attach_lora(cfg, load_base(cfg))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # both paths then compute the same function, in training mode
+    model.train()
+    assert supports_chunked_loss(model)  # the lm_head is a plain frozen Linear, not LoRA-wrapped
+    rows = data.load_split(cfg, "train").select(range(6))
+    batch = train.make_collator(tokenizer, model)([{"input_ids": r["input_ids"], "labels": r["labels"]}
+                                                   for r in rows])
+    assert (batch["labels"] == -100).any()  # ragged targets: padding positions to drop
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        model.zero_grad(set_to_none=True)
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in lora]
+
+    def assert_equal(got, expected):
+        assert torch.allclose(got[0], expected[0], atol=1e-5), (got[0], expected[0])
+        assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got[1], expected[1]))
+
+    standard = loss_and_grads(lambda: model(**batch).loss)
+    for chunk in (5, 10_000):  # several chunks with a short last one; the whole batch in one
+        assert_equal(loss_and_grads(lambda c=chunk: chunked_lm_loss(model, chunk_size=c, **batch)["loss"]), standard)
+
+    # Through termtune's Trainer, as training runs it, against transformers' own compute_loss
+    # (same num_items_in_batch handling).
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    trainer = train._trainer_class()(model=model, args=args, batch_sampler=None)
+    assert trainer.chunked_loss
+    n = (batch["labels"] != -100).sum()
+    assert_equal(loss_and_grads(lambda: trainer.compute_loss(model, dict(batch), num_items_in_batch=n)),
+                 loss_and_grads(lambda: Seq2SeqTrainer.compute_loss(trainer, model, dict(batch),
+                                                                    num_items_in_batch=n)))
+    assert_equal(standard, loss_and_grads(lambda: trainer.compute_loss(model, dict(batch))))
+
+    # Anything unusual about the lm_head (here: trainable) keeps the standard path.
+    model.get_base_model().lm_head.weight.requires_grad_(True)
+    assert not supports_chunked_loss(model)
+
+
 def test_token_budget_batches_are_deterministic_per_epoch_and_cover_every_row():
     import random
 
