@@ -35,14 +35,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.rundir import write_json, write_text
-
-if TYPE_CHECKING:
-    import torch
 
 SEAL_FILE = "termtune-complete.json"
 """Written into a checkpoint folder after everything else; a folder without it is never resumed."""
