@@ -73,3 +73,6 @@ def test_run_deploys_and_the_served_model_is_the_trained_model(tmp_path, aws_env
 
     aws.cleanup(cfg, yes=True)
     assert not boto("s3").list_objects_v2(Bucket=bucket).get("Contents")
+    for stage in ("data", "train", "evaluate", "export", "deploy", "invoke", "cleanup"):
+        record = json.loads((cfg.run_dir / "provenance" / f"{stage}.json").read_text())
+        assert record["seed"] == cfg.run.seed and record["versions"]["torch"], stage

@@ -16,7 +16,7 @@ from termtune.aws.clients import client, error_code, error_message
 from termtune.aws.stage import aws_errors, read_record
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.rundir import write_json
+from termtune.rundir import record_stage, write_json
 
 RETRY_CODES = ("ModelNotReadyException", "ThrottlingException")
 
@@ -121,6 +121,7 @@ def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, mod
     saved = {"model_arn": model_arn, "prompt": prompt, "request": request_body(cfg, prompt), "stream": stream,
              **result}
     write_json(cfg.run_dir / "invoke.json", saved)
+    record_stage(cfg, "invoke", extra={"model_arn": model_arn, "prompt": prompt})
     if as_json:
         print(json.dumps(saved, indent=2))
     elif stream:

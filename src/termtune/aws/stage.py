@@ -277,3 +277,5 @@ def cleanup(cfg: Config, yes: bool = False) -> None:
         record.update({"status": "deleted", "deleted_model_arn": record.get("model_arn"), "model_arn": None,
                        "role_created": False if role else record.get("role_created")})
         _save(cfg, record)
+    if cfg.run_dir.is_dir():
+        record_stage(cfg, "cleanup", extra={"deleted": done})
