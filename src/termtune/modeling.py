@@ -93,9 +93,10 @@ def load_base(cfg: Config, quantization: str | None = None, dtype: "torch.dtype 
     elif quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": _device_index()}
+    # True: safetensors only, never unpickle a .bin; None: either, the user trusts this source.
+    kwargs["use_safetensors"] = None if cfg.model.allow_pickle else True
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(source, use_safetensors=not cfg.model.allow_pickle or None,
-                                                      **kwargs)
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot load the base model: {str(e).splitlines()[0]}") from e
     return model
