@@ -79,7 +79,7 @@ def resolve(args: Optional[List[str]]) -> Config:
 def data_prepare(
     args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
     strict: bool = typer.Option(False, "--strict", help="Any finding in the data is an error."),
-    force: bool = typer.Option(False, "--force", help="Replace existing prepared data."),
+    force: bool = typer.Option(False, "--force", help="Prepare again even when the data is up to date."),
 ) -> None:
     """Load, validate, clean, split and tokenize the data into <run.dir>/data.
 
@@ -87,12 +87,11 @@ def data_prepare(
         termtune data prepare configs/demo.yaml data.source=terms.csv
     """
     cfg = resolve(args)
-    from termtune import data
+    from termtune import pipeline
 
     if strict:
         cfg.data.strict = True
-    prepared = data.prepare(cfg, force=force)
-    typer.echo(data.summary(prepared.stats))
+    _echo(pipeline.run_stage(cfg, "data", force=force))
 
 
 @data_app.command("inspect")
@@ -133,18 +132,18 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
         termtune train configs/demo.yaml train.epochs=2
     """
     cfg = resolve(args)
-    from termtune import train as train_stage
+    from termtune import pipeline
 
-    result = train_stage.train(cfg)
+    outcome = pipeline.run_stage(cfg, "train")
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate, one summary, not one per process
-        typer.echo(result.summary())
+        _echo(outcome)
 
 
 @app.command()
 @friendly
 def evaluate(
     args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace an existing evaluation."),
+    force: bool = typer.Option(False, "--force", help="Evaluate again even when the evaluation is up to date."),
 ) -> None:
     """Generate on the held-out split with the base and the tuned model; ROUGE, BLEU, chrF.
 
@@ -152,10 +151,9 @@ def evaluate(
         termtune evaluate configs/demo.yaml eval.max_new_tokens=64
     """
     cfg = resolve(args)
-    from termtune import evaluate as evaluate_stage
+    from termtune import pipeline
 
-    report = evaluate_stage.evaluate(cfg, force=force)
-    typer.echo(report.summary())
+    _echo(pipeline.run_stage(cfg, "evaluate", force=force))
 
 
 @app.command()
@@ -167,10 +165,9 @@ def report(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
         termtune report configs/demo.yaml
     """
     cfg = resolve(args)
-    from termtune import report as report_stage
+    from termtune import pipeline
 
-    path = report_stage.write_report(cfg)
-    typer.echo(f"report: {path}")
+    typer.echo(f"report: {pipeline.write_report(cfg)}")
 
 
 # ----------------------------------------------------------------------------- export / validate
@@ -180,7 +177,7 @@ def report(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
 @friendly
 def export(
     args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace an existing artifact."),
+    force: bool = typer.Option(False, "--force", help="Export again, replacing an existing artifact folder."),
 ) -> None:
     """Merge the adapter into the unquantized base and write a Bedrock CMI artifact.
 
@@ -188,10 +185,9 @@ def export(
         termtune export configs/demo.yaml export.dtype=fp32
     """
     cfg = resolve(args)
-    from termtune import export as export_stage
+    from termtune import pipeline
 
-    artifact = export_stage.export(cfg, force=force)
-    typer.echo(artifact.summary())
+    _echo(pipeline.run_stage(cfg, "export", force=force))
 
 
 @app.command()
@@ -233,10 +229,15 @@ def deploy(
         termtune deploy configs/flan-t5-large-medical.yaml aws.bucket=my-bucket
     """
     cfg = resolve(args)
-    from termtune import aws
+    from termtune import pipeline
 
-    result = aws.deploy(cfg, dry_run=dry_run)
-    typer.echo(result.summary())
+    if dry_run:
+        from termtune import aws
+
+        pipeline.check_upstream(cfg, "deploy")
+        typer.echo(aws.deploy(cfg, dry_run=True).summary())
+        return
+    _echo(pipeline.run_stage(cfg, "deploy"))
 
 
 @app.command()
@@ -251,9 +252,13 @@ def role(
         termtune role configs/flan-t5-large-medical.yaml aws.bucket=my-bucket --dry-run
     """
     cfg = resolve(args)
-    from termtune import aws
+    from termtune import aws, pipeline
 
-    typer.echo(aws.ensure_role(cfg, dry_run=dry_run))
+    if dry_run:
+        typer.echo(aws.ensure_role(cfg, dry_run=True))
+        return
+    with pipeline.locked(cfg, "termtune role"):
+        typer.echo(aws.ensure_role(cfg))
 
 
 @app.command()
@@ -272,9 +277,9 @@ def invoke(
         termtune invoke configs/demo.yaml --term "Hypertension"
     """
     cfg = resolve(args)
-    from termtune import aws
+    from termtune import pipeline
 
-    aws.invoke_cli(cfg, term=term, raw=text, model_arn=model, stream=stream, as_json=as_json)
+    pipeline.invoke(cfg, term=term, raw=text, model_arn=model, stream=stream, as_json=as_json)
 
 
 @app.command()
@@ -283,15 +288,15 @@ def cleanup(
     args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
-    """Delete the imported model, the S3 prefix, and the role if termtune created it.
+    """Delete every model this run directory imported, their S3 prefixes, and the role if termtune created it.
 
     Example:
         termtune cleanup configs/demo.yaml --yes
     """
     cfg = resolve(args)
-    from termtune import aws
+    from termtune import pipeline
 
-    aws.cleanup(cfg, yes=yes)
+    pipeline.cleanup(cfg, yes=yes)
 
 
 @app.command()
@@ -325,9 +330,12 @@ def serve(
 @app.command()
 @friendly
 def run(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
-    """Run every stage in order, skipping stages whose outputs are complete.
+    """Run every stage in order, skipping stages made from the same settings and inputs.
 
     data -> train -> evaluate -> export -> validate -> deploy -> invoke
+
+    A changed setting re-runs exactly the stages that read it, and those after them; the
+    replaced results are kept in <run>/history.json.
 
     Example:
         termtune run configs/demo.yaml
@@ -336,6 +344,12 @@ def run(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> Non
     from termtune import pipeline
 
     pipeline.run(cfg)
+
+
+def _echo(outcome: Any) -> None:
+    """Print a stage's summary; a skipped stage (None) has already said why."""
+    if outcome is not None and outcome.summary:
+        typer.echo(outcome.summary)
 
 
 def main() -> None:

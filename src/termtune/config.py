@@ -61,6 +61,8 @@ class DataConfig(Section):
     """Hub dataset id, or a local .jsonl/.json/.csv/.parquet file."""
     hub_split: str = "train"
     """Which split of a Hub dataset to read."""
+    revision: str | None = None
+    """Hub dataset revision (a commit sha pins the data; None: the latest, which a re-run cannot tell apart)."""
     term_column: str | None = None
     """Column holding the term. None: recognise `term` or `page_title`."""
     definition_column: str | None = None
@@ -223,10 +225,6 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.dir)
-
-    @property
-    def artifact_dir(self) -> Path:
-        return Path(self.export.dir) if self.export.dir else self.run_dir / "artifact"
 
     @property
     def tokenizer_source(self) -> str:

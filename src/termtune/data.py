@@ -1,6 +1,6 @@
 """The data stage: term/definition rows in, a seeded tokenized train/test split out.
 
-    termtune data prepare configs/demo.yaml          # writes <run>/data/ and <run>/stats.json
+    termtune data prepare configs/demo.yaml          # writes <run>/data/{train,test}.jsonl, stats.json
     termtune data inspect configs/demo.yaml --rows 5
 
 Sources are a Hub dataset id (the seed recipe's `gamino/wiki_medical_terms`), a local folder
@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.rundir import atomic_dir, record_stage, write_json
+from termtune.layout import RunLayout
+from termtune.rundir import atomic_dir, read_json, write_json
 
 # (term column, definition column) pairs recognised without any mapping.
 KNOWN_SCHEMAS = (("term", "definition"), ("page_title", "page_text"))
@@ -64,14 +65,19 @@ class _Findings:
 
 
 def prepare(cfg: Config, force: bool = False) -> PreparedData:
-    """Read, validate, clean, split and tokenize `cfg.data.source` into the run directory."""
+    """Read, validate, clean, split and tokenize `cfg.data.source` into <run>/data.
+
+    An existing data folder is replaced only with `force` (the runner passes it: it knows
+    whether the folder is complete and made from these settings).
+    """
     d = cfg.data
-    out_dir = cfg.run_dir / "data"
+    layout = RunLayout.of(cfg)
+    out_dir = layout.data
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to prepare the data again")
 
     # --- read and validate
-    label, columns, rows = _open_source(d.source, d.hub_split)
+    label, columns, rows = _open_source(d.source, d.hub_split, d.revision)
     term_col, def_col = _pick_columns(label, columns, d.term_column, d.definition_column)
     findings = _Findings(strict=d.strict)
     examples: list[dict[str, str]] = []
@@ -134,19 +140,17 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
         "target_tokens": _length_stats(lengths["target"], d.max_target_length),
     }
     with atomic_dir(out_dir, force=force) as tmp:
-        _write_jsonl(tmp / "train.jsonl", train_rows)
-        _write_jsonl(tmp / "test.jsonl", test_rows)
-        write_json(tmp / "stats.json", stats)
-    write_json(cfg.run_dir / "stats.json", stats)
-    record_stage(cfg, "data", extra={"rows_used": len(examples)})
-    return PreparedData(out_dir / "train.jsonl", out_dir / "test.jsonl", stats)
+        _write_jsonl(tmp / layout.split("train").name, train_rows)
+        _write_jsonl(tmp / layout.split("test").name, test_rows)
+        write_json(tmp / layout.stats.name, stats)
+    return PreparedData(layout.split("train"), layout.split("test"), stats)
 
 
 def load_split(cfg: Config, split: str) -> "Any":
     """The prepared `train` or `test` split as a `datasets.Dataset`."""
     from datasets import Dataset
 
-    path = cfg.run_dir / "data" / f"{split}.jsonl"
+    path = RunLayout.of(cfg).split(split)
     if not path.is_file():
         raise UserError(f"{path} not found: run `termtune data prepare` first")
     with path.open(encoding="utf-8") as f:
@@ -155,12 +159,12 @@ def load_split(cfg: Config, split: str) -> "Any":
 
 def inspect(cfg: Config, rows: int = 3) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Stats and the first `rows` training examples of a prepared run."""
-    stats_path = cfg.run_dir / "data" / "stats.json"
-    if not stats_path.is_file():
-        raise UserError(f"{stats_path} not found: run `termtune data prepare` first")
-    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    layout = RunLayout.of(cfg)
+    stats = read_json(layout.stats)
+    if not isinstance(stats, dict):
+        raise UserError(f"{layout.stats} not found: run `termtune data prepare` first")
     examples = []
-    with (cfg.run_dir / "data" / "train.jsonl").open(encoding="utf-8") as f:
+    with layout.split("train").open(encoding="utf-8") as f:
         for line, _ in zip(f, range(rows)):
             examples.append(json.loads(line))
     return stats, examples
@@ -186,7 +190,7 @@ def summary(stats: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def _open_source(source: str, hub_split: str) -> tuple[str, list[str], Iterator[Row]]:
+def _open_source(source: str, hub_split: str, revision: str | None) -> tuple[str, list[str], Iterator[Row]]:
     """(label for messages, column names, row iterator) for a file, a folder or a Hub id."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -197,15 +201,15 @@ def _open_source(source: str, hub_split: str) -> tuple[str, list[str], Iterator[
     looks_local = source.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_FORMATS
     if looks_local and not path.exists():
         raise UserError(f"data.source: {source} not found")
-    return _open_hub(source, hub_split)
+    return _open_hub(source, hub_split, revision)
 
 
-def _open_hub(source: str, hub_split: str) -> tuple[str, list[str], Iterator[Row]]:
+def _open_hub(source: str, hub_split: str, revision: str | None) -> tuple[str, list[str], Iterator[Row]]:
     """A Hub dataset id, or a local folder with the same layout (what the Hub would download)."""
     from datasets import load_dataset
 
     try:
-        ds = load_dataset(source, split=hub_split)
+        ds = load_dataset(source, split=hub_split, revision=revision)
     except Exception as e:  # datasets raises many types: missing repo, offline, bad split
         raise UserError(f"data.source: cannot load dataset {source!r} (split {hub_split!r}): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

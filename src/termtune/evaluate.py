@@ -11,7 +11,7 @@ Generation is batched over length-sorted prompts (little padding, few forward pa
 which is what makes it several times faster than a one-prompt-at-a-time `generate` loop
 (benchmarks/bench_evaluate.py).
 
-Outputs (written atomically; metrics.json last, so its presence means the stage is complete):
+Outputs (the folder is written atomically: all of it or nothing):
     <run>/eval/predictions.jsonl   one row per example: term, prompt, reference, base, tuned
     <run>/eval/metrics.json        {"base": {...}, "tuned": {...}, "n": N, "decoding": {...}}
 """
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from termtune.config import Config, EvalConfig
 from termtune.errors import UserError
+from termtune.layout import RunLayout
 
 if TYPE_CHECKING:
     import torch
@@ -55,8 +56,6 @@ class EvalReport:
 
     directory: Path
     metrics: dict[str, Any]
-    reused: bool = False
-    """True when an earlier complete evaluation was returned instead of running again."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -66,8 +65,7 @@ class EvalReport:
     def summary(self) -> str:
         m = self.metrics
         models = [name for name in ("base", "tuned") if isinstance(m.get(name), dict)]
-        head = "evaluation (existing; pass --force to redo)" if self.reused else "evaluation"
-        lines = [f"{head}: {m.get('n', '?')} held-out examples, {_describe_decoding(m.get('decoding', {}))}"]
+        lines = [f"evaluation: {m.get('n', '?')} held-out examples, {_describe_decoding(m.get('decoding', {}))}"]
         lines.append(f"  {'metric':<16}" + "".join(f"{name:>10}" for name in models))
         for key, label in _SUMMARY_ROWS:
             cells = [format_metric(key, m[name].get(key)) for name in models]
@@ -107,21 +105,21 @@ def _describe_decoding(d: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
-def evaluate(cfg: Config, force: bool = False) -> EvalReport:
+def evaluate(cfg: Config) -> EvalReport:
     """Generate on the held-out split with the base and the tuned model and score both.
 
-    Returns the existing report when <run>/eval/metrics.json exists and `force` is False.
+    Reads <run>/data/test.jsonl and <run>/train/adapter; writes <run>/eval/{predictions.jsonl,
+    metrics.json}, replacing an earlier evaluation (the runner decides when one is due).
 
     Raises:
         UserError: no adapter (train has not run), or no held-out rows.
     """
-    from termtune.rundir import atomic_dir, record_stage, write_json
+    from termtune.rundir import atomic_dir, write_json
 
     # validate inputs
-    out_dir = cfg.run_dir / "eval"
-    if (out_dir / "metrics.json").is_file() and not force:
-        return EvalReport(out_dir, json.loads((out_dir / "metrics.json").read_text(encoding="utf-8")), reused=True)
-    adapter_dir = cfg.run_dir / "train" / "adapter"
+    layout = RunLayout.of(cfg)
+    out_dir = layout.eval
+    adapter_dir = layout.adapter
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no trained adapter (adapter_config.json missing); run termtune train first")
     rows = _held_out_rows(cfg)
@@ -155,9 +153,7 @@ def evaluate(cfg: Config, force: bool = False) -> EvalReport:
     metrics["decoding"] = decoding_settings(cfg.eval)
     metrics["adapter"] = str(adapter_dir)
 
-    # save: predictions first, metrics.json last (its presence marks the stage complete)
-    # An eval/ folder without metrics.json is the leftover of an interrupted run, never a result,
-    # so it is replaced without asking for --force.
+    # save: the whole folder appears at once; an interrupted evaluation leaves nothing
     with atomic_dir(out_dir, force=True) as tmp:
         lines = []
         for i, r in enumerate(rows):
@@ -165,11 +161,8 @@ def evaluate(cfg: Config, force: bool = False) -> EvalReport:
                 "term": r["term"], "prompt": r["prompt"], "reference": r["target"],
                 "base": base_out[i].text if base_out is not None else None, "tuned": tuned_out[i].text,
             }, ensure_ascii=False))
-        (tmp / "predictions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        write_json(tmp / "metrics.json", metrics)
-
-    # report
-    record_stage(cfg, "evaluate", extra={"metrics": {k: metrics[k] for k in ("base", "tuned", "n") if k in metrics}})
+        (tmp / layout.predictions.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_json(tmp / layout.eval_metrics.name, metrics)
     return EvalReport(out_dir, metrics)
 
 
@@ -181,7 +174,7 @@ def _held_out_rows(cfg: Config) -> list[dict[str, Any]]:
     if cfg.eval.max_examples is not None:
         n = min(n, cfg.eval.max_examples)
     if n == 0:
-        raise UserError(f"{cfg.run_dir / 'data'}: the held-out split is empty; raise data.test_size and "
+        raise UserError(f"{RunLayout.of(cfg).data}: the held-out split is empty; raise data.test_size and "
                         "run termtune data prepare --force")
     # The split is already shuffled with the run seed, so its first rows are a fair sample.
     return split.select(range(n)).to_list()

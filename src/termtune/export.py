@@ -6,10 +6,10 @@ exactly as the model that was trained.
     print(artifact.summary())
 
 Steps: validate inputs -> load the base unquantized (also after 4-bit/8-bit training) and
-apply + merge the adapter -> write weights, configs, tokenizer files, model card into a
-temporary folder -> verify it (the preflight rules, then every weight file re-read and
-compared with the bytes that were written) -> write manifest.json last -> rename into place
--> <run>/validation.json -> provenance.
+apply + merge the adapter -> write weights, configs and tokenizer files into a temporary
+folder -> verify it (the preflight rules, then every weight file re-read and compared with
+the bytes that were written) -> write manifest.json last -> rename into place ->
+<run>/validation.json. (The model card is rendered with the report: termtune.modelcard.)
 
 Why not `save_pretrained` alone: transformers 5.x writes T5 with `tie_word_embeddings: true`
 and a `tokenizer_config.json` that 4.x cannot read, and it writes no `spiece.model` or
@@ -35,21 +35,20 @@ from typing import TYPE_CHECKING, Any
 
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.rundir import atomic_dir, record_stage, write_json, write_text
+from termtune.layout import RunLayout
+from termtune.modelcard import TORCH_DTYPE_NAMES, base_name
+from termtune.rundir import atomic_dir, sha256_file, write_json
 from termtune.validate import INDEX_FILE, Check, format_checks, validate
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 SAFETENSORS_DTYPES = {"bf16": "BF16", "fp32": "F32", "fp16": "F16"}
 # T5 keeps its token embeddings once (shared.weight); encoder/decoder embed_tokens are views of it
 # that every transformers version re-ties on load, so they are not written twice.
 TIED_TO_SHARED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 PAUSE_ENV = "TERMTUNE_EXPORT_TEST_PAUSE"  # seconds to sleep mid-export (crash tests only)
-MEDQUAD_CITATION = ('Asma Ben Abacha and Dina Demner-Fushman. "A Question-Entailment Approach to Question '
-                    'Answering". BMC Bioinformatics 20:511, 2019.')
 
 
 @dataclass
@@ -67,6 +66,10 @@ class Artifact:
     def total_bytes(self) -> int:
         return sum(f["size"] for f in self.files)
 
+    @property
+    def digest(self) -> str:
+        return artifact_digest(self.files)
+
     def summary(self) -> str:
         failed = sum(c.failed for c in self.checks)
         warnings = sum(c.warning and not c.ok for c in self.checks)
@@ -80,9 +83,10 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     """Merge, write, verify and atomically publish the CMI artifact. See the module docstring."""
     started = time.time()
     # ---- validate inputs (cheap checks first, before loading any weights)
-    adapter_dir = cfg.run_dir / "train" / "adapter"
+    layout = RunLayout.of(cfg)
+    adapter_dir = layout.adapter
     _check_adapter(adapter_dir, cfg.model.allow_pickle)
-    final = cfg.artifact_dir
+    final = layout.artifact
     if final.exists() and not force:
         raise UserError(f"{final} already exists; pass --force to replace it")
     max_shard = parse_size(cfg.export.max_shard_size)
@@ -102,7 +106,6 @@ def export(cfg: Config, force: bool = False) -> Artifact:
         write_model_config(model, tmp, cfg.export.dtype, tied=tied)
         write_tokenizer(tokenizer, tmp, spiece)
         _pause_for_crash_tests()
-        write_text(tmp / "README.md", model_card(cfg))
         checks = validate(tmp)
         if any(c.failed for c in checks):
             raise UserError(f"export: the artifact fails the CMI preflight:\n{format_checks(checks)}")
@@ -113,14 +116,10 @@ def export(cfg: Config, force: bool = False) -> Artifact:
 
     # ---- report
     checks = validate(final)
-    write_json(cfg.run_dir / "validation.json", {
+    write_json(layout.validation, {
         "directory": str(final), "ok": not any(c.failed for c in checks), "checks": [c.as_dict() for c in checks]})
-    artifact = Artifact(path=final, dtype=cfg.export.dtype, base_model=_base_name(cfg), files=files, checks=checks,
-                        seconds=time.time() - started, shards=len(weights))
-    record_stage(cfg, "export", extra={"artifact": str(final), "dtype": cfg.export.dtype,
-                                       "total_bytes": artifact.total_bytes, "weight_files": len(weights),
-                                       "validation_failed": sum(c.failed for c in checks)})
-    return artifact
+    return Artifact(path=final, dtype=cfg.export.dtype, base_model=base_name(cfg), files=files, checks=checks,
+                    seconds=time.time() - started, shards=len(weights))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -210,7 +209,7 @@ def merged_model(cfg: Config, adapter_dir: Path) -> "PreTrainedModel":
         # instead of initialising random values that are overwritten at once.
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False, low_cpu_mem_usage=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"{adapter_dir}: cannot apply the adapter to {_base_name(cfg)}: "
+        raise UserError(f"{adapter_dir}: cannot apply the adapter to {base_name(cfg)}: "
                         f"{str(e).splitlines()[0]}") from e
     model = peft_model.merge_and_unload()
     model.eval()
@@ -317,14 +316,6 @@ def verify_weights(folder: Path, written: dict[str, dict[str, Any]]) -> None:
             raise RuntimeError(f"{folder / name}: read back differs from what was written (disk or filesystem error)")
 
 
-def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------- configs + tokenizer
 
 
@@ -372,6 +363,13 @@ def write_tokenizer(tokenizer: Any, folder: Path, spiece: Path) -> None:
 # ----------------------------------------------------------------------------- manifest + card
 
 
+def artifact_digest(files: list[dict[str, Any]]) -> str:
+    """One sha256 for the model files of an artifact (from the manifest's entries), the identity that
+    names its import and that the run history records."""
+    lines = "".join(f"{f['path']}:{f['sha256']}\n" for f in sorted(files, key=lambda f: f["path"]))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def write_manifest(folder: Path, cfg: Config, weights: dict[str, dict[str, Any]], tied: bool) -> list[dict]:
     """manifest.json (written last: its presence marks a complete artifact)."""
     files = []
@@ -383,8 +381,8 @@ def write_manifest(folder: Path, cfg: Config, weights: dict[str, dict[str, Any]]
                       "sha256": known["sha256"] if known else sha256_file(path)})
     write_json(folder / "manifest.json", {
         "format": "termtune-cmi-artifact/1",
-        "base_model": _base_name(cfg),
-        "adapter": str(cfg.run_dir / "train" / "adapter"),
+        "base_model": base_name(cfg),
+        "adapter": str(RunLayout.of(cfg).adapter),
         "dtype": cfg.export.dtype,
         "torch_dtype": TORCH_DTYPE_NAMES[cfg.export.dtype],
         "tie_word_embeddings": tied,
@@ -398,115 +396,3 @@ def _base_name(cfg: Config) -> str:
     if cfg.model.init == "random":
         return f"random init, shape of {cfg.model.architecture} (seed {cfg.run.seed})"
     return cfg.model.source
-
-
-def _data_section(cfg: Config) -> str:
-    source = cfg.data.source
-    lines = [f"- Source: `{source}`", f"- Prompt: `{cfg.data.prompt_template}`; target: {cfg.data.target}"]
-    if "medquad" in source.lower():
-        lines += ["- MedQuAD (NIH-derived medical question-answer pairs; term -> definition rows), "
-                  "repository abachaa/MedQuAD, license **CC BY 4.0**.",
-                  f"- Citation: {MEDQUAD_CITATION}"]
-    elif "wiki_medical_terms" in source:
-        lines.append("- Wikipedia medical articles (gamino/wiki_medical_terms); Wikipedia text is CC BY-SA. "
-                     "Check the dataset card for its terms.")
-    else:
-        lines.append("- Check the license of this data before sharing the model.")
-    stats = _read_json(cfg.run_dir / "stats.json")
-    if stats:
-        lines.append(f"- Rows: {stats.get('train_rows', '?')} train, {stats.get('test_rows', '?')} held out "
-                     f"(seed {cfg.run.seed}, split by term)")
-    return "\n".join(lines)
-
-
-def _metrics_section(cfg: Config) -> str:
-    metrics = _read_json(cfg.run_dir / "eval" / "metrics.json")
-    if not isinstance(metrics, dict):
-        return "Not evaluated yet (run `termtune evaluate` before exporting to include results here)."
-    models = [name for name in ("base", "tuned") if isinstance(metrics.get(name), dict)]
-    if not models:
-        return "See eval/metrics.json in the run directory."
-    keys = [k for k, v in metrics[models[-1]].items() if _is_number(v)]
-    rows = [f"| {k} | " + " | ".join(_fmt(metrics[m].get(k)) for m in models) + " |" for k in keys]
-    return (f"{metrics.get('n', '?')} held-out examples (`eval/metrics.json`; "
-            f"base = the model before fine-tuning):\n\n| metric | {' | '.join(models)} |\n"
-            f"|---|{'---|' * len(models)}\n" + "\n".join(rows))
-
-
-def _training_result(cfg: Config) -> str:
-    result = _read_json(cfg.run_dir / "train" / "result.json")
-    if not isinstance(result, dict):
-        return ""
-    return (f"\n- Result: {result.get('global_step', '?')} optimizer steps, training loss "
-            f"{_fmt(result.get('train_loss'))}, held-out loss {_fmt(result.get('eval_loss'))}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "n/a" if value is None else str(value)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def model_card(cfg: Config) -> str:
-    lora, train = cfg.lora, cfg.train
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
-    steps = f"max_steps {train.max_steps}" if train.max_steps > 0 else f"epochs: {train.epochs:g}"
-    return f"""---
-library_name: transformers
-pipeline_tag: text2text-generation
-tags: [t5, flan-t5, lora, medical, bedrock-custom-model-import]
----
-
-# {cfg.run_dir.name}: a Flan-T5 fine-tuned on medical terminology
-
-Full (merged) weights of `T5ForConditionalGeneration`, written by `termtune export` for
-Amazon Bedrock Custom Model Import and checked to load under transformers 4.51.3.
-
-## Base model
-
-- {_base_name(cfg)}
-- Weights here: {TORCH_DTYPE_NAMES[cfg.export.dtype]} safetensors, LoRA merged into the unquantized base
-  (training quantization: {cfg.model.quantization}).
-
-## Data
-
-{_data_section(cfg)}
-
-## Training
-
-- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target modules: {targets}, bias: {lora.bias}
-- {steps}, batch size {train.batch_size} x {train.gradient_accumulation_steps} accumulation,
-  learning rate {train.learning_rate:g} ({train.lr_scheduler}, warmup {train.warmup_ratio:g}),
-  weight decay {train.weight_decay:g}, precision {train.precision}, seed {cfg.run.seed}
-- Source length {cfg.data.max_source_length}, target length {cfg.data.max_target_length} tokens{_training_result(cfg)}
-
-## Evaluation
-
-{_metrics_section(cfg)}
-
-## Intended use
-
-Explaining medical terms in plain language for education, study aids and drafting, where a
-person reads and checks the output. Prompt: `{cfg.data.prompt_template}`.
-
-## Limits
-
-- Not medical advice, and not for diagnosis, treatment or triage decisions. Outputs can be
-  fluent and wrong: the model can invent definitions, mix up similar terms and state
-  outdated facts with confidence.
-- It learned from a fixed set of English definitions; rare terms, other languages and
-  recent findings are likely to be wrong or missing.
-- Automatic scores (ROUGE, BLEU, chrF) measure overlap with reference text, not medical
-  correctness. Have a qualified reviewer check anything used with patients.
-"""

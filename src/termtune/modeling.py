@@ -20,10 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.layout import RunLayout
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+BUILT_FROM = "termtune-built-from.json"
+"""Written into a random-init base folder: the shape, seed and tokenizer it was built from."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -60,7 +65,7 @@ def _check_local_or_hub(source: str, key: str) -> None:
 def base_model_dir(cfg: Config) -> str:
     """The folder or Hub id the base weights are loaded from."""
     if cfg.model.init == "random":
-        return str(cfg.run_dir / "base-model")
+        return str(RunLayout.of(cfg).base_model)
     return cfg.model.source
 
 
@@ -141,16 +146,23 @@ def architecture_config(cfg: Config) -> "Any":
 
 
 def materialize_random_base(cfg: Config) -> Path:
-    """Build the seeded random-init base once and save it (atomically) in the run directory."""
+    """Build the seeded random-init base once and save it (atomically) in the run directory.
+
+    The folder records what it was built from; one built from another shape, seed or tokenizer
+    (a crashed run whose settings were then changed) is rebuilt, never reused.
+    """
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from termtune.rundir import atomic_dir
+    from termtune.rundir import atomic_dir, read_json, write_json
 
-    target = cfg.run_dir / "base-model"
-    if (target / "config.json").is_file():
-        return target
+    target = RunLayout.of(cfg).base_model
     config = architecture_config(cfg)
+    shape = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
+    built_from = {"architecture": shape, "seed": cfg.run.seed, "tokenizer": cfg.tokenizer_source}
+    built_from = json.loads(json.dumps(built_from, sort_keys=True, default=str))
+    if (target / "config.json").is_file() and read_json(target / BUILT_FROM) == built_from:
+        return target
     torch.manual_seed(cfg.run.seed)
     model = T5ForConditionalGeneration(config)
     untie_lm_head(model)
@@ -158,6 +170,7 @@ def materialize_random_base(cfg: Config) -> Path:
     with atomic_dir(target, force=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_json(tmp / BUILT_FROM, built_from)
     return target
 
 

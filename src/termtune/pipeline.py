@@ -1,102 +1,395 @@
-"""`termtune run`: every stage in order, skipping the ones whose outputs are complete.
+"""The stage registry and the runner: what each stage reads and writes, and when it must run again.
 
     data -> train -> evaluate -> export -> validate -> deploy -> invoke
 
-Each stage writes its outputs atomically and its "complete" marker last, so after a crash
-the same command continues at the first stage that did not finish (training itself resumes
-from its last checkpoint).
+Every stage declares the config keys it reads, the stages whose outputs it reads, and (for the
+data stage) the content of its source. When a stage completes, the runner records, last and
+atomically, a fingerprint of all of that in <run>/provenance/<stage>.json. A stage is complete
+only while that fingerprint equals the one computed from the current config, and its outputs
+are there. So, like make:
+
+- `termtune run` skips complete stages, re-runs every stage whose inputs changed (and so
+  everything after it), and says why, naming the changed keys with old -> new values;
+- a single stage command (`termtune export`, ...) refuses, in one line, to read outputs that
+  were made from other settings;
+- outputs that are replaced leave their record (settings, metrics, artifact digest, imported
+  model) in <run>/history.json, shown in the report as "attempts".
+
+Code changes do not invalidate a stage (the record keeps the git commit). Every stage that
+writes holds the run directory's lock; the report is refreshed here after each stage.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import typer
 
-from termtune.config import Config
+from termtune import history
+from termtune.config import Config, dump_config
 from termtune.errors import UserError
+from termtune.layout import RunLayout
+from termtune.rundir import exclusive, provenance, read_json, remove, sha256_file, write_json, write_text
 
 
-def _data(cfg: Config) -> None:
+@dataclass
+class Outcome:
+    """What a stage returns to the runner: its result object, the lines to print, what to record."""
+
+    result: Any
+    summary: str
+    record: dict[str, Any] = field(default_factory=dict)
+    """Figures kept in the stage's record and, once replaced, in the run history."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Config, bool], Outcome]
+    """Does the work; the bool is `force` (replace outputs termtune cannot prove are its own)."""
+    reads: tuple[str, ...] = ()
+    """Config sections or keys whose values make the outputs what they are."""
+    ignores: tuple[str, ...] = ()
+    """Keys under `reads` that do not change the outputs (logging cadence, timeouts, ...)."""
+    upstream: tuple[str, ...] = ()
+    """Stages whose outputs this one reads."""
+    outputs: Callable[[RunLayout], list[Path]] = lambda layout: []
+    """What the stage writes; removed before it runs again, and all must exist for it to be complete."""
+    marker: Callable[[RunLayout], Path] | None = None
+    """The output that must exist for the stage to count as complete."""
+    sources: Callable[[Config], dict[str, Any]] = lambda cfg: {}
+    """Inputs that are not config values (the data file's content, the resolved tokenizer)."""
+    always: bool = False
+    """Cheap checks and calls worth repeating every run (validate, invoke): never skipped, not fingerprinted."""
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def _data(cfg: Config, force: bool) -> Outcome:
     from termtune import data
 
-    typer.echo(data.summary(data.prepare(cfg).stats))
+    prepared = data.prepare(cfg, force=True)
+    return Outcome(prepared, data.summary(prepared.stats),
+                   {"rows_used": prepared.stats["rows_used"], "train_rows": prepared.stats["train_rows"],
+                    "test_rows": prepared.stats["test_rows"]})
 
 
-def _train(cfg: Config) -> None:
+def _train(cfg: Config, force: bool) -> Outcome:
     from termtune import train
 
-    typer.echo(train.train(cfg).summary())
+    result = train.train(cfg)
+    return Outcome(result, result.summary(), {"result": asdict(result)})
 
 
-def _evaluate(cfg: Config) -> None:
+def _evaluate(cfg: Config, force: bool) -> Outcome:
     from termtune import evaluate
 
-    typer.echo(evaluate.evaluate(cfg).summary())
+    report = evaluate.evaluate(cfg)
+    metrics = report.metrics
+    return Outcome(report, report.summary(), {"metrics": {k: metrics[k] for k in ("base", "tuned", "n") if k in metrics}})
 
 
-def _export(cfg: Config) -> None:
+def _export(cfg: Config, force: bool) -> Outcome:
     from termtune import export
 
-    typer.echo(export.export(cfg).summary())
+    artifact = export.export(cfg, force=force)
+    return Outcome(artifact, artifact.summary(), {
+        "artifact": str(artifact.path), "artifact_sha256": artifact.digest, "dtype": artifact.dtype,
+        "total_bytes": artifact.total_bytes, "weight_files": artifact.shards,
+        "validation_failed": sum(c.failed for c in artifact.checks)})
 
 
-def _validate(cfg: Config) -> None:
+def _validate(cfg: Config, force: bool) -> Outcome:
     from termtune import validate
 
-    checks = validate.validate(cfg.artifact_dir)
-    typer.echo(validate.format_checks(checks))
+    folder = RunLayout.of(cfg).artifact
+    checks = validate.validate(folder)
+    text = validate.format_checks(checks)
     if any(c.failed for c in checks):
-        raise UserError(f"{cfg.artifact_dir}: the artifact fails the Bedrock preflight (see the checks above)")
+        typer.echo(text)
+        raise UserError(f"{folder}: the artifact fails the Bedrock preflight (see the checks above)")
+    return Outcome(checks, text)
 
 
-def _deploy(cfg: Config) -> None:
+def _deploy(cfg: Config, force: bool) -> Outcome:
     from termtune import aws
 
-    typer.echo(aws.deploy(cfg).summary())
+    result = aws.deploy(cfg)
+    return Outcome(result, result.summary(), {k: getattr(result, k) for k in
+                                              ("s3_uri", "model_name", "job_arn", "model_arn", "role_arn")})
 
 
-def _invoke(cfg: Config) -> None:
+def _invoke(cfg: Config, force: bool) -> Outcome:
     from termtune import aws
 
-    aws.invoke_cli(cfg, term=cfg.aws.invoke_prompt, raw=None, model_arn=None, stream=False, as_json=False)
+    saved = aws.invoke_cli(cfg, term=cfg.aws.invoke_prompt, raw=None, model_arn=None, stream=False, as_json=False)
+    return Outcome(saved, "", {"model_arn": saved["model_arn"], "prompt": saved["prompt"]})
 
 
-def _deployed(cfg: Config) -> bool:
-    import json
+def _data_sources(cfg: Config) -> dict[str, Any]:
+    """The data's identity: a local file's size and sha256, a folder's files, or the Hub id and revision."""
+    path = Path(cfg.data.source).expanduser()
+    if path.is_file():
+        content = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        content = {"files": {str(p.relative_to(path)): sha256_file(p) for p in files}}
+        content = {"sha256": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()}
+    else:
+        content = {"hub": cfg.data.source, "revision": cfg.data.revision or "latest (unpinned)"}
+    return {"data.source content": content, "tokenizer": cfg.tokenizer_source}
 
-    path = cfg.run_dir / "deploy.json"
-    if not path.is_file():
-        return False
-    record = json.loads(path.read_text(encoding="utf-8"))
-    return record.get("status") == "Completed" and bool(record.get("model_arn"))
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", _data, reads=("data", "run.seed"),
+          # strict only decides whether a finding is an error; a run that succeeds writes the same data
+          ignores=("data.strict",),
+          outputs=lambda l: [l.data], marker=lambda l: l.split("test"), sources=_data_sources),
+    Stage("train", _train, reads=("model", "lora", "train", "run.seed"),
+          # how often to log, save and evaluate does not change the trained weights
+          ignores=("train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
+                   "train.dataloader_workers"),
+          upstream=("data",), outputs=lambda l: [l.train, l.base_model], marker=lambda l: l.train_result),
+    Stage("evaluate", _evaluate, reads=("eval",), ignores=("eval.samples_in_report",),
+          upstream=("data", "train"), outputs=lambda l: [l.eval], marker=lambda l: l.eval_metrics),
+    Stage("export", _export, reads=("export",), upstream=("train",),
+          outputs=lambda l: [l.validation], marker=lambda l: l.manifest),
+    Stage("validate", _validate, upstream=("export",), always=True),
+    Stage("deploy", _deploy, reads=("aws",),
+          # how long to wait and how to invoke do not change what is imported
+          ignores=("aws.import_timeout_minutes", "aws.poll_seconds", "aws.invoke_schema", "aws.invoke_max_tokens",
+                   "aws.invoke_temperature", "aws.cold_start_budget_minutes", "aws.invoke_prompt",
+                   "aws.model_quota", "aws.role_retry_minutes", "aws.deploy"),
+          upstream=("export",), outputs=lambda l: [l.deploy], marker=lambda l: l.deploy),
+    Stage("invoke", _invoke, upstream=("deploy",), always=True),
+)
+BY_NAME = {s.name: s for s in STAGES}
 
 
-# (name, "already complete?" check, the stage). Checks look at each stage's last-written file.
-STAGES: list[tuple[str, Callable[[Config], bool], Callable[[Config], None]]] = [
-    ("data", lambda c: (c.run_dir / "data" / "train.jsonl").is_file(), _data),
-    ("train", lambda c: (c.run_dir / "train" / "result.json").is_file(), _train),
-    ("evaluate", lambda c: (c.run_dir / "eval" / "metrics.json").is_file(), _evaluate),
-    ("export", lambda c: (c.artifact_dir / "manifest.json").is_file(), _export),
-    ("validate", lambda c: False, _validate),  # cheap, and its ✓/✗ list is worth seeing every time
-    ("deploy", _deployed, _deploy),
-    ("invoke", lambda c: False, _invoke),
-]
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def inputs(cfg: Config, stage: Stage, cache: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything `stage` reads, resolved now: its config values, its upstream fingerprints, its sources."""
+    flat = _flatten(cfg.model_dump(mode="json"))
+    keys = {k: v for k, v in flat.items()
+            if any(k == r or k.startswith(r + ".") for r in stage.reads)
+            and not any(k == i or k.startswith(i + ".") for i in stage.ignores)}
+    cache = {} if cache is None else cache
+    upstream = {name: fingerprint(cfg, BY_NAME[name], cache) for name in stage.upstream}
+    return {"keys": keys, "upstream": upstream, "sources": stage.sources(cfg)}
+
+
+def fingerprint(cfg: Config, stage: Stage, cache: dict[str, str] | None = None) -> str:
+    cache = {} if cache is None else cache
+    if stage.name not in cache:
+        text = json.dumps(inputs(cfg, stage, cache), sort_keys=True, default=str)
+        cache[stage.name] = hashlib.sha256(text.encode()).hexdigest()
+    return cache[stage.name]
+
+
+@dataclass
+class State:
+    """Where a stage stands against the current config."""
+
+    complete: bool
+    reasons: list[str]
+    """Why it must run: the changed keys (old -> new), changed upstream stages, missing outputs."""
+    record: dict[str, Any] | None
+
+
+def state(cfg: Config, stage: Stage, cache: dict[str, str] | None = None) -> State:
+    layout = RunLayout.of(cfg)
+    record = read_json(layout.record(stage.name))
+    if not isinstance(record, dict) or "fingerprint" not in record:
+        return State(False, ["not run yet"], None)
+    now = inputs(cfg, stage, cache)
+    if fingerprint(cfg, stage, cache) == record["fingerprint"]:
+        missing = [p for p in [stage.marker(layout)] if stage.marker and not p.exists()]
+        if missing:
+            return State(False, [f"{missing[0]} is missing"], record)
+        return State(True, [], record)
+    return State(False, _differences(record.get("inputs", {}), now), record)
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    reasons = []
+    old_keys, new_keys = before.get("keys", {}), now["keys"]
+    for key in sorted(set(old_keys) | set(new_keys)):
+        if old_keys.get(key, "(unset)") != new_keys.get(key, "(unset)"):
+            reasons.append(f"{key} {_short(old_keys.get(key, '(unset)'))} → {_short(new_keys.get(key, '(unset)'))}")
+    old_sources, new_sources = before.get("sources", {}), now["sources"]
+    for key in sorted(set(old_sources) | set(new_sources)):
+        if old_sources.get(key) != new_sources.get(key):
+            reasons.append(f"{key} changed" if isinstance(new_sources.get(key), dict)
+                           else f"{key} {_short(old_sources.get(key))} → {_short(new_sources.get(key))}")
+    for name, fp in now["upstream"].items():
+        if before.get("upstream", {}).get(name) != fp:
+            reasons.append(f"{name} changed")
+    return reasons or ["its inputs changed"]
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and prefix == "":  # sections; values that are mappings stay whole
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_stage(cfg: Config, name: str, force: bool = False, quiet_skip: bool = False) -> Outcome | None:
+    """Run one stage the way `termtune <stage>` does: refuse stale upstream outputs, skip when
+    complete (unless `force`), otherwise replace the old outputs (kept in the history) and run.
+    Returns None when the stage was skipped."""
+    stage = BY_NAME[name]
+    cache: dict[str, str] = {}
+    _check_upstream(cfg, stage, cache)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate only rank 0 writes records
+    if not rank0:
+        return stage.run(cfg, force)
+    with locked(cfg, f"termtune {_command(name)}"):
+        return _run_locked(cfg, stage, force, cache, announce=not quiet_skip)
+
+
+def locked(cfg: Config, command: str) -> Any:
+    """The run directory's lock: one writer at a time."""
+    return exclusive(RunLayout.of(cfg).lock, command=command)
+
+
+def check_upstream(cfg: Config, name: str) -> None:
+    """Refuse (one line) when a stage before `name` is missing or was made with other settings."""
+    _check_upstream(cfg, BY_NAME[name], {})
+
+
+def _check_upstream(cfg: Config, stage: Stage, cache: dict[str, str]) -> None:
+    for name in stage.upstream:
+        up = BY_NAME[name]
+        if up.always:
+            _check_upstream(cfg, up, cache)
+            continue
+        st = state(cfg, up, cache)
+        if st.complete:
+            continue
+        if st.record is None:
+            raise UserError(f"{stage.name}: {name} has not completed for this config in {cfg.run_dir}; "
+                            f"run `termtune {_command(name)}` (or `termtune run`) with the same config first")
+        raise UserError(f"{stage.name}: refusing to use {name} outputs made with other settings "
+                        f"({', '.join(st.reasons)}); run `termtune run` with this config to redo {name} "
+                        "and what depends on it")
+
+
+def _command(name: str) -> str:
+    return "data prepare" if name == "data" else name
+
+
+def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, str], announce: bool) -> Outcome | None:
+    layout = RunLayout.of(cfg)
+    if stage.always:
+        outcome = stage.run(cfg, force)
+        _finish(cfg, stage, outcome, fingerprint=None, inputs=None)
+        return outcome
+    st = state(cfg, stage, cache)
+    if st.complete and not force:
+        if announce:
+            typer.secho(f"{stage.name}: up to date in {cfg.run_dir} (same settings and inputs), skipped", fg="green")
+        return None
+    if st.record is not None:
+        why = st.reasons if not st.complete else ["--force"]
+        typer.secho(f"{stage.name}: re-running: {', '.join(why)}", fg="yellow")
+        history.append(layout, stage.name, st.record, why)
+        remove(layout.record(stage.name))
+        if os.environ.get("WORLD_SIZE", "1") != "1" and stage.name == "train":
+            raise UserError(f"train: {layout.train} was made with other settings; under torchrun/accelerate "
+                            "start over in a new run.dir (or run once without them to replace it)")
+        for path in stage.outputs(layout):
+            remove(path)
+    now = inputs(cfg, stage, cache)
+    # The outputs of a stage that completed (a record proves they are termtune's) may be replaced.
+    outcome = stage.run(cfg, force or st.record is not None)
+    _finish(cfg, stage, outcome, fingerprint(cfg, stage, cache), now)
+    return outcome
+
+
+def _finish(cfg: Config, stage: Stage, outcome: Outcome, fingerprint: str | None, inputs: dict | None) -> None:
+    """Record the stage as complete (last, atomically), then refresh the report."""
+    layout = RunLayout.of(cfg)
+    write_text(layout.config, dump_config(cfg))
+    record = {"stage": stage.name, "fingerprint": fingerprint, "inputs": inputs, "seed": cfg.run.seed,
+              **provenance(), "config": cfg.model_dump(mode="json"), "result": outcome.record}
+    write_json(layout.record(stage.name), {k: v for k, v in record.items() if v is not None})
+    write_report(cfg)
+
+
+def write_report(cfg: Config) -> Path:
+    """Bring report.html / report.md / the model card up to date with what the run directory holds."""
+    from termtune.report import write_report as render
+
+    return render(cfg)
+
+
+def invoke(cfg: Config, term: str | None = None, raw: str | None = None, model_arn: str | None = None,
+           stream: bool = False, as_json: bool = False) -> dict[str, Any]:
+    """`termtune invoke`: ask the run's imported model (refused when it was made from other settings),
+    or any model given by ARN."""
+    from termtune import aws
+
+    with locked(cfg, "termtune invoke"):
+        if model_arn is None:
+            check_upstream(cfg, "invoke")
+        saved = aws.invoke_cli(cfg, term=term, raw=raw, model_arn=model_arn, stream=stream, as_json=as_json)
+        _finish(cfg, BY_NAME["invoke"], Outcome(saved, "", {"model_arn": saved["model_arn"],
+                                                            "prompt": saved["prompt"]}), None, None)
+    return saved
+
+
+def cleanup(cfg: Config, yes: bool = False) -> list[str]:
+    """`termtune cleanup`: delete what the run imported; deploy then counts as not done."""
+    from termtune import aws
+
+    layout = RunLayout.of(cfg)
+    if not layout.root.is_dir():
+        return aws.cleanup(cfg, yes=yes)
+    with locked(cfg, "termtune cleanup"):
+        done = aws.cleanup(cfg, yes=yes)
+        if done or not read_json(layout.deploy, {}).get("model_arn"):
+            remove(layout.record("deploy"))
+            remove(layout.record("invoke"))
+        write_json(layout.record("cleanup"), {"stage": "cleanup", **provenance(), "deleted": done})
+        write_report(cfg)
+    return done
 
 
 def run(cfg: Config) -> None:
-    """Run the whole path for `cfg`; deploy and invoke only when aws.deploy is true."""
-    stages = STAGES if cfg.aws.deploy else [s for s in STAGES if s[0] not in ("deploy", "invoke")]
+    """`termtune run`: every stage in order; deploy and invoke only when aws.deploy is true."""
+    stages = [s for s in STAGES if cfg.aws.deploy or s.name not in ("deploy", "invoke")]
+    layout = RunLayout.of(cfg)
     started = time.perf_counter()
-    for name, is_complete, stage in stages:
-        if is_complete(cfg):
-            typer.secho(f"== {name}: complete in {cfg.run_dir}, skipped", fg="green")
-            continue
-        typer.secho(f"== {name}", bold=True)
-        t0 = time.perf_counter()
-        stage(cfg)
-        typer.echo(f"   ({name} took {time.perf_counter() - t0:.1f}s)")
-    report = Path(cfg.run_dir) / "report.html"
-    typer.secho(f"== done in {time.perf_counter() - started:.0f}s; report: {report}", fg="green", bold=True)
+    with exclusive(layout.lock, command="termtune run"):
+        cache: dict[str, str] = {}
+        for stage in stages:
+            typer.secho(f"== {stage.name}", bold=True)
+            t0 = time.perf_counter()
+            outcome = _run_locked(cfg, stage, force=False, cache=cache, announce=True)
+            if outcome is not None:
+                if outcome.summary:
+                    typer.echo(outcome.summary)
+                typer.echo(f"   ({stage.name} took {time.perf_counter() - t0:.1f}s)")
+    typer.secho(f"== done in {time.perf_counter() - started:.0f}s; report: {layout.report_html}",
+                fg="green", bold=True)

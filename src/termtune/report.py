@@ -1,10 +1,11 @@
 """The run report: report.html (self-contained, images embedded) and report.md, in the run dir.
 
-Every stage refreshes it at its end (rundir.record_stage -> refresh_report), so it shows
-whatever the run directory holds so far. Every section is optional:
+The runner refreshes it after every stage (termtune.pipeline), so it shows whatever the run
+directory holds so far, together with the model card (termtune.modelcard). Every section is optional:
 
     configuration      <run>/config.yaml, <run>/provenance/*.json
-    data               <run>/stats.json
+    attempts           <run>/history.json (results that re-runs replaced)
+    data               <run>/data/stats.json
     training           <run>/train/metrics.jsonl (loss curves), <run>/train/result.json
     evaluation         <run>/eval/metrics.json (table + bar chart)
     samples            <run>/eval/predictions.jsonl
@@ -25,8 +26,6 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,10 @@ from typing import Any, Iterable
 
 import yaml
 
+from termtune import history
 from termtune.config import Config
+from termtune.layout import RunLayout
+from termtune.rundir import read_json
 
 PROBLEM_NOTE = "could not read"
 """Prefix of the note shown where a file could not be turned into a section."""
@@ -90,11 +92,13 @@ class Section:
 
 def write_report(cfg: Config) -> Path:
     """Write <run>/report.html and <run>/report.md from what the run directory holds; return the HTML path."""
-    from termtune.rundir import write_text
+    from termtune.modelcard import model_card
+    from termtune.rundir import write_bytes, write_text
 
-    run = cfg.run_dir
+    layout = RunLayout.of(cfg)
+    run = layout.root
     sections = []
-    for build in (_config_section, _data_section, _training_section, _evaluation_section, _samples_section,
+    for build in (_config_section, _attempts_section, _data_section, _training_section, _evaluation_section, _samples_section,
                   _artifact_section, _validation_section, _deploy_section):
         try:
             section = build(cfg)
@@ -106,15 +110,14 @@ def write_report(cfg: Config) -> Path:
 
     title = f"termtune run report: {run.name or run}"
     generated = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    assets = run / "report_assets"
     for section in sections:
         for kind, value in section.blocks:
             if kind == "image":
-                _write_bytes(assets / f"{value.name}.png", value.png)
-    write_text(run / "report.md", _render_md(title, generated, run, sections))
-    html_path = run / "report.html"
-    write_text(html_path, _render_html(title, generated, run, sections))
-    return html_path
+                write_bytes(layout.report_assets / f"{value.name}.png", value.png)
+    write_text(layout.report_md, _render_md(title, generated, run, sections))
+    write_text(layout.report_html, _render_html(title, generated, run, sections))
+    write_text(layout.model_card, model_card(cfg))
+    return layout.report_html
 
 
 # ----------------------------------------------------------------------------- sections
@@ -122,8 +125,8 @@ def write_report(cfg: Config) -> Path:
 
 def _config_section(cfg: Config) -> Section | None:
     """Configuration"""
-    run = cfg.run_dir
-    path = run / "config.yaml"
+    layout = RunLayout.of(cfg)
+    path = layout.config
     if not path.is_file():
         return None
     text = path.read_text(encoding="utf-8")
@@ -137,16 +140,16 @@ def _config_section(cfg: Config) -> Section | None:
                 "aws.region")
         flat = dict(_flatten(data))
         section.table(["setting", "value"], [(k, flat[k]) for k in keys if k in flat])
-    stages = _stages_done(run)
+    stages = _stages_done(layout)
     if stages:
         section.table(["stage", "finished", "git commit"], stages)
     section.code(text, "full resolved config (config.yaml)")
     return section
 
 
-def _stages_done(run: Path) -> list[tuple[str, str, str]]:
+def _stages_done(layout: RunLayout) -> list[tuple[str, str, str]]:
     rows = []
-    folder = run / "provenance"
+    folder = layout.provenance
     if not folder.is_dir():
         return rows
     found = {p.stem: p for p in folder.glob("*.json")}
@@ -157,9 +160,48 @@ def _stages_done(run: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _attempts_section(cfg: Config) -> Section | None:
+    """Attempts"""
+    entries = history.read(RunLayout.of(cfg))
+    if not entries:
+        return None
+    section = Section("Attempts: results that re-runs replaced")
+    rows = []
+    for e in entries:
+        result = e.get("result") if isinstance(e.get("result"), dict) else {}
+        rows.append((e.get("stage", ""), e.get("finished_at", ""), e.get("replaced_at", ""),
+                     ", ".join(e.get("replaced_because") or []), _attempt_figures(e.get("stage"), result, e),
+                     str(e.get("fingerprint", ""))[:12]))
+    section.table(["stage", "finished", "replaced", "replaced because", "result", "fingerprint"], rows)
+    live = [e["deploy"].get("model_arn") for e in entries if e.get("stage") == "deploy" and e.get("live")]
+    if live:
+        section.note(f"still imported in Bedrock (termtune cleanup deletes them): {', '.join(live)}")
+    return section
+
+
+def _attempt_figures(stage: Any, result: dict[str, Any], entry: dict[str, Any]) -> str:
+    """The figures that tell attempts apart: losses, scores, the artifact digest, the imported model."""
+    if stage == "train" and isinstance(result.get("result"), dict):
+        r = result["result"]
+        return f"train loss {_num(r.get('train_loss'))}, held-out loss {_num(r.get('eval_loss'))}"
+    if stage == "evaluate" and isinstance(result.get("metrics"), dict):
+        tuned = result["metrics"].get("tuned", {})
+        return f"tuned ROUGE-L {_num(tuned.get('rougeL'))}" if isinstance(tuned, dict) else ""
+    if stage == "export":
+        return f"artifact sha256 {str(result.get('artifact_sha256', ''))[:16]}"
+    if stage == "deploy":
+        deployed = entry.get("deploy", {})
+        return f"{deployed.get('model_arn') or deployed.get('model_name', '')} ({'live' if entry.get('live') else 'deleted'})"
+    return ", ".join(f"{k} {v}" for k, v in result.items() if not isinstance(v, (dict, list)))
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if _is_number(value) else "n/a"
+
+
 def _data_section(cfg: Config) -> Section | None:
     """Data"""
-    stats = _read_json(cfg.run_dir / "stats.json")
+    stats = _read_json(RunLayout.of(cfg).stats)
     if stats is None:
         return None
     section = Section("Data")
@@ -192,9 +234,9 @@ def _data_section(cfg: Config) -> Section | None:
 
 def _training_section(cfg: Config) -> Section | None:
     """Training"""
-    train_dir = cfg.run_dir / "train"
-    metrics_path = train_dir / "metrics.jsonl"
-    result = _read_json(train_dir / "result.json")
+    layout = RunLayout.of(cfg)
+    metrics_path = layout.train_metrics
+    result = _read_json(layout.train_result)
     if not metrics_path.is_file() and result is None:
         return None
     section = Section("Training")
@@ -227,7 +269,7 @@ def _evaluation_section(cfg: Config) -> Section | None:
     """Evaluation"""
     from termtune.evaluate import format_metric
 
-    metrics = _read_json(cfg.run_dir / "eval" / "metrics.json")
+    metrics = _read_json(RunLayout.of(cfg).eval_metrics)
     if metrics is None:
         return None
     section = Section("Evaluation: base vs tuned")
@@ -255,7 +297,7 @@ def _evaluation_section(cfg: Config) -> Section | None:
 
 def _samples_section(cfg: Config) -> Section | None:
     """Samples"""
-    path = cfg.run_dir / "eval" / "predictions.jsonl"
+    path = RunLayout.of(cfg).predictions
     count = cfg.eval.samples_in_report
     if not path.is_file() or count == 0:
         return None
@@ -278,11 +320,12 @@ def _samples_section(cfg: Config) -> Section | None:
 
 def _artifact_section(cfg: Config) -> Section | None:
     """Artifact"""
-    manifest = _read_json(cfg.artifact_dir / "manifest.json")
+    layout = RunLayout.of(cfg)
+    manifest = _read_json(layout.manifest)
     if manifest is None:
         return None
     section = Section("Artifact")
-    section.text(f"folder: {cfg.artifact_dir}")
+    section.text(f"folder: {layout.artifact}")
     files = manifest.get("files") if isinstance(manifest, dict) else manifest
     if isinstance(manifest, dict):
         section.table(["", "value"], [(k, v) for k, v in manifest.items() if not isinstance(v, (dict, list))])
@@ -303,7 +346,7 @@ def _artifact_section(cfg: Config) -> Section | None:
 
 def _validation_section(cfg: Config) -> Section | None:
     """Validation"""
-    checks = _read_json(cfg.run_dir / "validation.json")
+    checks = _read_json(RunLayout.of(cfg).validation)
     if checks is None:
         return None
     section = Section("Bedrock CMI validation")
@@ -331,8 +374,8 @@ def _validation_section(cfg: Config) -> Section | None:
 
 def _deploy_section(cfg: Config) -> Section | None:
     """Deployment"""
-    deploy = _read_json(cfg.run_dir / "deploy.json")
-    invoke = _read_json(cfg.run_dir / "invoke.json")
+    deploy = _read_json(RunLayout.of(cfg).deploy)
+    invoke = _read_json(RunLayout.of(cfg).invoke)
     if deploy is None and invoke is None:
         return None
     section = Section("Deployment")
@@ -508,19 +551,13 @@ def _read_json(path: Path) -> Any:
     """The parsed file, or None when it does not exist. Unreadable JSON raises (shown as a note)."""
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    value = read_json(path, _UNREADABLE)
+    if value is _UNREADABLE:
+        raise ValueError(f"{path.name} is not valid JSON")
+    return value
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_UNREADABLE = object()
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:

@@ -1,12 +1,15 @@
-"""The run directory: atomic writes and provenance shared by every stage.
+"""Files in a run directory: atomic writes, one JSON reader, one sha256, provenance facts, the lock.
 
-Each stage writes into a temporary sibling and renames it into place only when complete,
-so a crash never leaves output that looks finished, and `termtune run` can skip any stage
-whose outputs exist.
+Each stage writes into a temporary sibling and renames it into place only when complete, so
+a crash never leaves output that looks finished. This module knows nothing about stages or
+the report: the runner (termtune.stages) decides what is complete and what to refresh.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -20,30 +23,53 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from termtune.config import Config, dump_config
 from termtune.errors import UserError
 
 _PACKAGES = ("termtune", "torch", "transformers", "peft", "datasets", "accelerate", "safetensors",
              "tokenizers", "bitsandbytes", "boto3", "botocore", "pydantic")
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename in the same folder)."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+# ----------------------------------------------------------------------------- atomic files
 
 
-def write_text(path: Path, text: str) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a file atomically: a temp file in the same folder, fsync, rename over `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The parsed file, or `default` when it is missing or not valid JSON (a file cut short by a crash)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
+def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager
@@ -72,6 +98,18 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
         os.replace(tmp, final)
 
 
+def remove(path: Path) -> None:
+    """Delete a file or folder if it is there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- provenance facts
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -96,33 +134,45 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def record_stage(cfg: Config, stage: str, extra: dict[str, Any] | None = None) -> None:
-    """Write the resolved config, package versions, git commit and seed for `stage`.
+def provenance() -> dict[str, Any]:
+    """What every stage record carries besides its inputs: when, which code, which packages, which command."""
+    return {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
+            "versions": package_versions(), "argv": sys.argv}
 
-    `config.yaml` always holds the config of the latest stage; `provenance/<stage>.json`
-    keeps each stage's own snapshot so a later override never hides what an earlier stage used.
+
+# ----------------------------------------------------------------------------- one writer
+
+
+@contextmanager
+def exclusive(lock_path: Path, command: str) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory for the block, or fail at once naming the holder.
+
+    fcntl locks belong to the open file: the kernel drops them when the holder exits, however
+    it exits (SIGKILL included), so a stale lock file never blocks the next command.
     """
-    run_dir = cfg.run_dir
-    record = {
-        "stage": stage,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seed": cfg.run.seed,
-        "git_commit": git_commit(),
-        "versions": package_versions(),
-        "argv": sys.argv,
-        "config": cfg.model_dump(mode="json"),
-    }
-    if extra:
-        record.update(extra)
-    write_json(run_dir / "provenance" / f"{stage}.json", record)
-    write_text(run_dir / "config.yaml", dump_config(cfg))
-    refresh_report(cfg)
-
-
-def refresh_report(cfg: Config) -> None:
-    """Bring report.html / report.md up to date with every stage that has run so far."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        from termtune.report import write_report
-    except ImportError:  # the report module is optional for the stages themselves
-        return
-    write_report(cfg)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = _lock_holder(fd)
+            raise UserError(f"{lock_path.parent}: in use by another termtune process "
+                            f"(pid {holder.get('pid', '?')}, `{holder.get('command', '?')}`, "
+                            f"since {holder.get('since', '?')}); wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "command": command,
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int) -> dict[str, Any]:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}

@@ -16,10 +16,10 @@ module adds is the glue the seed recipe got wrong or left out:
 - checkpoints that are sealed only once every file is on disk, so a run killed at any moment
   (even mid-save) resumes from the last complete one and ends with the same weights;
 - a metrics log (JSONL, TensorBoard when installed), padding fraction and target tokens/s,
-  held-out loss, a loss curve, the final adapter plus tokenizer; `result.json` is written last.
+  held-out loss, the final adapter plus tokenizer; `result.json` is written last.
 
 Reads  <run>/data/{train,test}.jsonl and <run>/base-model/ (random-init bases).
-Writes <run>/train/{checkpoints/, adapter/, metrics.jsonl, loss.png, result.json}.
+Writes <run>/train/{checkpoints/, adapter/, metrics.jsonl, result.json} (the loss curve is drawn by the report).
 Only rank 0 writes (each rank saves its own RNG state inside a checkpoint, as transformers does).
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import random
 import re
@@ -39,7 +38,8 @@ from typing import Any, Iterator
 
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.rundir import write_json, write_text
+from termtune.layout import RunLayout
+from termtune.rundir import atomic_dir, write_json, write_text
 
 SEAL_FILE = "termtune-complete.json"
 """Written into a checkpoint folder after everything else; a folder without it is never resumed."""
@@ -110,27 +110,23 @@ class TrainResult:
 def train(cfg: Config) -> TrainResult:
     """Train LoRA adapters on <run>/data and save them in <run>/train/adapter.
 
-    A finished stage (result.json present) is returned as is: delete <run>/train, or use a new
-    run.dir, to train again. An unfinished one resumes from its last complete checkpoint.
+    An unfinished run resumes from its last complete checkpoint (refused if it was started with
+    other settings). Whether a finished one is reused is the runner's decision (termtune.pipeline).
     """
     # -- validate inputs
-    train_dir = cfg.run_dir / "train"
-    result_file = train_dir / "result.json"
-    if result_file.is_file():
-        return TrainResult.load(result_file)
-    data_dir = cfg.run_dir / "data"
-    if not (data_dir / "train.jsonl").is_file():
-        raise UserError(f"{data_dir / 'train.jsonl'}: no prepared data; run `termtune data prepare` "
+    layout = RunLayout.of(cfg)
+    checkpoints_dir = layout.checkpoints
+    if not layout.split("train").is_file():
+        raise UserError(f"{layout.split('train')}: no prepared data; run `termtune data prepare` "
                         "with the same config first")
     precision = resolve_precision(cfg)
-    checkpoints_dir = train_dir / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
     resume = last_complete_checkpoint(checkpoints_dir)
     if resume is not None:
         _check_same_trajectory(cfg, resume)
     if rank == 0:
         _discard_incomplete_checkpoints(checkpoints_dir)
-        _truncate_metrics(train_dir / "metrics.jsonl", _checkpoint_step(resume) if resume else 0)
+        _truncate_metrics(layout.train_metrics, _checkpoint_step(resume) if resume else 0)
 
     # -- set up
     from termtune.data import load_split
@@ -138,9 +134,9 @@ def train(cfg: Config) -> TrainResult:
 
     tokenizer = load_tokenizer(cfg)
     train_ds = _model_columns(load_split(cfg, "train"))
-    eval_ds = _model_columns(load_split(cfg, "test")) if (data_dir / "test.jsonl").is_file() else None
+    eval_ds = _model_columns(load_split(cfg, "test")) if layout.split("test").is_file() else None
     if len(train_ds) == 0:
-        raise UserError(f"{data_dir / 'train.jsonl'}: the training split is empty")
+        raise UserError(f"{layout.split('train')}: the training split is empty")
     if eval_ds is not None and len(eval_ds) == 0:
         eval_ds = None
     if eval_ds is not None:
@@ -161,7 +157,7 @@ def train(cfg: Config) -> TrainResult:
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, batch_sampler=batch_sampler)
-    _install_callbacks(trainer, cfg, train_dir, rank)
+    _install_callbacks(trainer, cfg, layout, rank)
 
     # -- do
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -174,16 +170,12 @@ def train(cfg: Config) -> TrainResult:
     # -- save (rank 0 only) and report
     result = _result(cfg, trainer, precision, resume)
     if trainer.is_world_process_zero():
-        from termtune.rundir import atomic_dir, record_stage
-
-        with atomic_dir(train_dir / "adapter", force=True) as tmp:
+        with atomic_dir(layout.adapter, force=True) as tmp:
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        plot_loss(train_dir / "metrics.jsonl", train_dir / "loss.png")
-        result.files = {"adapter": str(train_dir / "adapter"), "metrics": str(train_dir / "metrics.jsonl"),
-                        "loss_plot": str(train_dir / "loss.png"), "checkpoints": str(checkpoints_dir)}
-        write_json(result_file, asdict(result))
-        record_stage(cfg, "train", extra={"result": asdict(result)})
+        result.files = {"adapter": str(layout.adapter), "metrics": str(layout.train_metrics),
+                        "checkpoints": str(checkpoints_dir)}
+        write_json(layout.train_result, asdict(result))
     trainer.accelerator.wait_for_everyone()
     return result
 
@@ -474,7 +466,7 @@ def _chunked_loss_applies(trainer: Any) -> bool:
 # ----------------------------------------------------------------------------- callbacks
 
 
-def _install_callbacks(trainer: Any, cfg: Config, train_dir: Path, rank: int) -> None:
+def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) -> None:
     from transformers import ProgressCallback, TrainerCallback
 
     class ProgressBar(ProgressCallback):
@@ -496,7 +488,7 @@ def _install_callbacks(trainer: Any, cfg: Config, train_dir: Path, rank: int) ->
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             if state.is_world_process_zero and logs:
                 row = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-                with (train_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+                with layout.train_metrics.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
 
     class Checkpoints(TrainerCallback):
@@ -521,9 +513,9 @@ def _install_callbacks(trainer: Any, cfg: Config, train_dir: Path, rank: int) ->
     trainer.add_callback(ProgressBar())
     trainer.add_callback(Checkpoints())
     if rank == 0:
-        train_dir.mkdir(parents=True, exist_ok=True)
+        layout.train.mkdir(parents=True, exist_ok=True)
         trainer.add_callback(MetricsLog())
-        tensorboard = _tensorboard_callback(train_dir / "tensorboard")
+        tensorboard = _tensorboard_callback(layout.tensorboard)
         if tensorboard is not None:
             trainer.add_callback(tensorboard)
     if os.environ.get("TERMTUNE_TEST_STEP_DELAY"):
@@ -658,7 +650,7 @@ def _result(cfg: Config, trainer: Any, precision: str, resume: Path | None) -> T
     model = trainer.model
     return TrainResult(
         run_dir=str(cfg.run_dir),
-        adapter_dir=str(cfg.run_dir / "train" / "adapter"),
+        adapter_dir=str(RunLayout.of(cfg).adapter),
         global_step=trainer.state.global_step,
         epochs=float(trainer.state.epoch or 0.0),
         train_loss=train_losses[-1] if train_losses else None,
@@ -673,30 +665,3 @@ def _result(cfg: Config, trainer: Any, precision: str, resume: Path | None) -> T
         target_tokens_per_s=tgt / seconds if seconds else 0.0,
         padding_fraction=1 - (src + tgt) / (src_slots + tgt_slots) if src_slots + tgt_slots else 0.0,
     )
-
-
-def plot_loss(metrics_file: Path, out: Path) -> None:
-    """Training and held-out loss against optimizer steps, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if metrics_file.is_file() else []
-    train_pts = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
-    eval_pts = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="train loss")
-    if eval_pts:
-        ax.plot(*zip(*eval_pts), marker="o", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy per target token")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)

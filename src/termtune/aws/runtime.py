@@ -16,7 +16,8 @@ from termtune.aws.clients import client, error_code, error_message
 from termtune.aws.stage import aws_errors, read_record
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.rundir import record_stage, write_json
+from termtune.layout import RunLayout
+from termtune.rundir import write_json
 
 RETRY_CODES = ("ModelNotReadyException", "ThrottlingException")
 
@@ -110,7 +111,7 @@ def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, mod
     record = read_record(cfg)
     model_arn = model_arn or record.get("model_arn")
     if not model_arn:
-        raise UserError(f"{cfg.run_dir / 'deploy.json'}: no imported model recorded; run termtune deploy, "
+        raise UserError(f"{RunLayout.of(cfg).deploy}: no imported model recorded; run termtune deploy, "
                         "or pass --model <imported model ARN>")
     prompt = raw if raw is not None else cfg.data.prompt_template.replace("{term}", term or cfg.aws.invoke_prompt)
 
@@ -120,8 +121,7 @@ def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, mod
     result = invoke(cfg, prompt, model_arn, stream=stream, on_text=None if as_json else echo)
     saved = {"model_arn": model_arn, "prompt": prompt, "request": request_body(cfg, prompt), "stream": stream,
              **result}
-    write_json(cfg.run_dir / "invoke.json", saved)
-    record_stage(cfg, "invoke", extra={"model_arn": model_arn, "prompt": prompt})
+    write_json(RunLayout.of(cfg).invoke, saved)
     if as_json:
         print(json.dumps(saved, indent=2))
     elif stream:

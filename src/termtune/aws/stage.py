@@ -17,14 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from termtune import history
 from termtune.aws import bedrock, iam, s3
 from termtune.aws.clients import client, credentials_problem, error_code
 from termtune.aws.names import safe_name
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.rundir import record_stage, write_json
-
-RECORD = "deploy.json"
+from termtune.export import artifact_digest
+from termtune.layout import RunLayout
+from termtune.rundir import read_json, write_json
 
 
 @dataclass
@@ -53,18 +54,21 @@ class DeployResult:
 # ----------------------------------------------------------------------------- names
 
 
-def names(cfg: Config) -> dict[str, str]:
+def names(cfg: Config, artifact_sha256: str | None = None) -> dict[str, str]:
     """The S3 URI and Bedrock names this run deploys to (valid by construction unless the
-    user set them)."""
+    user set them). Imported-model names are unique and immutable in Bedrock, so the name
+    carries the artifact's short digest: each distinct artifact imports under its own name."""
     run_name = cfg.run_dir.resolve().name
     prefix = cfg.aws.prefix.format(run_name=run_name).strip("/")
     model_name = cfg.aws.model_name or safe_name(f"termtune-{run_name}")
+    if artifact_sha256:
+        model_name = f"{model_name[:54]}-{artifact_sha256[:8]}"
     return {"bucket": cfg.aws.bucket or "", "prefix": f"{prefix}/",
             "s3_uri": f"s3://{cfg.aws.bucket}/{prefix}/", "model_name": model_name}
 
 
 def read_record(cfg: Config) -> dict[str, Any]:
-    path = cfg.run_dir / RECORD
+    path = RunLayout.of(cfg).deploy
     if not path.is_file():
         return {}
     try:
@@ -75,7 +79,7 @@ def read_record(cfg: Config) -> dict[str, Any]:
 
 def _save(cfg: Config, record: dict[str, Any]) -> None:
     record["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(cfg.run_dir / RECORD, record)
+    write_json(RunLayout.of(cfg).deploy, record)
 
 
 @contextmanager
@@ -100,7 +104,7 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
     # 1. inputs
     if not cfg.aws.bucket:
         raise UserError("aws.bucket: not set; name an S3 bucket you own (it must exist), e.g. aws.bucket=my-bucket")
-    artifact = cfg.artifact_dir
+    artifact = RunLayout.of(cfg).artifact
     if not artifact.is_dir():
         raise UserError(f"{artifact}: no artifact; run termtune export first")
     failed = [c for c in validate_stage.validate(artifact) if c.failed]
@@ -108,13 +112,14 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
         reasons = "; ".join(f"{c.name}: {c.message}" for c in failed)
         raise UserError(f"{artifact} fails the Bedrock preflight, refusing to deploy ({reasons}); "
                         f"see termtune validate {artifact}")
-    n = names(cfg)
     record = read_record(cfg)
     files = s3.artifact_files(artifact)
-    artifact_sha = hashlib.sha256("".join(f"{f.path}:{f.sha256}\n" for f in files).encode()).hexdigest()
+    artifact_sha = artifact_digest(read_json(RunLayout.of(cfg).manifest, {}).get("files", []))
+    n = names(cfg, artifact_sha)
     if record.get("artifact_sha256") not in (None, artifact_sha) and record.get("status") not in (None, "deleted"):
         raise UserError(f"{artifact} changed since it was deployed as {record.get('model_name')}; "
-                        "run termtune cleanup first, or set aws.model_name and aws.prefix for a new import")
+                        "run `termtune run` with this config (it keeps the earlier import in the run history), "
+                        "or termtune cleanup first")
     resume = record.get("status") == "creating" or (record.get("status") == "InProgress" and record.get("job_arn"))
     job_name = cfg.aws.job_name or (record.get("job_name") if resume else None) or \
         f"{n['model_name'][:44]}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -190,8 +195,6 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
         raise UserError(f"import job {job_name} failed: {message}")
     record.update({"status": "Completed", "model_arn": job["importedModelArn"]})
     _save(cfg, record)
-    record_stage(cfg, "deploy", extra={"deploy": {k: record.get(k) for k in
-                                                  ("s3_uri", "role_arn", "job_arn", "model_arn")}})
     return DeployResult(n["s3_uri"], n["model_name"], job_name, role_arn, job_arn, record["model_arn"],
                         up.uploaded, up.skipped)
 
@@ -239,29 +242,41 @@ def _account(cfg: Config, required: bool) -> str:
 # ----------------------------------------------------------------------------- cleanup
 
 
-def cleanup(cfg: Config, yes: bool = False) -> None:
-    """Delete the imported model, the S3 prefix, and the role if termtune created it."""
+def cleanup(cfg: Config, yes: bool = False) -> list[str]:
+    """Delete every model this run directory imported (the current one and earlier attempts still
+    live in the run history), their S3 prefixes, and the role if termtune created it."""
+    layout = RunLayout.of(cfg)
     record = read_record(cfg)
     n = names(cfg)
-    model = record.get("model_arn") or record.get("model_name") or n["model_name"]
-    s3_uri = record.get("s3_uri") or (n["s3_uri"] if cfg.aws.bucket else None)
-    role = record.get("role_name") if record.get("role_created") else None
-    plan = [f"imported model {model}"] + ([f"everything under {s3_uri}"] if s3_uri else []) + \
+    imports = ([record] if record else []) + history.live_imports(layout)
+    models = [r.get("model_arn") or r.get("model_name") for r in imports if r.get("model_arn") or r.get("model_name")]
+    if not imports and cfg.aws.model_name:
+        models = [cfg.aws.model_name]
+    prefixes = list(dict.fromkeys(r["s3_uri"] for r in imports if r.get("s3_uri"))) or \
+        ([n["s3_uri"]] if cfg.aws.bucket else [])
+    owner = next((r for r in imports if r.get("role_created") and r.get("role_name")), None)
+    role = owner["role_name"] if owner else None
+    plan = [f"imported model {m}" for m in models] + [f"everything under {uri}" for uri in prefixes] + \
         ([f"IAM role {role} (termtune created it)"] if role else [])
+    if not plan:
+        print("nothing recorded to delete", file=sys.stderr)
+        return []
     print("will delete:\n  " + "\n  ".join(plan), file=sys.stderr)
     if not yes:
         if not sys.stdin.isatty():
             raise UserError("cleanup deletes cloud resources; pass --yes to confirm when not at a terminal")
         if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
             print("nothing deleted", file=sys.stderr)
-            return
+            return []
     with aws_errors():
         done = []
         region = record.get("region") or cfg.aws.region
-        if bedrock.delete_model(client("bedrock", region, cfg.aws.profile), model):
-            done.append(f"deleted imported model {model}")
-        if s3_uri:
-            bucket, prefix = s3.split_uri(s3_uri)
+        br = client("bedrock", region, cfg.aws.profile)
+        for model in models:
+            if bedrock.delete_model(br, model):
+                done.append(f"deleted imported model {model}")
+        for uri in prefixes:
+            bucket, prefix = s3.split_uri(uri)
             try:
                 count = s3.delete_prefix(client("s3", region, cfg.aws.profile), bucket, prefix)
             except Exception as e:
@@ -269,13 +284,13 @@ def cleanup(cfg: Config, yes: bool = False) -> None:
                     raise
                 count = 0
             if count:
-                done.append(f"deleted {count} objects under {s3_uri}")
+                done.append(f"deleted {count} objects under {uri}")
         if role and iam.delete(client("iam", region, cfg.aws.profile), role):
             done.append(f"deleted IAM role {role}")
     print("\n".join(done) if done else "nothing left to delete", file=sys.stderr)
+    history.mark_deleted(layout, {r.get("model_arn") for r in imports if r.get("model_arn")})
     if record:
         record.update({"status": "deleted", "deleted_model_arn": record.get("model_arn"), "model_arn": None,
                        "role_created": False if role else record.get("role_created")})
         _save(cfg, record)
-    if cfg.run_dir.is_dir():
-        record_stage(cfg, "cleanup", extra={"deleted": done})
+    return done

@@ -1,0 +1,128 @@
+"""The model card (<run>/model-card.md): what the model is, what it learned from, how it scored, its limits.
+
+Rendered with the report after every stage, from what the run directory holds, so it never
+shows results of other settings than the ones recorded; deploy ships it beside the artifact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from termtune.config import Config
+from termtune.layout import RunLayout
+from termtune.rundir import read_json
+
+MEDQUAD_CITATION = ('Asma Ben Abacha and Dina Demner-Fushman. "A Question-Entailment Approach to Question '
+                    'Answering". BMC Bioinformatics 20:511, 2019.')
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+
+def base_name(cfg: Config) -> str:
+    if cfg.model.init == "random":
+        return f"random init, shape of {cfg.model.architecture} (seed {cfg.run.seed})"
+    return cfg.model.source
+
+
+def _data_section(cfg: Config) -> str:
+    source = cfg.data.source
+    lines = [f"- Source: `{source}`", f"- Prompt: `{cfg.data.prompt_template}`; target: {cfg.data.target}"]
+    if "medquad" in source.lower():
+        lines += ["- MedQuAD (NIH-derived medical question-answer pairs; term -> definition rows), "
+                  "repository abachaa/MedQuAD, license **CC BY 4.0**.",
+                  f"- Citation: {MEDQUAD_CITATION}"]
+    elif "wiki_medical_terms" in source:
+        lines.append("- Wikipedia medical articles (gamino/wiki_medical_terms); Wikipedia text is CC BY-SA. "
+                     "Check the dataset card for its terms.")
+    else:
+        lines.append("- Check the license of this data before sharing the model.")
+    stats = read_json(RunLayout.of(cfg).stats)
+    if stats:
+        lines.append(f"- Rows: {stats.get('train_rows', '?')} train, {stats.get('test_rows', '?')} held out "
+                     f"(seed {cfg.run.seed}, split by term)")
+    return "\n".join(lines)
+
+
+def _metrics_section(cfg: Config) -> str:
+    metrics = read_json(RunLayout.of(cfg).eval_metrics)
+    if not isinstance(metrics, dict):
+        return "Not evaluated yet (run `termtune evaluate`)."
+    models = [name for name in ("base", "tuned") if isinstance(metrics.get(name), dict)]
+    if not models:
+        return "See eval/metrics.json in the run directory."
+    keys = [k for k, v in metrics[models[-1]].items() if _is_number(v)]
+    rows = [f"| {k} | " + " | ".join(_fmt(metrics[m].get(k)) for m in models) + " |" for k in keys]
+    return (f"{metrics.get('n', '?')} held-out examples (`eval/metrics.json`; "
+            f"base = the model before fine-tuning):\n\n| metric | {' | '.join(models)} |\n"
+            f"|---|{'---|' * len(models)}\n" + "\n".join(rows))
+
+
+def _training_result(cfg: Config) -> str:
+    result = read_json(RunLayout.of(cfg).train_result)
+    if not isinstance(result, dict):
+        return ""
+    return (f"\n- Result: {result.get('global_step', '?')} optimizer steps, training loss "
+            f"{_fmt(result.get('train_loss'))}, held-out loss {_fmt(result.get('eval_loss'))}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def model_card(cfg: Config) -> str:
+    lora, train = cfg.lora, cfg.train
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    steps = f"max_steps {train.max_steps}" if train.max_steps > 0 else f"epochs: {train.epochs:g}"
+    return f"""---
+library_name: transformers
+pipeline_tag: text2text-generation
+tags: [t5, flan-t5, lora, medical, bedrock-custom-model-import]
+---
+
+# {cfg.run_dir.name}: a Flan-T5 fine-tuned on medical terminology
+
+Full (merged) weights of `T5ForConditionalGeneration`, written by `termtune export` for
+Amazon Bedrock Custom Model Import and checked to load under transformers 4.51.3.
+
+## Base model
+
+- {base_name(cfg)}
+- Weights here: {TORCH_DTYPE_NAMES[cfg.export.dtype]} safetensors, LoRA merged into the unquantized base
+  (training quantization: {cfg.model.quantization}).
+
+## Data
+
+{_data_section(cfg)}
+
+## Training
+
+- LoRA: r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, target modules: {targets}, bias: {lora.bias}
+- {steps}, batch size {train.batch_size} x {train.gradient_accumulation_steps} accumulation,
+  learning rate {train.learning_rate:g} ({train.lr_scheduler}, warmup {train.warmup_ratio:g}),
+  weight decay {train.weight_decay:g}, precision {train.precision}, seed {cfg.run.seed}
+- Source length {cfg.data.max_source_length}, target length {cfg.data.max_target_length} tokens{_training_result(cfg)}
+
+## Evaluation
+
+{_metrics_section(cfg)}
+
+## Intended use
+
+Explaining medical terms in plain language for education, study aids and drafting, where a
+person reads and checks the output. Prompt: `{cfg.data.prompt_template}`.
+
+## Limits
+
+- Not medical advice, and not for diagnosis, treatment or triage decisions. Outputs can be
+  fluent and wrong: the model can invent definitions, mix up similar terms and state
+  outdated facts with confidence.
+- It learned from a fixed set of English definitions; rare terms, other languages and
+  recent findings are likely to be wrong or missing.
+- Automatic scores (ROUGE, BLEU, chrF) measure overlap with reference text, not medical
+  correctness. Have a qualified reviewer check anything used with patients.
+"""
