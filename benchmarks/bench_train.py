@@ -69,7 +69,7 @@ def write_config(work: Path, rows: int, test_rows: int, b_overrides: list[str]) 
 
 def prepare(work: Path, n_rows: int, test_rows: int, b_overrides: list[str]) -> tuple[Path, dict]:
     """Sample the rows, run termtune's data stage (the shared split), build the random base once."""
-    from termtune import data
+    from termtune import pipeline
     from termtune.config import load_config
     from termtune.modeling import materialize_random_base
 
@@ -78,7 +78,7 @@ def prepare(work: Path, n_rows: int, test_rows: int, b_overrides: list[str]) -> 
     (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sample), encoding="utf-8")
     config_path = write_config(work, n_rows, test_rows, b_overrides)
     cfg = load_config(config_path)
-    data.prepare(cfg, force=True)
+    pipeline.run_stage(cfg, "data", force=True)
     base = materialize_random_base(cfg)
     # The seed recipe trains on the raw rows of the same terms termtune put in each split.
     by_term = {r["term"]: r for r in sample}

@@ -87,8 +87,8 @@ def tiny_cfg(tmp_path: Path):
 @pytest.fixture
 def prepared_cfg(tiny_cfg):
     """A tiny Config whose data stage has already run (64 rows: 56 train / 8 test)."""
-    from termtune import data
+    from termtune import pipeline
 
     cfg = tiny_cfg()
-    data.prepare(cfg)
+    pipeline.run_stage(cfg, "data")
     return cfg

@@ -44,8 +44,7 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     assert record["role_created"] is True and record["role_arn"].endswith(":role/tt-e2e-role")
     assert record["s3_uri"] == "s3://termtune-test/termtune/run/"
     assert set(result.uploaded) == {f["path"] for f in json.loads(
-        (cfg.artifact_dir / "manifest.json").read_text())["files"]} | {"manifest.json"}
-    assert (cfg.run_dir / "provenance" / "deploy.json").is_file()
+        ((cfg.run_dir / "artifact") / "manifest.json").read_text())["files"]} | {"manifest.json"}
 
     # The role is least-privilege: Bedrock only, this account and region, this prefix only.
     iam = boto("iam")
@@ -71,7 +70,7 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     from termtune.cli import app
 
     args = [f"run.dir={cfg.run_dir}", "aws.bucket=termtune-test", "aws.invoke_max_tokens=8"]
-    result = CliRunner().invoke(app, ["invoke", *args, "--term", "Asthma", "--json"])
+    result = CliRunner().invoke(app, ["invoke", *args, "--term", "Asthma", "--json", "--model", out["model_arn"]])
     assert result.exit_code == 0 and json.loads(result.output)["text"] == out["text"]
     result = CliRunner().invoke(app, ["cleanup", *args], input="y\n")
     assert result.exit_code == 2 and "--yes" in result.output
@@ -99,10 +98,10 @@ def test_rerun_after_interrupted_upload_sends_only_missing_files(tmp_path, aws_e
 
     aws_env()
     cfg = make_cfg(tmp_path, artifact_template)
-    files = s3mod.artifact_files(cfg.artifact_dir)
+    files = s3mod.artifact_files((cfg.run_dir / "artifact"))
     # What an interrupted run leaves: some files complete, the rest never sent.
     done = [f for f in files if f.path in ("config.json", "tokenizer.json", "spiece.model")]
-    s3mod.upload(boto("s3"), cfg.artifact_dir, done, bucket, "termtune/run/", progress=False)
+    s3mod.upload(boto("s3"), (cfg.run_dir / "artifact"), done, bucket, "termtune/run/", progress=False)
     before = versions(bucket, "termtune/run/")
     assert set(before) == {f.path for f in done}
 
@@ -130,7 +129,7 @@ def test_changed_file_is_resent_and_stray_files_block_the_import(tmp_path, aws_e
     s3c.delete_object(Bucket=bucket, Key="termtune/run/old-shard.safetensors")
     assert aws.deploy(cfg).model_arn
     assert s3mod.remote_sha256(s3c, bucket, "termtune/run/config.json") == next(
-        f.sha256 for f in s3mod.artifact_files(cfg.artifact_dir) if f.path == "config.json")
+        f.sha256 for f in s3mod.artifact_files((cfg.run_dir / "artifact")) if f.path == "config.json")
 
 
 def test_refuses_an_artifact_that_fails_validation(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
@@ -138,7 +137,7 @@ def test_refuses_an_artifact_that_fails_validation(tmp_path, aws_env, bucket, ar
 
     aws_env()
     cfg = make_cfg(tmp_path, artifact_template)
-    (cfg.artifact_dir / "spiece.model").unlink()
+    ((cfg.run_dir / "artifact") / "spiece.model").unlink()
     with pytest.raises(UserError, match="preflight"):
         aws.deploy(cfg)
     assert boto("s3").list_objects_v2(Bucket=bucket).get("KeyCount") == 0
@@ -180,23 +179,20 @@ def test_quota_and_running_job_are_checked_first(tmp_path, aws_env, bucket, arti
 
 
 def test_failed_job_prints_failure_message_and_exits_nonzero(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
-    from typer.testing import CliRunner
-
+    from termtune import aws
     from termtune.aws import s3 as s3mod
-    from termtune.cli import app
 
     aws_env()
     cfg = make_cfg(tmp_path, artifact_template)
-    files = s3mod.artifact_files(cfg.artifact_dir)
-    s3mod.upload(boto("s3"), cfg.artifact_dir, files, bucket, "termtune/run/", progress=False)
+    files = s3mod.artifact_files((cfg.run_dir / "artifact"))
+    s3mod.upload(boto("s3"), (cfg.run_dir / "artifact"), files, bucket, "termtune/run/", progress=False)
     # Corrupt config.json in S3 but keep its size and recorded hash: only the import can notice.
     entry = next(f for f in files if f.path == "config.json")
     boto("s3").put_object(Bucket=bucket, Key="termtune/run/config.json", Body=b"#" * entry.size,
                           Metadata={"sha256": entry.sha256})
-    result = CliRunner().invoke(app, ["deploy", f"run.dir={cfg.run_dir}", "aws.bucket=termtune-test",
-                                      "aws.poll_seconds=0.1", f"aws.role_arn={ROLE}"])
-    assert result.exit_code == 2
-    assert "failed: The model artifact is not valid" in result.output and "config.json" in result.output
+    with pytest.raises(UserError) as failed:
+        aws.deploy(cfg)
+    assert "failed: The model artifact is not valid" in str(failed.value) and "config.json" in str(failed.value)
     record = json.loads((cfg.run_dir / "deploy.json").read_text())
     assert record["status"] == "Failed" and "config.json" in record["failure_message"]
 

@@ -42,15 +42,17 @@ def test_data_prepare_and_inspect_end_to_end(tmp_path):
                    "data.test_size=4")
     assert out.returncode == 0, out.stderr
     assert "split: 36 train / 4 test" in out.stdout
-    stats = json.loads((run / "stats.json").read_text())
+    stats = json.loads((run / "data" / "stats.json").read_text())
     assert (stats["train_rows"], stats["test_rows"]) == (36, 4)
     provenance = json.loads((run / "provenance" / "data.json").read_text())
     assert provenance["seed"] == 42 and provenance["versions"]["transformers"]
     assert "git_commit" in provenance and provenance["config"]["data"]["source"] == str(src)
 
-    again = termtune("data", "prepare", "configs/demo.yaml", f"run.dir={run}", f"data.source={src}")
-    assert again.returncode == 2
-    assert again.stderr.strip().endswith("already exists; pass --force to prepare the data again")
+    again = termtune("data", "prepare", "configs/demo.yaml", f"run.dir={run}", f"data.source={src}", "data.test_size=4")
+    assert again.returncode == 0 and "data: up to date" in again.stdout
+    changed = termtune("data", "prepare", "configs/demo.yaml", f"run.dir={run}", f"data.source={src}", "data.test_size=5")
+    assert changed.returncode == 0 and "data: re-running: data.test_size 4 → 5" in changed.stdout
+    assert "split: 35 train / 5 test" in changed.stdout
 
     shown = termtune("data", "inspect", "configs/demo.yaml", f"run.dir={run}", "--rows", "2")
     assert shown.returncode == 0 and shown.stdout.count("prompt: What is ") == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MEDQUAD, medquad_rows, tiny_overrides, write_jsonl
-from termtune import data
+from termtune import data, pipeline
 from termtune.config import load_config
 from termtune.errors import UserError
 
@@ -26,8 +26,8 @@ def read_split(cfg, split):
 
 def test_medquad_prepares_split_and_stats(tmp_path):
     cfg = cfg_for(tmp_path, MEDQUAD, "data.max_rows=300", "data.test_size=0.1")
-    prepared = data.prepare(cfg)
-    stats = json.loads((cfg.run_dir / "stats.json").read_text())
+    prepared = pipeline.run_stage(cfg, "data").result
+    stats = json.loads((cfg.run_dir / "data" / "stats.json").read_text())
     for key in ("rows_read", "rows_used", "rows_skipped", "train_rows", "test_rows"):
         assert key in stats
     assert stats["rows_used"] == 300
@@ -230,7 +230,7 @@ def test_existing_output_needs_force(tmp_path):
     cfg.run.seed = 1
     data.prepare(cfg, force=True)
     assert (cfg.run_dir / "data" / "train.jsonl").read_text() != before
-    assert not [p for p in cfg.run_dir.iterdir() if p.name.startswith(".")]
+    assert not [p for p in cfg.run_dir.iterdir() if p.name.startswith(".") and p.name != ".termtune.lock"]
 
 
 def test_failed_force_keeps_old_output(tmp_path):

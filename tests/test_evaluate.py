@@ -143,24 +143,23 @@ def test_tuned_model_beats_base_on_memorised_rows(memorised_cfg) -> None:
     exact = sum(p["tuned"] == p["reference"] for p in predictions)
     assert exact >= 16, [(p["tuned"], p["reference"]) for p in predictions]
     assert not any("<pad>" in p["tuned"] or "</s>" in p["tuned"] for p in predictions)
-    assert (memorised_cfg.run_dir / "provenance" / "evaluate.json").is_file()
     assert "ROUGE-L" in report.summary()
 
-    # the stage refreshed the report with the metric table and the sample answers
-    page = (memorised_cfg.run_dir / "report.html").read_text(encoding="utf-8")
+    # the report shows the metric table and the sample answers
+    from termtune import pipeline
+
+    page = pipeline.write_report(memorised_cfg).read_text(encoding="utf-8")
     assert "Evaluation: base vs tuned" in page and "Sample answers (10 held-out terms)" in page
 
 
-def test_complete_evaluation_is_reused_unless_forced(memorised_cfg) -> None:
-    first = evaluate(memorised_cfg)  # runs, or reuses the previous test's result
+def test_evaluation_is_deterministic_and_replaces_the_last(memorised_cfg) -> None:
+    first = evaluate(memorised_cfg)
     metrics_file = memorised_cfg.run_dir / "eval" / "metrics.json"
     stamp = metrics_file.stat().st_mtime_ns
     again = evaluate(memorised_cfg)
-    assert again.reused and metrics_file.stat().st_mtime_ns == stamp
+    assert metrics_file.stat().st_mtime_ns != stamp
     assert again.metrics == json.loads(metrics_file.read_text())
-    forced = evaluate(memorised_cfg, force=True)
-    assert not forced.reused and metrics_file.stat().st_mtime_ns != stamp
-    assert forced.metrics["tuned"] == pytest.approx(first.metrics["tuned"])  # greedy decoding is deterministic
+    assert again.metrics["tuned"] == pytest.approx(first.metrics["tuned"])  # greedy decoding is deterministic
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(memorised_cfg) -> None:
@@ -181,11 +180,11 @@ def test_batched_generation_equals_one_prompt_at_a_time(memorised_cfg) -> None:
 
 
 def test_missing_adapter_asks_for_train(tmp_path: Path) -> None:
-    from termtune import data
+    from termtune import pipeline
 
     source = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(16))
     cfg = load_config(None, tiny_overrides(tmp_path / "run", source))
-    data.prepare(cfg)
+    pipeline.run_stage(cfg, "data")
     with pytest.raises(UserError, match="run termtune train first"):
         evaluate(cfg)
     assert not (cfg.run_dir / "eval").exists()
@@ -194,4 +193,5 @@ def test_missing_adapter_asks_for_train(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "termtune.cli", "evaluate",
                            *tiny_overrides(tmp_path / "run", source)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "run termtune train first" in done.stderr and "Traceback" not in done.stderr
+    assert "run `termtune train`" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -1,9 +1,10 @@
 """Export: merge + CMI artifact, and the proof that Bedrock's transformers (4.51.3) reads it
 exactly as the merged model in memory.
 
-The tiny run here skips the train stage: it saves a LoRA adapter whose B matrices are
-random (a trained adapter starts from B = 0, so an untrained one would merge to a no-op),
-which makes the merge change every targeted layer.
+The tiny run here trains for a few steps (so the run directory is complete as `termtune export`
+requires), then replaces the adapter with one whose B matrices are random (a barely trained
+adapter is close to B = 0 and would merge to almost a no-op), which makes the merge change every
+targeted layer.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
 PROMPTS = ["What is Hypertension?", "What is (are) Paget's disease of bone ?", "What is café-au-lait macules?"]
 MAX_NEW_TOKENS = 12
 EXPECTED_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "README.md", "manifest.json"}
+                  "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "manifest.json"}
 
 
 def make_config(run_dir: Path, *extra: str):
@@ -39,9 +40,11 @@ def make_trained_run(run_dir: Path, quantization: str = "none"):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from termtune import modeling
+    from termtune import modeling, pipeline
 
     cfg = make_config(run_dir, f"model.quantization={quantization}")
+    pipeline.run_stage(cfg, "data")
+    pipeline.run_stage(cfg, "train")
     base_dir = modeling.materialize_random_base(cfg)
     weights = load_file(base_dir / "model.safetensors")
     weights["lm_head.weight"] = torch.randn(weights["lm_head.weight"].shape, generator=torch.Generator().manual_seed(1))
@@ -100,7 +103,7 @@ def copy_run(cfg, tmp_path: Path, *extra: str):
 
 
 def test_artifact_holds_exactly_the_cmi_files_and_passes_validation(exported):
-    from termtune.export import sha256_file
+    from termtune.rundir import sha256_file
     from termtune.validate import validate
 
     cfg, artifact = exported
@@ -118,7 +121,6 @@ def test_artifact_holds_exactly_the_cmi_files_and_passes_validation(exported):
     assert "random init" in manifest["base_model"]
     validation = json.loads((cfg.run_dir / "validation.json").read_text())
     assert validation["ok"] is True and len(validation["checks"]) == len(checks)
-    assert (cfg.run_dir / "provenance" / "export.json").is_file()
     assert "validate:" in artifact.summary() and "0 failed" in artifact.summary()
     umask = os.umask(0)
     os.umask(umask)  # the artifact gets a plain save's permissions, not the temp folder's 0700/0600
@@ -143,14 +145,17 @@ def test_configs_are_written_for_transformers_4(exported):
 
 
 def test_model_card_names_base_data_license_and_settings(exported):
+    from termtune import pipeline
+
     cfg, _ = exported
-    card = (cfg.run_dir / "artifact" / "README.md").read_text()
+    pipeline.write_report(cfg)  # the model card is rendered with the report
+    card = (cfg.run_dir / "model-card.md").read_text()
     for needle in ("CC BY 4.0", "Ben Abacha", "r=8", "alpha=16", "Not medical advice", "Not evaluated yet"):
         assert needle in card
 
 
 def test_model_card_reports_training_and_evaluation_results(tmp_path):
-    from termtune.export import model_card
+    from termtune.modelcard import model_card
 
     cfg = make_config(tmp_path / "run", "data.source=gamino/wiki_medical_terms")
     (cfg.run_dir / "eval").mkdir(parents=True)
@@ -406,7 +411,7 @@ def test_kill_during_export_leaves_no_valid_looking_artifact(exported, tmp_path)
 
 
 def test_kill_during_forced_export_keeps_the_old_artifact(exported, tmp_path):
-    from termtune.export import sha256_file
+    from termtune.rundir import sha256_file
 
     cfg = copy_run(exported[0], tmp_path)
     shutil.copytree(exported[0].run_dir / "artifact", cfg.run_dir / "artifact")

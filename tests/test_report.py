@@ -36,7 +36,8 @@ def populate_run(run: Path, n_predictions: int = 12) -> None:
     for stage, t in (("data", "10:00"), ("train", "10:05"), ("evaluate", "10:07")):
         (run / "provenance" / f"{stage}.json").write_text(json.dumps(
             {"stage": stage, "finished_at": f"2026-01-01T{t}:00", "git_commit": "abc123"}))
-    (run / "stats.json").write_text(json.dumps({
+    (run / "data").mkdir()
+    (run / "data" / "stats.json").write_text(json.dumps({
         "source": "terms.jsonl", "rows_read": 100, "rows_used": 90,
         "rows_skipped": {"empty_definition": 6, "duplicate_term": 4}, "train_rows": 80, "test_rows": 10,
         "seed": 42,
@@ -116,7 +117,7 @@ def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     assert "90% of the tuned answers stopped at max_new_tokens" in page
 
 
-@pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["stats.json"], 1), (["train"], 1),
+@pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["data"], 1), (["train"], 1),
                                             (["eval"], 2), (["artifact"], 1), (["deploy.json"], 1)])
 def test_partial_run_dirs_render(tmp_path: Path, keep: list[str], sections: int) -> None:
     full = tmp_path / "full"
@@ -152,8 +153,8 @@ def test_validation_as_a_bare_list_of_checks(tmp_path: Path) -> None:
 
 def test_odd_files_become_notes_not_exceptions(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "stats.json").write_text("{not json")
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "stats.json").write_text("{not json")
     (run / "validation.json").write_text(json.dumps({"checks": "nope"}))
     (run / "deploy.json").write_text(json.dumps([1, 2]))
     (run / "eval").mkdir()

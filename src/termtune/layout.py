@@ -52,10 +52,6 @@ class RunLayout:
     def history(self) -> Path:
         return self.root / "history.json"
 
-    @property
-    def log(self) -> Path:
-        return self.root / "termtune.log"
-
     # -- data
     @property
     def data(self) -> Path:

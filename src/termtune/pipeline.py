@@ -149,8 +149,9 @@ def _data_sources(cfg: Config) -> dict[str, Any]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", _data, reads=("data", "run.seed"),
-          # strict only decides whether a finding is an error; a run that succeeds writes the same data
-          ignores=("data.strict",),
+          # the source is known by its content (sources); strict only decides whether a finding
+          # is an error, and a run that succeeds writes the same data either way
+          ignores=("data.source", "data.strict"),
           outputs=lambda l: [l.data], marker=lambda l: l.split("test"), sources=_data_sources),
     Stage("train", _train, reads=("model", "lora", "train", "run.seed"),
           # how often to log, save and evaluate does not change the trained weights
@@ -237,6 +238,8 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

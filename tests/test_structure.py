@@ -1,0 +1,89 @@
+"""The shape of the code: no import cycles among termtune's modules; every run-directory path documented."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+SRC = REPO / "src" / "termtune"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """termtune modules `path` imports, at the top or inside functions (a lazy import is still a dependency).
+    `from pkg import name` depends on pkg.name when that is a module, else on pkg."""
+    found = set()
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                found.add(target if target in modules else base)
+    return {m for m in found if m in modules and m != module_name(path)}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles_among_termtune_modules():
+    files = {module_name(p): p for p in SRC.rglob("*.py")}
+    modules = set(files)
+    graph = {name: imports_of(path, modules) for name, path in files.items()}
+    assert graph["termtune.pipeline"] >= {"termtune.rundir", "termtune.layout"}  # the scan sees imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_low_level_run_directory_modules_import_no_stage():
+    for low in ("rundir.py", "layout.py"):
+        names = {n.split(".")[1] for n in imports_of(SRC / low, {module_name(p) for p in SRC.rglob("*.py")})}
+        assert names <= {"errors", "config"}, (low, names)
+
+
+def test_run_directory_page_names_every_layout_path():
+    from termtune.layout import RunLayout
+
+    page = (REPO / "docs" / "run-directory.md").read_text(encoding="utf-8")
+    layout = RunLayout(root=Path("/r"), artifact=Path("/r/artifact"))
+    named = [name for name, value in vars(RunLayout).items() if isinstance(value, property)]
+    assert len(named) > 20
+    for name in named:
+        path = getattr(layout, name)
+        shown = str(path.relative_to("/r"))
+        assert f"`{name}`" in page and shown.split("/")[-1] in page, name
+    for stage in ("data", "train", "evaluate"):
+        assert f"provenance/{stage}.json" in page or "provenance/<stage>.json" in page
