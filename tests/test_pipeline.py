@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from aws_fixtures import artifact_template, aws_env, boto, bucket, moto_url  # noqa: F401
+from aws_fixtures import artifact_template, aws_env, boto, bucket, moto_server, moto_url  # noqa: F401
 from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
 
 

@@ -16,6 +16,10 @@ from typing import Any
 from termtune.errors import UserError
 
 MANIFEST = "manifest.json"
+TERMTUNE_FILES = (MANIFEST, "README.md")
+"""termtune's own files (manifest, model card): uploaded beside the import prefix, never into it."""
+META_FOLDER = "_termtune"
+BUCKET_RE = r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]"  # the bucket part of botocore's S3Uri pattern
 MiB = 1024 * 1024
 
 
@@ -67,6 +71,12 @@ def artifact_files(directory: Path) -> list[ArtifactFile]:
         digest = entry.get("sha256") if entry and entry.get("size") == size else None
         files.append(ArtifactFile(name, size, digest or sha256_file(path)))
     return files
+
+
+def bucket_name_ok(bucket: str) -> bool:
+    import re
+
+    return re.fullmatch(BUCKET_RE, bucket) is not None
 
 
 def split_uri(uri: str) -> tuple[str, str]:
