@@ -14,22 +14,30 @@ quota, clientRequestToken idempotency, the exact status strings InProgress / Com
 Failed, ARNs of the real form, error codes botocore raises as the same ClientError, both
 completion schemas, and the event-stream framing of InvokeModelWithResponseStream.
 
-The import job reads `s3://bucket/prefix/` through boto3, so AWS_ENDPOINT_URL_S3 decides
-which S3 (moto's server, or real S3); with `local_root` set, s3://bucket/prefix/ is read
-from <local_root>/bucket/prefix/ instead (no S3 needed). It runs termtune's validate on
-the files, loads the model with transformers, and then answers InvokeModel with real
-greedy generation by that model.
+The import job does what Bedrock does: it evaluates the role's trust policy for the service
+principal bedrock.amazonaws.com with aws:SourceAccount / aws:SourceArn (termtune.aws.trust),
+assumes the job's roleArn through STS, and reads `s3://bucket/prefix/` with the temporary
+credentials it got back; AWS_ENDPOINT_URL_STS / _S3 decide which STS and S3 (moto's server
+with IAM access control on, in the tests and the demo, so the role's permission policy is
+evaluated on every S3 call). With `local_root` set, s3://bucket/prefix/ is read from
+<local_root>/bucket/prefix/ instead (no S3, no STS, no IAM). It runs termtune's validate on
+the files, loads the model with transformers, and then answers InvokeModel with real greedy
+generation by that model. importedModelKmsKeyId, tags and vpcConfig are checked against
+botocore's patterns and bounds; the key (as an ARN) and vpcConfig are echoed by the Get* calls.
 
-Choices where AWS does not document the behaviour: a reused job or model name answers
-ConflictException; a request with neither max_tokens nor max_gen_len gets the OpenAI
-completion schema with 16 tokens; streaming sends one chunk per generated token, each in
-the request's schema.
+Choices where AWS does not document the behaviour (docs/aws.md lists them): a reused job or
+model name answers ConflictException; a request with neither max_tokens nor max_gen_len gets
+the OpenAI completion schema with 16 tokens; max_tokens must be 1..4096 and the prompt at most
+512 tokens; streaming sends one chunk per generated token, each in the request's schema, then
+one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
+with makes the job Failed (not the create call); GetImportedModel reports 1 CMU of v1.0 for
+every model (a stand-in: Bedrock sizes CMUs from the model).
 
-What it does not do: authentication (SigV4 signatures are ignored, any credentials work),
-persistence (state lives in memory), or Bedrock's own model hosting. It binds 127.0.0.1
-unless told otherwise. Faults for rehearsal: a cold start (ModelNotReadyException for N
-seconds after each import), throttling of every Nth call, and IAM propagation (a role ARN
-is "invalid" for N seconds after it is first seen).
+What it does not do: authenticate its own callers (SigV4 signatures are ignored, any
+credentials work), persistence (state lives in memory), or Bedrock's own model hosting. It
+binds 127.0.0.1 unless told otherwise. Faults for rehearsal: a cold start
+(ModelNotReadyException for N seconds after each import), throttling of every Nth call, and
+IAM propagation (a role ARN is "invalid" for N seconds after it is first seen).
 """
 
 from __future__ import annotations
