@@ -69,10 +69,12 @@ def start_moto(host: str = "127.0.0.1", port: int = 0) -> tuple[Any, str, dict[s
     requests.post(f"{url}/moto-api/reset-auth", data=str(BOOTSTRAP_REQUESTS).encode(), timeout=10).raise_for_status()
     iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1",
                        aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
-    iam.create_user(UserName=ADMIN)
-    iam.put_user_policy(UserName=ADMIN, PolicyName="everything", PolicyDocument=json.dumps({
+    # moto's state is per process: a second server in the same process sees the first's users.
+    admin = f"{ADMIN}-{port}"
+    iam.create_user(UserName=admin)
+    iam.put_user_policy(UserName=admin, PolicyName="everything", PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    key = iam.create_access_key(UserName=ADMIN)["AccessKey"]
+    key = iam.create_access_key(UserName=admin)["AccessKey"]
     return server, url, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
