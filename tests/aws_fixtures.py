@@ -16,8 +16,9 @@ import pytest
 
 from conftest import SMALL_CONFIG, TINY_ARCH, TOKENIZER_DIR
 
-SECRET = "tt-secret-Do-Not-Log-8f3a2c"  # a credential value that must never reach a file or the output
 BUCKET = "termtune-test"
+ACCOUNT = "123456789012"  # moto's default account
+EXISTING_ROLE = "existing-import-role"  # made as an administrator would, with termtune's policies
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 
 
@@ -49,6 +50,7 @@ def build_artifact(folder: Path, seed: int = 0) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for name in TOKENIZER_FILES:
         shutil.copy(TOKENIZER_DIR / name, folder / name)
+    shutil.copy(TOKENIZER_DIR / "spiece.model", folder / "tokenizer.model")  # as termtune export ships it
     write_manifest(folder)
     return folder
 
@@ -65,31 +67,45 @@ def artifact_template(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def moto_url():
-    from moto.server import ThreadedMotoServer
+def moto_server():
+    """moto's S3/IAM/STS/KMS server with IAM access control on: every request must be signed
+    with an access key moto issued and is authorised by that identity's IAM policies.
+    Yields (URL, the administrator's keys)."""
+    import boto3
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
+    from termtune.aws import iam
+    from termtune.rehearsal import start_moto
+
+    server, url, keys = start_moto()
+    admin = {"aws_access_key_id": keys["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": keys["AWS_SECRET_ACCESS_KEY"]}
+    iam.create_or_update(boto3.client("iam", endpoint_url=url, region_name="us-east-1", **admin), EXISTING_ROLE,
+                         iam.trust_policy(ACCOUNT, "us-east-1"), iam.permissions_policy(BUCKET, "termtune/", ACCOUNT))
+    yield url, keys
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def moto_url(moto_server):
+    return moto_server[0]
+
+
 @pytest.fixture
-def aws_env(monkeypatch, moto_url):
-    """Dummy credentials and the standard endpoint variables pointing S3/IAM/STS at moto.
-    Returns a function that starts termtune serve with given options and points Bedrock at it."""
+def aws_env(monkeypatch, moto_server):
+    """The administrator's credentials and the standard endpoint variables pointing
+    S3/IAM/STS/KMS at moto. Returns a function that starts termtune serve with given
+    options and points Bedrock at it."""
     from termtune.serve import start_server
 
+    url, keys = moto_server
     for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_MAX_ATTEMPTS"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    for key, value in keys.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    for service in ("S3", "IAM", "STS"):
-        monkeypatch.setenv(f"AWS_ENDPOINT_URL_{service}", moto_url)
+    for service in ("S3", "IAM", "STS", "KMS"):
+        monkeypatch.setenv(f"AWS_ENDPOINT_URL_{service}", url)
     servers = []
 
     def start(**options):

@@ -4,12 +4,13 @@ server and termtune serve, both on 127.0.0.1, reached only through AWS_ENDPOINT_
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from aws_fixtures import SECRET, artifact_template, aws_env, boto, bucket, moto_url  # noqa: F401
+from aws_fixtures import artifact_template, aws_env, boto, bucket, moto_server, moto_url  # noqa: F401
 from termtune.config import load_config
 from termtune.errors import UserError
 
@@ -35,6 +36,7 @@ def versions(bucket_name: str, prefix: str) -> dict[str, int]:
 
 def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_template, capfd):  # noqa: F811
     from termtune import aws
+    from termtune.aws import s3 as s3mod
 
     server = aws_env(throttle_every=4)  # the SDK's standard retries absorb occasional throttling
     cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": "null", "aws.role_name": "tt-e2e-role"})
@@ -43,8 +45,20 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     assert record["status"] == "Completed" and record["model_arn"] == result.model_arn
     assert record["role_created"] is True and record["role_arn"].endswith(":role/tt-e2e-role")
     assert record["s3_uri"] == "s3://termtune-test/termtune/run/"
-    assert set(result.uploaded) == {f["path"] for f in json.loads(
-        ((cfg.run_dir / "artifact") / "manifest.json").read_text())["files"]} | {"manifest.json"}
+    listed = {f["path"] for f in json.loads(((cfg.run_dir / "artifact") / "manifest.json").read_text())["files"]}
+    assert set(result.uploaded) == listed - {"README.md"}  # the import prefix holds the model only
+    meta = boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/_termtune/run/")["Contents"]
+    assert {o["Key"].rsplit("/", 1)[1] for o in meta} == {f for f in s3mod.TERMTUNE_FILES
+                                                           if ((cfg.run_dir / "artifact") / f).is_file()}
+
+    # What the import costs: GetImportedModel's facts, priced from aws.cmu_prices, recorded and printed.
+    assert record["imported_model"]["customModelUnits"] == {"customModelUnitsPerModelCopy": 1,
+                                                            "customModelUnitsVersion": "v1.0"}
+    assert record["imported_model"]["modelArchitecture"] == "t5" and record["imported_model"]["modelKmsKeyArn"] is None
+    assert record["cost_estimate"]["usd_per_5_minute_window"] == pytest.approx(0.05718 * 5)
+    assert record["cost_estimate"]["usd_per_hour"] == pytest.approx(0.05718 * 60)
+    assert record["cost_estimate"]["usd_storage_per_month"] == pytest.approx(1.95)
+    assert "per 5-minute window" in result.summary() and "1 CMU per copy (v1.0)" in result.summary()
 
     # The role is least-privilege: Bedrock only, this account and region, this prefix only.
     iam = boto("iam")
@@ -58,6 +72,7 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     assert out["prompt"] == "What is Asthma?" and out["request"]["max_tokens"] == 8
     streamed = aws.invoke_cli(cfg, term="Asthma", stream=True)
     assert streamed["text"] == out["text"]
+    assert "amazon-bedrock-invocationMetrics" in streamed["chunks"][-1]  # a chunk without text, skipped
     cfg.aws.invoke_schema = "max_gen_len"
     gen = aws.invoke_cli(cfg, raw="What is Asthma?", as_json=True)
     assert gen["response"]["generation"] == out["text"] and gen["request"]["max_gen_len"] == 8
@@ -84,11 +99,12 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     assert "nothing left to delete" in capfd.readouterr().err
 
     # No credential value in any run file or in what was printed.
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     for path in cfg.run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".yaml", ".md", ".html", ".jsonl", ".txt"):
-            assert SECRET not in path.read_text(errors="ignore"), path
+            assert secret not in path.read_text(errors="ignore"), path
     captured = capfd.readouterr()
-    assert SECRET not in captured.out + captured.err
+    assert secret not in captured.out + captured.err
 
 
 def test_rerun_after_interrupted_upload_sends_only_missing_files(tmp_path, aws_env, bucket,  # noqa: F811
@@ -108,7 +124,8 @@ def test_rerun_after_interrupted_upload_sends_only_missing_files(tmp_path, aws_e
     result = aws.deploy(cfg)
     after = versions(bucket, "termtune/run/")
     assert sorted(result.skipped) == sorted(f.path for f in done)
-    assert {k for k, n in after.items() if n > before.get(k, 0)} == {f.path for f in files} - {f.path for f in done}
+    model_files = {f.path for f in files} - set(s3mod.TERMTUNE_FILES)
+    assert {k for k, n in after.items() if n > before.get(k, 0)} == model_files - {f.path for f in done}
     assert all(n == 1 for n in after.values())  # nothing was sent twice
 
 
@@ -145,7 +162,8 @@ def test_refuses_an_artifact_that_fails_validation(tmp_path, aws_env, bucket, ar
 
 @pytest.mark.parametrize("key,value,match", [
     ("aws.model_name", "flan.t5", "aws.model_name"), ("aws.job_name", "job_1", "aws.job_name"),
-    ("aws.prefix", "models/flan t5", "aws.bucket / aws.prefix"), ("aws.region", "eu-west-1", "eu-central-1"),
+    ("aws.prefix", "models/flan t5", "aws.prefix:"), ("aws.bucket", "Termtune-Test", "aws.bucket:"),
+    ("aws.model_kms_key_id", "alias/a b", "aws.model_kms_key_id:"), ("aws.region", "eu-west-1", "eu-central-1"),
     ("aws.role_arn", "arn:aws:iam::12:role/x", "aws.role_arn")])
 def test_invalid_names_fail_before_any_call(tmp_path, aws_env, bucket, artifact_template, key, value, match):  # noqa: F811
     from termtune import aws
@@ -184,7 +202,7 @@ def test_failed_job_prints_failure_message_and_exits_nonzero(tmp_path, aws_env, 
 
     aws_env()
     cfg = make_cfg(tmp_path, artifact_template)
-    files = s3mod.artifact_files((cfg.run_dir / "artifact"))
+    files = [f for f in s3mod.artifact_files((cfg.run_dir / "artifact")) if f.path not in s3mod.TERMTUNE_FILES]
     s3mod.upload(boto("s3"), (cfg.run_dir / "artifact"), files, bucket, "termtune/run/", progress=False)
     # Corrupt config.json in S3 but keep its size and recorded hash: only the import can notice.
     entry = next(f for f in files if f.path == "config.json")
@@ -197,16 +215,164 @@ def test_failed_job_prints_failure_message_and_exits_nonzero(tmp_path, aws_env, 
     assert record["status"] == "Failed" and "config.json" in record["failure_message"]
 
 
-def test_role_propagation_is_retried(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+def test_role_propagation_is_retried_only_for_a_role_termtune_created(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                     artifact_template):
     from termtune import aws
 
     server = aws_env(role_delay_seconds=2.0)
-    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_retry_minutes": 0})
+    new_role = {"aws.role_arn": "null", "aws.role_name": "tt-propagating"}
+    cfg = make_cfg(tmp_path, artifact_template, **new_role, **{"aws.role_retry_minutes": 0})
     with pytest.raises(UserError, match="role ARN is invalid"):
         aws.deploy(cfg)
-    cfg = make_cfg(tmp_path, artifact_template, name="again", **{"aws.role_retry_minutes": 0.5})
+    boto("iam").delete_role_policy(RoleName="tt-propagating", PolicyName="termtune-artifact-read")
+    boto("iam").delete_role(RoleName="tt-propagating")
+    server.state.roles_seen.clear()
+    cfg = make_cfg(tmp_path, artifact_template, name="again", **new_role, **{"aws.role_retry_minutes": 0.5})
     assert aws.deploy(cfg).model_arn
-    assert server.state.counts["ValidationException"] >= 2
+    messages = json.loads((cfg.run_dir / "deploy.json").read_text())["role_retry_messages"]
+    assert messages and all(m == "ValidationException: The provided role ARN is invalid." for m in messages)
+
+    # A role termtune did not create in this deploy is never retried: its error is final.
+    server.state.roles_seen.clear()
+    cfg = make_cfg(tmp_path, artifact_template, name="given", **{"aws.role_retry_minutes": 0.5})
+    calls = server.state.calls
+    with pytest.raises(UserError, match="role ARN is invalid"):
+        aws.deploy(cfg)
+    assert server.state.counts["ValidationException"] >= 2 and server.state.calls - calls <= 4  # no retry loop
+
+
+def make_role(name: str, permissions: dict | None, trust: dict | None = None) -> str:
+    from termtune.aws import iam as iammod
+
+    client = boto("iam")
+    arn = client.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(
+        trust or iammod.trust_policy("123456789012", "us-east-1")))["Role"]["Arn"]
+    if permissions:
+        client.put_role_policy(RoleName=name, PolicyName="p", PolicyDocument=json.dumps(permissions))
+    return arn
+
+
+@pytest.mark.parametrize("case", ["no S3 statement", "prefix outside the grant", "trust without Bedrock"])
+def test_the_import_role_is_enforced(tmp_path, aws_env, bucket, artifact_template, case):  # noqa: F811
+    """moto evaluates the role's permission policy on every S3 call the import job makes with
+    the role's temporary credentials; serve evaluates the trust policy (moto cannot)."""
+    from termtune import aws
+    from termtune.aws import iam as iammod
+
+    aws_env()
+    name = "tt-" + case.replace(" ", "-").lower()
+    grant = iammod.permissions_policy(bucket, "termtune/run/", "123456789012")
+    if case == "no S3 statement":
+        arn = make_role(name, {"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": "kms:DescribeKey", "Resource": "*"}]})
+    elif case == "prefix outside the grant":
+        arn = make_role(name, iammod.permissions_policy(bucket, "elsewhere/", "123456789012"))
+    else:
+        other = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                                                          "Principal": {"Service": "sagemaker.amazonaws.com"}}]}
+        arn = make_role(name, grant, trust=other)
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": arn})
+    with pytest.raises(UserError) as e:
+        aws.deploy(cfg)
+    message = json.loads((cfg.run_dir / "deploy.json").read_text())["failure_message"]
+    assert str(e.value).endswith(message)
+    if case == "trust without Bedrock":
+        assert "can't assume the role" in message
+    else:
+        assert "AccessDenied" in message and "termtune/run/" in message
+
+
+def test_generated_policies_pass_the_iam_linter_and_scope_the_trust():
+    """moto does not evaluate condition keys or trust policies the way IAM does, so the
+    policies termtune generates are linted with parliament (zero findings) and their
+    confused-deputy conditions are asserted here."""
+    import parliament
+
+    from termtune.aws import iam as iammod, trust
+
+    key = "arn:aws:kms:us-east-1:123456789012:key/0b8c4a3e-1f2d-4e5a-9b6c-7d8e9f0a1b2c"
+    permissions = iammod.permissions_policy("termtune-test", "termtune/run/", "123456789012", key)
+    trust_doc = iammod.trust_policy("123456789012", "us-east-1")
+    # parliament lints identity policies, which need a Resource; a trust policy's resource is the
+    # role itself, so it is linted with that role as its Resource (action, principal, condition keys).
+    role = "arn:aws:iam::123456789012:role/termtune-bedrock-import"
+    as_linted = {**trust_doc, "Statement": [{**st, "Resource": role} for st in trust_doc["Statement"]]}
+    for doc in (permissions, as_linted):
+        policy = parliament.analyze_policy_string(json.dumps(doc), ignore_private_auditors=True)
+        assert policy.findings == [], [str(f) for f in policy.findings]
+    [statement] = trust_doc["Statement"]
+    assert statement["Principal"] == {"Service": "bedrock.amazonaws.com"} and statement["Action"] == "sts:AssumeRole"
+    assert statement["Condition"]["StringEquals"] == {"aws:SourceAccount": "123456789012"}
+    assert statement["Condition"]["ArnEquals"] == {
+        "aws:SourceArn": "arn:aws:bedrock:us-east-1:123456789012:model-import-job/*"}
+    job = "arn:aws:bedrock:us-east-1:123456789012:model-import-job/abcdefghijkl"
+    ok = {"aws:SourceAccount": "123456789012", "aws:SourceArn": job}
+    assert trust.allows_service(trust_doc, "bedrock.amazonaws.com", "sts:AssumeRole", ok)
+    assert not trust.allows_service(trust_doc, "bedrock.amazonaws.com", "sts:AssumeRole",
+                                    {**ok, "aws:SourceAccount": "210987654321"})
+    assert not trust.allows_service(trust_doc, "bedrock.amazonaws.com", "sts:AssumeRole",
+                                    {**ok, "aws:SourceArn": job.replace("model-import-job", "evaluation-job")})
+    assert not trust.allows_service(trust_doc, "sagemaker.amazonaws.com", "sts:AssumeRole", ok)
+    assert [s["Resource"] for s in permissions["Statement"] if s["Sid"] == "DecryptArtifact"] == [[key]]
+
+
+def test_kms_keys_resolve_to_arns_and_the_model_key_is_separate(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                 artifact_template):
+    from termtune import aws
+
+    aws_env()
+    kms = boto("kms")
+    s3_key = kms.create_key(Description="termtune test S3 key")["KeyMetadata"]
+    kms.create_alias(AliasName="alias/tt-s3", TargetKeyId=s3_key["KeyId"])
+    model_key = kms.create_key(Description="termtune test model key")["KeyMetadata"]
+    cfg = make_cfg(tmp_path, artifact_template, **{
+        "aws.role_arn": "null", "aws.role_name": "tt-kms", "aws.sse": "aws:kms", "aws.kms_key_id": "alias/tt-s3",
+        "aws.model_kms_key_id": model_key["KeyId"]})
+    result = aws.deploy(cfg)
+    policy = boto("iam").get_role_policy(RoleName="tt-kms", PolicyName="termtune-artifact-read")["PolicyDocument"]
+    [decrypt] = [s for s in policy["Statement"] if s["Sid"] == "DecryptArtifact"]
+    assert decrypt["Resource"] == [s3_key["Arn"]]  # the key ARN, never the alias
+    assert result.facts["modelKmsKeyArn"] == model_key["Arn"]  # importedModelKmsKeyId, echoed back as an ARN
+    job = boto("bedrock").get_model_import_job(jobIdentifier=result.job_arn)
+    assert job["importedModelKmsKeyArn"] == model_key["Arn"]
+    head = boto("s3").head_object(Bucket=bucket, Key="termtune/run/config.json")
+    assert head["ServerSideEncryption"] == "aws:kms"
+
+    cfg = make_cfg(tmp_path, artifact_template, name="nokey", **{
+        "aws.role_arn": "null", "aws.role_name": "tt-kms-2", "aws.sse": "aws:kms", "aws.kms_key_id": "alias/none"})
+    with pytest.raises(UserError, match="aws.kms_key_id: cannot resolve 'alias/none' to a key ARN"):
+        aws.deploy(cfg)
+    assert "tt-kms-2" not in [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
+
+
+def test_a_model_name_with_underscores_gets_a_valid_job_name(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from termtune import aws
+
+    aws_env()
+    result = aws.deploy(make_cfg(tmp_path, artifact_template, **{"aws.model_name": "flan_t5_med"}))
+    assert result.job_name.startswith("flan-t5-med-") and result.model_name == "flan_t5_med"
+
+
+def test_cleanup_waits_for_a_running_job_or_refuses(tmp_path, aws_env, bucket, artifact_template, capfd):  # noqa: F811
+    from termtune import aws
+
+    server = aws_env(import_delay_seconds=3.0)
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": "null", "aws.role_name": "tt-cleanup",
+                                                   "aws.import_timeout_minutes": 0.005})
+    with pytest.raises(UserError, match="still InProgress"):
+        aws.deploy(cfg)  # gives up waiting; the job runs on
+    assert json.loads((cfg.run_dir / "deploy.json").read_text())["status"] == "InProgress"
+    with pytest.raises(UserError, match="nothing was deleted"):
+        aws.cleanup(cfg, yes=True)
+    assert boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/run/")["KeyCount"] > 0
+    assert "tt-cleanup" in [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
+
+    cfg.aws.import_timeout_minutes = 1
+    aws.cleanup(cfg, yes=True)  # waits for the job, then deletes the model it made, the prefix, the role
+    assert [j["status"] for j in server.state.jobs.values()] == ["Completed"] and not server.state.models
+    assert boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/")["KeyCount"] == 0
+    assert "tt-cleanup" not in [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
+    assert "waiting for it to end" in capfd.readouterr().err
 
 
 def test_interrupted_create_reuses_its_token(tmp_path, aws_env, bucket, artifact_template, monkeypatch):  # noqa: F811

@@ -24,7 +24,8 @@ from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
 PROMPTS = ["What is Hypertension?", "What is (are) Paget's disease of bone ?", "What is café-au-lait macules?"]
 MAX_NEW_TOKENS = 12
 EXPECTED_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "manifest.json"}
+                  "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "tokenizer.model",
+                  "manifest.json"}
 
 
 def make_config(run_dir: Path, *extra: str):
@@ -142,6 +143,7 @@ def test_configs_are_written_for_transformers_4(exported):
     special = json.loads((folder / "special_tokens_map.json").read_text())
     assert special["eos_token"] == "</s>" and special["pad_token"] == "<pad>"
     assert (folder / "spiece.model").read_bytes() == (Path(cfg.tokenizer_source) / "spiece.model").read_bytes()
+    assert (folder / "tokenizer.model").read_bytes() == (folder / "spiece.model").read_bytes()
 
 
 def test_model_card_names_base_data_license_and_settings(exported):
@@ -269,7 +271,8 @@ def test_a_plain_5x_resave_would_not_read_identically(exported, tmp_path):
     cfg, _ = exported
     naive = tmp_path / "naive"
     AutoModelForSeq2SeqLM.from_pretrained(cfg.run_dir / "artifact").save_pretrained(naive)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+                 "tokenizer.model"):
         shutil.copy(cfg.run_dir / "artifact" / name, naive / name)  # isolate the weights/config hazard
     failed = {c.name for c in validate(naive) if c.failed}
     assert "embeddings and tie flag (transformers 4.51.3)" in failed

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from aws_fixtures import artifact_template, aws_env, boto, bucket, moto_url  # noqa: F401
+from aws_fixtures import artifact_template, aws_env, boto, bucket, moto_server, moto_url  # noqa: F401
 from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
 
 OFFLINE = ("data", "train", "evaluate", "export")

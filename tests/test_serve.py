@@ -168,8 +168,58 @@ def test_stream_is_event_stream_botocore_parses(imported):
         whole = json.loads(rt.invoke_model(modelId=job["importedModelArn"], body=body)["body"].read())
         resp = rt.invoke_model_with_response_stream(modelId=job["importedModelArn"], body=body)
         chunks = [json.loads(e["chunk"]["bytes"]) for e in resp["body"]]
-        assert len(chunks) >= 1
-        assert "".join(text_of(c) for c in chunks) == text_of(whole)
+        assert len(chunks) >= 2
+        assert set(chunks[-1]) == {"amazon-bedrock-invocationMetrics"}  # metrics only, no text
+        assert "".join(text_of(c) for c in chunks[:-1]) == text_of(whole)
+
+
+KEY_ID = "0b8c4a3e-1f2d-4e5a-9b6c-7d8e9f0a1b2c"
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"importedModelKmsKeyId": "my key"}, "importedModelKmsKeyId"),
+    ({"importedModelKmsKeyId": "arn:aws:kms:us-east-1:123:key/" + KEY_ID}, "importedModelKmsKeyId"),
+    ({"jobTags": [{"key": "a" * 129, "value": "x"}]}, "key"),
+    ({"importedModelTags": [{"key": "team", "value": "a;b"}]}, "value"),
+    ({"jobTags": [{"key": f"k{i}", "value": "v"} for i in range(201)]}, "jobTags"),
+    ({"vpcConfig": {"subnetIds": [f"subnet-{i}" for i in range(17)], "securityGroupIds": ["sg-1"]}},
+     "vpcConfig.subnetIds"),
+    ({"vpcConfig": {"subnetIds": ["subnet-1"], "securityGroupIds": [f"sg-{i}" for i in range(6)]}},
+     "vpcConfig.securityGroupIds"),
+    ({"vpcConfig": {"subnetIds": ["subnet_1"], "securityGroupIds": ["sg-1"]}}, "subnetIds")])
+def test_create_checks_kms_tags_and_vpc_like_aws(imported, extra, field):
+    _, url, _, _ = imported
+    br, _ = clients(url)
+    with pytest.raises(ClientError) as e:
+        br.create_model_import_job(jobName="opt-job", importedModelName="opt-model", roleArn=ROLE,
+                                   modelDataSource={"s3DataSource": {"s3Uri": "s3://bucket-a/models/tiny/"}}, **extra)
+    assert code(e) == "ValidationException" and field in e.value.response["Error"]["Message"]
+
+
+def test_kms_key_and_vpc_are_echoed_and_lists_check_their_sort_enums(tmp_path, artifact_template):  # noqa: F811
+    shutil.copytree(artifact_template, tmp_path / "b-1" / "m")
+    server, url = start_server(local_root=tmp_path, import_delay_seconds=0.0)
+    try:
+        br, _ = clients(url)
+        vpc = {"subnetIds": ["subnet-0abc"], "securityGroupIds": ["sg-0abc"]}
+        arn = br.create_model_import_job(
+            jobName="j1", importedModelName="m1", roleArn=ROLE, importedModelKmsKeyId=KEY_ID, vpcConfig=vpc,
+            jobTags=[{"key": "team", "value": "med"}], importedModelTags=[{"key": "project", "value": "termtune"}],
+            modelDataSource={"s3DataSource": {"s3Uri": "s3://b-1/m/"}})["jobArn"]
+        job = wait(br, arn)
+        key_arn = f"arn:aws:kms:us-east-1:123456789012:key/{KEY_ID}"
+        assert job["importedModelKmsKeyArn"] == key_arn and job["vpcConfig"] == vpc
+        model = br.get_imported_model(modelIdentifier="m1")
+        assert model["modelKmsKeyArn"] == key_arn
+        assert model["customModelUnits"] == {"customModelUnitsPerModelCopy": 1, "customModelUnitsVersion": "v1.0"}
+        assert br.list_imported_models(sortBy="CreationTime", sortOrder="Ascending")["modelSummaries"]
+        for call, kwargs in ((br.list_imported_models, {"sortBy": "creationTime"}),
+                             (br.list_model_import_jobs, {"sortOrder": "Newest"})):
+            with pytest.raises(ClientError) as e:
+                call(**kwargs)
+            assert code(e) == "ValidationException" and "enum value set" in e.value.response["Error"]["Message"]
+    finally:
+        server.stop()
 
 
 def test_event_frame_round_trips_through_botocore():

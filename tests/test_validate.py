@@ -40,6 +40,7 @@ def make_folder(root: Path, config: dict | None = None, tensors: dict | None = N
     save_file(tensors or weights(), str(folder / "model.safetensors"), metadata={"format": "pt"})
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
         shutil.copy(TOKENIZER_DIR / name, folder / name)
+    shutil.copy(TOKENIZER_DIR / "spiece.model", folder / "tokenizer.model")
     return folder
 
 
@@ -94,6 +95,16 @@ def test_fp16_weights_fail_with_the_t5_reason(tmp_path):
     failed, _ = outcome(folder)
     assert set(failed) == {"weight dtype"}
     assert "overflows" in failed["weight dtype"]
+
+
+def test_tokenizer_model_must_be_there_and_equal_spiece_model(tmp_path):
+    folder = make_folder(tmp_path)
+    (folder / "tokenizer.model").write_bytes(b"not the same model")
+    failed, _ = outcome(folder)
+    assert "differs from spiece.model" in failed["tokenizer files"]
+    (folder / "tokenizer.model").unlink()
+    failed, _ = outcome(folder)
+    assert "tokenizer.model" in failed["tokenizer files"]
 
 
 def test_missing_spiece_model_fails(tmp_path):

@@ -155,6 +155,28 @@ class ExportConfig(Section):
     """Artifact folder (default: <run.dir>/artifact)."""
 
 
+class CmuPrice(Section):
+    per_minute: float = Field(gt=0)
+    """US dollars per Custom Model Unit per minute of an active model copy."""
+    storage_per_month: float | None = Field(None, ge=0)
+    """US dollars per Custom Model Unit per month of storage (None: not known)."""
+    source: str = ""
+    """Where and when the price was read."""
+
+
+# Bedrock's Custom Model Import prices, per region and customModelUnitsVersion. Billing is per
+# 5-minute window of an active model copy (docs: import-model-calculate-cost.html). The v1.0
+# figures are those the issue cites from AWS's pricing page and AWS's Qwen3 CMI sample notebook
+# (aws-samples/amazon-bedrock-samples, Jan 2026: 4 CMU -> $7.80/month storage, ~$0.23/min);
+# the pricing page itself (aws.amazon.com/bedrock/pricing, "Custom Model Import") could not be
+# read from this machine on 2026-11-29: check it before relying on these, and add your region.
+DEFAULT_CMU_PRICES = {
+    "us-east-1": {"v1.0": CmuPrice(per_minute=0.05718, storage_per_month=1.95,
+                                   source="AWS Bedrock pricing page as cited in AWS's Qwen3 CMI sample, "
+                                          "Jan 2026; unverified here 2026-11-29")},
+}
+
+
 class AwsConfig(Section):
     region: str = "us-east-1"
     profile: str | None = None
@@ -164,7 +186,9 @@ class AwsConfig(Section):
     """S3 key prefix for the artifact; {run_name} is the run directory's name."""
     sse: Literal["AES256", "aws:kms"] = "AES256"
     kms_key_id: str | None = None
-    """KMS key for S3 encryption (with sse=aws:kms) and KMS decrypt in the import role."""
+    """KMS key (id, alias or ARN) for S3 SSE-KMS; the import role gets kms:Decrypt on its key ARN."""
+    model_kms_key_id: str | None = None
+    """KMS key that encrypts the imported model (importedModelKmsKeyId); None: an AWS owned key."""
     role_arn: str | None = None
     """Existing CMI service role; None: create or reuse `role_name`."""
     role_name: str = "termtune-bedrock-import"
@@ -185,7 +209,9 @@ class AwsConfig(Section):
     model_quota: int = Field(3, ge=1)
     """Imported models allowed per region (Bedrock's default quota; deploy checks it first)."""
     role_retry_minutes: float = Field(2, ge=0)
-    """How long deploy retries 'role ARN is invalid' while a new IAM role propagates."""
+    """How long deploy retries a role error from Bedrock while a role it just created propagates."""
+    cmu_prices: dict[str, dict[str, CmuPrice]] = Field(default_factory=lambda: dict(DEFAULT_CMU_PRICES))
+    """Custom Model Unit prices per region and CMU version, for the cost deploy prints."""
     deploy: bool = True
     """`termtune run` deploys and invokes after export; false stops at validate."""
 
@@ -341,6 +367,8 @@ def field_docs() -> list[tuple[str, str, str, str]]:
             annotation = sub.annotation
             type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
             type_name = type_name.replace("typing.", "").replace("pathlib.", "").replace("Path", "path")
-            shown = json.dumps(str(default) if isinstance(default, Path) else default)
+            from pydantic_core import to_jsonable_python
+
+            shown = json.dumps(str(default) if isinstance(default, Path) else to_jsonable_python(default))
             rows.append((f"{name}.{key}", type_name, shown, docs.get(key, "")))
     return rows

@@ -338,7 +338,9 @@ def write_model_config(model: "PreTrainedModel", folder: Path, dtype: str, tied:
 
 
 def write_tokenizer(tokenizer: Any, folder: Path, spiece: Path) -> None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and spiece.model, all 4.x-readable."""
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and the SentencePiece model,
+    all 4.x-readable. The SentencePiece model goes under both names: spiece.model is what
+    T5Tokenizer loads, tokenizer.model is what AWS's list of minimum import files names."""
     tokenizer.save_pretrained(folder)
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -358,6 +360,7 @@ def write_tokenizer(tokenizer: Any, folder: Path, spiece: Path) -> None:
         special["additional_special_tokens"] = config["additional_special_tokens"]
     write_json(folder / "special_tokens_map.json", special)
     shutil.copyfile(spiece, folder / "spiece.model")
+    shutil.copyfile(spiece, folder / "tokenizer.model")
 
 
 # ----------------------------------------------------------------------------- manifest + card

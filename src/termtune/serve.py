@@ -14,22 +14,30 @@ quota, clientRequestToken idempotency, the exact status strings InProgress / Com
 Failed, ARNs of the real form, error codes botocore raises as the same ClientError, both
 completion schemas, and the event-stream framing of InvokeModelWithResponseStream.
 
-The import job reads `s3://bucket/prefix/` through boto3, so AWS_ENDPOINT_URL_S3 decides
-which S3 (moto's server, or real S3); with `local_root` set, s3://bucket/prefix/ is read
-from <local_root>/bucket/prefix/ instead (no S3 needed). It runs termtune's validate on
-the files, loads the model with transformers, and then answers InvokeModel with real
-greedy generation by that model.
+The import job does what Bedrock does: it evaluates the role's trust policy for the service
+principal bedrock.amazonaws.com with aws:SourceAccount / aws:SourceArn (termtune.aws.trust),
+assumes the job's roleArn through STS, and reads `s3://bucket/prefix/` with the temporary
+credentials it got back; AWS_ENDPOINT_URL_STS / _S3 decide which STS and S3 (moto's server
+with IAM access control on, in the tests and the demo, so the role's permission policy is
+evaluated on every S3 call). With `local_root` set, s3://bucket/prefix/ is read from
+<local_root>/bucket/prefix/ instead (no S3, no STS, no IAM). It runs termtune's validate on
+the files, loads the model with transformers, and then answers InvokeModel with real greedy
+generation by that model. importedModelKmsKeyId, tags and vpcConfig are checked against
+botocore's patterns and bounds; the key (as an ARN) and vpcConfig are echoed by the Get* calls.
 
-Choices where AWS does not document the behaviour: a reused job or model name answers
-ConflictException; a request with neither max_tokens nor max_gen_len gets the OpenAI
-completion schema with 16 tokens; streaming sends one chunk per generated token, each in
-the request's schema.
+Choices where AWS does not document the behaviour (docs/aws.md lists them): a reused job or
+model name answers ConflictException; a request with neither max_tokens nor max_gen_len gets
+the OpenAI completion schema with 16 tokens; max_tokens must be 1..4096 and the prompt at most
+512 tokens; streaming sends one chunk per generated token, each in the request's schema, then
+one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
+with makes the job Failed (not the create call); GetImportedModel reports 1 CMU of v1.0 for
+every model (a stand-in: Bedrock sizes CMUs from the model).
 
-What it does not do: authentication (SigV4 signatures are ignored, any credentials work),
-persistence (state lives in memory), or Bedrock's own model hosting. It binds 127.0.0.1
-unless told otherwise. Faults for rehearsal: a cold start (ModelNotReadyException for N
-seconds after each import), throttling of every Nth call, and IAM propagation (a role ARN
-is "invalid" for N seconds after it is first seen).
+What it does not do: authenticate its own callers (SigV4 signatures are ignored, any
+credentials work), persistence (state lives in memory), or Bedrock's own model hosting. It
+binds 127.0.0.1 unless told otherwise. Faults for rehearsal: a cold start
+(ModelNotReadyException for N seconds after each import), throttling of every Nth call, and
+IAM propagation (a role ARN is "invalid" for N seconds after it is first seen).
 """
 
 from __future__ import annotations
@@ -51,7 +59,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from termtune.aws.names import MODEL_ARN_RE, ROLE_ARN_RE, field_problem
+from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS, MAX_TAGS, MODEL_ARN_RE, ROLE_ARN_RE,
+                                SORT_BY, SORT_ORDER, field_problem)
 
 MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit
 MAX_INPUT_TOKENS = 512  # Flan-T5's training input length
@@ -101,6 +110,8 @@ class Bedrock:
         self.loaded: dict[str, tuple[Any, Any, threading.Lock]] = {}  # model ARN -> (model, tokenizer, lock)
         self.ready_at: dict[str, float] = {}  # model ARN -> end of its cold start
         self.roles_seen: dict[str, float] = {}
+        self.tags: dict[str, list] = {}  # job ARN -> jobTags (kept, as AWS does; no Get* echoes tags)
+        self.model_tags: dict[str, list] = {}  # job ARN -> importedModelTags
         self.calls = 0
         self.counts: dict[str, int] = {}  # error code or "ok" -> how many answers (for tests and logs)
         self.workdir = Path(tempfile.mkdtemp(prefix="termtune-serve-"))
@@ -133,6 +144,10 @@ class Bedrock:
         token = body.get("clientRequestToken")
         if token is not None:
             _check("clientRequestToken", token)
+        for tags in ("jobTags", "importedModelTags"):
+            _check_tags(tags, body.get(tags))
+        vpc = _check_vpc(body.get("vpcConfig"))
+        key_arn = self._kms_key_arn(body.get("importedModelKmsKeyId"), _account(body["roleArn"]))
         with self.lock:
             if token in self.tokens:  # "ignores the request, but does not return an error"
                 return 201, {"jobArn": self.tokens[token]}
@@ -155,11 +170,40 @@ class Bedrock:
             job = {"jobArn": arn, "jobName": body["jobName"], "importedModelName": name,
                    "roleArn": body["roleArn"], "modelDataSource": {"s3DataSource": {"s3Uri": s3_uri}},
                    "status": "InProgress", "creationTime": now, "lastModifiedTime": now}
+            if vpc:
+                job["vpcConfig"] = vpc
+            if key_arn:
+                job["importedModelKmsKeyArn"] = key_arn
+            self.tags[arn] = body.get("jobTags") or []
+            self.model_tags[arn] = body.get("importedModelTags") or []
             self.jobs[arn] = job
             if token:
                 self.tokens[token] = arn
         threading.Thread(target=self._run_import, args=(arn,), daemon=True).start()
         return 201, {"jobArn": arn}
+
+    def _kms_key_arn(self, key_id: Any, account: str) -> str | None:
+        """importedModelKmsKeyId (key id, alias or ARN) as the key ARN Get* calls report."""
+        import re
+
+        if key_id is None:
+            return None
+        _check("importedModelKmsKeyId", key_id)
+        if re.fullmatch(KMS_KEY_ARN_RE, key_id):
+            return key_id
+        if re.fullmatch(r"[a-zA-Z0-9-]{36}", key_id):
+            return f"arn:aws:kms:{self.region}:{account}:key/{key_id}"
+        if self.local_root:  # serve's own choice: no KMS to ask when S3 is a local folder
+            raise ApiError("ValidationException", f"termtune serve cannot resolve the alias {key_id} without KMS "
+                                                  "(local_root is set); pass the key ARN or key id")
+        from termtune.aws.clients import client, error_code
+
+        try:
+            return client("kms", self.region).describe_key(KeyId=key_id)["KeyMetadata"]["Arn"]
+        except Exception as e:
+            if error_code(e) is None:
+                raise
+            raise ApiError("ValidationException", f"The KMS key {key_id} cannot be used: {error_code(e)}.") from e
 
     def _role_ready(self, role_arn: str) -> None:
         """IAM propagation: a role first seen less than role_delay_seconds ago is 'invalid'."""
@@ -173,7 +217,7 @@ class Bedrock:
         job = self.jobs[job_arn]
         folder = self.workdir / job_arn.rsplit("/", 1)[1]
         try:
-            self._fetch(job["modelDataSource"]["s3DataSource"]["s3Uri"], folder)
+            self._fetch(job, folder)
             model, tokenizer, architecture = _load(folder)
             failure = None
         except ImportFailure as e:
@@ -193,31 +237,69 @@ class Bedrock:
                 "modelArn": model_arn, "modelName": job["importedModelName"], "jobName": job["jobName"],
                 "jobArn": job_arn, "modelDataSource": job["modelDataSource"], "creationTime": now,
                 "modelArchitecture": architecture, "instructSupported": False,
+                # A stand-in: Bedrock sizes CMUs from the model; serve always reports 1 of v1.0.
                 "customModelUnits": {"customModelUnitsPerModelCopy": 1, "customModelUnitsVersion": "v1.0"}}
+            if job.get("importedModelKmsKeyArn"):
+                self.models[model_arn]["modelKmsKeyArn"] = job["importedModelKmsKeyArn"]
             self.loaded[model_arn] = (model, tokenizer, threading.Lock())
             self.ready_at[model_arn] = time.monotonic() + self.cold_start_seconds
             job.update(status="Completed", importedModelArn=model_arn)
 
-    def _fetch(self, s3_uri: str, folder: Path) -> None:
+    def _fetch(self, job: dict, folder: Path) -> None:
+        """Read the prefix as Bedrock does: as the job's role, through STS, so the role's
+        trust and permission policies decide what the import may read."""
         from termtune.aws import s3
-        from termtune.aws.clients import client, error_code
+        from termtune.aws.clients import client, error_code, error_message
 
+        s3_uri = job["modelDataSource"]["s3DataSource"]["s3Uri"]
         bucket, prefix = s3.split_uri(s3_uri)
-        if self.local_root:
+        if self.local_root:  # no S3 and no IAM: the rehearsal of the files alone
             source = self.local_root / bucket / prefix
             if not source.is_dir():
                 raise ImportFailure(f"No model files were found at {s3_uri} ({source} does not exist).")
             shutil.copytree(source, folder)
             return
+        credentials = self._assume(job)
         try:
-            names = s3.download(client("s3", self.region), bucket, prefix, folder)
+            names = s3.download(client("s3", self.region, credentials=credentials), bucket, prefix, folder)
         except Exception as e:
             code = error_code(e)
             if code is None:
                 raise
-            raise ImportFailure(f"Amazon Bedrock can't access the S3 location {s3_uri}: {code}.") from e
+            code = "AccessDenied" if code == "403" else code  # a HEAD answer has no error body
+            raise ImportFailure(f"Amazon Bedrock can't access the S3 location {s3_uri} with the role "
+                                f"{job['roleArn']}: {code} ({error_message(e)}).") from e
         if not names:
             raise ImportFailure(f"No model files were found at {s3_uri}.")
+
+    def _assume(self, job: dict) -> dict[str, str]:
+        """Temporary credentials of the job's role. The trust policy is checked here for the
+        service principal bedrock.amazonaws.com with the request context Bedrock sends
+        (aws:SourceAccount, aws:SourceArn): moto cannot evaluate service principals."""
+        from termtune.aws.clients import client, error_code, error_message
+        from termtune.aws.trust import allows_service
+
+        role_arn, account = job["roleArn"], _account(job["roleArn"])
+        try:
+            role = client("iam", self.region).get_role(RoleName=role_arn.rsplit("/", 1)[1])["Role"]
+            trust = role["AssumeRolePolicyDocument"]
+            trust = json.loads(unquote(trust)) if isinstance(trust, str) else trust
+            context = {"aws:SourceAccount": account, "aws:SourceArn": job["jobArn"]}
+            if not allows_service(trust, "bedrock.amazonaws.com", "sts:AssumeRole", context):
+                raise ImportFailure(f"Amazon Bedrock can't assume the role {role_arn}: its trust policy does not "
+                                    f"allow bedrock.amazonaws.com for {job['jobArn']} (aws:SourceAccount "
+                                    f"{account}, aws:SourceArn {job['jobArn']}).")
+            out = client("sts", self.region).assume_role(RoleArn=role_arn, RoleSessionName="bedrock-model-import",
+                                                         DurationSeconds=900)["Credentials"]
+        except ImportFailure:
+            raise
+        except Exception as e:
+            if error_code(e) is None:
+                raise
+            raise ImportFailure(f"Amazon Bedrock can't assume the role {role_arn}: {error_code(e)} "
+                                f"({error_message(e)}).") from e
+        return {"aws_access_key_id": out["AccessKeyId"], "aws_secret_access_key": out["SecretAccessKey"],
+                "aws_session_token": out["SessionToken"]}
 
     def job(self, identifier: str) -> dict:
         _check("jobIdentifier", identifier)
@@ -353,7 +435,42 @@ def _account(role_arn: str) -> str:
     return (match.group(2) if match and match.group(2) else None) or "123456789012"
 
 
+def _check_tags(field: str, tags: Any) -> None:
+    if tags is None:
+        return
+    if not isinstance(tags, list) or len(tags) > MAX_TAGS:
+        raise ApiError("ValidationException", f"1 validation error detected: Value at '{field}' failed to satisfy "
+                                              f"constraint: Member must have length less than or equal to {MAX_TAGS}")
+    for tag in tags:
+        if not isinstance(tag, dict) or "key" not in tag or "value" not in tag:
+            raise ApiError("ValidationException", f"1 validation error detected: Value at '{field}' failed to "
+                                                  "satisfy constraint: each tag needs a key and a value")
+        _check("key", tag["key"])
+        _check("value", tag["value"])
+
+
+def _check_vpc(vpc: Any) -> dict | None:
+    if vpc is None:
+        return None
+    if not isinstance(vpc, dict):
+        raise ApiError("ValidationException", "1 validation error detected: vpcConfig must be an object")
+    for field, most in (("subnetIds", MAX_SUBNETS), ("securityGroupIds", MAX_SECURITY_GROUPS)):
+        ids = vpc.get(field)
+        if not isinstance(ids, list) or not 1 <= len(ids) <= most:
+            raise ApiError("ValidationException", f"1 validation error detected: Value at 'vpcConfig.{field}' "
+                                                  f"failed to satisfy constraint: Member must have length between "
+                                                  f"1 and {most}")
+        for value in ids:
+            _check(field, value)
+    return {"subnetIds": vpc["subnetIds"], "securityGroupIds": vpc["securityGroupIds"]}
+
+
 def _page(rows: list[dict], query: dict[str, str], key: str) -> dict:
+    for field, allowed in (("sortBy", SORT_BY), ("sortOrder", SORT_ORDER)):
+        if field in query and query[field] not in allowed:
+            raise ApiError("ValidationException", f"1 validation error detected: Value '{query[field]}' at '{field}' "
+                                                  f"failed to satisfy constraint: Member must satisfy enum value set: "
+                                                  f"[{', '.join(allowed)}]")
     rows = sorted(rows, key=lambda r: r["creationTime"], reverse=query.get("sortOrder", "Descending") == "Descending")
     try:
         size = int(query.get("maxResults", "1000"))
@@ -498,6 +615,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _invoke(self, model_id: str, raw: bytes, stream: bool) -> None:
         state = self.server.state
+        started = time.monotonic()
         loaded, request, opts = state.prepare_invoke(model_id, self.headers.get("Content-Type"), raw)
         ids, n_prompt, stopped = state.generate(loaded, request["prompt"], opts)
         tokenizer = loaded[1]
@@ -528,6 +646,12 @@ class Handler(BaseHTTPRequestHandler):
                          "generation_token_count": i, "stop_reason": reason if last else None}
             self.wfile.write(chunk_frame(chunk))
             self.wfile.flush()
+        # Bedrock reports invocation metrics in the stream; serve sends them as a last chunk
+        # with no text, which a client must skip rather than fail on.
+        self.wfile.write(chunk_frame({"amazon-bedrock-invocationMetrics": {
+            "inputTokenCount": n_prompt, "outputTokenCount": len(ids),
+            "invocationLatency": int((time.monotonic() - started) * 1000), "firstByteLatency": 0}}))
+        self.wfile.flush()
         self.close_connection = True
 
 

@@ -25,7 +25,9 @@ from typing import Any, Callable
 
 MAX_TOTAL_BYTES = 200 * 10**9  # CMI text-model size limit
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
+# AWS's minimum import files name tokenizer.model; T5Tokenizer loads spiece.model: ship both, identical.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+                   "tokenizer.model")
 T5_TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -351,6 +353,8 @@ def _tokenizer_files(f: _Folder) -> tuple[str, str]:
     missing = [n for n in TOKENIZER_FILES if n not in f.files]
     if missing:
         return FAIL, f"missing {', '.join(missing)} (Bedrock lists every one of {', '.join(TOKENIZER_FILES)} for T5)"
+    if (f.path / "spiece.model").read_bytes() != (f.path / "tokenizer.model").read_bytes():
+        return FAIL, "tokenizer.model differs from spiece.model; both must be the same SentencePiece model"
     return OK, ", ".join(TOKENIZER_FILES)
 
 

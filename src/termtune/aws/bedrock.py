@@ -14,25 +14,21 @@ from termtune.aws.clients import error_code, error_message
 from termtune.aws.names import CMI_REGIONS, field_problem
 from termtune.errors import UserError
 
-ROLE_NOT_READY = "role ARN is invalid"
-"""IAM is eventually consistent: right after CreateRole, Bedrock answers ValidationException
-"The provided role ARN is invalid" for up to a couple of minutes (bedrock-cmi §3.6)."""
+NAME_HINT = "use lowercase letters, digits and single hyphens"
 
 
-def check_request(region: str, job_name: str, model_name: str, role_arn: str, s3_uri: str, token: str) -> None:
-    """Every field against the service's own patterns; one UserError naming the fix."""
+def check_request(region: str, fields: list[tuple[str, str, str]]) -> None:
+    """Each (Bedrock field, value, the config key that set it) against the service's own
+    patterns; one UserError that blames the key the user actually set."""
     if region not in CMI_REGIONS:
         raise UserError(f"aws.region: Custom Model Import is not available in {region}; "
                         f"use one of {', '.join(CMI_REGIONS)}")
-    for field, value, key in (("jobName", job_name, "aws.job_name"),
-                              ("importedModelName", model_name, "aws.model_name"),
-                              ("roleArn", role_arn, "aws.role_arn"),
-                              ("s3Uri", s3_uri, "aws.bucket / aws.prefix"),
-                              ("clientRequestToken", token, "clientRequestToken")):
+    for field, value, key in fields:
         problem = field_problem(field, value)
         if problem:
-            raise UserError(f"{key}: {value!r} is not a valid Bedrock {field} ({problem.split(': ', 1)[-1]}); "
-                            "use lowercase letters, digits and single hyphens")
+            hint = f"; {NAME_HINT}" if field in ("jobName", "importedModelName") else ""
+            raise UserError(f"{key}: {value!r} is not a valid Bedrock {field} "
+                            f"({problem.split(': ', 1)[-1]}){hint}")
 
 
 def find_model(bedrock: Any, name: str) -> dict | None:
@@ -61,9 +57,12 @@ def check_capacity(bedrock: Any, model_quota: int) -> None:
                         "or request a quota increase (Service Quotas code L-45B04988)")
 
 
-def create_job(bedrock: Any, request: dict, role_retry_seconds: float,
+def create_job(bedrock: Any, request: dict, role_retry_seconds: float, on_role_retry: Callable[[str], None],
                sleep: Callable[[float], None] = time.sleep) -> str:
-    """CreateModelImportJob, retrying the role-propagation ValidationException.
+    """CreateModelImportJob. With role_retry_seconds > 0 (only for a role termtune has just
+    created), a ValidationException or AccessDeniedException whose message mentions the role
+    is retried until then: IAM is eventually consistent, and AWS documents no exact wording
+    for a role Bedrock cannot see yet. Each such message goes to `on_role_retry` verbatim.
 
     The same clientRequestToken goes with every attempt, so a retry after a lost response
     returns the first job instead of creating a second one.
@@ -75,9 +74,11 @@ def create_job(bedrock: Any, request: dict, role_retry_seconds: float,
             return bedrock.create_model_import_job(**request)["jobArn"]
         except Exception as e:
             code, message = error_code(e), error_message(e)
-            if code == "ValidationException" and ROLE_NOT_READY in message and time.monotonic() < deadline:
-                print(f"the new IAM role is not visible to Bedrock yet (IAM propagation); retrying in {delay:.0f}s",
-                      file=sys.stderr)
+            if code in ("ValidationException", "AccessDeniedException") and "role" in message.lower() \
+                    and time.monotonic() < deadline:
+                on_role_retry(f"{code}: {message}")
+                print(f"Bedrock cannot use the new IAM role yet ({code}: {message}); IAM propagation "
+                      f"can take a minute or two, retrying in {delay:.0f}s", file=sys.stderr)
                 sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 15.0)
                 continue
@@ -91,8 +92,10 @@ def create_job(bedrock: Any, request: dict, role_retry_seconds: float,
 
 
 def wait_for_job(bedrock: Any, job_arn: str, timeout_s: float, poll_s: float,
-                 sleep: Callable[[float], None] = time.sleep) -> dict:
-    """Poll until Completed or Failed, showing the elapsed time; returns the job description."""
+                 sleep: Callable[[float], None] = time.sleep,
+                 then: str = "re-run termtune deploy later to keep waiting") -> dict:
+    """Poll until Completed or Failed, showing the elapsed time; returns the job description.
+    After timeout_s, one UserError that ends with `then` (what the user does next)."""
     start = time.monotonic()
     interactive = sys.stderr.isatty()
     delay = min(2.0, poll_s)  # small jobs finish in seconds; back off to poll_s for long ones
@@ -108,7 +111,7 @@ def wait_for_job(bedrock: Any, job_arn: str, timeout_s: float, poll_s: float,
             return job
         if elapsed > timeout_s:
             raise UserError(f"import job {job_arn} still {status} after {_clock(elapsed)} "
-                            "(aws.import_timeout_minutes); re-run termtune deploy later to keep waiting")
+                            f"(aws.import_timeout_minutes); {then}")
         sleep(min(delay, max(0.5, timeout_s - elapsed)))
         delay = min(delay * 1.5, poll_s)
 
@@ -122,6 +125,35 @@ def delete_model(bedrock: Any, identifier: str) -> bool:
             return False
         raise
     return True
+
+
+def release_import(bedrock: Any, record: dict, timeout_s: float, poll_s: float,
+                   sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """End one recorded import: wait for its job while it is InProgress (a running job would
+    create its model after cleanup), then delete the model that job produced, by ARN.
+    `record` holds job_arn / job_name / model_arn / model_name as deploy.json records them.
+    Returns what was deleted, or None. Raises UserError, deleting nothing, when the job is
+    still running after timeout_s."""
+    job_id = record.get("job_arn") or record.get("job_name")
+    job = None
+    if job_id:
+        try:
+            job = bedrock.get_model_import_job(jobIdentifier=job_id)
+        except Exception as e:
+            if error_code(e) not in ("ResourceNotFoundException", "ValidationException"):
+                raise  # not found: the create call never reached Bedrock
+    if job and job.get("status") == "InProgress":
+        print(f"import job {job.get('jobName', job_id)} is still InProgress; waiting for it to end before "
+              "deleting anything", file=sys.stderr)
+        job = wait_for_job(bedrock, job.get("jobArn") or job_id, timeout_s, poll_s, sleep,
+                           then="nothing was deleted; run termtune cleanup again once the job has ended")
+    if job is not None:
+        target = record.get("model_arn") or job.get("importedModelArn")  # a Failed job made no model
+    else:
+        target = record.get("model_arn") or record.get("model_name")  # no job on record: the name
+    if target and delete_model(bedrock, target):
+        return target
+    return None
 
 
 def _clock(seconds: float) -> str:

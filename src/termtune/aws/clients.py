@@ -13,15 +13,17 @@ from typing import Any
 from termtune.errors import UserError
 
 
-def client(service: str, region: str, profile: str | None = None, read_timeout: int = 60) -> Any:
+def client(service: str, region: str, profile: str | None = None, read_timeout: int = 60,
+           credentials: dict[str, str] | None = None) -> Any:
     """A boto3 client with standard-mode retries (the attempt count stays configurable the
-    AWS way: AWS_MAX_ATTEMPTS or max_attempts in a profile)."""
+    AWS way: AWS_MAX_ATTEMPTS or max_attempts in a profile). `credentials` (access key,
+    secret, session token) replace the default chain, e.g. for an assumed role."""
     import boto3
     import botocore.exceptions
     from botocore.config import Config
 
     try:
-        session = boto3.Session(profile_name=profile, region_name=region)
+        session = boto3.Session(profile_name=profile, region_name=region, **(credentials or {}))
     except botocore.exceptions.ProfileNotFound as e:
         raise UserError(f"aws.profile: {e}; list profiles with `aws configure list-profiles`") from e
     config = Config(retries={"mode": "standard"}, read_timeout=read_timeout, connect_timeout=10)

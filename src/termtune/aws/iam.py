@@ -29,8 +29,9 @@ def trust_policy(account: str, region: str) -> dict[str, Any]:
     }
 
 
-def permissions_policy(account: str, region: str, bucket: str, prefix: str,
-                       kms_key_id: str | None = None) -> dict[str, Any]:
+def permissions_policy(bucket: str, prefix: str, account: str, kms_key_arn: str | None = None) -> dict[str, Any]:
+    """Read the import prefix and nothing else; with SSE-KMS, decrypt with that one key.
+    `kms_key_arn` must be a key ARN: IAM does not authorise kms:Decrypt through an alias."""
     prefix = prefix.rstrip("/")
     owner = {"StringEquals": {"aws:ResourceAccount": account}}
     statements: list[dict[str, Any]] = [
@@ -40,19 +41,10 @@ def permissions_policy(account: str, region: str, bucket: str, prefix: str,
          "Resource": [f"arn:aws:s3:::{bucket}"],
          "Condition": {**owner, "StringLike": {"s3:prefix": [f"{prefix}/", f"{prefix}/*"]}}},
     ]
-    if kms_key_id:
+    if kms_key_arn:
         statements.append({"Sid": "DecryptArtifact", "Effect": "Allow",
-                           "Action": ["kms:Decrypt", "kms:DescribeKey"],
-                           "Resource": [kms_key_arn(kms_key_id, account, region)]})
+                           "Action": ["kms:Decrypt", "kms:DescribeKey"], "Resource": [kms_key_arn]})
     return {"Version": "2012-10-17", "Statement": statements}
-
-
-def kms_key_arn(key_id: str, account: str, region: str) -> str:
-    if key_id.startswith("arn:"):
-        return key_id
-    if key_id.startswith("alias/"):
-        return f"arn:aws:kms:{region}:{account}:{key_id}"
-    return f"arn:aws:kms:{region}:{account}:key/{key_id}"
 
 
 def create_or_update(iam: Any, role_name: str, trust: dict, permissions: dict) -> tuple[str, bool]:

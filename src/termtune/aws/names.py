@@ -20,6 +20,15 @@ S3_URI_RE = r"s3://[a-z0-9][-.a-z0-9]{1,61}[a-z0-9](?:/[-!_*'().a-z0-9A-Z]+(?:/[
 TOKEN_RE = r"[a-zA-Z0-9]([-a-zA-Z0-9]{0,254}[a-zA-Z0-9])?"
 JOB_ARN_RE = r"arn:aws(-[^:]+)?:bedrock:[a-z0-9-]{1,20}:[0-9]{12}:model-import-job/[a-z0-9]{12}"
 MODEL_ARN_RE = r"arn:aws(-[^:]+)?:bedrock:[a-z0-9-]{1,20}:[0-9]{12}:imported-model/[a-z0-9]{12}"
+KMS_KEY_ID_RE = (r"(arn:aws(-[^:]+)?:kms:[a-zA-Z0-9-]*:[0-9]{12}:((key/[a-zA-Z0-9-]{36})|(alias/[a-zA-Z0-9-_/]+)))"
+                 r"|([a-zA-Z0-9-]{36})|(alias/[a-zA-Z0-9-_/]+)")
+KMS_KEY_ARN_RE = r"arn:aws(-[^:]+)?:kms:[a-zA-Z0-9-]*:[0-9]{12}:key/[a-zA-Z0-9-]{36}"
+TAG_RE = r"[a-zA-Z0-9\s._:/=+@-]*"
+VPC_ID_RE = r"[-0-9a-zA-Z]+"
+SORT_BY = ("CreationTime",)
+SORT_ORDER = ("Ascending", "Descending")
+MAX_TAGS = 200  # TagList
+MAX_SUBNETS, MAX_SECURITY_GROUPS = 16, 5  # SubnetIds, SecurityGroupIds
 
 # field -> (pattern, min length, max length)
 FIELDS = {
@@ -30,6 +39,11 @@ FIELDS = {
     "clientRequestToken": (TOKEN_RE, 1, 256),
     "jobIdentifier": (f"({JOB_ARN_RE})|({JOB_NAME_RE})", 0, 1011),
     "modelIdentifier": (f"({MODEL_ARN_RE})|({MODEL_NAME_RE})", 1, 1011),
+    "importedModelKmsKeyId": (KMS_KEY_ID_RE, 1, 2048),
+    "key": (TAG_RE, 1, 128),
+    "value": (TAG_RE, 0, 256),
+    "subnetIds": (VPC_ID_RE, 0, 32),
+    "securityGroupIds": (VPC_ID_RE, 0, 32),
 }
 
 
@@ -44,6 +58,12 @@ def field_problem(field: str, value: object) -> str | None:
     if not re.fullmatch(pattern, value):
         return f"Value '{value}' at '{field}' failed to satisfy constraint: Member must satisfy regular expression pattern: {pattern}"
     return None
+
+
+def job_name_for(model_name: str, suffix: str) -> str:
+    """A JobName derived from an importedModelName: the model pattern allows `_`, the job
+    pattern does not, so underscores become hyphens; `suffix` (a timestamp) keeps it unique."""
+    return f"{model_name[:63 - len(suffix) - 1].replace('_', '-')}-{suffix}"
 
 
 def safe_name(text: str, limit: int = 48) -> str:

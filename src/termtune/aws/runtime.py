@@ -28,8 +28,9 @@ def request_body(cfg: Config, prompt: str) -> dict[str, Any]:
             "temperature": cfg.aws.invoke_temperature}
 
 
-def response_text(body: dict[str, Any]) -> str:
-    """The generated text from any of the response schemas imported models use (§4.2)."""
+def chunk_text(body: dict[str, Any]) -> str | None:
+    """The generated text in a response or stream chunk of any schema imported models use
+    (§4.2), or None when it carries none (e.g. a chunk with only usage or metrics)."""
     if isinstance(body.get("generation"), str):
         return body["generation"]
     for key in ("choices", "outputs"):
@@ -40,6 +41,15 @@ def response_text(body: dict[str, Any]) -> str:
                 return first["text"]
             if isinstance(first.get("message"), dict):
                 return str(first["message"].get("content", ""))
+            if isinstance(first.get("delta"), dict) and isinstance(first["delta"].get("content"), str):
+                return first["delta"]["content"]
+    return None
+
+
+def response_text(body: dict[str, Any]) -> str:
+    text = chunk_text(body)
+    if text is not None:
+        return text
     raise UserError(f"unrecognised response from the model (no generation, choices or outputs): "
                     f"{json.dumps(body)[:300]}")
 
@@ -96,7 +106,9 @@ def _stream(rt: Any, model_arn: str, body: str, on_text: Callable[[str], None] |
             continue
         data = json.loads(event["chunk"]["bytes"])
         chunks.append(data)
-        piece = response_text(data)
+        piece = chunk_text(data)
+        if piece is None:  # a usage- or metrics-only chunk: nothing to print
+            continue
         pieces.append(piece)
         if on_text:
             on_text(piece)

@@ -7,15 +7,19 @@ before importing compares content, not just names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from termtune.errors import UserError
+from termtune.rundir import sha256_file
 
 MANIFEST = "manifest.json"
+TERMTUNE_FILES = (MANIFEST, "README.md")
+"""termtune's own files (manifest, model card): uploaded beside the import prefix, never into it."""
+META_FOLDER = "_termtune"
+BUCKET_RE = r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]"  # the bucket part of botocore's S3Uri pattern
 MiB = 1024 * 1024
 
 
@@ -31,14 +35,6 @@ class UploadResult:
     uploaded: list[str]
     skipped: list[str]
     bytes_sent: int
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 * MiB), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def artifact_files(directory: Path) -> list[ArtifactFile]:
@@ -67,6 +63,12 @@ def artifact_files(directory: Path) -> list[ArtifactFile]:
         digest = entry.get("sha256") if entry and entry.get("size") == size else None
         files.append(ArtifactFile(name, size, digest or sha256_file(path)))
     return files
+
+
+def bucket_name_ok(bucket: str) -> bool:
+    import re
+
+    return re.fullmatch(BUCKET_RE, bucket) is not None
 
 
 def split_uri(uri: str) -> tuple[str, str]:

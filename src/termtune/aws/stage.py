@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from termtune import history
-from termtune.aws import bedrock, iam, s3
-from termtune.aws.clients import client, credentials_problem, error_code
-from termtune.aws.names import safe_name
+from termtune.aws import bedrock, costs, iam, s3
+from termtune.aws.clients import client, credentials_problem, error_code, error_message
+from termtune.aws.names import job_name_for, safe_name
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.export import artifact_digest
 from termtune.layout import RunLayout
-from termtune.rundir import read_json, write_json
+from termtune.rundir import read_json, sha256_file, write_json
 
 
 @dataclass
@@ -40,6 +40,8 @@ class DeployResult:
     skipped: list[str] = field(default_factory=list)
     dry_run: bool = False
     already_deployed: bool = False
+    facts: dict[str, Any] = field(default_factory=dict)  # GetImportedModel's architecture, CMUs, key
+    cost: dict[str, Any] | None = None
 
     def summary(self) -> str:
         if self.dry_run:
@@ -48,7 +50,8 @@ class DeployResult:
             return f"already imported: {self.model_arn}"
         return (f"uploaded {len(self.uploaded)} files, {len(self.skipped)} already in place -> {self.s3_uri}\n"
                 f"import job: {self.job_arn}\nimported model: {self.model_arn}\n"
-                f"next: termtune invoke <config> --term \"...\"")
+                + (costs.describe(self.facts, self.cost) + "\n" if self.facts else "")
+                + "next: termtune invoke <config> --term \"...\"")
 
 
 # ----------------------------------------------------------------------------- names
@@ -63,7 +66,11 @@ def names(cfg: Config, artifact_sha256: str | None = None) -> dict[str, str]:
     model_name = cfg.aws.model_name or safe_name(f"termtune-{run_name}")
     if artifact_sha256:
         model_name = f"{model_name[:54]}-{artifact_sha256[:8]}"
-    return {"bucket": cfg.aws.bucket or "", "prefix": f"{prefix}/",
+    parent, _, last = prefix.rpartition("/")
+    # termtune's own files (manifest, model card) sit beside the import prefix, not in it:
+    # Bedrock validates everything under s3Uri, and the role may read only that.
+    meta = f"{parent}/{s3.META_FOLDER}/{last}/" if parent else f"{s3.META_FOLDER}/{last}/"
+    return {"bucket": cfg.aws.bucket or "", "prefix": f"{prefix}/", "meta_prefix": meta,
             "s3_uri": f"s3://{cfg.aws.bucket}/{prefix}/", "model_name": model_name}
 
 
@@ -114,6 +121,8 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
                         f"see termtune validate {artifact}")
     record = read_record(cfg)
     files = s3.artifact_files(artifact)
+    model_files = [f for f in files if f.path not in s3.TERMTUNE_FILES]
+    own_files = [f for f in files if f.path in s3.TERMTUNE_FILES]
     artifact_sha = artifact_digest(read_json(RunLayout.of(cfg).manifest, {}).get("files", []))
     n = names(cfg, artifact_sha)
     if record.get("artifact_sha256") not in (None, artifact_sha) and record.get("status") not in (None, "deleted"):
@@ -122,16 +131,18 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
                         "or termtune cleanup first")
     resume = record.get("status") == "creating" or (record.get("status") == "InProgress" and record.get("job_arn"))
     job_name = cfg.aws.job_name or (record.get("job_name") if resume else None) or \
-        f"{n['model_name'][:44]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        job_name_for(n["model_name"], time.strftime("%Y%m%d-%H%M%S"))
     token = record.get("client_request_token") if resume else None
     token = token or hashlib.sha256(f"{cfg.run_dir.resolve()}|{n['s3_uri']}|{n['model_name']}|{job_name}"
                                     .encode()).hexdigest()[:32]
     probe_role = cfg.aws.role_arn or f"arn:aws:iam::123456789012:role/{cfg.aws.role_name}"
-    bedrock.check_request(cfg.aws.region, job_name, n["model_name"], probe_role, n["s3_uri"], token)
+    fields = _request_fields(cfg, n, job_name, token)
+    bedrock.check_request(cfg.aws.region, fields + [("roleArn", probe_role, "aws.role_arn")])
 
     if dry_run:
-        print(f"would upload {len(files)} files ({sum(f.size for f in files) / 1e6:.1f} MB) to {n['s3_uri']} "
-              f"with SSE {cfg.aws.sse}", file=sys.stderr)
+        print(f"would upload {len(model_files)} files ({sum(f.size for f in model_files) / 1e6:.1f} MB) to "
+              f"{n['s3_uri']} with SSE {cfg.aws.sse}, and termtune's {', '.join(f.path for f in own_files)} to "
+              f"s3://{n['bucket']}/{n['meta_prefix']}", file=sys.stderr)
         print(ensure_role(cfg, dry_run=True), file=sys.stderr)
         print(f"would create import job {job_name} -> imported model {n['model_name']} in {cfg.aws.region}",
               file=sys.stderr)
@@ -147,21 +158,28 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
                                     already_deployed=True)
         s3c = client("s3", cfg.aws.region, cfg.aws.profile)
 
-        # 3. upload, then prove the prefix is complete before anything imports it
+        # 3. upload, then prove the import prefix holds exactly the model before anything imports it
         try:
-            up = s3.upload(s3c, artifact, files, n["bucket"], n["prefix"], cfg.aws.sse, cfg.aws.kms_key_id)
+            up = s3.upload(s3c, artifact, model_files, n["bucket"], n["prefix"], cfg.aws.sse, cfg.aws.kms_key_id)
+            s3.upload(s3c, artifact, own_files, n["bucket"], n["meta_prefix"], cfg.aws.sse, cfg.aws.kms_key_id,
+                      progress=False)
+            card = RunLayout.of(cfg).model_card
+            if card.is_file():  # the model card travels with termtune's own files, outside the import prefix
+                s3.upload(s3c, card.parent, [s3.ArtifactFile(card.name, card.stat().st_size, sha256_file(card))],
+                          n["bucket"], n["meta_prefix"], cfg.aws.sse, cfg.aws.kms_key_id, progress=False)
         except Exception as e:
             if error_code(e) in ("NoSuchBucket", "AccessDenied", "403", "404"):
                 raise UserError(f"aws.bucket: cannot write to s3://{n['bucket']} ({error_code(e)}); "
                                 "create the bucket or check your permissions") from e
             raise
-        s3.check_prefix(s3c, files, n["bucket"], n["prefix"])
+        s3.check_prefix(s3c, model_files, n["bucket"], n["prefix"])
 
         # 4. role
-        role_arn = ensure_role(cfg)
-        bedrock.check_request(cfg.aws.region, job_name, n["model_name"], role_arn, n["s3_uri"], token)
+        role_arn, role_created_now = _ensure_role(cfg)
+        bedrock.check_request(cfg.aws.region, [("roleArn", role_arn, "aws.role_arn")])
         record = read_record(cfg)  # ensure_role may have written role facts
         record.update({"region": cfg.aws.region, "s3_uri": n["s3_uri"], "artifact_sha256": artifact_sha,
+                       "termtune_files_uri": f"s3://{n['bucket']}/{n['meta_prefix']}",
                        "model_name": n["model_name"], "job_name": job_name, "client_request_token": token,
                        "role_arn": role_arn})
 
@@ -173,30 +191,58 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
                     raise UserError(f"an imported model named {n['model_name']} already exists; delete it "
                                     "(termtune cleanup) or set aws.model_name")
                 bedrock.check_capacity(br, cfg.aws.model_quota)
-            record.update({"status": "creating", "job_arn": None, "model_arn": None, "failure_message": None})
+            record.update({"status": "creating", "job_arn": None, "model_arn": None, "failure_message": None,
+                           "role_retry_messages": []})
             _save(cfg, record)  # the token is on disk before the call, so a retry reuses it
             request = {"jobName": job_name, "importedModelName": n["model_name"], "roleArn": role_arn,
                        "modelDataSource": {"s3DataSource": {"s3Uri": n["s3_uri"]}},
                        "clientRequestToken": token}
-            if cfg.aws.kms_key_id:
-                request["importedModelKmsKeyId"] = cfg.aws.kms_key_id
-            job_arn = bedrock.create_job(br, request, cfg.aws.role_retry_minutes * 60)
+            if cfg.aws.model_kms_key_id:
+                request["importedModelKmsKeyId"] = cfg.aws.model_kms_key_id
+
+            def role_retry(message: str) -> None:  # kept verbatim: AWS documents no wording for it
+                record["role_retry_messages"].append(message)
+                _save(cfg, record)
+
+            # Only a role termtune has just created can be "not there yet"; any other role error is final.
+            retry_s = cfg.aws.role_retry_minutes * 60 if role_created_now else 0.0
+            job_arn = bedrock.create_job(br, request, retry_s, role_retry)
             record.update({"status": "InProgress", "job_arn": job_arn})
             _save(cfg, record)
 
-        # 6. wait
+        # 6. wait, then read what the import costs
         job = bedrock.wait_for_job(br, job_arn, cfg.aws.import_timeout_minutes * 60, cfg.aws.poll_seconds)
+        if job.get("status") == "Completed":
+            model_arn = job.get("importedModelArn") or (bedrock.find_model(br, n["model_name"]) or {}).get("modelArn")
+            if not model_arn:
+                raise UserError(f"import job {job_name} is Completed but Bedrock names no imported model; "
+                                f"check aws bedrock get-model-import-job --job-identifier {job_arn}")
+            facts = costs.import_facts(br.get_imported_model(modelIdentifier=model_arn))
 
     # 7. save and report
-    if job["status"] == "Failed":
+    if job.get("status") != "Completed":
         message = job.get("failureMessage") or "(no failureMessage)"
         record.update({"status": "Failed", "failure_message": message, "client_request_token": None})
         _save(cfg, record)
         raise UserError(f"import job {job_name} failed: {message}")
-    record.update({"status": "Completed", "model_arn": job["importedModelArn"]})
+    cost = costs.estimate(facts, cfg.aws.region, cfg.aws.cmu_prices)
+    record.update({"status": "Completed", "model_arn": model_arn, "imported_model": facts, "cost_estimate": cost})
     _save(cfg, record)
-    return DeployResult(n["s3_uri"], n["model_name"], job_name, role_arn, job_arn, record["model_arn"],
-                        up.uploaded, up.skipped)
+    return DeployResult(n["s3_uri"], n["model_name"], job_name, role_arn, job_arn, model_arn,
+                        up.uploaded, up.skipped, facts=facts, cost=cost)
+
+
+def _request_fields(cfg: Config, n: dict[str, str], job_name: str, token: str) -> list[tuple[str, str, str]]:
+    """The request's fields with the config key each one comes from, so an error blames the
+    key the user set (a derived job name comes from the model name, a model name from run.dir)."""
+    bucket_ok = s3.bucket_name_ok(n["bucket"])
+    fields = [("jobName", job_name, "aws.job_name" if cfg.aws.job_name else "aws.model_name"),
+              ("importedModelName", n["model_name"], "aws.model_name" if cfg.aws.model_name else "run.dir"),
+              ("s3Uri", n["s3_uri"], "aws.prefix" if bucket_ok else "aws.bucket"),
+              ("clientRequestToken", token, "clientRequestToken")]
+    if cfg.aws.model_kms_key_id:
+        fields.append(("importedModelKmsKeyId", cfg.aws.model_kms_key_id, "aws.model_kms_key_id"))
+    return fields
 
 
 # ----------------------------------------------------------------------------- role
@@ -205,19 +251,35 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
 def ensure_role(cfg: Config, dry_run: bool = False) -> str:
     """The CMI service role ARN: aws.role_arn as given, or `aws.role_name` created or reused.
     With dry_run, the trust and permission policies as text instead (nothing is created)."""
+    if dry_run:
+        return _role_plan(cfg)
+    return _ensure_role(cfg)[0]
+
+
+def _role_plan(cfg: Config) -> str:
     if cfg.aws.role_arn:
-        return f"uses the existing role {cfg.aws.role_arn} (aws.role_arn); no policy changes" \
-            if dry_run else cfg.aws.role_arn
+        return f"uses the existing role {cfg.aws.role_arn} (aws.role_arn); no policy changes"
+    trust, permissions = _role_policies(cfg, dry_run=True)
+    return (f"role {cfg.aws.role_name}\ntrust policy:\n{json.dumps(trust, indent=2)}\n"
+            f"permissions policy ({iam.POLICY_NAME}):\n{json.dumps(permissions, indent=2)}")
+
+
+def _role_policies(cfg: Config, dry_run: bool) -> tuple[dict, dict]:
     if not cfg.aws.bucket:
         raise UserError("aws.bucket: not set; the role's policy grants read access to that bucket only")
     n = names(cfg)
-    kms = cfg.aws.kms_key_id if cfg.aws.sse == "aws:kms" or cfg.aws.kms_key_id else None
     account = _account(cfg, required=not dry_run)
+    key_arn = kms_key_arn(cfg, required=not dry_run) if cfg.aws.kms_key_id else None
     trust = iam.trust_policy(account, cfg.aws.region)
-    permissions = iam.permissions_policy(account, cfg.aws.region, n["bucket"], n["prefix"], kms)
-    if dry_run:
-        return (f"role {cfg.aws.role_name}\ntrust policy:\n{json.dumps(trust, indent=2)}\n"
-                f"permissions policy ({iam.POLICY_NAME}):\n{json.dumps(permissions, indent=2)}")
+    permissions = iam.permissions_policy(n["bucket"], n["prefix"], account, key_arn)
+    return trust, permissions
+
+
+def _ensure_role(cfg: Config) -> tuple[str, bool]:
+    """(role ARN, whether termtune created it in this call)."""
+    if cfg.aws.role_arn:
+        return cfg.aws.role_arn, False
+    trust, permissions = _role_policies(cfg, dry_run=False)
     with aws_errors():
         arn, created = iam.create_or_update(client("iam", cfg.aws.region, cfg.aws.profile),
                                            cfg.aws.role_name, trust, permissions)
@@ -226,7 +288,24 @@ def ensure_role(cfg: Config, dry_run: bool = False) -> str:
     record.update({"role_name": cfg.aws.role_name, "role_arn": arn,
                    "role_created": bool(created or (record.get("role_created") and record.get("role_arn") == arn))})
     _save(cfg, record)
-    return arn
+    return arn, created
+
+
+def kms_key_arn(cfg: Config, required: bool = True) -> str:
+    """aws.kms_key_id (key id, alias name, alias ARN or key ARN) as the key ARN, from
+    kms:DescribeKey: IAM authorises kms:Decrypt only on a key ARN, never through an alias."""
+    key = cfg.aws.kms_key_id or ""
+    try:
+        with aws_errors():
+            return client("kms", cfg.aws.region, cfg.aws.profile).describe_key(KeyId=key)["KeyMetadata"]["Arn"]
+    except Exception as e:
+        if not required:
+            return f"<the key ARN kms:DescribeKey gives for {key}>"
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"aws.kms_key_id: cannot resolve {key!r} to a key ARN with kms:DescribeKey "
+                        f"({error_code(e) or type(e).__name__}: {error_message(e)}); the import role needs "
+                        "kms:Decrypt on the key's ARN") from e
 
 
 def _account(cfg: Config, required: bool) -> str:
@@ -244,20 +323,24 @@ def _account(cfg: Config, required: bool) -> str:
 
 def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     """Delete every model this run directory imported (the current one and earlier attempts still
-    live in the run history), their S3 prefixes, and the role if termtune created it."""
-    layout = RunLayout.of(cfg)
+    live in the run history; each after its import job has ended), their S3 prefixes, and the role
+    if termtune created it, in that order, so nothing a running import still reads goes first."""
     record = read_record(cfg)
     n = names(cfg)
-    imports = ([record] if record else []) + history.live_imports(layout)
-    models = [r.get("model_arn") or r.get("model_name") for r in imports if r.get("model_arn") or r.get("model_name")]
+    imports = ([record] if record else []) + history.live_imports(RunLayout.of(cfg))
     if not imports and cfg.aws.model_name:
-        models = [cfg.aws.model_name]
-    prefixes = list(dict.fromkeys(r["s3_uri"] for r in imports if r.get("s3_uri"))) or \
-        ([n["s3_uri"]] if cfg.aws.bucket else [])
-    owner = next((r for r in imports if r.get("role_created") and r.get("role_name")), None)
+        imports = [{"model_name": cfg.aws.model_name}]
+    uris = [u for i in imports for u in (i.get("s3_uri"), i.get("termtune_files_uri")) if u]
+    if not uris and cfg.aws.bucket:
+        uris = [n["s3_uri"], f"s3://{n['bucket']}/{n['meta_prefix']}"]
+    uris = list(dict.fromkeys(uris))
+    owner = next((i for i in imports if i.get("role_created") and i.get("role_name")), None)
     role = owner["role_name"] if owner else None
-    plan = [f"imported model {m}" for m in models] + [f"everything under {uri}" for uri in prefixes] + \
-        ([f"IAM role {role} (termtune created it)"] if role else [])
+    plan = [f"imported model {i.get('model_arn') or i.get('model_name')}"
+            + (f" (after import job {i['job_name']} ends)" if i.get("job_name") else "")
+            for i in imports if i.get("model_arn") or i.get("model_name")]
+    plan += [f"everything under {u}" for u in uris]
+    plan += [f"IAM role {role} (termtune created it)"] if role else []
     if not plan:
         print("nothing recorded to delete", file=sys.stderr)
         return []
@@ -272,25 +355,31 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
         done = []
         region = record.get("region") or cfg.aws.region
         br = client("bedrock", region, cfg.aws.profile)
-        for model in models:
-            if bedrock.delete_model(br, model):
-                done.append(f"deleted imported model {model}")
-        for uri in prefixes:
-            bucket, prefix = s3.split_uri(uri)
-            try:
-                count = s3.delete_prefix(client("s3", region, cfg.aws.profile), bucket, prefix)
-            except Exception as e:
-                if error_code(e) != "NoSuchBucket":
-                    raise
-                count = 0
+        for entry in imports:
+            deleted = bedrock.release_import(br, entry, cfg.aws.import_timeout_minutes * 60, cfg.aws.poll_seconds)
+            if deleted:
+                done.append(f"deleted imported model {deleted}")
+        s3c = client("s3", region, cfg.aws.profile)
+        for uri in uris:
+            count = _delete_prefix(s3c, uri)
             if count:
                 done.append(f"deleted {count} objects under {uri}")
         if role and iam.delete(client("iam", region, cfg.aws.profile), role):
             done.append(f"deleted IAM role {role}")
     print("\n".join(done) if done else "nothing left to delete", file=sys.stderr)
-    history.mark_deleted(layout, {r.get("model_arn") for r in imports if r.get("model_arn")})
     if record:
         record.update({"status": "deleted", "deleted_model_arn": record.get("model_arn"), "model_arn": None,
                        "role_created": False if role else record.get("role_created")})
         _save(cfg, record)
+    history.mark_deleted(RunLayout.of(cfg), {i.get("model_arn") for i in imports if i.get("model_arn")})
     return done
+
+
+def _delete_prefix(s3c: Any, uri: str) -> int:
+    bucket, prefix = s3.split_uri(uri)
+    try:
+        return s3.delete_prefix(s3c, bucket, prefix)
+    except Exception as e:
+        if error_code(e) != "NoSuchBucket":
+            raise
+        return 0
