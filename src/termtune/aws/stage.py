@@ -57,14 +57,15 @@ class DeployResult:
 # ----------------------------------------------------------------------------- names
 
 
-def names(cfg: Config, artifact_sha256: str | None = None) -> dict[str, str]:
+def names(cfg: Config, artifact_sha256: str | None = None, taken: set[str] = frozenset()) -> dict[str, str]:
     """The S3 URI and Bedrock names this run deploys to (valid by construction unless the
-    user set them). Imported-model names are unique and immutable in Bedrock, so the name
-    carries the artifact's short digest: each distinct artifact imports under its own name."""
+    user set them). Imported-model names are unique and immutable in Bedrock, so a derived name
+    carries the artifact's short digest (each distinct artifact imports under its own name); a
+    name the user set is used as it is, unless an earlier attempt of this run already took it."""
     run_name = cfg.run_dir.resolve().name
     prefix = cfg.aws.prefix.format(run_name=run_name).strip("/")
     model_name = cfg.aws.model_name or safe_name(f"termtune-{run_name}")
-    if artifact_sha256:
+    if artifact_sha256 and (not cfg.aws.model_name or model_name in taken):
         model_name = f"{model_name[:54]}-{artifact_sha256[:8]}"
     parent, _, last = prefix.rpartition("/")
     # termtune's own files (manifest, model card) sit beside the import prefix, not in it:
@@ -124,7 +125,8 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
     model_files = [f for f in files if f.path not in s3.TERMTUNE_FILES]
     own_files = [f for f in files if f.path in s3.TERMTUNE_FILES]
     artifact_sha = artifact_digest(read_json(RunLayout.of(cfg).manifest, {}).get("files", []))
-    n = names(cfg, artifact_sha)
+    earlier = {e.get("deploy", {}).get("model_name") for e in history.read(RunLayout.of(cfg)) if e.get("stage") == "deploy"}
+    n = names(cfg, artifact_sha, taken=earlier)
     if record.get("artifact_sha256") not in (None, artifact_sha) and record.get("status") not in (None, "deleted"):
         raise UserError(f"{artifact} changed since it was deployed as {record.get('model_name')}; "
                         "run `termtune run` with this config (it keeps the earlier import in the run history), "
