@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.oserrors import probe_writable
 from termtune.rundir import atomic_dir, record_stage, write_json
 
 # (term column, definition column) pairs recognised without any mapping.
@@ -69,6 +70,7 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
     out_dir = cfg.run_dir / "data"
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to prepare the data again")
+    probe_writable(cfg.run_dir)
 
     # --- read and validate
     label, columns, rows = _open_source(d.source, d.hub_split)

@@ -39,6 +39,8 @@ from typing import Any, Iterator
 
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.modeling import check_model_settings
+from termtune.oserrors import probe_writable
 from termtune.rundir import write_json, write_text
 
 SEAL_FILE = "termtune-complete.json"
@@ -123,6 +125,8 @@ def train(cfg: Config) -> TrainResult:
         raise UserError(f"{data_dir / 'train.jsonl'}: no prepared data; run `termtune data prepare` "
                         "with the same config first")
     precision = resolve_precision(cfg)
+    check_model_settings(cfg)  # lora.r, lora.target_modules, architecture_overrides: before any data is read
+    probe_writable(train_dir)
     checkpoints_dir = train_dir / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
     resume = last_complete_checkpoint(checkpoints_dir)
