@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.oserrors import probe_writable
+from termtune.oserrors import probe_writable, writing
 from termtune.rundir import atomic_dir, record_stage, write_json, write_text
 from termtune.validate import INDEX_FILE, Check, format_checks, validate
 
@@ -100,7 +100,7 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     tokenizer = load_tokenizer(cfg)
 
     # ---- do + save: into a temporary folder that becomes `final` only when verified
-    with atomic_dir(final, force=force) as tmp:
+    with writing(final), atomic_dir(final, force=force) as tmp:
         weights = write_weights(model, tmp, cfg.export.dtype, max_shard, tied=tied)
         write_model_config(model, tmp, cfg.export.dtype, tied=tied)
         write_tokenizer(tokenizer, tmp, spiece)

@@ -2,7 +2,8 @@
 that names the path and the cause, and a probe that finds them before a stage starts its work.
 
     probe_writable(cfg.run_dir)       # at stage start: raises UserError now, not after an hour
-    describe_os_error(error, where)   # what the CLI prints for an OSError raised mid-stage
+    with writing(folder): ...         # an OSError inside becomes a UserError naming `folder`
+    describe_os_error(error, where)   # the one line (the CLI prints it for any other OSError)
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import errno
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from termtune.errors import UserError
 
@@ -63,6 +66,16 @@ def probe_writable(folder: Path) -> None:
         finally:
             os.close(fd)
             os.unlink(probe)
+    except OSError as e:
+        raise UserError(describe_os_error(e, folder)) from e
+
+
+@contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """Turn an OSError raised while writing `folder` into a UserError that names it (a write that
+    fails on a full disk names no file of its own)."""
+    try:
+        yield
     except OSError as e:
         raise UserError(describe_os_error(e, folder)) from e
 

@@ -86,10 +86,20 @@ STAGES: list[tuple[str, Callable[[Config], bool], Callable[[Config], None]]] = [
 ]
 
 
+def _preflight(cfg: Config) -> None:
+    """Settings that would fail a later stage (the model's shape, an unwritable run directory) fail now."""
+    from termtune.modeling import check_model_settings
+    from termtune.oserrors import probe_writable
+
+    probe_writable(cfg.run_dir)
+    check_model_settings(cfg)
+
+
 def run(cfg: Config) -> None:
     """Run the whole path for `cfg`; deploy and invoke only when aws.deploy is true."""
     stages = STAGES if cfg.aws.deploy else [s for s in STAGES if s[0] not in ("deploy", "invoke")]
     started = time.perf_counter()
+    _preflight(cfg)
     for name, is_complete, stage in stages:
         if is_complete(cfg):
             typer.secho(f"== {name}: complete in {cfg.run_dir}, skipped", fg="green")

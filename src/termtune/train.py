@@ -120,12 +120,12 @@ def train(cfg: Config) -> TrainResult:
     result_file = train_dir / "result.json"
     if result_file.is_file():
         return TrainResult.load(result_file)
+    check_model_settings(cfg)  # lora.r, lora.target_modules, architecture_overrides: before any data is read
     data_dir = cfg.run_dir / "data"
     if not (data_dir / "train.jsonl").is_file():
         raise UserError(f"{data_dir / 'train.jsonl'}: no prepared data; run `termtune data prepare` "
                         "with the same config first")
     precision = resolve_precision(cfg)
-    check_model_settings(cfg)  # lora.r, lora.target_modules, architecture_overrides: before any data is read
     probe_writable(train_dir)
     checkpoints_dir = train_dir / "checkpoints"
     rank = int(os.environ.get("RANK", "0"))
@@ -175,6 +175,8 @@ def train(cfg: Config) -> TrainResult:
         trainer.evaluate()  # the result always carries the held-out loss of the final weights
     _debug_dump_adapter(trainer)
 
+    _check_finite_adapter(trainer, cfg, train_dir)
+
     # -- save (rank 0 only) and report
     result = _result(cfg, trainer, precision, resume)
     if trainer.is_world_process_zero():
@@ -190,6 +192,18 @@ def train(cfg: Config) -> TrainResult:
         record_stage(cfg, "train", extra={"result": asdict(result)})
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def _check_finite_adapter(trainer: Any, cfg: Config, train_dir: Path) -> None:
+    """The last update can turn weights to NaN/inf with a finite loss: never save such an adapter."""
+    import torch
+
+    bad = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise UserError(f"training diverged: {len(bad)} LoRA weights hold NaN or inf after step "
+                        f"{trainer.state.global_step} (e.g. {bad[0]}; train.learning_rate {cfg.train.learning_rate:g}); "
+                        f"nothing was recorded as trained. Train again with a lower train.learning_rate in a new "
+                        f"run.dir (or delete {train_dir})")
 
 
 # ----------------------------------------------------------------------------- precision
@@ -387,6 +401,7 @@ def _trainer_class() -> type:
             self.excluded = 0.0  # evaluation / checkpoint seconds inside the current window
             self.train_seconds = 0.0
             self.chunked_loss = _chunked_loss_applies(self)
+            self.nonfinite_loss: float | None = None  # the first NaN/inf loss this rank saw (see DivergenceGuard)
 
         def get_train_dataloader(self) -> Any:
             from torch.utils.data import DataLoader
@@ -401,7 +416,11 @@ def _trainer_class() -> type:
             mask, labels = inputs["attention_mask"], inputs["labels"]
             counts = [int(mask.sum()), mask.numel(), int((labels != -100).sum()), labels.numel(), labels.shape[0]]
             self.window = [a + b for a, b in zip(self.window, counts)]
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # One device sync per step, as the Trainer's own NaN log filter already does.
+            if self.nonfinite_loss is None and not bool(loss.isfinite()):
+                self.nonfinite_loss = float(loss)
+            return loss
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -515,6 +534,24 @@ def _install_callbacks(trainer: Any, cfg: Config, train_dir: Path, rank: int) ->
                 seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", cfg, args.world_size)
                 rotate_checkpoints(Path(args.output_dir), cfg.train.save_total_limit)
 
+    class DivergenceGuard(TrainerCallback):
+        """Stop at the first optimizer step whose loss is NaN or inf, before that step's weights are saved
+        (on_step_end runs before the checkpoint), so no checkpoint, adapter or result.json holds them."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch
+
+            seen = trainer.nonfinite_loss
+            diverged = seen is not None
+            if args.world_size > 1:  # every rank stops at the same step, or the others would wait forever
+                flag = torch.tensor([float(diverged)], device=args.device)
+                diverged = bool(trainer.accelerator.reduce(flag, reduction="sum").item())
+            if diverged:
+                raise UserError(f"training diverged: the loss became {seen if seen is not None else 'NaN or inf'} at "
+                                f"step {state.global_step} of {state.max_steps} (train.learning_rate "
+                                f"{cfg.train.learning_rate:g}); nothing was recorded as trained. Train again with a "
+                                f"lower train.learning_rate in a new run.dir (or delete {train_dir})")
+
     class StepDelay(TrainerCallback):
         """Test hook: TERMTUNE_TEST_STEP_DELAY=<seconds> slows each step so a test can kill a run mid-way."""
 
@@ -523,6 +560,7 @@ def _install_callbacks(trainer: Any, cfg: Config, train_dir: Path, rank: int) ->
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
+    trainer.add_callback(DivergenceGuard())
     trainer.add_callback(Checkpoints())
     if rank == 0:
         train_dir.mkdir(parents=True, exist_ok=True)
