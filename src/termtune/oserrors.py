@@ -59,6 +59,9 @@ def probe_writable(folder: Path) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # names the folder (or the parent) in the way
+        raise UserError(describe_os_error(e, folder)) from e
+    try:
         fd, probe = tempfile.mkstemp(prefix=".termtune-probe-", dir=folder)
         try:
             os.write(fd, b"\0" * PROBE_BYTES)
@@ -66,8 +69,8 @@ def probe_writable(folder: Path) -> None:
         finally:
             os.close(fd)
             os.unlink(probe)
-    except OSError as e:
-        raise UserError(describe_os_error(e, folder)) from e
+    except OSError as e:  # the probe file's own name would only confuse: name the folder
+        raise UserError(describe_os_error(OSError(e.errno, e.strerror), folder)) from e
 
 
 @contextmanager
