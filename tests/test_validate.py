@@ -271,9 +271,13 @@ def test_validate_imports_no_torch(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F64"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_nan_or_inf_in_any_weight_fails(tmp_path, dtype, value):
+def test_nan_or_inf_in_any_weight_fails(tmp_path, monkeypatch, dtype, value):
     import torch
     from safetensors.torch import save_file as save_torch
+
+    import termtune.validate
+
+    monkeypatch.setattr(termtune.validate, "SCAN_CHUNK_BYTES", 24)  # many chunks per tensor, a short last one
 
     torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[dtype]
     tensors = {name: torch.from_numpy(array).to(torch_dtype) for name, array in weights().items()}
