@@ -200,10 +200,14 @@ def _check_finite_adapter(trainer: Any, cfg: Config, train_dir: Path) -> None:
 
     bad = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
     if bad:
-        raise UserError(f"training diverged: {len(bad)} LoRA weights hold NaN or inf after step "
-                        f"{trainer.state.global_step} (e.g. {bad[0]}; train.learning_rate {cfg.train.learning_rate:g}); "
-                        f"nothing was recorded as trained. Train again with a lower train.learning_rate in a new "
-                        f"run.dir (or delete {train_dir})")
+        raise diverged(cfg, train_dir, f"{len(bad)} LoRA weights hold NaN or inf after step "
+                                       f"{trainer.state.global_step} (e.g. {bad[0]})")
+
+
+def diverged(cfg: Config, train_dir: Path, what: str) -> UserError:
+    return UserError(f"training diverged: {what} (train.learning_rate {cfg.train.learning_rate:g}); nothing was "
+                     "recorded as trained. Train again with a lower train.learning_rate in a new run.dir "
+                     f"(or delete {train_dir})")
 
 
 # ----------------------------------------------------------------------------- precision
@@ -542,15 +546,13 @@ def _install_callbacks(trainer: Any, cfg: Config, train_dir: Path, rank: int) ->
             import torch
 
             seen = trainer.nonfinite_loss
-            diverged = seen is not None
+            stop = seen is not None
             if args.world_size > 1:  # every rank stops at the same step, or the others would wait forever
-                flag = torch.tensor([float(diverged)], device=args.device)
-                diverged = bool(trainer.accelerator.reduce(flag, reduction="sum").item())
-            if diverged:
-                raise UserError(f"training diverged: the loss became {seen if seen is not None else 'NaN or inf'} at "
-                                f"step {state.global_step} of {state.max_steps} (train.learning_rate "
-                                f"{cfg.train.learning_rate:g}); nothing was recorded as trained. Train again with a "
-                                f"lower train.learning_rate in a new run.dir (or delete {train_dir})")
+                flag = torch.tensor([float(stop)], device=args.device)
+                stop = bool(trainer.accelerator.reduce(flag, reduction="sum").item())
+            if stop:
+                loss = seen if seen is not None else "NaN or inf"
+                raise diverged(cfg, train_dir, f"the loss became {loss} at step {state.global_step} of {state.max_steps}")
 
     class StepDelay(TrainerCallback):
         """Test hook: TERMTUNE_TEST_STEP_DELAY=<seconds> slows each step so a test can kill a run mid-way."""
