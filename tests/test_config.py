@@ -56,6 +56,20 @@ def test_dotted_overrides_are_typed():
     ("data.prompt_template=What is it?", r"must contain \{term\}"),
     ("data.test_size=2.5", r"test_size"),
     ("noequals", r"expected KEY=VALUE"),
+    ("train.learning_rate=inf", r"train.learning_rate: Input should be a finite number"),
+    ("train.learning_rate=.nan", r"train.learning_rate: Input should be a finite number"),
+    ("train.epochs=inf", r"train.epochs: Input should be a finite number"),
+    ("train.max_grad_norm=.inf", r"train.max_grad_norm: Input should be a finite number"),
+    ("aws.import_timeout_minutes=inf", r"aws.import_timeout_minutes: Input should be a finite number"),
+    ("run.seed=-1", r"run.seed: Input should be greater than or equal to 0"),
+    ("run.seed=4294967296", r"run.seed: Input should be less than 4294967296"),
+    ("train.max_steps=0", r"train.max_steps: 0 steps would train nothing"),
+    ("train.max_steps=-2", r"train.max_steps: Input should be greater than or equal to -1"),
+    ("train.eval_steps=0", r"train.eval_steps: Input should be greater than or equal to 1"),
+    ("lora.target_modules=[]", r"lora.target_modules: no module names"),
+    ("aws.prefix=models/{run}", r"aws.prefix: 'models/\{run\}': unknown placeholder \{run\} \(known: \{run_name\}\)"),
+    ("aws.prefix=models/{}", r"aws.prefix: .*unknown placeholder \{\}"),
+    ("aws.prefix=models/{run_name", r"aws.prefix: .*write \{\{ or \}\} for a literal brace"),
 ])
 def test_bad_overrides_are_one_line_errors(override, message):
     with pytest.raises(UserError, match=message) as e:
@@ -110,3 +124,49 @@ def test_config_reference_is_current():
     spec.loader.exec_module(module)
     current = (REPO / "docs" / "config-reference.md").read_text(encoding="utf-8")
     assert current == module.render(), "docs/config-reference.md is stale: run python scripts/config_reference.py"
+
+
+# ----------------------------------------------------------------------------- hostile settings and files
+
+ALIAS_BOMB = "".join(
+    f"    {name}: &{name} [{', '.join([f'*{prev}'] * 9 if prev else ['lol'] * 9)}]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi"))
+
+
+def test_edge_values_that_are_fine_still_load():
+    cfg = load_config(None, ["run.seed=0", "run.seed=4294967295", "train.max_steps=1", "aws.prefix=a/{run_name}/b"])
+    assert (cfg.run.seed, cfg.train.max_steps, cfg.aws.prefix) == (4294967295, 1, "a/{run_name}/b")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"train:\n  epochs: 1\nlora:\n  r: 4\ntrain:\n  epochs: 2\n",
+     r"line 5: train is given twice \(also on line 1\); YAML would silently drop the first"),
+    (b"train:\n  epochs: 1\n  epochs: 2\n", r"line 3: epochs is given twice"),
+    (b"", r"the config file is empty"),
+    (b"# only a comment\n", r"the config file is empty"),
+    (b"run:\n  dir: caf\xe9\n", r"not UTF-8 text \(byte 0xe9 at offset 15\)"),
+    (b"model:\n  architecture_overrides:\n" + ALIAS_BOMB.encode(),
+     r"expands to 490,329,068 values \(more than 10,000\): aliases .* are refused"),
+    (b"model:\n  architecture_overrides: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"nested too deeply"),
+    (b"# padding\n" * 120_000, r"1,200,000 bytes; a config file over 1 MiB is refused"),
+])
+def test_hostile_config_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_alias_bomb_in_an_override_is_refused():
+    flow = "{" + ALIAS_BOMB.strip().replace("\n    ", ", ") + "}"
+    with pytest.raises(UserError, match=r"override model.architecture_overrides: expands to 490,329,064 values"):
+        load_config(None, ["model.init=random", "model.architecture=x", f"model.architecture_overrides={flow}"])
+
+
+def test_merge_keys_and_small_aliases_are_still_yaml(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("lora: &l {r: 4, alpha: 8}\neval: {max_new_tokens: 8}\n"
+                    "train: {learning_rate: 0.001, epochs: 1}\n")
+    cfg = load_config(path)
+    assert (cfg.lora.r, cfg.lora.alpha) == (4, 8)

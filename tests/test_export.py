@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -422,3 +423,101 @@ def test_kill_during_forced_export_keeps_the_old_artifact(exported, tmp_path):
     kill_mid_write(start_export(cfg, "--force"), cfg.run_dir)
     for entry in manifest["files"]:
         assert sha256_file(cfg.run_dir / "artifact" / entry["path"]) == entry["sha256"]
+
+
+# ----------------------------------------------------------------------------- --force never destroys what is not its own
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where,message", [
+    ("run", r"export.dir=.*/run: that folder holds the run directory"),
+    ("parent", r"export.dir=.*: that folder holds the run directory"),
+    ("someone-elses", r"exists and is not a termtune artifact \(no termtune manifest.json\)"),
+    ("artifact-plus-notes", r"holds notes.txt, which the artifact's manifest does not list"),
+    ("artifact-plus-folder", r"holds keep, which the artifact's manifest does not list"),
+    ("a-file", r"a file is in the way"),
+])
+def test_force_replaces_only_a_termtune_artifact(exported, tmp_path, where, message):
+    from typer.testing import CliRunner
+
+    from termtune.cli import app
+
+    cfg = copy_run(exported[0], tmp_path)
+    target = {"run": cfg.run_dir, "parent": tmp_path}.get(where, tmp_path / where)
+    if where.startswith("artifact"):
+        shutil.copytree(exported[0].run_dir / "artifact", target)
+        (target / "notes.txt").write_text("mine") if where.endswith("notes") else (target / "keep").mkdir()
+    elif where == "someone-elses":
+        target.mkdir()
+        (target / "thesis.tex").write_text("years of work")
+    elif where == "a-file":
+        target.write_text("a file")
+    before = tree(tmp_path) if target.is_dir() else target.read_bytes()
+    args = ["export", *tiny_overrides(cfg.run_dir, cfg.data.source), f"export.dir={target}", "--force"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and re.search(message, lines[0]), result.output
+    assert (tree(tmp_path) if target.is_dir() else target.read_bytes()) == before
+
+
+def test_symlinked_export_dir_is_written_through_and_leaves_nothing_behind(exported, tmp_path):
+    from termtune.export import export
+
+    cfg = copy_run(exported[0], tmp_path)
+    real = tmp_path / "disk" / "artifact"
+    real.parent.mkdir()
+    shutil.copytree(exported[0].run_dir / "artifact", real)
+    link = tmp_path / "links" / "artifact"
+    link.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    old_inode = (real / "model.safetensors").stat().st_ino
+    (real.parent / ".artifact.old-99999").mkdir()  # a swap killed half-way, long ago
+    artifact = export(make_config(cfg.run_dir, f"export.dir={link}"), force=True)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert (real / "model.safetensors").stat().st_ino != old_inode
+    assert not [c for c in artifact.checks if c.failed]
+    assert sorted(p.name for p in link.parent.iterdir()) == ["artifact"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["artifact"]
+
+
+# ----------------------------------------------------------------------------- a diverged model is never shipped
+
+
+def test_adapter_with_nan_is_refused_before_merging(exported, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from termtune.errors import UserError
+    from termtune.export import export
+
+    cfg = copy_run(exported[0], tmp_path)
+    path = cfg.run_dir / "train" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    for name in list(tensors)[:3]:
+        tensors[name][0, 0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=rf"3 of {len(tensors)} LoRA tensors hold NaN or inf .*lower "
+                                        r"train.learning_rate") as e:
+        export(cfg)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in cfg.run_dir.iterdir() if "artifact" in p.name) == []
+
+
+def test_merged_weights_with_inf_are_refused_and_nothing_is_published(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from termtune.errors import UserError
+    from termtune.export import export
+
+    cfg = copy_run(exported[0], tmp_path)
+    path = cfg.run_dir / "base-model" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["decoder.final_layer_norm.weight"][0] = float("inf")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"merged weight decoder.final_layer_norm.weight holds NaN or inf in F32"):
+        export(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir() if "artifact" in p.name) == []

@@ -76,3 +76,33 @@ def test_bad_architecture_and_missing_source(tmp_path, tiny_cfg):
         modeling.load_base(tiny_cfg(run_name="g", extra={"model.architecture": str(not_t5)}))
     with pytest.raises(UserError, match="does not exist"):
         modeling.load_tokenizer(tiny_cfg(run_name="m", extra={"model.source": str(tmp_path / "nowhere")}))
+
+
+# ----------------------------------------------------------------------------- settings checked against the model's shape
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"lora.r": 100000}, r"lora.r=100000 is larger than the targeted layers allow: encoder.block.0.layer.0."
+                         r"SelfAttention.q is 64 -> 64, .*use lora.r <= 64"),
+    ({"lora.r": 65}, r"lora.r=65 is larger than the targeted layers allow"),
+    ({"lora.r": 100, "lora.target_modules": "[wi_0]"}, r"lora.r=100 is larger .*wi_0 is 64 -> 128.*lora.r <= 64"),
+    ({"lora.target_modules": "[nope]"}, r"lora.target_modules=\['nope'\]: .*not found"),
+    ({"lora.target_modules": "[q, vv]"}, r"lora.target_modules: 'vv' matches no layer of the model"),
+    ({"model.architecture_overrides": "{num_layers:2}"},
+     r"model.architecture_overrides: 'num_layers:2' is not a T5 config key \(did you mean num_layers\? "
+     r"Write key: value with a space\)"),
+    ({"model.architecture_overrides": "{numlayers: 2}"}, r"'numlayers' is not a T5 config key \(did you mean "
+                                                         r"num_layers\?\)"),
+    ({"model.architecture_overrides": "{d_model: wide}"}, r"model.architecture_overrides: not a valid T5 shape: "
+                                                          r".*d_model"),
+])
+def test_model_settings_are_checked_against_the_model_shape(tiny_cfg, extra, message):
+    cfg = tiny_cfg(extra=extra)
+    with pytest.raises(UserError, match=message) as e:
+        modeling.check_model_settings(cfg)
+    assert "\n" not in str(e.value)
+    assert not cfg.run_dir.exists()  # shapes only: nothing built, nothing written
+
+
+def test_model_settings_that_fit_pass(tiny_cfg):
+    modeling.check_model_settings(tiny_cfg(extra={"lora.r": 64, "lora.target_modules": "[q, v, wo]"}))

@@ -246,3 +246,15 @@ def test_redeploy_of_a_changed_model_imports_a_new_model_and_cleanup_deletes_bot
     for stage in ("data", "train", "evaluate", "export", "cleanup"):
         record = json.loads((cfg.run_dir / "provenance" / f"{stage}.json").read_text())
         assert record["versions"]["torch"], stage
+
+
+def test_run_checks_model_settings_before_the_data_stage(tmp_path):
+    src = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(48))
+    run_dir = tmp_path / "run"
+    out = run_cli("run", *tiny_overrides(run_dir, src), "aws.deploy=false", "lora.target_modules=[q, nope]")
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "termtune: error: lora.target_modules: 'nope' matches no layer of the model "
+        "(T5's linear layers: q, k, v, o, wi_0, wi_1, wo, or all-linear)")
+    assert "== data" not in out.stdout and not (run_dir / "data").exists()

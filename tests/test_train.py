@@ -346,3 +346,29 @@ def test_ddp_two_processes_train_to_the_end_with_identical_adapters(tmp_path):
     assert any(float(t.abs().max()) > 0 for k, t in rank0.items() if "lora_B" in k)  # it did train
     saved = _adapter(cfg.run_dir / "train" / "adapter" / "adapter_model.safetensors")
     assert len(saved) == len(rank0)
+
+
+# ----------------------------------------------------------------------------- a diverged run is never recorded
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_records_nothing(tmp_path):
+    # Adam moves every LoRA weight by ~lr at step 1, so lr=1e30 overflows the forward pass of step 2.
+    _, cfg = _prepared(tmp_path, {"train.learning_rate": "1e30", "train.save_steps": 1})
+    with pytest.raises(UserError, match=r"^training diverged: the loss became nan at step 2 of 7 "
+                                        r"\(train.learning_rate 1e\+30\); nothing was recorded as trained\. "
+                                        r"Train again with a lower train.learning_rate") as e:
+        train.train(cfg)
+    assert "\n" not in str(e.value)
+    train_dir = cfg.run_dir / "train"
+    assert not (train_dir / "result.json").exists() and not (train_dir / "adapter").exists()
+    assert not (cfg.run_dir / "provenance" / "train.json").exists()
+    # The checkpoint of the diverged step is never written; step 1's (finite loss) is.
+    assert sorted(p.name for p in (train_dir / "checkpoints").iterdir()) == ["checkpoint-1"]
+
+
+def test_lora_rank_beyond_the_layer_width_fails_before_any_data_is_read(tmp_path):
+    src = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(16))
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", src) + ["lora.r=65"])
+    with pytest.raises(UserError, match=r"lora.r=65 is larger than the targeted layers allow"):
+        train.train(cfg)  # the data stage has not run: the settings are checked first
+    assert not (tmp_path / "run" / "train").exists()

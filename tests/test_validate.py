@@ -278,3 +278,48 @@ def test_validate_imports_no_torch(tmp_path):
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16", "F64"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_inf_in_any_weight_fails(tmp_path, monkeypatch, dtype, value):
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    import termtune.validate
+
+    monkeypatch.setattr(termtune.validate, "SCAN_CHUNK_BYTES", 24)  # many chunks per tensor, a short last one
+
+    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[dtype]
+    tensors = {name: torch.from_numpy(array).to(torch_dtype) for name, array in weights().items()}
+    tensors["decoder.block.0.layer.0.SelfAttention.q.weight"][7, 7] = value  # the very last value of a tensor
+    folder = make_folder(tmp_path)
+    save_torch(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    failed, _ = outcome(folder)
+    assert failed["finite weights"] == ("1 of 4 tensors hold NaN or inf (e.g. decoder.block.0.layer.0.SelfAttention.q."
+                                        "weight in model.safetensors): the model diverged in training; do not ship it")
+
+
+def test_extreme_finite_weights_pass_and_every_shard_is_scanned(tmp_path):
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    tensors = {name: torch.from_numpy(array) for name, array in weights().items()}
+    names = sorted(tensors)  # the first two go to an F32 shard, the last two to a BF16 one
+    for name, dtype in ((names[0], torch.float32), (names[3], torch.bfloat16)):
+        tensors[name][0, :2] = torch.tensor([torch.finfo(dtype).max, -torch.finfo(dtype).max])
+    folder = make_folder(tmp_path)
+    (folder / "model.safetensors").unlink()
+    save_torch({n: tensors[n] for n in names[:2]}, str(folder / "model-00001-of-00002.safetensors"),
+               metadata={"format": "pt"})
+    save_torch({n: tensors[n].to(torch.bfloat16) for n in names[2:]}, str(folder / "model-00002-of-00002.safetensors"),
+               metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: f"model-0000{1 + (i >= 2)}-of-00002.safetensors" for i, n in enumerate(names)}}))
+    checks = {c.name: c for c in validate(folder)}
+    assert checks["finite weights"].ok and checks["finite weights"].message == "4 tensors scanned, no NaN or inf"
+    tensors[names[3]][0, 0] = float("nan")
+    save_torch({n: tensors[n].to(torch.bfloat16) for n in names[2:]}, str(folder / "model-00002-of-00002.safetensors"),
+               metadata={"format": "pt"})
+    assert outcome(folder)[0]["finite weights"].startswith(f"1 of 4 tensors hold NaN or inf (e.g. {names[3]} in "
+                                                           "model-00002-of-00002.safetensors)")

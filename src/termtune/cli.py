@@ -30,7 +30,7 @@ app = typer.Typer(
 data_app = typer.Typer(help="Prepare and inspect the training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-_state = {"debug": False}
+_state: dict[str, Any] = {"debug": False, "run_dir": None}
 
 ARGS_HELP = "[CONFIG] [KEY=VALUE ...]: a YAML config and dotted overrides, e.g. train.learning_rate=3e-4"
 
@@ -52,6 +52,13 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             typer.echo(f"termtune: error: {e}", err=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # a full disk or a read-only folder mid-stage: the user's to fix, in one line
+            if _state["debug"]:
+                raise
+            from termtune.oserrors import describe_os_error
+
+            typer.echo(f"termtune: error: {describe_os_error(e, _state.get('run_dir'))}", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("termtune: interrupted", err=True)
             raise typer.Exit(130) from None
@@ -68,7 +75,9 @@ def resolve(args: Optional[List[str]]) -> Config:
     for a in args:
         if "=" not in a:
             raise UserError(f"{a!r}: expected KEY=VALUE (only the first argument may be a config file)")
-    return load_config(path, args)
+    cfg = load_config(path, args)
+    _state["run_dir"] = cfg.run_dir  # the folder an OS error names when the OS names none
+    return cfg
 
 
 # ----------------------------------------------------------------------------- data

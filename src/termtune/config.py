@@ -17,24 +17,34 @@ from __future__ import annotations
 
 import difflib
 import json
+import string
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from termtune.errors import UserError
 
 
+MAX_CONFIG_BYTES = 1 * 2**20
+"""A termtune config is a few KB; anything near this size is a mistake or an attack."""
+MAX_YAML_VALUES = 10_000
+"""Values a config may hold once YAML aliases are expanded (the demo has about 100): a 600-byte alias
+bomb otherwise expands to millions, which every later stage then copies, dumps and hashes."""
+PREFIX_PLACEHOLDERS = ("run_name",)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: an infinite learning rate or timeout is never meant, and trains a NaN model.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
     dir: Path = Path("runs/default")
     """Run directory: every stage reads its inputs from here and writes its outputs here."""
-    seed: int = 42
-    """Seed for the split, model initialisation, LoRA init and data order."""
+    seed: int = Field(42, ge=0, lt=2**32)
+    """Seed for the split, model initialisation, LoRA init and data order (0 to 2^32-1, what numpy accepts)."""
 
 
 class ModelConfig(Section):
@@ -97,10 +107,17 @@ class LoraConfig(Section):
     """'all-linear' or a list of module names such as [q, v]."""
     bias: Literal["none", "all", "lora_only"] = "none"
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: Any) -> Any:
+        if isinstance(value, list) and not [name for name in value if name.strip()]:
+            raise ValueError("no module names: LoRA would train nothing; name modules such as [q, v] or use all-linear")
+        return value
+
 
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0)
-    max_steps: int = -1
+    max_steps: int = Field(-1, ge=-1)
     """Stop after this many optimizer steps (-1: run `epochs`)."""
     batch_size: int = Field(4, ge=1)
     """Examples per device per step (ignored when max_tokens_per_batch is set). 4 is fastest per token on
@@ -121,7 +138,7 @@ class TrainConfig(Section):
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     group_by_length: bool = True
     """Batch examples of similar length together so little compute is spent on padding."""
-    eval_steps: int | None = None
+    eval_steps: int | None = Field(None, ge=1)
     """Held-out loss every N steps (None: every epoch)."""
     save_steps: int = Field(50, ge=1)
     """Checkpoint every N optimizer steps."""
@@ -129,6 +146,13 @@ class TrainConfig(Section):
     """Keep at most N checkpoints."""
     logging_steps: int = Field(10, ge=1)
     dataloader_workers: int = Field(0, ge=0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_to_run(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 steps would train nothing; use -1 to run train.epochs, or a positive number")
+        return value
 
 
 class EvalConfig(Section):
@@ -215,6 +239,19 @@ class AwsConfig(Section):
     deploy: bool = True
     """`termtune run` deploys and invokes after export; false stops at validate."""
 
+    @field_validator("prefix")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        except ValueError as e:  # a lone { or }
+            raise ValueError(f"{value!r}: {e}; write {{{{ or }}}} for a literal brace") from None
+        unknown = [name for name in names if name not in PREFIX_PLACEHOLDERS]
+        if unknown:
+            raise ValueError(f"{value!r}: unknown placeholder {{{unknown[0]}}} "
+                             f"(known: {', '.join('{' + p + '}' for p in PREFIX_PLACEHOLDERS)})")
+        return value
+
 
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
@@ -264,22 +301,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML config (or the defaults when `path` is None) and apply `KEY=VALUE` overrides.
 
     Raises:
-        UserError: the file is missing or not YAML, a key is unknown (with a did-you-mean),
-            a value has the wrong type, or a cross-field rule fails.
+        UserError: the file is missing, empty, too large, not UTF-8 or not YAML, repeats a key or
+            expands aliases beyond MAX_YAML_VALUES, a key is unknown (with a did-you-mean), a value
+            has the wrong type or range, or a cross-field rule fails.
     """
     raw: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
         where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
+        raw = _read_config_file(Path(path))
     for item in overrides:
         _apply_override(raw, item)
     _check_keys(raw, Config, prefix="", where=where)
@@ -289,13 +319,92 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise UserError(f"{where}: {_describe(e)}") from e
 
 
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: {size:,} bytes; a config file over {MAX_CONFIG_BYTES // 2**20} MiB is refused")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+    try:
+        raw = parse_yaml(text)
+    except RefusedYAML as e:
+        raise UserError(f"{path}: {e}") from e
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    if raw is None:
+        raise UserError(f"{path}: the config file is empty; write settings into it (see configs/demo.yaml), "
+                        "or give no file to use the defaults")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (run, model, data, ...)")
+    return raw
+
+
+class RefusedYAML(yaml.YAMLError):
+    """Well-formed YAML that a config must not be: a repeated key, an alias bomb, absurd nesting."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden by explicit keys: that is its purpose
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise RefusedYAML(f"line {key_node.start_mark.line + 1}: {key} is given twice (also on line "
+                                     f"{seen[key] + 1}); YAML would silently drop the first")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load with duplicate keys refused and aliases expanding to at most MAX_YAML_VALUES values."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values = _expanded_size(node, {})
+        if values > MAX_YAML_VALUES:
+            raise RefusedYAML(f"expands to {values:,} values (more than {MAX_YAML_VALUES:,}): "
+                                 "aliases (*name) that repeat other aliases are refused")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise RefusedYAML("nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Values in the document once every alias is copied out (an alias shares its anchor's node,
+    so memoising by node counts a billion-value bomb in a few steps)."""
+    if id(node) not in memo:
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        memo[id(node)] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[id(node)]
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise UserError(f"override {item!r}: expected KEY=VALUE, e.g. train.learning_rate=3e-4")
     # YAML parsing turns "3e-4" into a float, "[q, v]" into a list and "null" into None.
     try:
-        value = yaml.safe_load(text) if text != "" else ""
+        value = parse_yaml(text) if text != "" else ""
+    except RefusedYAML as e:
+        raise UserError(f"override {key}: {e}") from e
     except yaml.YAMLError:
         value = text
     parts = key.split(".")

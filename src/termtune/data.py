@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
+from termtune.oserrors import probe_writable
 from termtune.rundir import atomic_dir, read_json, write_json
 
 # (term column, definition column) pairs recognised without any mapping.
@@ -75,6 +76,7 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
     out_dir = layout.data
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to prepare the data again")
+    probe_writable(cfg.run_dir)
 
     # --- read and validate
     label, columns, rows = _open_source(d.source, d.hub_split, d.revision)

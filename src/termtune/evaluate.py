@@ -114,6 +114,7 @@ def evaluate(cfg: Config) -> EvalReport:
     Raises:
         UserError: no adapter (train has not run), or no held-out rows.
     """
+    from termtune.oserrors import probe_writable
     from termtune.rundir import atomic_dir, write_json
 
     # validate inputs
@@ -123,6 +124,7 @@ def evaluate(cfg: Config) -> EvalReport:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no trained adapter (adapter_config.json missing); run termtune train first")
     rows = _held_out_rows(cfg)
+    probe_writable(cfg.run_dir)
 
     # set up
     import torch

@@ -37,6 +37,7 @@ from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.modelcard import TORCH_DTYPE_NAMES, base_name
+from termtune.oserrors import probe_writable, writing
 from termtune.rundir import atomic_dir, sha256_file, write_json
 from termtune.validate import INDEX_FILE, Check, format_checks, validate
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SAFETENSORS_DTYPES = {"bf16": "BF16", "fp32": "F32", "fp16": "F16"}
+ARTIFACT_FORMAT = "termtune-cmi-artifact/1"
 # T5 keeps its token embeddings once (shared.weight); encoder/decoder embed_tokens are views of it
 # that every transformers version re-ties on load, so they are not written twice.
 TIED_TO_SHARED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -87,11 +89,12 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     adapter_dir = layout.adapter
     _check_adapter(adapter_dir, cfg.model.allow_pickle)
     final = layout.artifact
-    if final.exists() and not force:
-        raise UserError(f"{final} already exists; pass --force to replace it")
+    _check_replaceable(final, layout.root, force)
     max_shard = parse_size(cfg.export.max_shard_size)
     spiece = spiece_model_path(cfg.tokenizer_source)
-    _remove_stale_partials(final)
+    probe_writable(cfg.run_dir)
+    probe_writable(final.resolve().parent)
+    _remove_stale_partials(final.resolve())
 
     # ---- set up: the base unquantized, whatever training used, with the adapter merged in
     model = merged_model(cfg, adapter_dir)
@@ -101,7 +104,7 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     tokenizer = load_tokenizer(cfg)
 
     # ---- do + save: into a temporary folder that becomes `final` only when verified
-    with atomic_dir(final, force=force) as tmp:
+    with writing(final), atomic_dir(final, force=force) as tmp:
         weights = write_weights(model, tmp, cfg.export.dtype, max_shard, tied=tied)
         write_model_config(model, tmp, cfg.export.dtype, tied=tied)
         write_tokenizer(tokenizer, tmp, spiece)
@@ -128,7 +131,17 @@ def export(cfg: Config, force: bool = False) -> Artifact:
 def _check_adapter(adapter_dir: Path, allow_pickle: bool) -> None:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no trained adapter (adapter_config.json); run termtune train first")
-    if (adapter_dir / "adapter_model.safetensors").is_file():
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        from termtune.validate import nonfinite_tensors
+
+        try:
+            bad, scanned = nonfinite_tensors(weights)
+        except ValueError as e:
+            raise UserError(f"{adapter_dir}: unreadable adapter weights: {e}") from e
+        if bad:
+            raise UserError(f"{weights}: {len(bad)} of {scanned} LoRA tensors hold NaN or inf (e.g. {bad[0]}): training "
+                            "diverged; train again with a lower train.learning_rate (in a new run.dir)")
         return
     if (adapter_dir / "adapter_model.bin").is_file():
         if not allow_pickle:
@@ -136,6 +149,35 @@ def _check_adapter(adapter_dir: Path, allow_pickle: bool) -> None:
                             "code on load. Re-save it as safetensors, or set model.allow_pickle=true if you trust it")
         return
     raise UserError(f"{adapter_dir}: no adapter weights (adapter_model.safetensors); run termtune train first")
+
+
+def _check_replaceable(final: Path, run_dir: Path, force: bool) -> None:
+    """An existing export.dir is replaced only with --force, and only when it is a termtune artifact:
+    every entry a file that its manifest lists. A run directory, a folder holding one, or anyone
+    else's folder is never deleted. A symlink is judged (and later replaced) by its target."""
+    target = final.resolve()
+    if not target.exists():
+        return
+    if target == run_dir.resolve() or target in run_dir.resolve().parents:
+        raise UserError(f"export.dir={final}: that folder holds the run directory {run_dir}; export into a folder "
+                        "of its own (the default is <run.dir>/artifact)")
+    if not target.is_dir():
+        raise UserError(f"export.dir={final}: a file is in the way; move it or choose another export.dir")
+    entries = sorted(target.iterdir())
+    if entries:  # an empty folder holds nothing to lose
+        manifest = _read_json(target / "manifest.json")
+        listed = {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)} \
+            if isinstance(manifest, dict) and manifest.get("format") == ARTIFACT_FORMAT else None
+        if listed is None:
+            raise UserError(f"export.dir={final}: exists and is not a termtune artifact (no termtune manifest.json); "
+                            "termtune replaces only its own artifacts: choose another export.dir, or move the folder")
+        foreign = [p.name for p in entries
+                   if p.name != "manifest.json" and (p.name not in listed or p.is_symlink() or not p.is_file())]
+        if foreign:
+            raise UserError(f"export.dir={final}: holds {', '.join(foreign[:3])}, which the artifact's manifest does "
+                            "not list; termtune replaces only its own files: move them, or choose another export.dir")
+    if not force:
+        raise UserError(f"{final} already exists; pass --force to replace it")
 
 
 def parse_size(text: str) -> int:
@@ -288,8 +330,13 @@ def write_safetensors(path: Path, tensors: list[tuple[str, "torch.Tensor"]], tar
         for chunk in (struct.pack("<Q", len(blob)), blob):
             f.write(chunk)
             digest.update(chunk)
-        for _, tensor in tensors:
-            data = tensor.detach().to(target).contiguous().reshape(-1).view(torch.uint8)
+        for name, tensor in tensors:
+            data = tensor.detach().to(target).contiguous()
+            if not bool(torch.isfinite(data).all()):  # a diverged model, or values beyond the export dtype's range
+                raise UserError(f"export: the merged weight {name} holds NaN or inf in {dtype_name}; a model that "
+                                "diverged in training is never shipped (train again with a lower "
+                                "train.learning_rate)")
+            data = data.reshape(-1).view(torch.uint8)
             view = memoryview(data.numpy())
             f.write(view)
             digest.update(view)
@@ -383,7 +430,7 @@ def write_manifest(folder: Path, cfg: Config, weights: dict[str, dict[str, Any]]
         files.append({"path": path.name, "size": path.stat().st_size,
                       "sha256": known["sha256"] if known else sha256_file(path)})
     write_json(folder / "manifest.json", {
-        "format": "termtune-cmi-artifact/1",
+        "format": ARTIFACT_FORMAT,
         "base_model": base_name(cfg),
         "adapter": str(RunLayout.of(cfg).adapter),
         "dtype": cfg.export.dtype,

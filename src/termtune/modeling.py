@@ -1,6 +1,7 @@
 """Models: Hub ids, local folders, or random init from a config; quantization; LoRA.
 
 Public entry points:
+    check_model_settings(cfg)                -> None (raises UserError), before any work
     load_tokenizer(cfg)                      -> tokenizer
     base_model_dir(cfg)                      -> where the base weights live
     load_base(cfg, quantization=None, dtype=None) -> T5ForConditionalGeneration
@@ -14,6 +15,7 @@ and the same set of weights.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,11 +140,76 @@ def architecture_config(cfg: Config) -> "Any":
         values = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from e
-    values.update(cfg.model.architecture_overrides)
-    model_type = values.pop("model_type", None)
+    model_type = values.get("model_type")
     if model_type != "t5":
         raise UserError(f"{config_file}: model_type is {model_type!r}; termtune trains T5 (Flan-T5) models")
-    return AutoConfig.for_model(model_type, **values)
+    # T5Config keeps any unknown keyword as an attribute, so a typo ({num_layers:2} is the one key
+    # "num_layers:2" in YAML) would silently train the full-size model: only known keys are accepted.
+    known = set(AutoConfig.for_model("t5").to_dict()) | set(values)
+    for key in cfg.model.architecture_overrides:
+        if key not in known:
+            guess = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {guess[0]}?{' Write key: value with a space' if ':' in str(key) else ''})" \
+                if guess else ""
+            raise UserError(f"model.architecture_overrides: {key!r} is not a T5 config key{hint}")
+    values.update(cfg.model.architecture_overrides)
+    values.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except Exception as e:  # noqa: BLE001 - the config classes raise their own validation errors (a bad value)
+        raise UserError(f"model.architecture_overrides: not a valid T5 shape: {' '.join(str(e).split())}") from e
+
+
+def model_config(cfg: Config) -> "Any":
+    """The base model's config (its shape), without loading any weights."""
+    from transformers import AutoConfig
+
+    if cfg.model.init == "random":
+        return architecture_config(cfg)
+    _check_local_or_hub(cfg.model.source, "model.source")
+    try:
+        return AutoConfig.from_pretrained(cfg.model.source)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg.model.source}: cannot read the model config: {str(e).splitlines()[0]}") from e
+
+
+def check_model_settings(cfg: Config) -> None:
+    """Check the LoRA settings against the model's real layers before any data or weights are touched.
+
+    The model is built on the meta device (shapes only, no memory, well under a second for
+    flan-t5-large) and PEFT's own matching decides which layers lora.target_modules selects.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = model_config(cfg)
+    with torch.device("meta"):
+        try:
+            model = AutoModelForSeq2SeqLM.from_config(config)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{cfg.model.architecture or cfg.model.source}: cannot build the model from its "
+                            f"config: {str(e).splitlines()[0]}") from e
+        try:
+            from peft import get_peft_model
+
+            layers = [(name, m.in_features, m.out_features) for name, m in
+                      get_peft_model(model, lora_config(cfg)).named_modules() if isinstance(m, LoraLayer)]
+        except ValueError as e:
+            raise UserError(f"lora.target_modules={cfg.lora.target_modules}: {str(e).splitlines()[0]} "
+                            "(T5's linear layers: q, k, v, o, wi_0, wi_1, wo, or all-linear)") from e
+    if isinstance(cfg.lora.target_modules, list):
+        # PEFT is satisfied when any one name matches; a typo beside a good name would train less than meant.
+        for wanted in cfg.lora.target_modules:
+            if not any(name == wanted or name.endswith(f".{wanted}") for name, _, _ in layers):
+                raise UserError(f"lora.target_modules: {wanted!r} matches no layer of the model "
+                                "(T5's linear layers: q, k, v, o, wi_0, wi_1, wo, or all-linear)")
+    name, n_in, n_out = min(layers, key=lambda layer: min(layer[1:]))
+    if cfg.lora.r > min(n_in, n_out):
+        name = name.removeprefix("base_model.model.")
+        raise UserError(f"lora.r={cfg.lora.r} is larger than the targeted layers allow: {name} is {n_in} -> {n_out}, "
+                        f"and a rank above {min(n_in, n_out)} adds parameters, not capacity; "
+                        f"use lora.r <= {min(n_in, n_out)}")
 
 
 def materialize_random_base(cfg: Config) -> Path:

@@ -99,7 +99,11 @@ def _evaluate(cfg: Config, force: bool) -> Outcome:
 def _export(cfg: Config, force: bool) -> Outcome:
     from termtune import export
 
-    artifact = export.export(cfg, force=force)
+    layout = RunLayout.of(cfg)
+    # An artifact inside the run directory is termtune's to replace (export still checks it is one);
+    # one elsewhere (export.dir) is replaced only with --force or when a record proves it is this run's.
+    inside = layout.artifact.resolve().is_relative_to(layout.root.resolve())
+    artifact = export.export(cfg, force=force or inside)
     return Outcome(artifact, artifact.summary(), {
         "artifact": str(artifact.path), "artifact_sha256": artifact.digest, "dtype": artifact.dtype,
         "total_bytes": artifact.total_bytes, "weight_files": artifact.shards,
@@ -384,8 +388,14 @@ def run(cfg: Config) -> None:
     stages = [s for s in STAGES if cfg.aws.deploy or s.name not in ("deploy", "invoke")]
     layout = RunLayout.of(cfg)
     started = time.perf_counter()
+    from termtune.modeling import check_model_settings
+    from termtune.oserrors import probe_writable
+
+    probe_writable(layout.root)  # an unwritable run directory fails now, not after training
     with exclusive(layout.lock, command="termtune run"):
         cache: dict[str, str] = {}
+        if not state(cfg, BY_NAME["train"], cache).complete:
+            check_model_settings(cfg)  # the model's shape against lora.* fails before the data stage
         for stage in stages:
             typer.secho(f"== {stage.name}", bold=True)
             t0 = time.perf_counter()

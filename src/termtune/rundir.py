@@ -77,9 +77,12 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder that replaces `final` only if the block succeeds.
 
     An existing `final` is an error unless `force`; with `force` it is swapped out only
-    after the new one is complete, so a failure keeps the old output intact.
+    after the new one is complete, so a failure keeps the old output intact. A symlink is
+    followed: its target is replaced and the link keeps pointing at the new folder.
     """
     final = Path(final)
+    if final.is_symlink():
+        final = final.resolve()  # renaming the link itself would hide the old folder behind a stray link
     if final.exists() and not force:
         raise UserError(f"{final} already exists; pass --force to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +99,13 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    for stale in final.parent.iterdir():  # old folders of swaps that were killed half-way
+        if not stale.name.startswith(f".{final.name}.old-"):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def remove(path: Path) -> None:

@@ -39,6 +39,8 @@ from typing import Any, Iterator
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
+from termtune.modeling import check_model_settings
+from termtune.oserrors import probe_writable
 from termtune.rundir import atomic_dir, write_json, write_text
 
 SEAL_FILE = "termtune-complete.json"
@@ -115,11 +117,13 @@ def train(cfg: Config) -> TrainResult:
     """
     # -- validate inputs
     layout = RunLayout.of(cfg)
-    checkpoints_dir = layout.checkpoints
+    check_model_settings(cfg)  # lora.r, lora.target_modules, architecture_overrides: before any data is read
     if not layout.split("train").is_file():
         raise UserError(f"{layout.split('train')}: no prepared data; run `termtune data prepare` "
                         "with the same config first")
     precision = resolve_precision(cfg)
+    probe_writable(layout.train)
+    checkpoints_dir = layout.checkpoints
     rank = int(os.environ.get("RANK", "0"))
     resume = last_complete_checkpoint(checkpoints_dir)
     if resume is not None:
@@ -167,6 +171,8 @@ def train(cfg: Config) -> TrainResult:
         trainer.evaluate()  # the result always carries the held-out loss of the final weights
     _debug_dump_adapter(trainer)
 
+    _check_finite_adapter(trainer, cfg, train_dir)
+
     # -- save (rank 0 only) and report
     result = _result(cfg, trainer, precision, resume)
     if trainer.is_world_process_zero():
@@ -178,6 +184,22 @@ def train(cfg: Config) -> TrainResult:
         write_json(layout.train_result, asdict(result))
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def _check_finite_adapter(trainer: Any, cfg: Config, train_dir: Path) -> None:
+    """The last update can turn weights to NaN/inf with a finite loss: never save such an adapter."""
+    import torch
+
+    bad = [name for name, p in trainer.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise diverged(cfg, train_dir, f"{len(bad)} LoRA weights hold NaN or inf after step "
+                                       f"{trainer.state.global_step} (e.g. {bad[0]})")
+
+
+def diverged(cfg: Config, train_dir: Path, what: str) -> UserError:
+    return UserError(f"training diverged: {what} (train.learning_rate {cfg.train.learning_rate:g}); nothing was "
+                     "recorded as trained. Train again with a lower train.learning_rate in a new run.dir "
+                     f"(or delete {train_dir})")
 
 
 # ----------------------------------------------------------------------------- precision
@@ -375,6 +397,7 @@ def _trainer_class() -> type:
             self.excluded = 0.0  # evaluation / checkpoint seconds inside the current window
             self.train_seconds = 0.0
             self.chunked_loss = _chunked_loss_applies(self)
+            self.nonfinite_loss: float | None = None  # the first NaN/inf loss this rank saw (see DivergenceGuard)
 
         def get_train_dataloader(self) -> Any:
             from torch.utils.data import DataLoader
@@ -389,7 +412,11 @@ def _trainer_class() -> type:
             mask, labels = inputs["attention_mask"], inputs["labels"]
             counts = [int(mask.sum()), mask.numel(), int((labels != -100).sum()), labels.numel(), labels.shape[0]]
             self.window = [a + b for a, b in zip(self.window, counts)]
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # One device sync per step, as the Trainer's own NaN log filter already does.
+            if self.nonfinite_loss is None and not bool(loss.isfinite()):
+                self.nonfinite_loss = float(loss)
+            return loss
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
@@ -503,6 +530,22 @@ def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) 
                 seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", cfg, args.world_size)
                 rotate_checkpoints(Path(args.output_dir), cfg.train.save_total_limit)
 
+    class DivergenceGuard(TrainerCallback):
+        """Stop at the first optimizer step whose loss is NaN or inf, before that step's weights are saved
+        (on_step_end runs before the checkpoint), so no checkpoint, adapter or result.json holds them."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            import torch
+
+            seen = trainer.nonfinite_loss
+            stop = seen is not None
+            if args.world_size > 1:  # every rank stops at the same step, or the others would wait forever
+                flag = torch.tensor([float(stop)], device=args.device)
+                stop = bool(trainer.accelerator.reduce(flag, reduction="sum").item())
+            if stop:
+                loss = seen if seen is not None else "NaN or inf"
+                raise diverged(cfg, train_dir, f"the loss became {loss} at step {state.global_step} of {state.max_steps}")
+
     class StepDelay(TrainerCallback):
         """Test hook: TERMTUNE_TEST_STEP_DELAY=<seconds> slows each step so a test can kill a run mid-way."""
 
@@ -511,6 +554,7 @@ def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) 
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
+    trainer.add_callback(DivergenceGuard())
     trainer.add_callback(Checkpoints())
     if rank == 0:
         layout.train.mkdir(parents=True, exist_ok=True)

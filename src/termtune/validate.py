@@ -6,7 +6,8 @@
 
 Works on any folder (an export, a plain `save_pretrained` output, a trainer checkpoint)
 without a GPU, without AWS and without importing torch: safetensors headers are parsed
-straight from the file (an 8-byte little-endian length, then a JSON header).
+straight from the file (an 8-byte little-endian length, then a JSON header), and every
+weight is streamed once (numpy, memory-mapped) to find NaN and inf values.
 
 The rules are reference/bedrock-cmi.md §1.9 plus what transformers 4.51.3, the version
 Bedrock serves imported models with, needs to read the folder the way it was meant:
@@ -38,6 +39,14 @@ KNOWN_FILES = {"config.json", "generation_config.json", INDEX_FILE, "manifest.js
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER_BYTES = 100 * 2**20
+# Float dtype -> (its bits as an unsigned little-endian integer, the mask that drops the sign bit, the
+# smallest masked value that is inf or NaN: all exponent bits set). Comparing integers finds NaN and inf
+# in one vectorised pass, with no float conversion (numpy has no bfloat16).
+FLOAT_BITS = {"F64": ("<u8", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+              "F32": ("<u4", 0x7FFF_FFFF, 0x7F80_0000),
+              "F16": ("<u2", 0x7FFF, 0x7C00),
+              "BF16": ("<u2", 0x7FFF, 0x7F80)}
+SCAN_CHUNK_BYTES = 8 * 2**20
 
 OK, FAIL, WARN = "ok", "fail", "warn"
 
@@ -192,6 +201,40 @@ def read_safetensors_header(path: Path) -> tuple[dict | None, str | None]:
     return header, None
 
 
+def nonfinite_tensors(path: Path) -> tuple[list[str], int]:
+    """(names of the float tensors holding NaN or inf, float tensors scanned) in a safetensors file.
+
+    Streams the file through a memory map in SCAN_CHUNK_BYTES pieces, so memory stays flat
+    whatever the model size. Raises ValueError for a file whose header cannot be read.
+    """
+    import numpy as np
+
+    header, error = read_safetensors_header(path)
+    if error:
+        raise ValueError(f"{path.name}: {error}")
+    with open(path, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size > start else np.empty(0, np.uint8)
+    bad, scanned = [], 0
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] not in FLOAT_BITS:
+            continue
+        dtype, mask, nonfinite = FLOAT_BITS[info["dtype"]]
+        begin, end = info["data_offsets"]
+        values = data[start + begin:start + end].view(dtype)
+        step = SCAN_CHUNK_BYTES // values.itemsize
+        buffer = np.empty(min(step, values.size), dtype=dtype)
+        scanned += 1
+        for i in range(0, values.size, step):
+            part = buffer[:min(step, values.size - i)]
+            np.bitwise_and(values[i:i + step], mask, out=part)
+            if part.max() >= nonfinite:
+                bad.append(name)
+                break
+    del data
+    return bad, scanned
+
+
 # ----------------------------------------------------------------------------- rules
 # Each rule returns (status, one-line reason). Order matters: it is the numbering users see.
 
@@ -333,6 +376,22 @@ def _weight_dtype(f: _Folder) -> tuple[str, str]:
     return OK, f"weights in {', '.join(dtypes)}"
 
 
+def _finite_weights(f: _Folder) -> tuple[str, str]:
+    files = [name for name, (_, error) in f.headers.items() if not error]
+    if not files:
+        return FAIL, "no readable safetensors weights to scan"
+    bad: list[tuple[str, str]] = []
+    scanned = 0
+    for name in files:
+        names, count = nonfinite_tensors(f.path / name)
+        bad += [(tensor, name) for tensor in names]
+        scanned += count
+    if bad:
+        return FAIL, (f"{len(bad)} of {scanned} tensors hold NaN or inf (e.g. {bad[0][0]} in {bad[0][1]}): "
+                      "the model diverged in training; do not ship it")
+    return OK, f"{scanned} tensors scanned, no NaN or inf"
+
+
 def _tie_flag(f: _Folder) -> tuple[str, str]:
     if "shared.weight" not in f.tensors:
         return FAIL, "shared.weight (the token embeddings) is not in the weights"
@@ -429,6 +488,7 @@ RULES: list[tuple[str, Callable[[_Folder], tuple[str, str]]]] = [
     ("safetensors shards and index", _shards),
     ("safetensors headers", _headers),
     ("weight dtype", _weight_dtype),
+    ("finite weights", _finite_weights),
     ("embeddings and tie flag (transformers 4.51.3)", _tie_flag),
     ("tokenizer files", _tokenizer_files),
     ("tokenizer_config.json (transformers 4.51.3)", _tokenizer_config),
