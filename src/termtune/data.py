@@ -76,7 +76,7 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
     out_dir = layout.data
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir} already exists; pass --force to prepare the data again")
-    probe_writable(cfg.run_dir)
+    probe_writable(layout.root)
 
     # --- read and validate
     label, columns, rows = _open_source(d.source, d.hub_split, d.revision)

@@ -124,7 +124,7 @@ def evaluate(cfg: Config) -> EvalReport:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir}: no trained adapter (adapter_config.json missing); run termtune train first")
     rows = _held_out_rows(cfg)
-    probe_writable(cfg.run_dir)
+    probe_writable(layout.root)
 
     # set up
     import torch

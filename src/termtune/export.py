@@ -92,7 +92,7 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     _check_replaceable(final, layout.root, force)
     max_shard = parse_size(cfg.export.max_shard_size)
     spiece = spiece_model_path(cfg.tokenizer_source)
-    probe_writable(cfg.run_dir)
+    probe_writable(layout.root)
     probe_writable(final.resolve().parent)
     _remove_stale_partials(final.resolve())
 

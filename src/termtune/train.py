@@ -171,7 +171,7 @@ def train(cfg: Config) -> TrainResult:
         trainer.evaluate()  # the result always carries the held-out loss of the final weights
     _debug_dump_adapter(trainer)
 
-    _check_finite_adapter(trainer, cfg, train_dir)
+    _check_finite_adapter(trainer, cfg, layout.train)
 
     # -- save (rank 0 only) and report
     result = _result(cfg, trainer, precision, resume)
@@ -544,7 +544,7 @@ def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) 
                 stop = bool(trainer.accelerator.reduce(flag, reduction="sum").item())
             if stop:
                 loss = seen if seen is not None else "NaN or inf"
-                raise diverged(cfg, train_dir, f"the loss became {loss} at step {state.global_step} of {state.max_steps}")
+                raise diverged(cfg, layout.train, f"the loss became {loss} at step {state.global_step} of {state.max_steps}")
 
     class StepDelay(TrainerCallback):
         """Test hook: TERMTUNE_TEST_STEP_DELAY=<seconds> slows each step so a test can kill a run mid-way."""
