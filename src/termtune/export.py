@@ -38,7 +38,7 @@ from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.modelcard import TORCH_DTYPE_NAMES, base_name
 from termtune.oserrors import probe_writable, writing
-from termtune.rundir import atomic_dir, sha256_file, write_json
+from termtune.rundir import atomic_dir, read_json, sha256_file, write_json
 from termtune.validate import INDEX_FILE, Check, format_checks, validate
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def _check_replaceable(final: Path, run_dir: Path, force: bool) -> None:
         raise UserError(f"export.dir={final}: a file is in the way; move it or choose another export.dir")
     entries = sorted(target.iterdir())
     if entries:  # an empty folder holds nothing to lose
-        manifest = _read_json(target / "manifest.json")
+        manifest = read_json(target / "manifest.json")
         listed = {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)} \
             if isinstance(manifest, dict) and manifest.get("format") == ARTIFACT_FORMAT else None
         if listed is None:
@@ -440,9 +440,3 @@ def write_manifest(folder: Path, cfg: Config, weights: dict[str, dict[str, Any]]
         "files": files,
     })
     return files
-
-
-def _base_name(cfg: Config) -> str:
-    if cfg.model.init == "random":
-        return f"random init, shape of {cfg.model.architecture} (seed {cfg.run.seed})"
-    return cfg.model.source
