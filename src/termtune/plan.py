@@ -611,7 +611,7 @@ class Plan:
         ]
         labels = {"base": "frozen base", "lora_states": "LoRA weights + grads + AdamW (16 B/param)",
                   "activations": "activations", "loss": "lm_head / loss working memory",
-                  "eval": "held-out loss pass (instead of activations + loss)", "framework": "framework overhead",
+                  "eval": "held-out loss pass (GPU: instead of activations + loss)", "framework": "framework overhead",
                   "total": "total"}
         for key, label in labels.items():
             lines.append(f"  {label:<52}{_gib(m[key]):>10}")
@@ -677,8 +677,11 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
               "loss": loss_bytes(shape, rows, tgt, real_tgt, device.bf16),
               "eval": eval_bytes(shape, eval_rows, data.test_target_max) if data.test_rows else 0,
               "framework": int(_c("cpu_framework_bytes") if gpu is None else _c("cuda_context_bytes"))}
-    memory["total"] = (memory["base"] + memory["lora_states"] + memory["framework"]
-                       + max(memory["activations"] + memory["loss"], memory["eval"]))
+    step = memory["activations"] + memory["loss"]
+    # On a CPU the freed activations stay in the process's heap (glibc keeps chunks below its 32 MiB mmap
+    # threshold), so the held-out pass's large logits add to them; a GPU's caching allocator reuses the space.
+    transient = step + memory["eval"] if gpu is None else max(step, memory["eval"])
+    memory["total"] = memory["base"] + memory["lora_states"] + memory["framework"] + transient
     memory["activations_no_gc"], memory["activations_gc"] = act[False], act[True]
     usable = device.memory_bytes * (1 - (_c("gpu_headroom") if gpu else 0))
     fits = memory["total"] <= usable
@@ -745,18 +748,19 @@ def _money(cfg: Config, total_params: int, device: Device, seconds: float) -> di
 
 
 def _recorded_cmus(cfg: Config) -> tuple[int | None, str]:
-    """CMUs per copy and CMU version as deploy recorded them (deploy.json), else unknown and v1.0."""
+    """CMUs per copy and CMU version as deploy recorded them in deploy.json (issue 10), else unknown and v1.0."""
     path = cfg.run_dir / "deploy.json"
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, "v1.0"
-    units = record.get("custom_model_units") or record.get("customModelUnits") or {}
+    # deploy keeps GetImportedModel's facts under "imported_model", in the response's own names
+    imported = record.get("imported_model") if isinstance(record, dict) else None
+    units = (imported or {}).get("customModelUnits") if isinstance(imported, dict) else None
     if not isinstance(units, dict):
         return None, "v1.0"
-    count = units.get("customModelUnitsPerModelCopy") or units.get("per_copy")
-    return (int(count) if count else None), str(units.get("customModelUnitsVersion") or units.get("version")
-                                                 or "v1.0")
+    count = units.get("customModelUnitsPerModelCopy")
+    return (count if isinstance(count, int) else None), str(units.get("customModelUnitsVersion") or "v1.0")
 
 
 def _gib(n: float) -> str:
