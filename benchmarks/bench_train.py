@@ -154,18 +154,10 @@ def run_child(cmd: list[str], log: Path) -> tuple[float, int]:
 
 
 def matmul_peak() -> float:
-    """fp32 FLOP/s of a 2048x2048 torch.mm on all cores (best of several)."""
-    import torch
+    """fp32 FLOP/s of a 2048x2048 torch.mm on all cores (best of 10)."""
+    from termtune.plan import measure_cpu_peak
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best
+    return measure_cpu_peak(repeats=10)
 
 
 def weights_per_token(config_file: Path) -> tuple[int, int]:

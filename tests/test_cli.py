@@ -25,7 +25,7 @@ def test_help_lists_every_stage_and_is_fast():
     elapsed = time.perf_counter() - start
     assert out.returncode == 0
     for command in ("data", "train", "evaluate", "report", "export", "validate", "deploy", "invoke", "cleanup",
-                    "serve", "run"):
+                    "serve", "run", "plan"):
         assert command in out.stdout
     # Heavy libraries stay out of the import path of --help.
     probe = subprocess.run([sys.executable, "-c", "import sys, termtune.cli; "

@@ -127,7 +127,30 @@ def data_inspect(
         typer.echo(f"\n[{ex['term']}]\n  prompt: {ex['prompt']}\n  target: {ex['target'][:300]}")
 
 
-# ----------------------------------------------------------------------------- train / evaluate
+# ----------------------------------------------------------------------------- plan / train / evaluate
+
+
+@app.command()
+@friendly
+def plan(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for this GPU (l4, a10g, l40s, a100, h100); "
+                                      "default: this machine's CPU."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Estimate training memory, time and cost, and the Bedrock price, before spending them.
+
+    Touches no GPU, network or AWS.
+
+    Example:
+        termtune plan configs/flan-t5-large-medical.yaml --gpu a10g
+    """
+    cfg = resolve(args)
+    from termtune import plan as plan_stage
+
+    estimate = plan_stage.plan(cfg, gpu=gpu)
+    typer.echo(json.dumps(estimate.as_dict(), indent=2) if as_json else estimate.summary())
+
 
 
 @app.command()

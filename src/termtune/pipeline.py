@@ -85,7 +85,15 @@ def _train(cfg: Config, force: bool) -> Outcome:
     from termtune import train
 
     result = train.train(cfg)
-    return Outcome(result, result.summary(), {"result": asdict(result)})
+    record: dict[str, Any] = {"result": asdict(result)}
+    if os.environ.get("RANK", "0") == "0":
+        from termtune import plan
+
+        try:  # the report shows the plan beside what was measured
+            record["plan_vs_measured"] = plan.compare_with_measured(cfg)
+        except UserError:
+            pass  # no plan for this config (e.g. a Hub source of unknown shape): nothing to compare
+    return Outcome(result, result.summary(), record)
 
 
 def _evaluate(cfg: Config, force: bool) -> Outcome:
@@ -399,6 +407,10 @@ def run(cfg: Config) -> None:
         for stage in stages:
             typer.secho(f"== {stage.name}", bold=True)
             t0 = time.perf_counter()
+            if stage.name == "train" and not state(cfg, stage, cache).complete:
+                from termtune import plan  # after data, so the plan counts the real batches
+
+                typer.echo(plan.one_line(cfg))
             outcome = _run_locked(cfg, stage, force=False, cache=cache, announce=True)
             if outcome is not None:
                 if outcome.summary:

@@ -98,7 +98,7 @@ def write_report(cfg: Config) -> Path:
     layout = RunLayout.of(cfg)
     run = layout.root
     sections = []
-    for build in (_config_section, _attempts_section, _data_section, _training_section, _evaluation_section, _samples_section,
+    for build in (_config_section, _attempts_section, _data_section, _training_section, _plan_section, _evaluation_section, _samples_section,
                   _artifact_section, _validation_section, _deploy_section):
         try:
             section = build(cfg)
@@ -262,6 +262,19 @@ def _training_section(cfg: Config) -> Section | None:
             section.table(["", "value"], last)
         else:
             section.note("metrics.jsonl holds no loss values yet")
+    return section
+
+
+def _plan_section(cfg: Config) -> Section | None:
+    """Plan vs measured"""
+    record = _read_json(RunLayout.of(cfg).record("train"))
+    rows = record.get("result", {}).get("plan_vs_measured") if isinstance(record, dict) else None
+    if not rows:
+        return None
+    section = Section("Plan vs measured")
+    section.table(["", "planned", "measured", "measured / planned"],
+                  [(r["quantity"], r["planned"], r["measured"], r["measured_over_planned"]) for r in rows])
+    section.text("The plan is what `termtune plan` predicts for this config (docs/plan.md).")
     return section
 
 

@@ -82,6 +82,9 @@ class TrainResult:
     padding_fraction: float
     """Share of the (source + target) token slots in the batches that were padding."""
     files: dict[str, str] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+    """torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU (what `termtune plan` predicts)."""
+    device: str | None = None
 
     def summary(self) -> str:
         def num(x: float | None, fmt: str = ".4f") -> str:
@@ -708,4 +711,15 @@ def _result(cfg: Config, trainer: Any, precision: str, resume: Path | None) -> T
         examples_per_s=examples / seconds if seconds else 0.0,
         target_tokens_per_s=tgt / seconds if seconds else 0.0,
         padding_fraction=1 - (src + tgt) / (src_slots + tgt_slots) if src_slots + tgt_slots else 0.0,
+        **_peak_memory(),
     )
+
+
+def _peak_memory() -> dict[str, Any]:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "device": torch.cuda.get_device_name(0)}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "device": "cpu"}

@@ -1,0 +1,836 @@
+"""`termtune plan`: the memory, time and money a run will take, known before they are spent.
+
+    termtune plan configs/flan-t5-large-medical.yaml --gpu a10g
+    termtune plan configs/demo.yaml --json
+
+Touches no GPU, network or AWS. Everything is arithmetic on the config, the model's shape and
+the data's token lengths (the data stage's files when present, else a tokenised sample of a
+local source, else the dataset card's row count at the maximum lengths). The only thing it
+runs is one fp32 matmul, to measure this CPU's peak for the CPU time estimate.
+
+Every number it uses lives in CONSTANTS, GPUS or CMI_PRICES below, each with its source; a
+test fails if one has none. docs/plan.md gives the formulas, their assumptions and where they
+are known to be off; benchmarks/bench_plan.py checks them against measurement.
+
+Public entry points:
+    plan(cfg, gpu=None) -> Plan               the estimate (Plan.summary(), Plan.one_line(), Plan.as_dict())
+    one_line(cfg) -> str                      the line `termtune run` prints before training; never raises
+    compare_with_measured(cfg) -> list[dict]  plan vs what the run measured, for the report
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from termtune.config import Config
+from termtune.errors import UserError
+from termtune.layout import RunLayout
+
+GiB = 2**30
+
+
+# ----------------------------------------------------------------------------- the constants, with sources
+
+
+@dataclass(frozen=True)
+class Constant:
+    value: float
+    unit: str
+    source: str
+
+
+CONSTANTS: dict[str, Constant] = {
+    # Bytes per parameter of the frozen base.
+    "fp32_bytes": Constant(4, "B/param", "IEEE 754 single precision"),
+    "bf16_bytes": Constant(2, "B/param", "bfloat16: 16 bits"),
+    "nf4_bytes": Constant(0.5 + 1 / 64 + 4 / (64 * 256), "B/param",
+                          "bitsandbytes NF4: 4-bit codes + double-quantized absmax (8-bit per 64-weight block, fp32 "
+                          "per 256 blocks); QLoRA paper (Dettmers et al. 2023, arXiv:2305.14314) section 3, 0.127 "
+                          "bits/param of constants"),
+    "int8_bytes": Constant(1, "B/param", "bitsandbytes LLM.int8: int8 weights (+ one fp32 scale per output row, "
+                                         "counted separately)"),
+    # LoRA training state: fp32 weight, fp32 gradient, AdamW's two fp32 moments.
+    "lora_state_bytes": Constant(16, "B/trainable param",
+                                 "torch.optim.AdamW: exp_avg + exp_avg_sq (fp32) + the fp32 param and its grad"),
+    # Framework memory that is not the model.
+    "cpu_framework_bytes": Constant(610 * 2**20, "B",
+                                    "measured 2026-11-29 on this project's CPU machine: ru_maxrss after importing "
+                                    "torch, transformers, peft, datasets, accelerate, matplotlib and loading the "
+                                    "Flan-T5 tokenizer (609 MiB)"),
+    "cuda_context_bytes": Constant(0.5 * GiB, "B",
+                                   "assumption (no GPU measured here): CUDA context + cuBLAS workspace, 300-600 MiB "
+                                   "on Ampere/Hopper; not counted by torch.cuda.max_memory_allocated (PyTorch CUDA "
+                                   "semantics docs, 'Memory management')"),
+    "gpu_headroom": Constant(0.10, "share of GPU memory",
+                             "assumption: allocator fragmentation and spikes; PyTorch's caching allocator reserves "
+                             "more than it allocates (PyTorch CUDA semantics docs)"),
+    # Efficiencies: achieved / peak FLOP/s for this workload.
+    "cpu_efficiency": Constant(0.50, "of measured fp32 matmul peak",
+                               "BENCHMARKS.md, Training (2026-11-29): termtune defaults reached 144 useful GFLOP/s "
+                               "counted as 6 x weights, i.e. 96 GFLOP/s counted as 4 x (frozen base), of a measured "
+                               "191 GFLOP/s peak = 0.50"),
+    "gpu_efficiency": Constant(0.35, "of dense bf16 peak",
+                               "assumption (no GPU measured here): LoRA fine-tuning of a <1B seq2seq model on one "
+                               "GPU; the PaLM paper (Chowdhery et al. 2022, arXiv:2204.02311, table 3) reports 46 % "
+                               "MFU at 540B scale, small models with short sequences reach less"),
+    "cpu_step_overhead_s": Constant(0.010, "s/optimizer step",
+                                    "assumption: Trainer bookkeeping, AdamW over the LoRA tensors, data collation "
+                                    "(Python, per step, independent of the model size)"),
+    "gc_recompute": Constant(2 / 4, "extra share of the 4-pass work",
+                             "gradient checkpointing re-runs each layer's forward (2 of the 4 FLOP/param/token "
+                             "of frozen-base training) in the backward pass"),
+    # Data and money.
+    "loss_chunk_rows": Constant(1024, "target tokens", "termtune.train.LM_LOSS_CHUNK_ROWS"),
+    "s3_usd_per_gb_month": Constant(0.023, "USD/GB-month",
+                                    "https://aws.amazon.com/s3/pricing/ S3 Standard, first 50 TB, us-east-1 "
+                                    "(looked up 2026-11-29)"),
+    "cmi_window_minutes": Constant(5, "minutes",
+                                   "https://docs.aws.amazon.com/bedrock/latest/userguide/import-model-calculate-cost"
+                                   ".html: 'Billing is charged over 5-minute billing windows from the first "
+                                   "successful inference call'"),
+    "tokenizer_bytes": Constant(2.4e6, "B", "../shared/models/flan-t5-large: spiece.model (792 kB) + tokenizer.json "
+                                            "(2.4 MB) + configs, rounded"),
+}
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    instance: str
+    gpus: int
+    memory_gib: float
+    """Memory of one GPU."""
+    bf16_tflops: float
+    """Dense (no sparsity) bf16 tensor-core peak of one GPU."""
+    usd_per_hour: float
+    """On-demand price of the whole instance, Linux."""
+    region: str
+    source: str
+
+
+# On-demand EC2 prices, us-east-1, Linux, as listed on https://aws.amazon.com/ec2/pricing/on-demand/ (read via public
+# price tables on 2026-11-29; p4d/p5 after AWS's June 2025 GPU price cut). GPU peaks from NVIDIA's data sheets (the
+# dense figure: the data sheets' headline numbers assume 2:4 sparsity and are twice these).
+GPUS: dict[str, Gpu] = {
+    "l4": Gpu("NVIDIA L4", "g6.xlarge", 1, 24, 121, 0.8048, "us-east-1",
+              "NVIDIA L4 data sheet: BF16 242 TFLOPS with sparsity; EC2 on-demand g6.xlarge $0.8048/h (2026-11-29)"),
+    "a10g": Gpu("NVIDIA A10G", "g5.xlarge", 1, 24, 70, 1.006, "us-east-1",
+                "A10G (AWS-only A10 variant): 70 TFLOPS BF16 tensor, per baseten.co 'NVIDIA A10 vs A10G' spec "
+                "table; EC2 on-demand g5.xlarge $1.006/h (2026-11-29)"),
+    "l40s": Gpu("NVIDIA L40S", "g6e.xlarge", 1, 48, 362, 1.861, "us-east-1",
+                "NVIDIA L40S data sheet: BF16 733 TFLOPS with sparsity; EC2 on-demand g6e.xlarge $1.861/h "
+                "(2026-11-29)"),
+    "a100": Gpu("NVIDIA A100 40GB", "p4d.24xlarge", 8, 40, 312, 21.957642, "us-east-1",
+                "NVIDIA A100 data sheet: BF16 312 TFLOPS dense; EC2 on-demand p4d.24xlarge $21.96/h after the "
+                "June 2025 cut (was $32.77) (2026-11-29)"),
+    "h100": Gpu("NVIDIA H100 80GB", "p5.48xlarge", 8, 80, 989, 55.04, "us-east-1",
+                "NVIDIA H100 SXM data sheet: BF16 1979 TFLOPS with sparsity; EC2 on-demand p5.48xlarge $55.04/h "
+                "after the June 2025 cut (was $98.32) (2026-11-29)"),
+}
+
+
+@dataclass(frozen=True)
+class CmiPrice:
+    usd_per_cmu_minute: float
+    usd_per_cmu_month_storage: float
+    source: str
+
+
+# (region, CMU version). The pricing page's Custom Model Import section could not be read from here; these are the
+# figures quoted from it by ../shared/reference/bedrock-cmi.md (from an AWS sample notebook) and by two independent
+# public write-ups (looked up 2026-11-29). Verify on https://aws.amazon.com/bedrock/pricing/ before budgeting.
+CMI_PRICES: dict[tuple[str, str], CmiPrice] = {
+    ("us-east-1", "v1.0"): CmiPrice(0.05718, 1.95, "aws.amazon.com/bedrock/pricing Custom Model Import, as quoted in "
+                                                   "reference/bedrock-cmi.md and public write-ups (2026-11-29)"),
+    ("us-west-2", "v1.0"): CmiPrice(0.05718, 1.95, "same as us-east-1 per public write-ups quoting the pricing page "
+                                                   "(2026-11-29)"),
+    ("eu-central-1", "v1.0"): CmiPrice(0.07144, 1.95, "a public CMI runbook quoting the pricing page: $0.07144 per "
+                                                      "CMU-minute in eu-central-1 (2026-11-29); storage assumed equal"),
+}
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    rows: int
+    source: str
+
+
+# Hub datasets whose size is known without downloading them (the plan touches no network).
+KNOWN_DATASETS: dict[str, KnownDataset] = {
+    "gamino/wiki_medical_terms": KnownDataset(6861, "huggingface.co/datasets/gamino/wiki_medical_terms dataset "
+                                                    "viewer: 6,861 rows in the train split (2026-11-29)"),
+}
+
+
+# Shapes of the Hub checkpoints termtune is made for, so a Hub id plans without a download.
+# From each google/flan-t5-* config.json on the Hub (small, base, large also in ../shared/models).
+KNOWN_SHAPES: dict[str, dict[str, Any]] = {
+    "google/flan-t5-small": {"d_model": 512, "d_ff": 1024, "d_kv": 64, "num_heads": 6, "num_layers": 8,
+                             "num_decoder_layers": 8},
+    "google/flan-t5-base": {"d_model": 768, "d_ff": 2048, "d_kv": 64, "num_heads": 12, "num_layers": 12,
+                            "num_decoder_layers": 12},
+    "google/flan-t5-large": {"d_model": 1024, "d_ff": 2816, "d_kv": 64, "num_heads": 16, "num_layers": 24,
+                             "num_decoder_layers": 24},
+    "google/flan-t5-xl": {"d_model": 2048, "d_ff": 5120, "d_kv": 64, "num_heads": 32, "num_layers": 24,
+                          "num_decoder_layers": 24},
+    "google/flan-t5-xxl": {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+                           "num_decoder_layers": 24},
+}
+KNOWN_SHAPES_SOURCE = "config.json of each google/flan-t5-* repository on the Hugging Face Hub (read 2026-11-29)"
+FLAN_DEFAULTS = {"vocab_size": 32128, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+                 "dropout_rate": 0.1, "tie_word_embeddings": False}
+
+# Saved activations per token per layer, in tensors of each width, counted from the autograd graph
+# (torch.autograd.graph.saved_tensors_hooks) of transformers 5.24's T5 (sdpa attention) under peft 0.21 LoRA on all
+# linear layers, torch 2.13: 42 layer/shape combinations fitted to within 7 % (benchmarks/bench_plan.py --count checks
+# it again). "on": LoRA dropout and model dropout both > 0; "off": both 0.
+#   e_*: per encoder token per encoder layer; t_*: per decoder token per decoder layer;
+#   s_*: per encoder token per decoder layer (the cross-attention keys and values); *_HS: per (query, key) per head.
+ACTIVATION_COUNTS = {
+    "on": dict(e_d=14, e_inner=5, e_ff=9, e_r=7, e_HS=3, t_d=18, t_inner=8, t_ff=9, t_r=9, t_HT=3, t_HS=3,
+               s_d=4, s_inner=2, s_r=2),
+    "off": dict(e_d=4, e_inner=4, e_ff=7, e_r=7, e_HS=1, t_d=6, t_inner=6, t_ff=7, t_r=9, t_HT=1, t_HS=2,
+                s_d=0, s_inner=2, s_r=2),
+}
+ACTIVATION_COUNTS_SOURCE = ("counted 2026-11-29 with saved-tensor hooks on tiny T5s (transformers 5.24.0, peft 0.21.2, "
+                            "torch 2.13.0): see docs/plan.md")
+
+
+def all_sourced_rows() -> dict[str, str]:
+    """name -> source of every constant the plan uses (a test checks none is empty)."""
+    rows = {f"CONSTANTS[{k}]": c.source for k, c in CONSTANTS.items()}
+    rows |= {f"GPUS[{k}]": g.source for k, g in GPUS.items()}
+    rows |= {f"CMI_PRICES[{r}/{v}]": p.source for (r, v), p in CMI_PRICES.items()}
+    rows |= {f"KNOWN_DATASETS[{k}]": d.source for k, d in KNOWN_DATASETS.items()}
+    rows |= {f"KNOWN_SHAPES[{k}]": KNOWN_SHAPES_SOURCE for k in KNOWN_SHAPES}
+    rows["ACTIVATION_COUNTS"] = ACTIVATION_COUNTS_SOURCE
+    return rows
+
+
+def _c(name: str) -> float:
+    return CONSTANTS[name].value
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    d_ff: int
+    d_kv: int
+    num_heads: int
+    num_layers: int
+    num_decoder_layers: int
+    vocab_size: int = 32128
+    gated: bool = True
+    buckets: int = 32
+    dropout: float = 0.1
+    origin: str = ""
+
+    @property
+    def inner(self) -> int:
+        return self.num_heads * self.d_kv
+
+
+def model_shape(cfg: Config) -> Shape:
+    """The T5 shape the run will train: the architecture file (+ overrides), the local config, or a known Hub id."""
+    m = cfg.model
+    if m.init == "random":
+        arch = Path(m.architecture or "")
+        path = arch / "config.json" if arch.is_dir() else arch
+        values, origin = _read_json(path, "model.architecture"), str(path)
+        values.update(m.architecture_overrides)
+    elif (Path(m.source) / "config.json").is_file():
+        values, origin = _read_json(Path(m.source) / "config.json", "model.source"), m.source
+    elif m.source in KNOWN_SHAPES:
+        values, origin = {**FLAN_DEFAULTS, **KNOWN_SHAPES[m.source]}, f"{m.source} (known shape)"
+    else:
+        raise UserError(f"model.source: {m.source} is neither a local folder with config.json nor a known Hub id "
+                        f"({', '.join(KNOWN_SHAPES)}); the plan does not download anything")
+    values = {**FLAN_DEFAULTS, **values}
+    try:
+        return Shape(d_model=int(values["d_model"]), d_ff=int(values["d_ff"]), d_kv=int(values["d_kv"]),
+                     num_heads=int(values["num_heads"]), num_layers=int(values["num_layers"]),
+                     num_decoder_layers=int(values.get("num_decoder_layers") or values["num_layers"]),
+                     vocab_size=int(values["vocab_size"]), gated=str(values["feed_forward_proj"]).startswith("gated"),
+                     buckets=int(values["relative_attention_num_buckets"]), dropout=float(values["dropout_rate"]),
+                     origin=origin)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{origin}: not a T5 config ({e})") from e
+
+
+def _read_json(path: Path, key: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{key}: {path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+
+
+def linear_layers(s: Shape) -> list[tuple[str, int, int, int]]:
+    """(module name, in_features, out_features, how many) for every nn.Linear of the T5 except lm_head."""
+    ff_in = ["wi_0", "wi_1"] if s.gated else ["wi"]
+    enc, dec = s.num_layers, s.num_decoder_layers
+    rows = [(n, s.d_model, s.inner, enc + 2 * dec) for n in ("q", "k", "v")]
+    rows.append(("o", s.inner, s.d_model, enc + 2 * dec))
+    rows += [(n, s.d_model, s.d_ff, enc + dec) for n in ff_in]
+    rows.append(("wo", s.d_ff, s.d_model, enc + dec))
+    return rows
+
+
+def parameter_counts(s: Shape) -> dict[str, int]:
+    """Parameters by part for an untied T5 (Flan-T5): embeddings, linear layers, norms and position biases, lm_head."""
+    linear = sum(i * o * n for _, i, o, n in linear_layers(s))
+    norms = s.d_model * (2 * s.num_layers + 3 * s.num_decoder_layers + 2)  # one per sublayer + each stack's final
+    biases = s.buckets * s.num_heads * (int(s.num_layers > 0) + int(s.num_decoder_layers > 0))  # first layer only
+    embedding = lm_head = s.vocab_size * s.d_model
+    return {"embedding": embedding, "linear": linear, "norms_and_biases": norms + biases, "lm_head": lm_head,
+            "total": embedding + linear + norms + biases + lm_head}
+
+
+def lora_parameters(s: Shape, r: int, targets: str | list[str]) -> int:
+    """r * (in + out) per adapted nn.Linear; 'all-linear' is every Linear but the output layer (peft's rule)."""
+    wanted = None if targets == "all-linear" else set(targets)
+    return sum(r * (i + o) * n for name, i, o, n in linear_layers(s) if wanted is None or name in wanted)
+
+
+def _lora_per_side(s: Shape, r: int, targets: str | list[str]) -> tuple[int, int]:
+    """LoRA parameters applied to each source token and to each target token."""
+    wanted = None if targets == "all-linear" else set(targets)
+    src = tgt = 0
+    for name, i, o, _ in linear_layers(s):
+        if wanted is not None and name not in wanted:
+            continue
+        per = r * (i + o)
+        if name in ("q", "k", "v", "o"):
+            src += per * s.num_layers + per * s.num_decoder_layers * (name in ("k", "v"))  # enc + cross k, v
+            tgt += per * s.num_decoder_layers * (1 + (name in ("q", "o")))  # self + cross q, o
+        else:
+            src, tgt = src + per * s.num_layers, tgt + per * s.num_decoder_layers
+    return src, tgt
+
+
+def base_bytes(s: Shape, quantization: str) -> int:
+    """Resident bytes of the frozen base as termtune loads it (fp32 weights; linears quantized under QLoRA).
+
+    bitsandbytes quantizes the Linear layers only: embeddings, norms, biases and the lm_head (left out by
+    transformers as the output layer) stay fp32.
+    """
+    p = parameter_counts(s)
+    rest = (p["total"] - p["linear"]) * _c("fp32_bytes")
+    if quantization == "4bit":
+        return int(rest + p["linear"] * _c("nf4_bytes"))
+    if quantization == "8bit":
+        scales = sum(o * n for _, _, o, n in linear_layers(s)) * _c("fp32_bytes")
+        return int(rest + p["linear"] * _c("int8_bytes") + scales)
+    return int(p["total"] * _c("fp32_bytes"))
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+@dataclass
+class DataEstimate:
+    origin: str
+    """'prepared' (the data stage's files), 'sample' (tokenised sample of the source) or 'card' (row count only)."""
+    train_rows: int
+    test_rows: int
+    source_lengths: list[int] = field(repr=False)
+    target_lengths: list[int] = field(repr=False)
+    test_target_max: int
+    note: str = ""
+
+
+def data_estimate(cfg: Config, sample_rows: int = 256) -> DataEstimate:
+    """Token lengths of the training rows: exact when the data stage has run, else estimated without a download."""
+    d = cfg.data
+    train_file = RunLayout.of(cfg).split("train")
+    if train_file.is_file():
+        train = _read_lengths(train_file)
+        test_file = RunLayout.of(cfg).split("test")
+        test = _read_lengths(test_file) if test_file.is_file() else ([], [])
+        return DataEstimate("prepared", len(train[0]), len(test[0]), train[0], train[1],
+                            max(test[1], default=0), f"from {train_file}")
+    if Path(d.source).expanduser().is_file():
+        return _sample_source(cfg, sample_rows)
+    known = KNOWN_DATASETS.get(d.source)
+    if known is None:
+        raise UserError(f"data.source: {d.source} is a Hub dataset the plan knows nothing about and it does not "
+                        "download; run `termtune data prepare` first, then plan again")
+    rows = min(known.rows, d.max_rows or known.rows)
+    n_test = int(d.test_size) if d.test_size >= 1 else max(1, round(rows * d.test_size))
+    n_train = rows - n_test
+    return DataEstimate("card", n_train, n_test, [d.max_source_length] * n_train, [d.max_target_length] * n_train,
+                        d.max_target_length, f"{known.rows} rows per the dataset card; every row at the maximum "
+                        "lengths (an upper bound: run `termtune data prepare` for the real lengths)")
+
+
+def _read_lengths(path: Path) -> tuple[list[int], list[int]]:
+    src, tgt = [], []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            src.append(len(row["input_ids"]))
+            tgt.append(len(row["labels"]))
+    return src, tgt
+
+
+def _sample_source(cfg: Config, sample_rows: int) -> DataEstimate:
+    """Read and check every row as the data stage does; tokenise an evenly spread sample of the usable ones."""
+    from termtune import data
+    from termtune.modeling import load_tokenizer
+
+    d = cfg.data
+    label, columns, rows = data._open_source(d.source, d.hub_split)
+    term_col, def_col = data._pick_columns(label, columns, d.term_column, d.definition_column)
+    findings = data._Findings(strict=False)
+    examples, seen = [], set()
+    for row in rows:
+        ex = data._check_row(row, term_col, def_col, d.max_chars, findings)
+        if ex is None or ex["term"].casefold() in seen:
+            continue
+        seen.add(ex["term"].casefold())
+        ex["target"] = data.shape_target(ex.pop("definition"), d.target, d.n_sentences)
+        if ex["target"]:
+            ex["prompt"] = d.prompt_template.replace("{term}", ex["term"])
+            examples.append(ex)
+        if d.max_rows and len(examples) >= d.max_rows:
+            break
+    if not examples:
+        raise UserError(f"{label}: no usable rows")
+    train, test = data.split_by_term(examples, d.test_size, cfg.run.seed)
+    step = max(1, len(train) // sample_rows)
+    sample = train[::step][:sample_rows] + test[:sample_rows]
+    tok = load_tokenizer(cfg)
+    src = [min(len(x), d.max_source_length) for x in tok([r["prompt"] for r in sample])["input_ids"]]
+    tgt = [min(len(x), d.max_target_length) for x in tok(text_target=[r["target"] for r in sample])["input_ids"]]
+    n_sample = len(train[::step][:sample_rows])
+    # The training rows take the sampled lengths in turn, so the batch simulation sees their spread.
+    src_train = [src[i % n_sample] for i in range(len(train))]
+    tgt_train = [tgt[i % n_sample] for i in range(len(train))]
+    return DataEstimate("sample", len(train), len(test), src_train, tgt_train, max(tgt[n_sample:], default=0),
+                        f"{len(examples)} usable rows in {label}; lengths from a sample of {n_sample} tokenised rows")
+
+
+@dataclass
+class Batching:
+    steps_per_epoch: int
+    batches_per_epoch: int
+    padded_source: int
+    padded_target: int
+    real_source: int
+    real_target: int
+    worst: tuple[int, int, int, int]
+    """The costliest batch (termtune trains it first): rows, source length, target length, real target tokens."""
+    attention_pairs: tuple[int, int, int] = (0, 0, 0)
+    """Sum over batches of rows x (source^2, target^2, source x target): the attention score entries."""
+
+    @property
+    def padding_fraction(self) -> float:
+        slots = self.padded_source + self.padded_target
+        return 1 - (self.real_source + self.real_target) / slots if slots else 0.0
+
+
+def batching(cfg: Config, data: DataEstimate) -> Batching:
+    """Epoch 0's batches exactly as termtune's sampler makes them (so padding and the worst batch are exact)."""
+    from termtune.train import LengthGroupedBatchSampler
+
+    t = cfg.train
+    sampler = LengthGroupedBatchSampler(data.source_lengths, data.target_lengths, batch_size=t.batch_size,
+                                        max_tokens=t.max_tokens_per_batch, group_by_length=t.group_by_length,
+                                        seed=cfg.run.seed)
+    batches = list(sampler)
+    pad_s = pad_t = real_s = real_t = ss = tt = st = 0
+    for b in batches:
+        s = [data.source_lengths[i] for i in b]
+        g = [data.target_lengths[i] for i in b]
+        pad_s, pad_t = pad_s + len(b) * max(s), pad_t + len(b) * max(g)
+        real_s, real_t = real_s + sum(s), real_t + sum(g)
+        ss, tt, st = ss + len(b) * max(s) ** 2, tt + len(b) * max(g) ** 2, st + len(b) * max(s) * max(g)
+    first = batches[0]
+    worst = (len(first), max(data.source_lengths[i] for i in first), max(data.target_lengths[i] for i in first),
+             sum(data.target_lengths[i] for i in first))
+    steps = math.ceil(len(batches) / t.gradient_accumulation_steps)
+    return Batching(steps, len(batches), pad_s, pad_t, real_s, real_t, worst, (ss, tt, st))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def activation_bytes(s: Shape, rows: int, src: int, tgt: int, r: int, dropout_on: bool, bf16: bool,
+                     checkpointing: bool) -> int:
+    """Bytes the autograd graph holds for one batch (rows x src source, rows x tgt target tokens).
+
+    d_model-wide tensors (residual stream, normed inputs, dropout copies) stay fp32 under bf16 autocast (T5's
+    weights are fp32 here); matmul outputs (q/k/v, feed-forward, LoRA, attention) are bf16 under autocast.
+    """
+    k = ACTIVATION_COUNTS["on" if dropout_on else "off"]
+    wide, narrow = 4, (2 if bf16 else 4)
+    h = s.num_heads
+    enc_tok = k["e_d"] * s.d_model * wide + (k["e_inner"] * s.inner + k["e_ff"] * s.d_ff + k["e_r"] * r
+                                             + k["e_HS"] * h * src) * narrow
+    dec_tok = k["t_d"] * s.d_model * wide + (k["t_inner"] * s.inner + k["t_ff"] * s.d_ff + k["t_r"] * r
+                                             + k["t_HT"] * h * tgt + k["t_HS"] * h * src) * narrow
+    cross_tok = k["s_d"] * s.d_model * wide + (k["s_inner"] * s.inner + k["s_r"] * r) * narrow
+    enc_layer = rows * src * enc_tok
+    dec_layer = rows * (tgt * dec_tok + src * cross_tok)
+    if checkpointing:
+        # Each layer keeps only its input; one layer's graph is rebuilt at a time in the backward pass.
+        kept = rows * (src * s.num_layers + tgt * s.num_decoder_layers) * s.d_model * wide
+        return int(kept + max(enc_layer, dec_layer))
+    return int(s.num_layers * enc_layer + s.num_decoder_layers * dec_layer)
+
+
+def loss_bytes(s: Shape, rows: int, tgt: int, real_tgt: int, bf16: bool, chunked: bool = True) -> int:
+    """The lm_head and loss working memory: termtune's chunked loss keeps one chunk of logits, never the batch's."""
+    if chunked:
+        chunk = min(int(_c("loss_chunk_rows")), real_tgt)
+        logits = chunk * s.vocab_size * (2 + 4 if bf16 else 4)  # bf16 logits + their fp32 log-softmax
+        return int(logits + 2 * real_tgt * s.d_model * 4)  # + the kept hidden states and their gradient
+    return int(rows * tgt * s.vocab_size * 4 * 3)  # logits, log-softmax, gradient
+
+
+def eval_bytes(s: Shape, rows: int, tgt: int) -> int:
+    """The held-out loss pass (standard path, no gradient): full logits and their log-softmax, fp32."""
+    return int(rows * tgt * s.vocab_size * 4 * 2)
+
+
+# ----------------------------------------------------------------------------- time
+
+
+def flops_per_epoch(s: Shape, b: Batching, r: int, targets: str | list[str], checkpointing: bool) -> float:
+    """Training FLOPs of one epoch.
+
+    Frozen base: forward 2 FLOP/weight/token plus the backward's input gradient, 2 more; no weight gradient
+    (the saving LoRA brings: 4 instead of 6). Encoder weights see the padded source tokens, decoder weights the
+    padded target tokens, the cross-attention k/v the source tokens once per decoder layer, the lm_head only the
+    real target tokens (termtune's loss drops padding before the lm_head). LoRA: 6 per adapter weight per token.
+    Attention scores and mixing: 2 x 2 x length x inner per token per attention, x3 for training.
+    """
+    d, inner, ff = s.d_model, s.inner, s.d_ff
+    ffn = (3 if s.gated else 2) * d * ff
+    enc_w = s.num_layers * (4 * d * inner + ffn)
+    dec_w = s.num_decoder_layers * (4 * d * inner + 2 * d * inner + ffn)
+    cross_kv = s.num_decoder_layers * 2 * d * inner
+    base_pass = 2 * ((enc_w + cross_kv) * b.padded_source + dec_w * b.padded_target)
+    head_pass = 2 * s.vocab_size * d * b.real_target
+    lora_src, lora_tgt = _lora_per_side(s, r, targets)
+    lora = 6 * (lora_src * b.padded_source + lora_tgt * b.padded_target)
+    ss, tt, st = b.attention_pairs
+    attention = 3 * 4 * inner * (s.num_layers * ss + s.num_decoder_layers * (tt + st))
+    total = 2 * base_pass + 2 * head_pass + lora + attention
+    if checkpointing:
+        total += _c("gc_recompute") * 2 * (base_pass + attention / 3)
+    return float(total)
+
+
+def measure_cpu_peak(repeats: int = 5) -> float:
+    """This CPU's fp32 FLOP/s: a 2048 x 2048 torch.mm on all cores, best of `repeats` (about half a second)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Device:
+    name: str
+    memory_bytes: float
+    peak_flops: float
+    efficiency: float
+    usd_per_hour: float | None
+    instance: str | None
+    bf16: bool
+
+
+@dataclass
+class Plan:
+    config: str
+    shape: dict[str, Any]
+    params: dict[str, int]
+    trainable: int
+    quantization: str
+    base_bytes: int
+    data: dict[str, Any]
+    memory: dict[str, int]
+    """Training peak by part (bytes); 'total' is what the device must hold."""
+    fits: bool
+    device: dict[str, Any]
+    epochs: float
+    steps: int
+    train_flops: float
+    train_seconds: float
+    cpu_seconds: float
+    cpu_peak_flops: float
+    money: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def one_line(self) -> str:
+        d = self.device
+        cost = f", ~${self.money['train_usd']:.2f} on {d['instance']}" if self.money.get("train_usd") is not None else ""
+        verdict = "fits" if self.fits else "does NOT fit"
+        return (f"plan: {self.trainable / 1e6:.1f} M trainable of {self.params['total'] / 1e6:.0f} M; peak "
+                f"{_gib(self.memory['total'])} {verdict} {d['name']} ({_gib(d['memory_bytes'])}); "
+                f"~{_duration(self.train_seconds)} for {self.steps} steps{cost}")
+
+    def summary(self) -> str:
+        p, m, d, money = self.params, self.memory, self.device, self.money
+        s = self.shape
+        lines = [
+            f"plan for the run in {self.config}",
+            f"model: T5 {s['num_layers']}+{s['num_decoder_layers']} layers, d_model {s['d_model']}, d_ff {s['d_ff']}, "
+            f"{s['num_heads']} heads ({s['origin']})",
+            f"  parameters {p['total']:,} (embedding {p['embedding']:,}, linear {p['linear']:,}, lm_head "
+            f"{p['lm_head']:,}); trainable {self.trainable:,} LoRA ({self.trainable / p['total']:.2%}), no other "
+            "trainable modules",
+            f"  frozen base at quantization={self.quantization}: {_gib(self.base_bytes)}",
+            f"data ({self.data['origin']}): {self.data['train_rows']:,} train / {self.data['test_rows']:,} held-out "
+            f"rows; {self.data['real_source']:,} source + {self.data['real_target']:,} target tokens per epoch; "
+            f"padding {self.data['padding_fraction']:.1%} with termtune's batching",
+            f"  {self.data['note']}",
+            f"training memory on {d['name']} (peak at the costliest batch, {self.data['worst']}):",
+        ]
+        labels = {"base": "frozen base", "lora_states": "LoRA weights + grads + AdamW (16 B/param)",
+                  "activations": "activations", "loss": "lm_head / loss working memory",
+                  "eval": "held-out loss pass (GPU: instead of activations + loss)", "framework": "framework overhead",
+                  "total": "total"}
+        for key, label in labels.items():
+            lines.append(f"  {label:<52}{_gib(m[key]):>10}")
+        lines.append(f"  without gradient checkpointing activations would be {_gib(m['activations_no_gc'])}, with it "
+                     f"{_gib(m['activations_gc'])}")
+        headroom = d.get("headroom")
+        lines.append(f"  {'fits' if self.fits else 'does NOT fit'} in {_gib(d['memory_bytes'])}"
+                     + (f" with {headroom:.0%} headroom kept free" if headroom else ""))
+        lines += [
+            f"training time: {self.train_flops / 1e12:.2f} TFLOP per run ({self.epochs:g} epochs, {self.steps} "
+            "optimizer steps)",
+        ]
+        if d["instance"]:
+            lines.append(f"  {d['name']}: {_duration(self.train_seconds)} at {d['efficiency']:.0%} of "
+                         f"{d['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16 peak")
+        lines += [
+            f"  this CPU: {_duration(self.cpu_seconds)} at {_c('cpu_efficiency'):.0%} of {self.cpu_peak_flops / 1e9:.0f}"
+            " GFLOP/s (fp32 matmul, measured now)",
+            "money:",
+        ]
+        if money.get("train_usd") is not None:
+            lines.append(f"  training on {d['instance']} ({d['name']}, ${d['usd_per_hour']}/h on demand, "
+                         f"{money['region']}): ${money['train_usd']:.2f}")
+        lines += [
+            f"  artifact ({money['export_dtype']}): {money['artifact_bytes'] / 1e9:.2f} GB; S3 ${money['s3_usd_month']:.3f}"
+            " per month",
+            f"  Bedrock CMI ({money['region']}, CMU {money['cmu_version']}): ${money['usd_per_cmu_minute']} per "
+            f"CMU-minute, billed in {money['window_minutes']:g}-minute windows from the first call = "
+            f"${money['usd_per_window_per_cmu']:.4f} per active window per CMU; storage ${money['storage_per_cmu_month']}"
+            " per CMU-month",
+            f"  CMUs per model copy: {money['cmus'] if money['cmus'] else 'known only after import'}"
+            f"{' (recorded by deploy)' if money['cmus'] else ''}. Bedrock sets it from the model's size and "
+            "architecture; `termtune deploy` records it. Cost = copies x CMUs x windows x the window price.",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> Plan:
+    """Estimate memory, time and money for `cfg` on `gpu` (a GPUS key), or on this machine's CPU when None.
+
+    `cpu_peak` (FLOP/s) skips measuring this CPU (tests pass a fixed value).
+    """
+    if gpu is not None and gpu.lower() not in GPUS:
+        raise UserError(f"--gpu {gpu}: unknown GPU (known: {', '.join(GPUS)})")
+    shape = model_shape(cfg)
+    params = parameter_counts(shape)
+    trainable = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)
+    data = data_estimate(cfg)
+    if data.train_rows == 0:
+        raise UserError("the training split is empty; nothing to plan")
+    batches = batching(cfg, data)
+    cpu_peak = cpu_peak or measure_cpu_peak()
+    device = _device(gpu, cpu_peak, cfg)
+    gc = cfg.train.gradient_checkpointing
+    dropout_on = cfg.lora.dropout > 0 or shape.dropout > 0
+    rows, src, tgt, real_tgt = batches.worst
+    act = {flag: activation_bytes(shape, rows, src, tgt, cfg.lora.r, dropout_on, device.bf16, flag)
+           for flag in (False, True)}
+    base = base_bytes(shape, cfg.model.quantization)
+    eval_rows = min(cfg.train.batch_size, max(1, data.test_rows))
+    memory = {"base": base, "lora_states": int(trainable * _c("lora_state_bytes")), "activations": act[gc],
+              "loss": loss_bytes(shape, rows, tgt, real_tgt, device.bf16),
+              "eval": eval_bytes(shape, eval_rows, data.test_target_max) if data.test_rows else 0,
+              "framework": int(_c("cpu_framework_bytes") if gpu is None else _c("cuda_context_bytes"))}
+    step = memory["activations"] + memory["loss"]
+    # On a CPU the freed activations stay in the process's heap (glibc keeps chunks below its 32 MiB mmap
+    # threshold), so the held-out pass's large logits add to them; a GPU's caching allocator reuses the space.
+    transient = step + memory["eval"] if gpu is None else max(step, memory["eval"])
+    memory["total"] = memory["base"] + memory["lora_states"] + memory["framework"] + transient
+    memory["activations_no_gc"], memory["activations_gc"] = act[False], act[True]
+    usable = device.memory_bytes * (1 - (_c("gpu_headroom") if gpu else 0))
+    fits = memory["total"] <= usable
+
+    epochs = cfg.train.epochs
+    steps = batches.steps_per_epoch * epochs if cfg.train.max_steps < 0 else cfg.train.max_steps
+    epoch_share = steps / max(1, batches.steps_per_epoch)
+    flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc) * epoch_share
+    step_overhead = steps * _c("cpu_step_overhead_s")
+    seconds = flops / (device.peak_flops * device.efficiency) + (step_overhead if gpu is None else 0)
+    cpu_seconds = flops / (cpu_peak * _c("cpu_efficiency")) + step_overhead
+    notes = []
+    if cfg.model.quantization != "none" and gpu is None:
+        notes.append("4-bit/8-bit layers dequantize their weights on every pass; on a CPU that is not in the "
+                     "FLOP count, so QLoRA time on a CPU is a lower bound (docs/plan.md)")
+    if data.origin == "card":
+        notes.append("no token lengths without the data: memory and time are upper bounds at the maximum lengths")
+    return Plan(
+        config=str(cfg.run_dir), shape=asdict(shape), params=params, trainable=trainable,
+        quantization=cfg.model.quantization, base_bytes=base,
+        data={"origin": data.origin, "train_rows": data.train_rows, "test_rows": data.test_rows,
+              "real_source": batches.real_source, "real_target": batches.real_target,
+              "padded_source": batches.padded_source, "padded_target": batches.padded_target,
+              "padding_fraction": batches.padding_fraction, "steps_per_epoch": batches.steps_per_epoch,
+              "worst": f"{rows} rows x {src} source + {tgt} target tokens", "note": data.note},
+        memory=memory, fits=fits, device={**asdict(device), "headroom": _c("gpu_headroom") if gpu else 0.0},
+        epochs=epochs, steps=int(steps), train_flops=flops, train_seconds=seconds, cpu_seconds=cpu_seconds,
+        cpu_peak_flops=cpu_peak, money=_money(cfg, params["total"], device, seconds), notes=notes)
+
+
+def _device(gpu: str | None, cpu_peak: float, cfg: Config) -> Device:
+    if gpu is None:
+        import os
+
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            memory = 0
+        return Device("this CPU", float(memory), cpu_peak, _c("cpu_efficiency"), None, None,
+                      bf16=cfg.train.precision == "bf16")
+    g = GPUS[gpu.lower()]
+    return Device(g.name, g.memory_gib * GiB, g.bf16_tflops * 1e12, _c("gpu_efficiency"), g.usd_per_hour,
+                  g.instance, bf16=cfg.train.precision in ("auto", "bf16"))
+
+
+def _money(cfg: Config, total_params: int, device: Device, seconds: float) -> dict[str, Any]:
+    region = cfg.aws.region
+    cmus, version = _recorded_cmus(cfg)
+    price = CMI_PRICES.get((region, version)) or CMI_PRICES[("us-east-1", "v1.0")]
+    export_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.export.dtype]
+    artifact = total_params * export_bytes + _c("tokenizer_bytes")
+    window = _c("cmi_window_minutes")
+    return {
+        "region": region, "cmu_version": version,
+        "train_usd": None if device.usd_per_hour is None else device.usd_per_hour * seconds / 3600,
+        "export_dtype": cfg.export.dtype, "artifact_bytes": int(artifact),
+        "s3_usd_month": artifact / 1e9 * _c("s3_usd_per_gb_month"),
+        "usd_per_cmu_minute": price.usd_per_cmu_minute, "window_minutes": window,
+        "usd_per_window_per_cmu": price.usd_per_cmu_minute * window,
+        "storage_per_cmu_month": price.usd_per_cmu_month_storage, "cmus": cmus,
+        "price_is_for": "us-east-1 (no price on record for this region)" if (region, version) not in CMI_PRICES
+        else region,
+    }
+
+
+def _recorded_cmus(cfg: Config) -> tuple[int | None, str]:
+    """CMUs per copy and CMU version as deploy recorded them in deploy.json , else unknown and v1.0."""
+    path = RunLayout.of(cfg).deploy
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, "v1.0"
+    # deploy keeps GetImportedModel's facts under "imported_model", in the response's own names
+    imported = record.get("imported_model") if isinstance(record, dict) else None
+    units = (imported or {}).get("customModelUnits") if isinstance(imported, dict) else None
+    if not isinstance(units, dict):
+        return None, "v1.0"
+    count = units.get("customModelUnitsPerModelCopy")
+    return (count if isinstance(count, int) else None), str(units.get("customModelUnitsVersion") or "v1.0")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ----------------------------------------------------------------------------- for `termtune run` and the report
+
+
+def one_line(cfg: Config) -> str:
+    """The plan in one line, for `termtune run` before training; a plan that cannot be made says why, never raises."""
+    try:
+        gpu = _this_gpu()
+        return plan(cfg, gpu=gpu).one_line()
+    except UserError as e:
+        return f"plan: not available ({e})"
+
+
+def _this_gpu() -> str | None:
+    """The GPUS key of this machine's GPU, or None (CPU, or a GPU not in the table: planned as the CPU)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name(0).lower()
+    except Exception:  # a broken CUDA install must not stop a run over a one-line estimate
+        return None
+    return next((key for key in GPUS if key in name.replace(" ", "")), None)
+
+
+def compare_with_measured(cfg: Config, planned: Plan | None = None) -> list[dict[str, Any]]:
+    """Rows of (quantity, planned, measured, ratio) for a trained run, for the report. Empty before training.
+
+    Reads <run>/train/result.json (and metrics.jsonl for the step count); the peak memory is compared when the
+    train stage recorded it (`peak_memory_bytes`).
+    """
+    result_file = RunLayout.of(cfg).train_result
+    if not result_file.is_file():
+        return []
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    if planned is None:
+        planned = plan(cfg, gpu=_gpu_key(result.get("device")))
+    rows = [
+        ("trainable parameters", planned.trainable, result.get("trainable_params")),
+        ("optimizer steps", planned.steps, result.get("global_step")),
+        ("padding fraction", round(planned.data["padding_fraction"], 4), result.get("padding_fraction")),
+        ("training time (s)", round(planned.train_seconds, 1), result.get("train_seconds")),
+        ("peak memory (GiB)", round(planned.memory["total"] / GiB, 3),
+         round(result["peak_memory_bytes"] / GiB, 3) if result.get("peak_memory_bytes") else None),
+    ]
+    out = []
+    for name, p, m in rows:
+        ratio = (m / p) if isinstance(m, (int, float)) and p else None
+        out.append({"quantity": name, "planned": p, "measured": m,
+                    "measured_over_planned": None if ratio is None else round(ratio, 3)})
+    return out
+
+
+def _gpu_key(device: str | None) -> str | None:
+    if not device:
+        return None
+    name = device.lower().replace(" ", "")
+    return next((key for key in GPUS if key in name), None)

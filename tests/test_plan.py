@@ -1,0 +1,226 @@
+"""`termtune plan`: the arithmetic against hand-computed cases and the real model, and the sources rule."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_cli import termtune
+
+from termtune import plan as P
+
+# A shape small enough to count by hand: d_model 4, d_ff 8, 2 heads of 2 (inner 4), 1+1 layers, vocab 10, 4 buckets.
+HAND = P.Shape(d_model=4, d_ff=8, d_kv=2, num_heads=2, num_layers=1, num_decoder_layers=1, vocab_size=10,
+               gated=True, buckets=4, dropout=0.0)
+
+
+def test_every_constant_has_a_source():
+    rows = P.all_sourced_rows()
+    assert len(rows) >= len(P.CONSTANTS) + len(P.GPUS) + len(P.CMI_PRICES)
+    missing = [name for name, source in rows.items() if not source or len(source.strip()) < 10]
+    assert missing == [], f"constants without a source: {missing}"
+    for gpu in P.GPUS.values():  # a price row says where and when
+        assert gpu.region and "20" in gpu.source, gpu
+
+
+def test_the_sources_rule_catches_a_row_without_one(monkeypatch):
+    monkeypatch.setitem(P.CONSTANTS, "made_up", P.Constant(1.0, "x", ""))
+    assert P.all_sourced_rows()["CONSTANTS[made_up]"] == ""
+
+
+def test_parameter_counts_by_hand():
+    p = P.parameter_counts(HAND)
+    # encoder layer: q,k,v,o 4*4*4=64; wi_0, wi_1 2*4*8=64, wo 8*4=32 -> 160
+    # decoder layer: self 64 + cross 64 + ff 96 -> 224
+    assert p["linear"] == 160 + 224
+    # norms: encoder 2 + final 1, decoder 3 + final 1 = 7 x d_model 4 = 28; position biases 4 buckets x 2 heads x 2
+    assert p["norms_and_biases"] == 28 + 16
+    assert p["embedding"] == p["lm_head"] == 40
+    assert p["total"] == 384 + 44 + 80
+
+
+def test_lora_parameters_by_hand():
+    # all-linear: r * (in + out) over q,k,v,o (3 each: enc, dec self, dec cross), wi_0, wi_1, wo (2 each)
+    assert P.lora_parameters(HAND, r=2, targets="all-linear") == 2 * (4 * 3 * 8 + 2 * 2 * 12 + 2 * 12)
+    assert P.lora_parameters(HAND, r=2, targets=["q", "v"]) == 2 * (2 * 3 * 8)
+    src, tgt = P._lora_per_side(HAND, 2, "all-linear")
+    # source tokens: the encoder's 7 adapters + the cross-attention k, v; target: the rest of the decoder's
+    assert (src, tgt) == (2 * (4 * 8 + 3 * 12) + 2 * (2 * 8), 2 * (6 * 8 + 3 * 12))
+
+
+def test_base_bytes_by_hand():
+    total, linear = 508, 384
+    assert P.base_bytes(HAND, "none") == total * 4
+    assert P.base_bytes(HAND, "4bit") == int((total - linear) * 4 + linear * P.CONSTANTS["nf4_bytes"].value)
+    out_rows = 3 * 4 * 3 + 4 * 3 + 8 * 2 * 2 + 4 * 2  # one fp32 scale per output row of each linear
+    assert P.base_bytes(HAND, "8bit") == (total - linear) * 4 + linear + out_rows * 4
+    assert P.CONSTANTS["nf4_bytes"].value == pytest.approx(0.5 + 0.127 / 8, rel=1e-3)  # QLoRA: 4.127 bits
+
+
+def test_flops_by_hand():
+    b = P.Batching(steps_per_epoch=1, batches_per_epoch=1, padded_source=10, padded_target=20, real_source=9,
+                   real_target=15, worst=(2, 5, 10, 15), attention_pairs=(2 * 25, 2 * 100, 2 * 50))
+    # weights per token: encoder 4*4*4 + 3*4*8 = 160; cross k,v 2*4*4 = 32; decoder 6*4*4 + 96 = 192; lm_head 40
+    forward = 2 * ((160 + 32) * 10 + 192 * 20)
+    head = 2 * 40 * 15
+    lora = 6 * (2 * (4 * 8 + 3 * 12 + 2 * 8) * 10 + 2 * (6 * 8 + 3 * 12) * 20)
+    attention = 3 * 4 * 4 * (1 * 50 + 1 * (200 + 100))
+    expected = 2 * forward + 2 * head + lora + attention
+    assert P.flops_per_epoch(HAND, b, 2, "all-linear", checkpointing=False) == expected
+    assert P.flops_per_epoch(HAND, b, 2, "all-linear", checkpointing=True) == expected + forward + attention / 3
+
+
+def test_memory_terms_by_hand():
+    # chunked loss: min(1024, 15) rows of logits (fp32) + the kept hidden states and their gradient
+    assert P.loss_bytes(HAND, rows=2, tgt=10, real_tgt=15, bf16=False) == 15 * 10 * 4 + 2 * 15 * 4 * 4
+    assert P.loss_bytes(HAND, rows=2, tgt=10, real_tgt=15, bf16=True) == 15 * 10 * 6 + 2 * 15 * 4 * 4
+    assert P.eval_bytes(HAND, rows=3, tgt=7) == 3 * 7 * 10 * 8
+    k = P.ACTIVATION_COUNTS["off"]
+    enc_tok = 4 * (k["e_d"] * 4 + k["e_inner"] * 4 + k["e_ff"] * 8 + k["e_r"] * 2 + k["e_HS"] * 2 * 5)
+    dec_tok = 4 * (k["t_d"] * 4 + k["t_inner"] * 4 + k["t_ff"] * 8 + k["t_r"] * 2 + k["t_HT"] * 2 * 10
+                   + k["t_HS"] * 2 * 5)
+    cross_tok = 4 * (k["s_d"] * 4 + k["s_inner"] * 4 + k["s_r"] * 2)
+    full = 2 * 5 * enc_tok + 2 * (10 * dec_tok + 5 * cross_tok)
+    assert P.activation_bytes(HAND, 2, 5, 10, 2, dropout_on=False, bf16=False, checkpointing=False) == full
+    kept = 2 * (5 + 10) * 4 * 4
+    gc = P.activation_bytes(HAND, 2, 5, 10, 2, dropout_on=False, bf16=False, checkpointing=True)
+    assert gc == kept + max(2 * 5 * enc_tok, 2 * (10 * dec_tok + 5 * cross_tok))
+
+
+def test_cmi_money_by_hand():
+    price = P.CMI_PRICES[("us-east-1", "v1.0")]
+    assert price.usd_per_cmu_minute * P.CONSTANTS["cmi_window_minutes"].value == pytest.approx(0.2859)
+
+
+def test_counts_match_the_real_model(tiny_cfg):
+    """Parameter, LoRA and activation counts against transformers + peft themselves (fails if either changes)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import T5ForConditionalGeneration
+
+    from termtune.modeling import architecture_config, lora_config, untie_lm_head
+
+    for dropout in (0.0, 0.1):
+        cfg = tiny_cfg(extra={"lora.dropout": dropout, "model.architecture_overrides":
+                              json.dumps({"num_layers": 2, "num_decoder_layers": 2, "d_model": 48, "d_ff": 80,
+                                          "d_kv": 8, "num_heads": 4, "dropout_rate": dropout})})
+        shape = P.model_shape(cfg)
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(architecture_config(cfg))
+        untie_lm_head(model)
+        assert sum(p.numel() for p in model.parameters()) == P.parameter_counts(shape)["total"]
+        peft_model = get_peft_model(model, lora_config(cfg))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        assert trainable == P.lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)
+
+        rows, src, tgt = 3, 11, 17
+        measured = _saved_activation_bytes(peft_model, rows, src, tgt)
+        predicted = P.activation_bytes(shape, rows, src, tgt, cfg.lora.r, dropout_on=dropout > 0, bf16=False,
+                                       checkpointing=False)
+        assert predicted == pytest.approx(measured, rel=0.10), (dropout, predicted, measured)
+
+
+def _saved_activation_bytes(model, rows: int, src: int, tgt: int) -> int:
+    """Bytes of the distinct tensors autograd saves for one forward, lm_head excluded (termtune's loss owns it)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    model.train()
+    base = model.get_base_model()
+    head, base.lm_head = base.lm_head, torch.nn.Identity()
+    x = torch.randint(3, 1000, (rows, src))
+    y = torch.randint(3, 1000, (rows, tgt))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=y, use_cache=False)
+    finally:
+        base.lm_head = head
+    return sum(seen.values())
+
+
+def test_plan_of_a_prepared_run(prepared_cfg):
+    cfg = prepared_cfg
+    p = P.plan(cfg, cpu_peak=100e9)
+    train_rows = [json.loads(line) for line in (cfg.run_dir / "data" / "train.jsonl").open()]
+    assert p.data["origin"] == "prepared" and p.data["train_rows"] == len(train_rows) == 56
+    assert p.data["real_target"] == sum(len(r["labels"]) for r in train_rows)
+    assert p.steps == math.ceil(56 / 8) * 1
+    assert p.fits and p.device["name"] == "this CPU"
+    fixed = p.memory["base"] + p.memory["lora_states"]
+    assert p.memory["total"] == fixed + p.memory["framework"] + p.memory["activations"] + p.memory["loss"] \
+        + p.memory["eval"]  # a CPU heap keeps the freed activations while the held-out pass runs
+    assert p.cpu_seconds == pytest.approx(p.train_flops / (100e9 * 0.5) + p.steps * 0.010)
+    line = p.one_line()
+    assert line.startswith("plan: ") and "fits this CPU" in line and "steps" in line
+    on_gpu = P.plan(cfg, gpu="a10g", cpu_peak=100e9)
+    assert on_gpu.money["train_usd"] == pytest.approx(1.006 * on_gpu.train_seconds / 3600)
+    m = on_gpu.memory
+    assert m["total"] == fixed + m["framework"] + max(m["activations"] + m["loss"], m["eval"])
+    assert "g5.xlarge" in on_gpu.summary()
+
+
+def test_plan_from_the_source_before_the_data_stage(tiny_cfg):
+    cfg = tiny_cfg(n_rows=48)
+    p = P.plan(cfg, cpu_peak=100e9)
+    assert p.data["origin"] == "sample"
+    assert p.data["train_rows"] == 40 and p.data["test_rows"] == 8
+    assert not (cfg.run_dir / "data").exists()  # planning writes nothing
+
+
+def test_unknown_gpu_and_unknown_hub_source_are_user_errors(prepared_cfg):
+    from termtune.config import load_config
+    from termtune.errors import UserError
+
+    with pytest.raises(UserError, match="unknown GPU"):
+        P.plan(prepared_cfg, gpu="tpu", cpu_peak=1e9)
+    cfg = load_config(None, ["model.source=someone/unknown-model", f"run.dir={prepared_cfg.run_dir}x"])
+    with pytest.raises(UserError, match="known Hub id"):
+        P.plan(cfg, cpu_peak=1e9)
+    assert P.one_line(cfg).startswith("plan: not available (")
+
+
+def test_compare_with_measured(prepared_cfg):
+    cfg = prepared_cfg
+    assert P.compare_with_measured(cfg) == []
+    planned = P.plan(cfg, cpu_peak=100e9)
+    (cfg.run_dir / "train").mkdir()
+    (cfg.run_dir / "train" / "result.json").write_text(json.dumps({
+        "trainable_params": planned.trainable, "global_step": 7, "padding_fraction": 0.1, "train_seconds": 2 * round(
+            planned.train_seconds, 1), "peak_memory_bytes": planned.memory["total"], "device": "cpu"}))
+    rows = {r["quantity"]: r for r in P.compare_with_measured(cfg, planned)}
+    assert rows["trainable parameters"]["measured_over_planned"] == 1.0
+    assert rows["training time (s)"]["measured_over_planned"] == pytest.approx(2.0, rel=0.01)
+    assert rows["peak memory (GiB)"]["measured_over_planned"] == pytest.approx(1.0, rel=0.01)
+
+
+def test_cli_plan(prepared_cfg, tmp_path):
+    from termtune.config import dump_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(dump_config(prepared_cfg))
+    out = termtune("plan", str(config), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["fits"] is True and data["trainable"] > 0
+    out = termtune("plan", str(config), "--gpu", "h100")
+    assert out.returncode == 0 and "p5.48xlarge" in out.stdout and "per CMU-minute" in out.stdout
+    out = termtune("plan", str(config), "--gpu", "nope")
+    assert out.returncode == 2 and "unknown GPU" in out.stderr
+
+
+def test_recorded_cmus_price_the_import(prepared_cfg):
+    cfg = prepared_cfg
+    assert P.plan(cfg, cpu_peak=1e11).money["cmus"] is None
+    (cfg.run_dir / "deploy.json").write_text(json.dumps({"status": "Completed", "imported_model": {
+        "customModelUnits": {"customModelUnitsPerModelCopy": 2, "customModelUnitsVersion": "v1.0"}}}))
+    money = P.plan(cfg, cpu_peak=1e11).money
+    assert money["cmus"] == 2 and money["cmu_version"] == "v1.0"
