@@ -284,8 +284,12 @@ def run_stage(cfg: Config, name: str, force: bool = False, quiet_skip: bool = Fa
 
 
 def locked(cfg: Config, command: str) -> Any:
-    """The run directory's lock: one writer at a time."""
-    return exclusive(RunLayout.of(cfg).lock, command=command)
+    """The run directory's lock: one writer at a time (an unwritable run directory fails here, naming it)."""
+    from termtune.oserrors import probe_writable
+
+    layout = RunLayout.of(cfg)
+    probe_writable(layout.root)
+    return exclusive(layout.lock, command=command)
 
 
 def check_upstream(cfg: Config, name: str) -> None:
@@ -397,10 +401,8 @@ def run(cfg: Config) -> None:
     layout = RunLayout.of(cfg)
     started = time.perf_counter()
     from termtune.modeling import check_model_settings
-    from termtune.oserrors import probe_writable
 
-    probe_writable(layout.root)  # an unwritable run directory fails now, not after training
-    with exclusive(layout.lock, command="termtune run"):
+    with locked(cfg, "termtune run"):
         cache: dict[str, str] = {}
         if not state(cfg, BY_NAME["train"], cache).complete:
             check_model_settings(cfg)  # the model's shape against lora.* fails before the data stage

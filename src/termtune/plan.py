@@ -387,7 +387,7 @@ def _sample_source(cfg: Config, sample_rows: int) -> DataEstimate:
     from termtune.modeling import load_tokenizer
 
     d = cfg.data
-    label, columns, rows = data._open_source(d.source, d.hub_split)
+    label, columns, rows = data._open_source(d.source, d.hub_split, d.revision)
     term_col, def_col = data._pick_columns(label, columns, d.term_column, d.definition_column)
     findings = data._Findings(strict=False)
     examples, seen = [], set()
