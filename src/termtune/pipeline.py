@@ -60,7 +60,7 @@ class Stage:
     upstream: tuple[str, ...] = ()
     """Stages whose outputs this one reads."""
     outputs: Callable[[RunLayout], list[Path]] = lambda layout: []
-    """What the stage writes; removed before it runs again, and all must exist for it to be complete."""
+    """What the stage writes; removed before it runs again after its inputs changed."""
     marker: Callable[[RunLayout], Path] | None = None
     """The output that must exist for the stage to count as complete."""
     sources: Callable[[Config], dict[str, Any]] = lambda cfg: {}
@@ -225,9 +225,9 @@ def state(cfg: Config, stage: Stage, cache: dict[str, str] | None = None) -> Sta
         return State(False, ["not run yet"], None)
     now = inputs(cfg, stage, cache)
     if fingerprint(cfg, stage, cache) == record["fingerprint"]:
-        missing = [p for p in [stage.marker(layout)] if stage.marker and not p.exists()]
-        if missing:
-            return State(False, [f"{missing[0]} is missing"], record)
+        marker = stage.marker(layout) if stage.marker else None
+        if marker is not None and not marker.exists():
+            return State(False, [f"{marker} is missing"], record)
         return State(True, [], record)
     return State(False, _differences(record.get("inputs", {}), now), record)
 
