@@ -29,6 +29,7 @@ from typing import Any
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
+from termtune.rundir import read_json
 
 GiB = 2**30
 
@@ -749,12 +750,8 @@ def _money(cfg: Config, total_params: int, device: Device, seconds: float) -> di
 
 
 def _recorded_cmus(cfg: Config) -> tuple[int | None, str]:
-    """CMUs per copy and CMU version as deploy recorded them in deploy.json , else unknown and v1.0."""
-    path = RunLayout.of(cfg).deploy
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, "v1.0"
+    """CMUs per copy and CMU version as deploy recorded them in deploy.json, else unknown and v1.0."""
+    record = read_json(RunLayout.of(cfg).deploy)
     # deploy keeps GetImportedModel's facts under "imported_model", in the response's own names
     imported = record.get("imported_model") if isinstance(record, dict) else None
     units = (imported or {}).get("customModelUnits") if isinstance(imported, dict) else None
@@ -807,10 +804,9 @@ def compare_with_measured(cfg: Config, planned: Plan | None = None) -> list[dict
     Reads <run>/train/result.json (and metrics.jsonl for the step count); the peak memory is compared when the
     train stage recorded it (`peak_memory_bytes`).
     """
-    result_file = RunLayout.of(cfg).train_result
-    if not result_file.is_file():
+    result = read_json(RunLayout.of(cfg).train_result)
+    if not isinstance(result, dict):
         return []
-    result = json.loads(result_file.read_text(encoding="utf-8"))
     if planned is None:
         planned = plan(cfg, gpu=_gpu_key(result.get("device")))
     rows = [
