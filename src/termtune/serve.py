@@ -61,6 +61,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS, MAX_TAGS, MODEL_ARN_RE, ROLE_ARN_RE,
                                 SORT_BY, SORT_ORDER, field_problem)
+from termtune.safepath import UnsafeName, inside
 
 MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit
 MAX_INPUT_TOKENS = 512  # Flan-T5's training input length
@@ -254,7 +255,10 @@ class Bedrock:
         s3_uri = job["modelDataSource"]["s3DataSource"]["s3Uri"]
         bucket, prefix = s3.split_uri(s3_uri)
         if self.local_root:  # no S3 and no IAM: the rehearsal of the files alone
-            source = self.local_root / bucket / prefix
+            try:  # s3://bucket/../../ must not read from outside local_root
+                source = inside(self.local_root, f"{bucket}/{prefix}".rstrip("/"), what="the S3 URI's path")
+            except UnsafeName as e:
+                raise ImportFailure(f"Amazon Bedrock can't read {s3_uri}: {e}.") from e
             if not source.is_dir():
                 raise ImportFailure(f"No model files were found at {s3_uri} ({source} does not exist).")
             shutil.copytree(source, folder)
@@ -262,6 +266,8 @@ class Bedrock:
         credentials = self._assume(job)
         try:
             names = s3.download(client("s3", self.region, credentials=credentials), bucket, prefix, folder)
+        except UnsafeName as e:
+            raise ImportFailure(f"Amazon Bedrock refuses the files at {s3_uri}: {e}.") from e
         except Exception as e:
             code = error_code(e)
             if code is None:

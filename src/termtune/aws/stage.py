@@ -26,6 +26,7 @@ from termtune.errors import UserError
 from termtune.export import artifact_digest
 from termtune.layout import RunLayout
 from termtune.rundir import read_json, sha256_file, write_json
+from termtune.safepath import name_problem
 
 
 @dataclass
@@ -64,6 +65,10 @@ def names(cfg: Config, artifact_sha256: str | None = None, taken: set[str] = fro
     name the user set is used as it is, unless an earlier attempt of this run already took it."""
     run_name = cfg.run_dir.resolve().name
     prefix = cfg.aws.prefix.format(run_name=run_name).strip("/")
+    problem = name_problem(prefix)
+    if problem:  # Bedrock's reader (and termtune serve's) refuses such keys; say so before uploading them
+        raise UserError(f"aws.prefix: {cfg.aws.prefix!r} gives the S3 prefix {prefix!r}, which {problem}; "
+                        "use folder names separated by single slashes")
     model_name = cfg.aws.model_name or safe_name(f"termtune-{run_name}")
     if artifact_sha256 and (not cfg.aws.model_name or model_name in taken):
         model_name = f"{model_name[:54]}-{artifact_sha256[:8]}"
