@@ -158,6 +158,24 @@ def delete_prefix(s3: Any, bucket: str, prefix: str) -> int:
     return len(keys)
 
 
+def abort_uploads(s3: Any, bucket: str, prefix: str) -> int:
+    """Abort every incomplete multipart upload under the prefix: an upload killed mid-way (SIGKILL,
+    a lost machine) leaves its parts stored, and billed, until aborted. Returns how many were open."""
+    from termtune.aws.clients import error_code
+
+    count = 0
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            try:
+                s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            except Exception as e:
+                if error_code(e) != "NoSuchUpload":  # completed or aborted since the listing: nothing left
+                    raise
+                continue
+            count += 1
+    return count
+
+
 def download(s3: Any, bucket: str, prefix: str, target: Path) -> list[str]:
     """Copy every object under the prefix into `target` (used by termtune serve's import job).
     Every key is checked before anything is written: one that would land outside `target`

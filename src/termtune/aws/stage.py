@@ -167,6 +167,10 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
 
         # 3. upload, then prove the import prefix holds exactly the model before anything imports it
         try:
+            for prefix in (n["prefix"], n["meta_prefix"]):  # what an interrupted upload left open
+                if s3.abort_uploads(s3c, n["bucket"], prefix):
+                    print(f"aborted the incomplete multipart uploads an interrupted deploy left under "
+                          f"s3://{n['bucket']}/{prefix}", file=sys.stderr)
             up = s3.upload(s3c, artifact, model_files, n["bucket"], n["prefix"], cfg.aws.sse, cfg.aws.kms_key_id)
             s3.upload(s3c, artifact, own_files, n["bucket"], n["meta_prefix"], cfg.aws.sse, cfg.aws.kms_key_id,
                       progress=False)
@@ -368,9 +372,9 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
                 done.append(f"deleted imported model {deleted}")
         s3c = client("s3", region, cfg.aws.profile)
         for uri in uris:
-            count = _delete_prefix(s3c, uri)
-            if count:
-                done.append(f"deleted {count} objects under {uri}")
+            what = _delete_prefix(s3c, uri)
+            if what:
+                done.append(what)
         if role and iam.delete(client("iam", region, cfg.aws.profile), role):
             done.append(f"deleted IAM role {role}")
     print("\n".join(done) if done else "nothing left to delete", file=sys.stderr)
@@ -382,11 +386,16 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     return done
 
 
-def _delete_prefix(s3c: Any, uri: str) -> int:
+def _delete_prefix(s3c: Any, uri: str) -> str | None:
+    """Abort the incomplete multipart uploads and delete the objects under the URI; what was done."""
     bucket, prefix = s3.split_uri(uri)
     try:
-        return s3.delete_prefix(s3c, bucket, prefix)
+        aborted = s3.abort_uploads(s3c, bucket, prefix)
+        deleted = s3.delete_prefix(s3c, bucket, prefix)
     except Exception as e:
         if error_code(e) != "NoSuchBucket":
             raise
-        return 0
+        return None
+    done = [f"deleted {deleted} objects"] if deleted else []
+    done += [f"aborted {aborted} incomplete multipart uploads"] if aborted else []
+    return f"{' and '.join(done)} under {uri}" if done else None
