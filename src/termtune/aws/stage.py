@@ -243,6 +243,28 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
                         up.uploaded, up.skipped, facts=facts, cost=cost)
 
 
+def imported_model_gone(cfg: Config) -> str | None:
+    """Why the model deploy.json records as imported is no longer there (deleted outside termtune:
+    GetImportedModel answers ResourceNotFoundException), or None while it exists."""
+    record = read_record(cfg)
+    arn = record.get("model_arn")
+    if not arn:
+        return None
+    try:
+        with aws_errors():
+            client("bedrock", record.get("region") or cfg.aws.region, cfg.aws.profile).get_imported_model(
+                modelIdentifier=arn)
+    except Exception as e:
+        code = error_code(e)
+        if code == "ResourceNotFoundException":
+            return f"the imported model {arn} no longer exists in Bedrock (deleted outside termtune)"
+        if code is None:
+            raise
+        raise UserError(f"deploy: cannot check that the imported model {arn} still exists (GetImportedModel: "
+                        f"{code}: {error_message(e)}); the caller needs bedrock:GetImportedModel") from e
+    return None
+
+
 def _request_fields(cfg: Config, n: dict[str, str], job_name: str, token: str) -> list[tuple[str, str, str]]:
     """The request's fields with the config key each one comes from, so an error blames the
     key the user set (a derived job name comes from the model name, a model name from run.dir)."""
