@@ -95,8 +95,8 @@ def test_the_bound_host_by_either_name_with_json_is_answered(served):
 DEEP = b"[" * 100_000 + b"]" * 100_000
 NESTED_CREATE = [
     b"[]", b'"a string"', DEEP,
-    b'{"jobName": "j", "importedModelName": "m", "roleArn": "%s", "modelDataSource": {"s3DataSource": []}}' % ROLE.encode(),
-    b'{"jobName": "j", "importedModelName": "m", "roleArn": "%s", "modelDataSource": []}' % ROLE.encode(),
+    CREATE.replace(b'{"s3DataSource": {"s3Uri": "s3://bucket-a/nothing-here/"}}', b'{"s3DataSource": []}'),
+    CREATE.replace(b'{"s3DataSource": {"s3Uri": "s3://bucket-a/nothing-here/"}}', b'[]'),
     b'{"jobName": ["j"], "importedModelName": "m", "roleArn": "r", "modelDataSource": {}}',
     CREATE[:-1] + b', "jobTags": [{"key": {"k": 1}, "value": "v"}]}',
     CREATE[:-1] + b', "jobTags": {"key": "k"}}',
@@ -119,7 +119,8 @@ def test_malformed_control_plane_bodies_are_validation_errors(served, body):
 ])
 def test_bad_framing_is_a_validation_error(served, framing):
     _, port, arn = served
-    got, headers, _ = exchange(port, request(port, "POST", f"/model/{quote(arn, safe='')}/invoke", b'{"prompt": "x"}', framing))
+    data = request(port, "POST", f"/model/{quote(arn, safe='')}/invoke", b'{"prompt": "x"}', framing)
+    got, headers, _ = exchange(port, data)
     assert (got, headers.get("x-amzn-errortype")) == (400, "ValidationException")
 
 

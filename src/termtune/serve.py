@@ -30,8 +30,8 @@ model name answers ConflictException; a request with neither max_tokens nor max_
 the OpenAI completion schema with 16 tokens; max_tokens must be 1..the model's n_positions and
 the prompt at most 512 tokens (and 16,384 characters, checked before tokenizing); one generation
 per model at a time, each within a time budget, and a caller kept waiting too long for the
-model is throttled; streaming sends one chunk per generated token, each in the request's schema, then
-one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
+model is throttled; streaming sends one chunk per generated token, each in the request's
+schema, then one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
 with makes the job Failed (not the create call); GetImportedModel reports 1 CMU of v1.0 for
 every model (a stand-in: Bedrock sizes CMUs from the model).
 
@@ -40,9 +40,9 @@ credentials work), persistence (state lives in memory), or Bedrock's own model h
 binds 127.0.0.1 unless told otherwise, and holds up under bad local clients (a web page, a
 stalled socket): requests must name the bound address in Host, control-plane writes must be
 JSON, malformed shapes are 400s, a request must arrive whole within a deadline, and the
-workers and listen backlog are bounded (docs/aws.md, "serve under bad clients"). Faults for rehearsal: a cold start
-(ModelNotReadyException for N seconds after each import), throttling of every Nth call, and
-IAM propagation (a role ARN is "invalid" for N seconds after it is first seen).
+workers and listen backlog are bounded (docs/aws.md, "serve under bad clients"). Faults for
+rehearsal: a cold start (ModelNotReadyException for N seconds after each import), throttling of
+every Nth call, and IAM propagation (a role ARN is "invalid" for N seconds after it is first seen).
 """
 
 from __future__ import annotations
@@ -661,13 +661,15 @@ class Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         """The body, whole: refused when its framing is not one plain Content-Length, when it is over the
         limit, or when it does not all arrive before the request deadline."""
+        import re
+
         lengths = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding") or len(lengths) > 1 or \
-                not all(v.strip().isdigit() for v in lengths):
+        chunked = self.headers.get("Transfer-Encoding")
+        if chunked or len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,15}", v.strip()) for v in lengths):
             self.close_connection = True  # where this body ends is unknown
+            framing = ", ".join([*lengths, *(["Transfer-Encoding"] if chunked else [])])
             raise ApiError("ValidationException", "The request needs one Content-Length header with the body's "
-                                                  f"size in bytes (got {', '.join(lengths) or 'none'}"
-                                                  f"{', Transfer-Encoding' if self.headers.get('Transfer-Encoding') else ''}).")
+                                                  f"size in bytes (got {framing[:100] or 'none'}).")
         length = int(lengths[0]) if lengths else 0
         limit = self.server.state.max_body_bytes
         if length > limit:
