@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,16 @@ def aws_env(monkeypatch, moto_server):
     yield start
     for server in servers:
         server.stop()
+
+
+def wait(br, arn: str) -> dict:
+    """Poll an import job until it ends; the job description."""
+    for _ in range(600):
+        job = br.get_model_import_job(jobIdentifier=arn)
+        if job["status"] != "InProgress":
+            return job
+        time.sleep(0.1)
+    raise AssertionError("the import job never ended")
 
 
 def boto(service: str):

@@ -129,6 +129,36 @@ def test_rerun_after_interrupted_upload_sends_only_missing_files(tmp_path, aws_e
     assert all(n == 1 for n in after.values())  # nothing was sent twice
 
 
+def open_upload(key: str) -> None:
+    """A multipart upload left open, as a deploy killed mid-file leaves it."""
+    s3c = boto("s3")
+    upload = s3c.create_multipart_upload(Bucket="termtune-test", Key=key)
+    s3c.upload_part(Bucket="termtune-test", Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
+
+
+def open_uploads(prefix: str) -> list[str]:
+    return [u["Key"] for u in boto("s3").list_multipart_uploads(Bucket="termtune-test", Prefix=prefix).get("Uploads", [])]
+
+
+def test_deploy_and_cleanup_abort_incomplete_multipart_uploads_under_the_prefix(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                               artifact_template, capfd):
+    from termtune import aws
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template)
+    open_upload("termtune/run/model.safetensors")
+    open_upload("termtune/_termtune/run/manifest.json")
+    open_upload("termtune/other-run/model.safetensors")  # not this run's: left alone
+    aws.deploy(cfg)
+    assert open_uploads("termtune/") == ["termtune/other-run/model.safetensors"]
+    assert "aborted the incomplete multipart uploads" in capfd.readouterr().err
+
+    open_upload("termtune/run/model.safetensors")
+    aws.cleanup(cfg, yes=True)
+    assert open_uploads("termtune/") == ["termtune/other-run/model.safetensors"]
+    assert "aborted 1 incomplete multipart uploads under s3://termtune-test/termtune/run/" in capfd.readouterr().err
+
+
 def test_changed_file_is_resent_and_stray_files_block_the_import(tmp_path, aws_env, bucket,  # noqa: F811
                                                                  artifact_template):
     from termtune import aws

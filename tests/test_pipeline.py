@@ -200,8 +200,9 @@ def test_second_writer_fails_at_once_and_a_killed_holder_never_blocks(tmp_path):
 def test_redeploy_of_a_changed_model_imports_a_new_model_and_cleanup_deletes_both(
         tmp_path, aws_env, bucket, capfd):  # noqa: F811
     """The whole path in one process against moto and termtune serve: the text Bedrock's stand-in
-    generates equals the trained PEFT model's own greedy generation; a changed training setting
-    imports a second model under a new name; cleanup deletes both."""
+    generates equals the trained PEFT model's own greedy generation; a model deleted elsewhere is
+    imported again; a changed training setting imports a second model under a new name; cleanup
+    deletes both."""
     import torch
     from peft import PeftModel
 
@@ -226,7 +227,16 @@ def test_redeploy_of_a_changed_model_imports_a_new_model_and_cleanup_deletes_bot
         ids = trained.generate(**tokenizer("What is Asthma?", return_tensors="pt"), max_new_tokens=12,
                                do_sample=False, num_beams=1)
     assert served["text"] == tokenizer.decode(ids[0], skip_special_tokens=True)
+    gone = json.loads((cfg.run_dir / "deploy.json").read_text())
+
+    # Deleted elsewhere, the imported model is imported again: run asks Bedrock, not only deploy.json.
+    boto("bedrock").delete_imported_model(modelIdentifier=gone["model_arn"])
+    pipeline.run(cfg)
+    out = capfd.readouterr().out
+    assert (f"deploy: re-running: the imported model {gone['model_arn']} no longer exists in Bedrock" in out), out
     first = json.loads((cfg.run_dir / "deploy.json").read_text())
+    assert first["model_arn"] != gone["model_arn"] and first["model_arn"] in server.state.models
+    assert json.loads((cfg.run_dir / "invoke.json").read_text())["model_arn"] == first["model_arn"]
 
     changed = load_config(None, [*overrides, "train.learning_rate=0.02"])
     pipeline.run(changed)
@@ -236,7 +246,7 @@ def test_redeploy_of_a_changed_model_imports_a_new_model_and_cleanup_deletes_bot
     assert second["model_name"] != first["model_name"] and second["model_arn"] != first["model_arn"]
     assert len(server.state.models) == 2
     deployed = [a for a in history(cfg.run_dir) if a["stage"] == "deploy"]
-    assert deployed[0]["deploy"]["model_arn"] == first["model_arn"] and deployed[0]["live"] is True
+    assert deployed[-1]["deploy"]["model_arn"] == first["model_arn"] and deployed[-1]["live"] is True
 
     pipeline.cleanup(changed, yes=True)
     assert not server.state.models

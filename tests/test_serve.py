@@ -13,7 +13,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from aws_fixtures import artifact_template  # noqa: F401  (fixture)
+from aws_fixtures import artifact_template, wait  # noqa: F401  (fixture)
 from termtune.aws.names import JOB_ARN_RE, MODEL_ARN_RE
 from termtune.serve import chunk_frame, start_server
 
@@ -24,15 +24,6 @@ def clients(url: str, attempts: int = 1):
     kw = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y",
               config=Config(retries={"mode": "standard", "total_max_attempts": attempts}))
     return boto3.client("bedrock", **kw), boto3.client("bedrock-runtime", **kw)
-
-
-def wait(br, arn: str) -> dict:
-    for _ in range(300):
-        job = br.get_model_import_job(jobIdentifier=arn)
-        if job["status"] != "InProgress":
-            return job
-        time.sleep(0.1)
-    raise AssertionError("job never finished")
 
 
 def code(exc_info) -> str:

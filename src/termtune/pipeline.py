@@ -67,6 +67,9 @@ class Stage:
     """Inputs that are not config values (the data file's content, the resolved tokenizer)."""
     always: bool = False
     """Cheap checks and calls worth repeating every run (validate, invoke): never skipped, not fingerprinted."""
+    still_valid: Callable[[Config], str | None] | None = None
+    """For outputs that live outside the run directory (an imported model): why they no longer hold
+    although the record says complete, or None. Asked only by `termtune run`, which then re-runs the stage."""
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -138,6 +141,12 @@ def _deploy(cfg: Config, force: bool) -> Outcome:
                                               ("s3_uri", "model_name", "job_arn", "model_arn", "role_arn")})
 
 
+def _deployed_model_gone(cfg: Config) -> str | None:
+    from termtune import aws
+
+    return aws.imported_model_gone(cfg)
+
+
 def _invoke(cfg: Config, force: bool) -> Outcome:
     from termtune import aws
 
@@ -180,7 +189,9 @@ STAGES: tuple[Stage, ...] = (
           ignores=("aws.import_timeout_minutes", "aws.poll_seconds", "aws.invoke_schema", "aws.invoke_max_tokens",
                    "aws.invoke_temperature", "aws.cold_start_budget_minutes", "aws.invoke_prompt",
                    "aws.model_quota", "aws.role_retry_minutes", "aws.deploy"),
-          upstream=("export",), outputs=lambda l: [l.deploy], marker=lambda l: l.deploy),
+          upstream=("export",), outputs=lambda l: [l.deploy], marker=lambda l: l.deploy,
+          # deleted elsewhere, the recorded model is gone: make-like, `run` imports it again
+          still_valid=_deployed_model_gone),
     Stage("invoke", _invoke, upstream=("deploy",), always=True),
 )
 BY_NAME = {s.name: s for s in STAGES}
@@ -318,13 +329,19 @@ def _command(name: str) -> str:
     return "data prepare" if name == "data" else name
 
 
-def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, str], announce: bool) -> Outcome | None:
+def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, str], announce: bool,
+                verify: bool = False) -> Outcome | None:
+    """`verify`: also ask a complete stage's `still_valid` (termtune run)."""
     layout = RunLayout.of(cfg)
     if stage.always:
         outcome = stage.run(cfg, force)
         _finish(cfg, stage, outcome, fingerprint=None, inputs=None)
         return outcome
     st = state(cfg, stage, cache)
+    if st.complete and not force and verify and stage.still_valid:
+        gone = stage.still_valid(cfg)
+        if gone:
+            st = State(False, [gone], st.record)
     if st.complete and not force:
         if announce:
             typer.secho(f"{stage.name}: up to date in {cfg.run_dir} (same settings and inputs), skipped", fg="green")
@@ -413,7 +430,7 @@ def run(cfg: Config) -> None:
                 from termtune import plan  # after data, so the plan counts the real batches
 
                 typer.echo(plan.one_line(cfg))
-            outcome = _run_locked(cfg, stage, force=False, cache=cache, announce=True)
+            outcome = _run_locked(cfg, stage, force=False, cache=cache, announce=True, verify=True)
             if outcome is not None:
                 if outcome.summary:
                     typer.echo(outcome.summary)

@@ -27,17 +27,22 @@ botocore's patterns and bounds; the key (as an ARN) and vpcConfig are echoed by 
 
 Choices where AWS does not document the behaviour (docs/aws.md lists them): a reused job or
 model name answers ConflictException; a request with neither max_tokens nor max_gen_len gets
-the OpenAI completion schema with 16 tokens; max_tokens must be 1..4096 and the prompt at most
-512 tokens; streaming sends one chunk per generated token, each in the request's schema, then
-one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
+the OpenAI completion schema with 16 tokens; max_tokens must be 1..the model's n_positions and
+the prompt at most 512 tokens (and 16,384 characters, checked before tokenizing); one generation
+per model at a time, each within a time budget, and a caller kept waiting too long for the
+model is throttled; streaming sends one chunk per generated token, each in the request's
+schema, then one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
 with makes the job Failed (not the create call); GetImportedModel reports 1 CMU of v1.0 for
 every model (a stand-in: Bedrock sizes CMUs from the model).
 
 What it does not do: authenticate its own callers (SigV4 signatures are ignored, any
 credentials work), persistence (state lives in memory), or Bedrock's own model hosting. It
-binds 127.0.0.1 unless told otherwise. Faults for rehearsal: a cold start
-(ModelNotReadyException for N seconds after each import), throttling of every Nth call, and
-IAM propagation (a role ARN is "invalid" for N seconds after it is first seen).
+binds 127.0.0.1 unless told otherwise, and holds up under bad local clients (a web page, a
+stalled socket): requests must name the bound address in Host, control-plane writes must be
+JSON, malformed shapes are 400s, a request must arrive whole within a deadline, and the
+workers and listen backlog are bounded (docs/aws.md, "serve under bad clients"). Faults for
+rehearsal: a cold start (ModelNotReadyException for N seconds after each import), throttling of
+every Nth call, and IAM propagation (a role ARN is "invalid" for N seconds after it is first seen).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import json
 import secrets
 import shutil
 import signal
+import socket
 import struct
 import sys
 import tempfile
@@ -61,9 +67,17 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS, MAX_TAGS, MODEL_ARN_RE, ROLE_ARN_RE,
                                 SORT_BY, SORT_ORDER, field_problem)
+from termtune.safepath import UnsafeName, inside
 
 MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit
 MAX_INPUT_TOKENS = 512  # Flan-T5's training input length
+MAX_PROMPT_CHARS = 32 * MAX_INPUT_TOKENS  # checked before tokenizing: no 512-token prompt is longer in practice
+MAX_NEW_TOKENS = 4096  # the most max_tokens may ask of a model that states no limit (n_positions)
+GENERATION_SECONDS = 60.0  # one generation's time budget (transformers' max_time): it stops there, "length"
+QUEUE_SECONDS = 10.0  # how long an invoke waits for its model, busy with another, before ThrottlingException
+WORKERS = 32  # connections served at once (one thread each); more wait in the listen backlog
+BACKLOG = 128  # the listen backlog (socketserver's default is 5)
+REQUEST_SECONDS = 20.0  # a request must arrive whole (headers and body) within this, or its connection closes
 STATUSES = ("InProgress", "Completed", "Failed")
 NOT_READY = ("Model is not ready for inference. Wait and try your request again. Refer to "
              "https://docs.aws.amazon.com/bedrock/latest/userguide/invoke-imported-model.html")
@@ -94,7 +108,8 @@ class Bedrock:
 
     def __init__(self, region: str = "us-east-1", cold_start_seconds: float = 0.0, throttle_every: int = 0,
                  import_delay_seconds: float = 1.0, model_quota: int = 3, role_delay_seconds: float = 0.0,
-                 max_body_bytes: int = MAX_BODY_BYTES, local_root: str | Path | None = None):
+                 max_body_bytes: int = MAX_BODY_BYTES, local_root: str | Path | None = None,
+                 generation_seconds: float = GENERATION_SECONDS, queue_seconds: float = QUEUE_SECONDS):
         self.region = region
         self.cold_start_seconds = cold_start_seconds
         self.throttle_every = throttle_every
@@ -103,6 +118,8 @@ class Bedrock:
         self.role_delay_seconds = role_delay_seconds
         self.max_body_bytes = max_body_bytes
         self.local_root = Path(local_root) if local_root else None
+        self.generation_seconds = generation_seconds
+        self.queue_seconds = queue_seconds
         self.lock = threading.Lock()
         self.jobs: dict[str, dict] = {}  # job ARN -> GetModelImportJob response
         self.models: dict[str, dict] = {}  # model ARN -> GetImportedModel response
@@ -133,8 +150,7 @@ class Bedrock:
     # --------------------------------------------------------------- control plane
 
     def create_job(self, body: dict) -> tuple[int, dict]:
-        source = body.get("modelDataSource")
-        s3_uri = source.get("s3DataSource", {}).get("s3Uri") if isinstance(source, dict) else None
+        s3_uri = _member(body, "modelDataSource", "s3DataSource", "s3Uri")
         for field, value in (("jobName", body.get("jobName")), ("importedModelName", body.get("importedModelName")),
                              ("roleArn", body.get("roleArn")), ("s3Uri", s3_uri)):
             if value is None:
@@ -254,7 +270,10 @@ class Bedrock:
         s3_uri = job["modelDataSource"]["s3DataSource"]["s3Uri"]
         bucket, prefix = s3.split_uri(s3_uri)
         if self.local_root:  # no S3 and no IAM: the rehearsal of the files alone
-            source = self.local_root / bucket / prefix
+            try:  # s3://bucket/../../ must not read from outside local_root
+                source = inside(self.local_root, f"{bucket}/{prefix}".rstrip("/"), what="the S3 URI's path")
+            except UnsafeName as e:
+                raise ImportFailure(f"Amazon Bedrock can't read {s3_uri}: {e}.") from e
             if not source.is_dir():
                 raise ImportFailure(f"No model files were found at {s3_uri} ({source} does not exist).")
             shutil.copytree(source, folder)
@@ -262,6 +281,8 @@ class Bedrock:
         credentials = self._assume(job)
         try:
             names = s3.download(client("s3", self.region, credentials=credentials), bucket, prefix, folder)
+        except UnsafeName as e:
+            raise ImportFailure(f"Amazon Bedrock refuses the files at {s3_uri}: {e}.") from e
         except Exception as e:
             code = error_code(e)
             if code is None:
@@ -373,21 +394,26 @@ class Bedrock:
                                                   "use application/json")
         try:
             request = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError("ValidationException", f"Malformed input request: {e}, please reformat your input "
-                                                  "and try again.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ApiError("ValidationException", f"Malformed input request: {type(e).__name__}: {e}, please "
+                                                  "reformat your input and try again.") from None
         if not isinstance(request, dict) or not isinstance(request.get("prompt"), str) or not request["prompt"]:
             raise ApiError("ValidationException", "Malformed input request: #: required key [prompt] not found "
                                                   "or not a non-empty string, please reformat your input and try again.")
+        if len(request["prompt"]) > MAX_PROMPT_CHARS:  # before the tokenizer spends time on it
+            raise ApiError("ValidationException", f"Input is too long: {len(request['prompt'])} characters; this "
+                                                  f"model accepts at most {MAX_INPUT_TOKENS} tokens "
+                                                  f"({MAX_PROMPT_CHARS} characters).")
         if "max_tokens" in request and "max_gen_len" in request:
             raise ApiError("ValidationException", "Malformed input request: give max_tokens (OpenAI completion) "
                                                   "or max_gen_len (Bedrock completion), not both.")
         limit = request.get("max_tokens", request.get("max_gen_len", 16))
         temperature = request.get("temperature", 0.0)
         top_p = request.get("top_p", 1.0)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 4096:
+        most = min(MAX_NEW_TOKENS, getattr(loaded[0].config, "n_positions", None) or MAX_NEW_TOKENS)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= most:
             raise ApiError("ValidationException", "Malformed input request: max_tokens/max_gen_len must be an "
-                                                  "integer between 1 and 4096.")
+                                                  f"integer between 1 and {most} (this model's limit).")
         if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2 or \
                 not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ApiError("ValidationException", "Malformed input request: temperature must be in [0, 2] and "
@@ -405,11 +431,20 @@ class Bedrock:
             raise ApiError("ValidationException", f"Input is too long: {n_prompt} tokens; this model accepts "
                                                   f"at most {MAX_INPUT_TOKENS}.")
         sample = opts["temperature"] > 0
-        kwargs = {"max_new_tokens": opts["max_new_tokens"], "do_sample": sample, "num_beams": 1}
+        kwargs = {"max_new_tokens": opts["max_new_tokens"], "do_sample": sample, "num_beams": 1,
+                  "max_time": self.generation_seconds}  # a time budget: stops there with stop_reason "length"
         if sample:
             kwargs.update(temperature=opts["temperature"], top_p=opts["top_p"])
-        with lock, torch.no_grad():
-            out = model.generate(**enc, **kwargs)[0].tolist()
+        # One generation per model at a time; a caller that cannot have the model within queue_seconds is
+        # throttled (the SDK retries that), so one long generation never holds every other caller for minutes.
+        if not lock.acquire(timeout=self.queue_seconds):
+            raise ApiError("ThrottlingException", f"The model is busy with other requests (waited "
+                                                  f"{self.queue_seconds:g} s); try again later.", 429)
+        try:
+            with torch.no_grad():
+                out = model.generate(**enc, **kwargs)[0].tolist()
+        finally:
+            lock.release()
         ids = out[1:]  # drop decoder_start_token_id
         eos = tokenizer.eos_token_id
         stopped = eos in ids
@@ -426,6 +461,20 @@ def _check(field: str, value: Any) -> None:
     problem = field_problem(field, value)
     if problem:
         raise ApiError("ValidationException", f"1 validation error detected: {problem}")
+
+
+def _member(body: dict, *path: str) -> Any:
+    """body[path[0]][path[1]]...; None when a member is absent, ValidationException when one is not an object."""
+    value: Any = body
+    for depth, key in enumerate(path):
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ApiError("ValidationException", f"1 validation error detected: Value at "
+                                                  f"'{'.'.join(path[:depth])}' failed to satisfy constraint: "
+                                                  "Member must be an object")
+        value = value.get(key)
+    return value
 
 
 def _account(role_arn: str) -> str:
@@ -527,8 +576,35 @@ def chunk_frame(body: dict) -> bytes:
 
 
 class Handler(BaseHTTPRequestHandler):
+    """One request per connection (HTTP/1.0, the default here), so no idle keep-alive holds a worker.
+    The request (headers and body) must arrive whole within the server's request_seconds: a deadline
+    timer shuts the reading side of a stalled or dripping connection, which then ends with 408 or no
+    answer; the same figure bounds every single socket read and write (BaseHTTPRequestHandler.timeout)."""
+
     server: "BedrockServer"
     server_version = "termtune-serve"
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_seconds
+        super().setup()
+        self.expired = False
+        self.deadline = threading.Timer(self.server.request_seconds, self._expire)
+        self.deadline.daemon = True
+        self.deadline.start()
+
+    def _expire(self) -> None:
+        self.expired = True
+        try:
+            self.connection.shutdown(socket.SHUT_RD)  # a blocked read returns now; the answer can still go out
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self.deadline.cancel()
+        try:
+            super().finish()
+        except OSError:
+            pass  # the client went away first
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -541,7 +617,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:  # method, path and status only; headers (credentials) never
-            sys.stderr.write(f"serve: {self.command} {unquote(urlsplit(self.path).path)} {args[1] if len(args) > 1 else ''}\n")
+            path = unquote(urlsplit(getattr(self, "path", "") or "").path)  # unset when the request line never came
+            sys.stderr.write(f"serve: {getattr(self, 'command', None) or '-'} {path} "
+                             f"{args[1] if len(args) > 1 else format % args}\n")
 
     def _dispatch(self, method: str) -> None:
         state = self.server.state
@@ -550,9 +628,12 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         try:
             raw = self._body()
+            self.deadline.cancel()  # the request is in; generation has its own time budget
+            self._check_host()
             state.throttle()
             route = (method, parts[0], len(parts))
             if route == ("POST", "model-import-jobs", 1):
+                self._check_json_content_type()
                 status, out = state.create_job(self._json(raw))
                 return self._reply(status, out)
             if route == ("GET", "model-import-jobs", 1):
@@ -578,7 +659,18 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(500, {"message": f"{type(e).__name__}: {e}"}, error="InternalServerException")
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        """The body, whole: refused when its framing is not one plain Content-Length, when it is over the
+        limit, or when it does not all arrive before the request deadline."""
+        import re
+
+        lengths = self.headers.get_all("Content-Length") or []
+        chunked = self.headers.get("Transfer-Encoding")
+        if chunked or len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,15}", v.strip()) for v in lengths):
+            self.close_connection = True  # where this body ends is unknown
+            framing = ", ".join([*lengths, *(["Transfer-Encoding"] if chunked else [])])
+            raise ApiError("ValidationException", "The request needs one Content-Length header with the body's "
+                                                  f"size in bytes (got {framing[:100] or 'none'}).")
+        length = int(lengths[0]) if lengths else 0
         limit = self.server.state.max_body_bytes
         if length > limit:
             remaining = length
@@ -588,13 +680,40 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 remaining -= len(chunk)
             raise ApiError("ValidationException", f"The request body is {length} bytes; the limit is {limit}.")
-        return self.rfile.read(length) if length else b""
+        try:
+            raw = self.rfile.read(length) if length else b""
+        except OSError:  # a single read timed out
+            raw = b""
+        if len(raw) < length or self.expired:  # expired: the headers themselves may be cut short
+            self.close_connection = True
+            raise ApiError("RequestTimeoutException", f"The request body did not arrive whole within "
+                                                      f"{self.server.request_seconds:g} s ({len(raw)} of {length} "
+                                                      "bytes).", 408)
+        return raw
+
+    def _check_host(self) -> None:
+        """A Host header naming the address serve is bound to: a web page that rebinds its own DNS name
+        to 127.0.0.1 still sends its name, so it is refused."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        allowed, port = self.server.allowed_hosts, self.server.server_address[1]
+        if host not in allowed and not (f"*:{port}" in allowed and host.endswith(f":{port}")):
+            raise ApiError("AccessDeniedException", f"termtune serve answers requests addressed to "
+                                                    f"{' or '.join(sorted(allowed))}, not Host "
+                                                    f"{host[:100] or '(none)'!r}.", 403)
+
+    def _check_json_content_type(self) -> None:
+        """Control-plane writes need Content-Type application/json: a cross-site form or text/plain POST
+        (what a browser sends without asking first) is refused."""
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ApiError("ValidationException", f"Content-Type {content_type or '(none)'!r} is not supported; "
+                                                  "send application/json.")
 
     @staticmethod
     def _json(raw: bytes) -> dict:
         try:
             value = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ApiError("ValidationException", "The request body is not valid JSON.") from None
         if not isinstance(value, dict):
             raise ApiError("ValidationException", "The request body must be a JSON object.")
@@ -662,12 +781,46 @@ def _openai(model_id: str, text: str, reason: str | None, n_prompt: int, n_out: 
 
 
 class BedrockServer(ThreadingHTTPServer):
+    """At most `workers` connections are served at once, one thread each; further connections wait in
+    the listen backlog (`backlog`) until a worker is free. A connection holds its worker at most
+    `request_seconds` while its request arrives, then for the answer (generation has its own budget)."""
+
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], state: Bedrock, quiet: bool = False):
+    def __init__(self, address: tuple[str, int], state: Bedrock, quiet: bool = False, workers: int = WORKERS,
+                 backlog: int = BACKLOG, request_seconds: float = REQUEST_SECONDS):
+        self.request_queue_size = backlog  # read by server_activate(), inside super().__init__
         super().__init__(address, Handler)
         self.state = state
         self.quiet = quiet
+        self.request_seconds = request_seconds
+        self.workers = threading.BoundedSemaphore(workers)
+        host, port = self.server_address[:2]
+        if host in ("0.0.0.0", "::", ""):  # every interface: any name may reach it, the port must match
+            self.allowed_hosts = {f"*:{port}"}
+        else:
+            names = {host, "localhost"} if host in ("127.0.0.1", "::1") else {host}
+            self.allowed_hosts = {f"[{n}]:{port}" if ":" in n else f"{n}:{port}" for n in names}
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.workers.acquire()  # blocks accepting; waiting connections queue in the listen backlog
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.workers.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.workers.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that broke (client gone, timed out): one line, not a traceback."""
+        if not self.quiet:
+            error = sys.exc_info()[1]
+            sys.stderr.write(f"serve: connection from {client_address[0]} ended: {type(error).__name__}: {error}\n")
 
     @property
     def url(self) -> str:
@@ -680,10 +833,13 @@ class BedrockServer(ThreadingHTTPServer):
         self.state.close()
 
 
-def start_server(host: str = "127.0.0.1", port: int = 0, quiet: bool = True, **options: Any) -> tuple[BedrockServer, str]:
+def start_server(host: str = "127.0.0.1", port: int = 0, quiet: bool = True, workers: int = WORKERS,
+                 backlog: int = BACKLOG, request_seconds: float = REQUEST_SECONDS,
+                 **options: Any) -> tuple[BedrockServer, str]:
     """Start in a background thread (for tests and scripts); stop with `server.stop()`.
     `options` are Bedrock's parameters (cold_start_seconds, throttle_every, ...)."""
-    server = BedrockServer((host, port), Bedrock(**options), quiet=quiet)
+    server = BedrockServer((host, port), Bedrock(**options), quiet=quiet, workers=workers, backlog=backlog,
+                           request_seconds=request_seconds)
     threading.Thread(target=server.serve_forever, name="termtune-serve", daemon=True).start()
     return server, server.url
 

@@ -42,6 +42,7 @@ from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
 from termtune.oserrors import probe_writable
 from termtune.rundir import atomic_dir, write_json, write_text
+from termtune.safepath import name_problem
 
 SEAL_FILE = "termtune-complete.json"
 """Written into a checkpoint folder after everything else; a folder without it is never resumed."""
@@ -611,7 +612,7 @@ def checkpoint_is_complete(folder: Path) -> bool:
     needed = {"trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors"}
     world_size = int(seal.get("world_size", 1))
     needed |= {f"rng_state_{i}.pth" for i in range(world_size)} if world_size > 1 else {"rng_state.pth"}
-    if not needed <= set(files):
+    if not needed <= set(files) or any(name_problem(name) for name in files):  # no name leads out of the folder
         return False
     return all((folder / name).is_file() and (folder / name).stat().st_size == size for name, size in files.items())
 

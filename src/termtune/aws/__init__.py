@@ -5,6 +5,6 @@ bedrock (control plane), stage (deploy / role / cleanup), runtime (invoke).
 """
 
 from termtune.aws.runtime import invoke, invoke_cli
-from termtune.aws.stage import DeployResult, cleanup, deploy, ensure_role
+from termtune.aws.stage import DeployResult, cleanup, deploy, ensure_role, imported_model_gone
 
-__all__ = ["DeployResult", "cleanup", "deploy", "ensure_role", "invoke", "invoke_cli"]
+__all__ = ["DeployResult", "cleanup", "deploy", "ensure_role", "imported_model_gone", "invoke", "invoke_cli"]

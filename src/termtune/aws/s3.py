@@ -14,6 +14,7 @@ from typing import Any
 
 from termtune.errors import UserError
 from termtune.rundir import sha256_file
+from termtune.safepath import UnsafeName, inside
 
 MANIFEST = "manifest.json"
 TERMTUNE_FILES = (MANIFEST, "README.md")
@@ -45,17 +46,23 @@ def artifact_files(directory: Path) -> list[ArtifactFile]:
     if manifest.is_file():
         try:
             entries = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            known = {e["path"]: e for e in entries if isinstance(e["path"], str)}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{manifest}: not a termtune manifest ({e}); re-run termtune export") from e
-        names = [e["path"] for e in entries]
-        known = {e["path"]: e for e in entries}
+        if len(known) != len(entries):
+            raise UserError(f"{manifest}: not a termtune manifest (a file path that is not a string, or "
+                            "listed twice); re-run termtune export")
+        names = list(known)
         names.append(MANIFEST)
     else:
-        names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+        names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
         known = {}
     files = []
     for name in names:
-        path = directory / name
+        try:  # a manifest entry (or a symlink in the folder) must not send a file from elsewhere to S3
+            path = inside(directory, name, what=f"{directory}: the file")
+        except UnsafeName as e:
+            raise UserError(f"{e}; re-run termtune export") from e
         if not path.is_file():
             raise UserError(f"{manifest}: lists {name}, which is missing from {directory}; re-run termtune export")
         size = path.stat().st_size
@@ -151,16 +158,31 @@ def delete_prefix(s3: Any, bucket: str, prefix: str) -> int:
     return len(keys)
 
 
+def abort_uploads(s3: Any, bucket: str, prefix: str) -> int:
+    """Abort every incomplete multipart upload under the prefix: an upload killed mid-way (SIGKILL,
+    a lost machine) leaves its parts stored, and billed, until aborted. Returns how many were open."""
+    from termtune.aws.clients import error_code
+
+    count = 0
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for upload in page.get("Uploads", []):
+            try:
+                s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            except Exception as e:
+                if error_code(e) != "NoSuchUpload":  # completed or aborted since the listing: nothing left
+                    raise
+                continue
+            count += 1
+    return count
+
+
 def download(s3: Any, bucket: str, prefix: str, target: Path) -> list[str]:
-    """Copy every object under the prefix into `target` (used by termtune serve's import job)."""
-    names = []
-    for name in remote_objects(s3, bucket, prefix):
-        if not name or name.endswith("/"):
-            continue
-        path = Path(target) / name
-        if ".." in Path(name).parts:
-            continue  # never write outside the target folder
+    """Copy every object under the prefix into `target` (used by termtune serve's import job).
+    Every key is checked before anything is written: one that would land outside `target`
+    (absolute, `..`, `//`, a backslash, ...) refuses the whole download (UnsafeName)."""
+    paths = {name: inside(target, name, what=f"the object key under s3://{bucket}/{prefix}")
+             for name in remote_objects(s3, bucket, prefix) if name and not name.endswith("/")}  # "x/": a folder marker
+    for name, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, prefix + name, str(path))
-        names.append(name)
-    return names
+    return list(paths)

@@ -26,6 +26,7 @@ from termtune.errors import UserError
 from termtune.export import artifact_digest
 from termtune.layout import RunLayout
 from termtune.rundir import read_json, sha256_file, write_json
+from termtune.safepath import name_problem
 
 
 @dataclass
@@ -64,6 +65,10 @@ def names(cfg: Config, artifact_sha256: str | None = None, taken: set[str] = fro
     name the user set is used as it is, unless an earlier attempt of this run already took it."""
     run_name = cfg.run_dir.resolve().name
     prefix = cfg.aws.prefix.format(run_name=run_name).strip("/")
+    problem = name_problem(prefix)
+    if problem:  # Bedrock's reader (and termtune serve's) refuses such keys; say so before uploading them
+        raise UserError(f"aws.prefix: {cfg.aws.prefix!r} gives the S3 prefix {prefix!r}, which {problem}; "
+                        "use folder names separated by single slashes")
     model_name = cfg.aws.model_name or safe_name(f"termtune-{run_name}")
     if artifact_sha256 and (not cfg.aws.model_name or model_name in taken):
         model_name = f"{model_name[:54]}-{artifact_sha256[:8]}"
@@ -162,6 +167,10 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
 
         # 3. upload, then prove the import prefix holds exactly the model before anything imports it
         try:
+            for prefix in (n["prefix"], n["meta_prefix"]):  # what an interrupted upload left open
+                if s3.abort_uploads(s3c, n["bucket"], prefix):
+                    print(f"aborted the incomplete multipart uploads an interrupted deploy left under "
+                          f"s3://{n['bucket']}/{prefix}", file=sys.stderr)
             up = s3.upload(s3c, artifact, model_files, n["bucket"], n["prefix"], cfg.aws.sse, cfg.aws.kms_key_id)
             s3.upload(s3c, artifact, own_files, n["bucket"], n["meta_prefix"], cfg.aws.sse, cfg.aws.kms_key_id,
                       progress=False)
@@ -232,6 +241,28 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
     _save(cfg, record)
     return DeployResult(n["s3_uri"], n["model_name"], job_name, role_arn, job_arn, model_arn,
                         up.uploaded, up.skipped, facts=facts, cost=cost)
+
+
+def imported_model_gone(cfg: Config) -> str | None:
+    """Why the model deploy.json records as imported is no longer there (deleted outside termtune:
+    GetImportedModel answers ResourceNotFoundException), or None while it exists."""
+    record = read_record(cfg)
+    arn = record.get("model_arn")
+    if not arn:
+        return None
+    try:
+        with aws_errors():
+            client("bedrock", record.get("region") or cfg.aws.region, cfg.aws.profile).get_imported_model(
+                modelIdentifier=arn)
+    except Exception as e:
+        code = error_code(e)
+        if code == "ResourceNotFoundException":
+            return f"the imported model {arn} no longer exists in Bedrock (deleted outside termtune)"
+        if code is None:
+            raise
+        raise UserError(f"deploy: cannot check that the imported model {arn} still exists (GetImportedModel: "
+                        f"{code}: {error_message(e)}); the caller needs bedrock:GetImportedModel") from e
+    return None
 
 
 def _request_fields(cfg: Config, n: dict[str, str], job_name: str, token: str) -> list[tuple[str, str, str]]:
@@ -363,9 +394,9 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
                 done.append(f"deleted imported model {deleted}")
         s3c = client("s3", region, cfg.aws.profile)
         for uri in uris:
-            count = _delete_prefix(s3c, uri)
-            if count:
-                done.append(f"deleted {count} objects under {uri}")
+            what = _delete_prefix(s3c, uri)
+            if what:
+                done.append(what)
         if role and iam.delete(client("iam", region, cfg.aws.profile), role):
             done.append(f"deleted IAM role {role}")
     print("\n".join(done) if done else "nothing left to delete", file=sys.stderr)
@@ -377,11 +408,16 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     return done
 
 
-def _delete_prefix(s3c: Any, uri: str) -> int:
+def _delete_prefix(s3c: Any, uri: str) -> str | None:
+    """Abort the incomplete multipart uploads and delete the objects under the URI; what was done."""
     bucket, prefix = s3.split_uri(uri)
     try:
-        return s3.delete_prefix(s3c, bucket, prefix)
+        aborted = s3.abort_uploads(s3c, bucket, prefix)
+        deleted = s3.delete_prefix(s3c, bucket, prefix)
     except Exception as e:
         if error_code(e) != "NoSuchBucket":
             raise
-        return 0
+        return None
+    done = [f"deleted {deleted} objects"] if deleted else []
+    done += [f"aborted {aborted} incomplete multipart uploads"] if aborted else []
+    return f"{' and '.join(done)} under {uri}" if done else None
