@@ -467,21 +467,23 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def field_docs() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, description) for every config key, for the README reference."""
+def attribute_docs(cls: type) -> dict[str, str]:
+    """A class's attribute docstrings (the string right after a field), by field name, on one line each."""
     import ast
     import inspect
 
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    return {a.target.id: " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+            for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every config key, for the README reference."""
     rows: list[tuple[str, str, str, str]] = []
     for name, field in Config.model_fields.items():
         section = field.annotation
-        docs: dict[str, str] = {}
-        # Attribute docstrings (the string right after a field) are the field's documentation.
-        tree = ast.parse(inspect.getsource(section))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+        docs = attribute_docs(section)
         for key, sub in section.model_fields.items():
             default = sub.default if sub.default_factory is None else sub.default_factory()
             annotation = sub.annotation

@@ -45,6 +45,8 @@ class Row:
 
 @dataclass(repr=False)
 class PreparedData(StageResult):
+    """What `termtune data prepare` wrote: the two splits and their stats."""
+
     train_path: Path
     test_path: Path
     stats: dict[str, Any]

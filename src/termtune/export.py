@@ -56,6 +56,8 @@ PAUSE_ENV = "TERMTUNE_EXPORT_TEST_PAUSE"  # seconds to sleep mid-export (crash t
 
 @dataclass(repr=False)
 class Artifact(StageResult):
+    """The artifact folder `termtune export` wrote, its files (from the manifest) and its preflight checks."""
+
     path: Path
     dtype: str
     base_model: str

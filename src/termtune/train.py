@@ -64,6 +64,8 @@ _TRAJECTORY_KEYS = {
 
 @dataclass(repr=False)
 class TrainResult(StageResult):
+    """What `termtune train` measured; saved as <run>/train/result.json."""
+
     run_dir: str
     adapter_dir: str
     global_step: int

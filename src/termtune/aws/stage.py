@@ -31,6 +31,8 @@ from termtune.rundir import read_json, sha256_file, write_json
 
 @dataclass(repr=False)
 class DeployResult(StageResult):
+    """Where `termtune deploy` uploaded the artifact and what it imported (or would, with dry_run)."""
+
     s3_uri: str
     model_name: str
     job_name: str
