@@ -117,7 +117,7 @@ def render() -> str:
     for name in termtune.API:
         lines += function_section(getattr(api, name), f"termtune.{name}")
     lines += ["## Results", "",
-              "Each is a dataclass; `repr()` gives the lines the CLI prints (`summary()`), and `skipped` is",
+              "Each is a dataclass; `repr()` gives the lines the CLI prints (`summary()`), and `up_to_date` is",
               "True when the stage was up to date and the result was read back from the run directory.", ""]
     for cls in (PreparedData, api.DataPreview, TrainResult, EvalReport, Artifact, Validation, Check, DeployResult,
                 api.Invocation, api.Cleanup, api.RunResult):

@@ -123,7 +123,7 @@ def test_the_whole_path_from_python(tmp_path, capfd):
     cfg = tt.load_config("configs/demo.yaml", [*tiny_overrides(tmp_path / "run", data), "aws.bucket=termtune-api",
                                                "aws.poll_seconds=0.2"])
     prepared = tt.prepare_data(cfg)
-    assert isinstance(prepared, PreparedData) and not prepared.skipped
+    assert isinstance(prepared, PreparedData) and not prepared.up_to_date
     assert prepared.stats["train_rows"] + prepared.stats["test_rows"] == 48
     assert "split: 40 train / 8 test" in repr(prepared)  # the lines `termtune data prepare` prints
     preview = tt.inspect_data(cfg, rows=2)
@@ -143,20 +143,24 @@ def test_the_whole_path_from_python(tmp_path, capfd):
 
     # Up to date: skipped by the runner, the same figures read back from the run directory.
     again = tt.train(cfg)
-    assert again.skipped and again.train_loss == trained.train_loss and "up to date" in repr(again)
+    assert again.up_to_date and again.train_loss == trained.train_loss and "up to date" in repr(again)
     assert tt.export(cfg).digest == artifact.digest
 
     with local_aws(bucket="termtune-api") as aws:
         deployed = tt.deploy(cfg)
         assert isinstance(deployed, DeployResult) and deployed.model_arn.startswith("arn:aws:bedrock:")
+        assert not deployed.up_to_date and "uploaded 8 files" in repr(deployed)
         answer = tt.invoke(cfg, term="Hypertension")
         assert answer.prompt == "What is Hypertension?" and answer.model_arn == deployed.model_arn
         assert json.loads((cfg.run_dir / "invoke.json").read_text())["text"] == answer.text
         removed = tt.cleanup(cfg, yes=True)
         assert any("deleted imported model" in line for line in removed.deleted)
 
+    resent = DeployResult("s3://b/p/", "m", "j", skipped=["config.json"])  # its own `skipped`: files already there
+    assert not resent.up_to_date
+
     everything = tt.run(cfg.model_copy(update={"aws": cfg.aws.model_copy(update={"deploy": False})}))
     assert list(everything.results) == ["data", "train", "evaluate", "export", "validate"]
-    assert everything["train"].skipped and everything["train"].global_step == trained.global_step
+    assert everything["train"].up_to_date and everything["train"].global_step == trained.global_step
     assert everything["evaluate"].metrics == report.metrics
     assert not everything["validate"].failed

@@ -15,7 +15,7 @@
 The `termtune` command calls exactly these functions, and they run every stage through
 termtune.pipeline: a stage refuses outputs that earlier stages made with other settings, a stage
 that is up to date (same settings and inputs) is skipped and its result read back from the run
-directory (`result.skipped` is then True), the run directory's lock is held while a stage writes,
+directory (`result.up_to_date` is then True), the run directory's lock is held while a stage writes,
 replaced results are kept in <run>/history.json, and the report is refreshed after each stage.
 
 A result's repr is what the command prints; in a notebook, evaluation metrics and validation
@@ -227,7 +227,7 @@ def _read_back(cfg: Config, name: str) -> StageResult:
     from termtune.layout import RunLayout
 
     result = _READERS[name](cfg, RunLayout.of(cfg))
-    result.skipped = True
+    result.up_to_date = True
     return result
 
 

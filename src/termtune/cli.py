@@ -336,7 +336,7 @@ def run(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> Non
 
 def _echo(result: Any) -> None:
     """Print a stage's summary; a skipped stage has already said why."""
-    if not result.skipped:
+    if not result.up_to_date:
         typer.echo(result.summary())
 
 

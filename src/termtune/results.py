@@ -15,14 +15,14 @@ from typing import Any, Iterable
 class StageResult:
     """Mixin for stage results: repr() is summary(). Subclasses are `@dataclass(repr=False)`."""
 
-    skipped: bool = False
+    up_to_date: bool = False
     """True when the stage was up to date (same settings and inputs) and this was read back from the run."""
 
     def summary(self) -> str:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        note = "\n(up to date: read back from the run directory, not run again)" if self.skipped else ""
+        note = "\n(up to date: read back from the run directory, not run again)" if self.up_to_date else ""
         return self.summary() + note
 
 
