@@ -56,6 +56,9 @@ def test_the_sdk_reaches_the_stand_ins_and_everything_is_restored(user_environme
     assert not any(_alive(pid) for pid in pids)
     assert not logs.exists()  # a clean exit leaves nothing behind
 
+    with local_aws(bucket="termtune-local-again"):  # another moto, another key: boto3.client() must use it
+        assert [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]] == ["termtune-local-again"]
+
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 def test_an_error_or_ctrl_c_in_the_block_stops_both_and_restores_the_environment(user_environment, error):

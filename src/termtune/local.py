@@ -95,6 +95,10 @@ def _apply(values: Mapping[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    # boto3's default session (boto3.client(...)) keeps the credentials it first read from the
+    # environment: drop it, so the next boto3.client() reads the variables as they are now.
+    if "boto3" in sys.modules:
+        sys.modules["boto3"].DEFAULT_SESSION = None
 
 
 @dataclass
@@ -148,7 +152,7 @@ def local_aws(bucket: str | None = None, cold_start_seconds: float = 0.0, import
             if bucket:
                 import boto3
 
-                boto3.client("s3", region_name=REGION).create_bucket(Bucket=bucket)
+                boto3.Session(region_name=REGION).client("s3").create_bucket(Bucket=bucket)
             yield stand_ins
         clean = True
     finally:
