@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BEDROCK_VENV := .venv-bedrock
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo notebook
 
 $(VENV)/.installed: pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ install: $(VENV)/.installed $(BEDROCK_VENV)/.installed
 
 demo: $(VENV)/.installed
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+# The walkthrough notebook, executed top to bottom in a fresh kernel (offline, a few minutes); the
+# copy with every table and plot goes to runs/, the notebook in the repository keeps no outputs.
+notebook: $(VENV)/.installed
+	$(VENV)/bin/python scripts/run_notebook.py notebooks/walkthrough.ipynb \
+		--output runs/walkthrough/walkthrough-executed.ipynb
 
 # pytest exits 5 when it collected no tests: that is a failure, never a silent pass.
 test: $(VENV)/.installed $(BEDROCK_VENV)/.installed

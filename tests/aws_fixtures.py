@@ -1,7 +1,9 @@
 """Fixtures for the AWS tests: a tiny CMI-valid artifact, moto's S3/IAM/STS server, termtune serve.
 
 Everything runs on 127.0.0.1 with real boto3 clients; the endpoints reach boto3 only
-through the SDK's standard settings (AWS_ENDPOINT_URL_*), as they would in production.
+through the SDK's standard settings (AWS_ENDPOINT_URL_*), as they would in production. The
+servers run in the test process (so tests can inspect termtune serve's state); the variables
+that point boto3 at them are termtune.local's, the same the demo and notebooks use.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,6 @@ BUCKET = "termtune-test"
 ACCOUNT = "123456789012"  # moto's default account
 EXISTING_ROLE = "existing-import-role"  # made as an administrator would, with termtune's policies
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_artifact(folder: Path, seed: int = 0) -> Path:
@@ -95,31 +91,25 @@ def aws_env(monkeypatch, moto_server):
     """The administrator's credentials and the standard endpoint variables pointing
     S3/IAM/STS/KMS at moto. Returns a function that starts termtune serve with given
     options and points Bedrock at it."""
+    from termtune.local import aws_variables
     from termtune.serve import start_server
 
+    def point_sdk(values):  # through monkeypatch: one undo stack with the test's own setenv calls
+        for key, value in values.items():
+            monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+
     url, keys = moto_server
-    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_MAX_ATTEMPTS"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in keys.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-    for service in ("S3", "IAM", "STS", "KMS"):
-        monkeypatch.setenv(f"AWS_ENDPOINT_URL_{service}", url)
-    servers = []
+    point_sdk(aws_variables(moto_url=url, credentials=keys))
+    with ExitStack() as servers:
 
-    def start(**options):
-        options.setdefault("import_delay_seconds", 0.2)
-        server, url = start_server(**options)
-        servers.append(server)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK", url)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_BEDROCK_RUNTIME", url)
-        return server
+        def start(**options):
+            options.setdefault("import_delay_seconds", 0.2)
+            server, bedrock_url = start_server(**options)
+            servers.callback(server.stop)
+            point_sdk(aws_variables(bedrock_url=bedrock_url))
+            return server
 
-    yield start
-    for server in servers:
-        server.stop()
+        yield start
 
 
 def wait(br, arn: str) -> dict:

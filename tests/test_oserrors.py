@@ -10,6 +10,7 @@ the kernel's write(2) does.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import subprocess
 import sys
@@ -152,7 +153,6 @@ def test_disk_filling_up_mid_export_is_one_line_and_leaves_nothing(trained, tmp_
 def test_disk_full_mid_export_simulated_at_the_write_call(trained, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import termtune.export
     from termtune.cli import app
 
     class FullDisk:
@@ -177,7 +177,8 @@ def test_disk_full_mid_export_simulated_at_the_write_call(trained, tmp_path, mon
         f = real_open(path, mode, *args, **kwargs)
         return FullDisk(f) if str(path).endswith(".safetensors") and "w" in mode else f
 
-    monkeypatch.setattr(termtune.export, "open", open_full, raising=False)
+    # the stage module (termtune.export is the API function)
+    monkeypatch.setattr(importlib.import_module("termtune.export"), "open", open_full, raising=False)
     artifact = tmp_path / "artifact"
     result = CliRunner().invoke(app, ["export", *tiny_overrides(trained.run_dir, trained.data.source),
                                       f"export.dir={artifact}"])

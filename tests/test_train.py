@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
-from termtune import data, pipeline, train
+from termtune import data, pipeline
 from termtune.config import load_config
 from termtune.errors import UserError
+from termtune.local import free_port
+
+train = importlib.import_module("termtune.train")  # the stage module; termtune.train is the API function
 
 TERMTUNE = [sys.executable, "-m", "termtune.cli"]
 
@@ -321,18 +324,12 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_adapter(tmp_path):
 # ----------------------------------------------------------------------------- scale-out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_train_to_the_end_with_identical_adapters(tmp_path):
     overrides, cfg = _prepared(tmp_path, {"train.epochs": 2})
     dump = tmp_path / "ranks"
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), "-m", "termtune.cli", "train", *overrides],
+         "--master_port", str(free_port()), "-m", "termtune.cli", "train", *overrides],
         capture_output=True, text=True, env=_env(TERMTUNE_DEBUG_DUMP_DIR=str(dump), OMP_NUM_THREADS="1"),
         cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

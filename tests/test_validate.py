@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -286,9 +287,8 @@ def test_nan_or_inf_in_any_weight_fails(tmp_path, monkeypatch, dtype, value):
     import torch
     from safetensors.torch import save_file as save_torch
 
-    import termtune.validate
-
-    monkeypatch.setattr(termtune.validate, "SCAN_CHUNK_BYTES", 24)  # many chunks per tensor, a short last one
+    # the stage module (termtune.validate is the API function)
+    monkeypatch.setattr(importlib.import_module("termtune.validate"), "SCAN_CHUNK_BYTES", 24)  # many chunks per tensor, a short last one
 
     torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[dtype]
     tensors = {name: torch.from_numpy(array).to(torch_dtype) for name, array in weights().items()}

@@ -1,4 +1,4 @@
-"""The termtune command line: parse, call a stage, print. No logic lives here.
+"""The termtune command line: parse, call the Python API (termtune.api), print. No logic lives here.
 
 Every stage command takes `[CONFIG] [KEY=VALUE ...]`:
 
@@ -17,7 +17,8 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
-from termtune.config import Config, load_config
+from termtune import api
+from termtune.config import Config
 from termtune.errors import UserError
 
 app = typer.Typer(
@@ -75,7 +76,7 @@ def resolve(args: Optional[List[str]]) -> Config:
     for a in args:
         if "=" not in a:
             raise UserError(f"{a!r}: expected KEY=VALUE (only the first argument may be a config file)")
-    cfg = load_config(path, args)
+    cfg = api.load_config(path, args)
     _state["run_dir"] = cfg.run_dir  # the folder an OS error names when the OS names none
     return cfg
 
@@ -96,11 +97,9 @@ def data_prepare(
         termtune data prepare configs/demo.yaml data.source=terms.csv
     """
     cfg = resolve(args)
-    from termtune import pipeline
-
     if strict:
         cfg.data.strict = True
-    _echo(pipeline.run_stage(cfg, "data", force=force))
+    _echo(api.prepare_data(cfg, force=force))
 
 
 @data_app.command("inspect")
@@ -115,16 +114,8 @@ def data_inspect(
     Example:
         termtune data inspect configs/demo.yaml --rows 5
     """
-    cfg = resolve(args)
-    from termtune import data
-
-    stats, examples = data.inspect(cfg, rows=rows)
-    if as_json:
-        typer.echo(json.dumps(stats, indent=2))
-        return
-    typer.echo(data.summary(stats))
-    for ex in examples:
-        typer.echo(f"\n[{ex['term']}]\n  prompt: {ex['prompt']}\n  target: {ex['target'][:300]}")
+    preview = api.inspect_data(resolve(args), rows=rows)
+    typer.echo(json.dumps(preview.stats, indent=2) if as_json else preview.summary())
 
 
 # ----------------------------------------------------------------------------- plan / train / evaluate
@@ -163,12 +154,9 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     Example:
         termtune train configs/demo.yaml train.epochs=2
     """
-    cfg = resolve(args)
-    from termtune import pipeline
-
-    outcome = pipeline.run_stage(cfg, "train")
+    result = api.train(resolve(args))
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate, one summary, not one per process
-        _echo(outcome)
+        _echo(result)
 
 
 @app.command()
@@ -182,10 +170,7 @@ def evaluate(
     Example:
         termtune evaluate configs/demo.yaml eval.max_new_tokens=64
     """
-    cfg = resolve(args)
-    from termtune import pipeline
-
-    _echo(pipeline.run_stage(cfg, "evaluate", force=force))
+    _echo(api.evaluate(resolve(args), force=force))
 
 
 @app.command()
@@ -196,10 +181,7 @@ def report(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> 
     Example:
         termtune report configs/demo.yaml
     """
-    cfg = resolve(args)
-    from termtune import pipeline
-
-    typer.echo(f"report: {pipeline.write_report(cfg)}")
+    typer.echo(f"report: {api.write_report(resolve(args))}")
 
 
 # ----------------------------------------------------------------------------- export / validate
@@ -216,10 +198,7 @@ def export(
     Example:
         termtune export configs/demo.yaml export.dtype=fp32
     """
-    cfg = resolve(args)
-    from termtune import pipeline
-
-    _echo(pipeline.run_stage(cfg, "export", force=force))
+    _echo(api.export(resolve(args), force=force))
 
 
 @app.command()
@@ -235,14 +214,9 @@ def validate(
     Example:
         termtune validate runs/demo/artifact
     """
-    from termtune import validate as validate_stage
-
-    checks = validate_stage.validate(directory)
-    if as_json:
-        typer.echo(json.dumps([c.as_dict() for c in checks], indent=2))
-    else:
-        typer.echo(validate_stage.format_checks(checks))
-    if any(c.failed for c in checks):
+    result = api.validate(directory)
+    typer.echo(json.dumps([c.as_dict() for c in result.checks], indent=2) if as_json else result.summary())
+    if result.failed:
         raise typer.Exit(1)
 
 
@@ -260,16 +234,7 @@ def deploy(
     Example:
         termtune deploy configs/flan-t5-large-medical.yaml aws.bucket=my-bucket
     """
-    cfg = resolve(args)
-    from termtune import pipeline
-
-    if dry_run:
-        from termtune import aws
-
-        pipeline.check_upstream(cfg, "deploy")
-        typer.echo(aws.deploy(cfg, dry_run=True).summary())
-        return
-    _echo(pipeline.run_stage(cfg, "deploy"))
+    _echo(api.deploy(resolve(args), dry_run=dry_run))
 
 
 @app.command()
@@ -308,10 +273,7 @@ def invoke(
     Example:
         termtune invoke configs/demo.yaml --term "Hypertension"
     """
-    cfg = resolve(args)
-    from termtune import pipeline
-
-    pipeline.invoke(cfg, term=term, raw=text, model_arn=model, stream=stream, as_json=as_json)
+    api.invoke(resolve(args), term=term, raw=text, model_arn=model, stream=stream, as_json=as_json)
 
 
 @app.command()
@@ -325,10 +287,7 @@ def cleanup(
     Example:
         termtune cleanup configs/demo.yaml --yes
     """
-    cfg = resolve(args)
-    from termtune import pipeline
-
-    pipeline.cleanup(cfg, yes=yes)
+    api.cleanup(resolve(args), yes=yes)
 
 
 @app.command()
@@ -372,16 +331,13 @@ def run(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> Non
     Example:
         termtune run configs/demo.yaml
     """
-    cfg = resolve(args)
-    from termtune import pipeline
-
-    pipeline.run(cfg)
+    api.run(resolve(args))
 
 
-def _echo(outcome: Any) -> None:
-    """Print a stage's summary; a skipped stage (None) has already said why."""
-    if outcome is not None and outcome.summary:
-        typer.echo(outcome.summary)
+def _echo(result: Any) -> None:
+    """Print a stage's summary; a skipped stage has already said why."""
+    if not result.up_to_date:
+        typer.echo(result.summary())
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import difflib
 import json
 import string
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -297,8 +297,11 @@ class Config(Section):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when `path` is None) and apply `KEY=VALUE` overrides.
+def load_config(path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] | Mapping[str, Any] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply overrides: `KEY=VALUE`
+    strings (values parsed as YAML, as on the command line) or a mapping of dotted keys to values
+    (used as given: {"train.epochs": 1, "lora.target_modules": ["q", "v"]}).
 
     Raises:
         UserError: the file is missing, empty, too large, not UTF-8 or not YAML, repeats a key or
@@ -310,8 +313,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         where = str(path)
         raw = _read_config_file(Path(path))
-    for item in overrides:
-        _apply_override(raw, item)
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            _set_key(raw, str(key), str(value) if isinstance(value, Path) else value)
+    else:
+        for item in overrides:
+            _apply_override(raw, item)
     _check_keys(raw, Config, prefix="", where=where)
     try:
         return Config.model_validate(raw)
@@ -407,14 +414,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise UserError(f"override {key}: {e}") from e
     except yaml.YAMLError:
         value = text
-    parts = key.split(".")
-    if _expects_text(parts) and value is not None and not isinstance(value, str):
+    if _expects_text(key.split(".")) and value is not None and not isinstance(value, str):
         value = text  # "Define: {term}" is a template, not a YAML mapping
+    _set_key(raw, key, value)
+
+
+def _set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UserError(f"override {item!r}: {part} is not a section")
+            raise UserError(f"override {key}: {part} is not a section")
     node[parts[-1]] = value
 
 
@@ -456,21 +467,23 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def field_docs() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, description) for every config key, for the README reference."""
+def attribute_docs(cls: type) -> dict[str, str]:
+    """A class's attribute docstrings (the string right after a field), by field name, on one line each."""
     import ast
     import inspect
 
+    body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    return {a.target.id: " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+            for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) for every config key, for the README reference."""
     rows: list[tuple[str, str, str, str]] = []
     for name, field in Config.model_fields.items():
         section = field.annotation
-        docs: dict[str, str] = {}
-        # Attribute docstrings (the string right after a field) are the field's documentation.
-        tree = ast.parse(inspect.getsource(section))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+        docs = attribute_docs(section)
         for key, sub in section.model_fields.items():
             default = sub.default if sub.default_factory is None else sub.default_factory()
             annotation = sub.annotation

@@ -25,6 +25,7 @@ from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.oserrors import probe_writable
+from termtune.results import StageResult
 from termtune.rundir import atomic_dir, read_json, write_json
 
 # (term column, definition column) pairs recognised without any mapping.
@@ -42,11 +43,17 @@ class Row:
     problem: str | None = None  # a reading error (unparsable line, invalid UTF-8)
 
 
-@dataclass
-class PreparedData:
+@dataclass(repr=False)
+class PreparedData(StageResult):
+    """What `termtune data prepare` wrote: the two splits and their stats."""
+
     train_path: Path
     test_path: Path
     stats: dict[str, Any]
+    """The content of <run>/data/stats.json: rows read/used/skipped, split sizes, token lengths."""
+
+    def summary(self) -> str:
+        return summary(self.stats)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from termtune.config import Config, EvalConfig
 from termtune.errors import UserError
 from termtune.layout import RunLayout
+from termtune.results import StageResult, html_table
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +51,8 @@ class Generation:
     """True when generation stopped at max_new_tokens without an end-of-sequence token."""
 
 
-@dataclass
-class EvalReport:
+@dataclass(repr=False)
+class EvalReport(StageResult):
     """What `termtune evaluate` produced; `metrics` is the content of metrics.json."""
 
     directory: Path
@@ -74,6 +75,22 @@ class EvalReport:
         lines.append(f"  predictions: {self.predictions_path}")
         lines.append(f"  metrics:     {self.directory / 'metrics.json'}")
         return "\n".join(lines)
+
+    def answers(self, n: int = 3) -> list[dict[str, Any]]:
+        """The first `n` held-out rows of predictions.jsonl: term, prompt, reference, base and tuned answers."""
+        with self.predictions_path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line, _ in zip(f, range(n))]
+
+    def _repr_html_(self) -> str:
+        m = self.metrics
+        models = [name for name in ("base", "tuned") if isinstance(m.get(name), dict)]
+        table = html_table(["metric", *models], [[label, *(format_metric(key, m[name].get(key)) for name in models)]
+                                                  for key, label in _SUMMARY_ROWS],
+                           caption=f"{m.get('n', '?')} held-out examples, {_describe_decoding(m.get('decoding', {}))}")
+        answers = self.answers() if self.predictions_path.is_file() else []
+        shown = html_table(["term", "reference", *models], [[a["term"], a["reference"], *(a[name] for name in models)]
+                                                           for a in answers], caption="a few answers")
+        return table + (shown if answers else "")
 
 
 _SUMMARY_ROWS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),

@@ -39,6 +39,7 @@ from termtune.layout import RunLayout
 from termtune.modelcard import TORCH_DTYPE_NAMES, base_name
 from termtune.oserrors import probe_writable, writing
 from termtune.rundir import atomic_dir, read_json, sha256_file, write_json
+from termtune.results import StageResult
 from termtune.validate import INDEX_FILE, Check, format_checks, validate
 
 if TYPE_CHECKING:
@@ -53,8 +54,10 @@ TIED_TO_SHARED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 PAUSE_ENV = "TERMTUNE_EXPORT_TEST_PAUSE"  # seconds to sleep mid-export (crash tests only)
 
 
-@dataclass
-class Artifact:
+@dataclass(repr=False)
+class Artifact(StageResult):
+    """The artifact folder `termtune export` wrote, its files (from the manifest) and its preflight checks."""
+
     path: Path
     dtype: str
     base_model: str

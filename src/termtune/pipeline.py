@@ -85,9 +85,9 @@ def _data(cfg: Config, force: bool) -> Outcome:
 
 
 def _train(cfg: Config, force: bool) -> Outcome:
-    from termtune import train
+    from termtune.train import train
 
-    result = train.train(cfg)
+    result = train(cfg)
     record: dict[str, Any] = {"result": asdict(result)}
     if os.environ.get("RANK", "0") == "0":
         from termtune import plan
@@ -100,37 +100,37 @@ def _train(cfg: Config, force: bool) -> Outcome:
 
 
 def _evaluate(cfg: Config, force: bool) -> Outcome:
-    from termtune import evaluate
+    from termtune.evaluate import evaluate
 
-    report = evaluate.evaluate(cfg)
+    report = evaluate(cfg)
     metrics = report.metrics
     return Outcome(report, report.summary(), {"metrics": {k: metrics[k] for k in ("base", "tuned", "n") if k in metrics}})
 
 
 def _export(cfg: Config, force: bool) -> Outcome:
-    from termtune import export
+    from termtune.export import export
 
     layout = RunLayout.of(cfg)
     # An artifact inside the run directory is termtune's to replace (export still checks it is one);
     # one elsewhere (export.dir) is replaced only with --force or when a record proves it is this run's.
     inside = layout.artifact.resolve().is_relative_to(layout.root.resolve())
-    artifact = export.export(cfg, force=force or inside)
+    artifact = export(cfg, force=force or inside)
     return Outcome(artifact, artifact.summary(), {
         "artifact": str(artifact.path), "artifact_sha256": artifact.digest, "dtype": artifact.dtype,
+        "seconds": round(artifact.seconds, 1),
         "total_bytes": artifact.total_bytes, "weight_files": artifact.shards,
         "validation_failed": sum(c.failed for c in artifact.checks)})
 
 
 def _validate(cfg: Config, force: bool) -> Outcome:
-    from termtune import validate
+    from termtune.validate import Validation, validate
 
     folder = RunLayout.of(cfg).artifact
-    checks = validate.validate(folder)
-    text = validate.format_checks(checks)
-    if any(c.failed for c in checks):
-        typer.echo(text)
+    result = Validation(folder, validate(folder))
+    if result.failed:
+        typer.echo(result.summary())
         raise UserError(f"{folder}: the artifact fails the Bedrock preflight (see the checks above)")
-    return Outcome(checks, text)
+    return Outcome(result, result.summary())
 
 
 def _deploy(cfg: Config, force: bool) -> Outcome:
@@ -412,13 +412,15 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     return done
 
 
-def run(cfg: Config) -> None:
-    """`termtune run`: every stage in order; deploy and invoke only when aws.deploy is true."""
+def run(cfg: Config) -> dict[str, Outcome | None]:
+    """`termtune run`: every stage in order; deploy and invoke only when aws.deploy is true.
+    Returns each stage's outcome by name (None for a stage that was up to date)."""
     stages = [s for s in STAGES if cfg.aws.deploy or s.name not in ("deploy", "invoke")]
     layout = RunLayout.of(cfg)
     started = time.perf_counter()
     from termtune.modeling import check_model_settings
 
+    outcomes: dict[str, Outcome | None] = {}
     with locked(cfg, "termtune run"):
         cache: dict[str, str] = {}
         if not state(cfg, BY_NAME["train"], cache).complete:
@@ -430,10 +432,12 @@ def run(cfg: Config) -> None:
                 from termtune import plan  # after data, so the plan counts the real batches
 
                 typer.echo(plan.one_line(cfg))
-            outcome = _run_locked(cfg, stage, force=False, cache=cache, announce=True, verify=True)
+            outcome = outcomes[stage.name] = _run_locked(cfg, stage, force=False, cache=cache, announce=True,
+                                                         verify=True)
             if outcome is not None:
                 if outcome.summary:
                     typer.echo(outcome.summary)
                 typer.echo(f"   ({stage.name} took {time.perf_counter() - t0:.1f}s)")
     typer.secho(f"== done in {time.perf_counter() - started:.0f}s; report: {layout.report_html}",
                 fg="green", bold=True)
+    return outcomes

@@ -5,7 +5,7 @@ issued and evaluates the caller's IAM policies for the action and resource, so t
 role's permission policy decides what `termtune serve`'s import job can read from S3.
 
     server, url, keys = start_moto()            # tests
-    python -m termtune.rehearsal --port 5055 --env-file moto.env   # scripts/demo.sh
+    python -m termtune.rehearsal --port 5055 --env-file moto.env   # termtune.local
 
 Switching it on (moto's documented way, server mode): POST the number of requests that may
 still go unauthenticated to /moto-api/reset-auth (the INITIAL_NO_AUTH_ACTION_COUNT setting);
@@ -52,17 +52,14 @@ def _patch_service_principals() -> None:
 def start_moto(host: str = "127.0.0.1", port: int = 0) -> tuple[Any, str, dict[str, str]]:
     """Start moto's server in this process with IAM access control on; returns (server,
     URL, the administrator's access key as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
-    import socket
-
     import boto3
     import requests
     from moto.server import ThreadedMotoServer
 
+    from termtune.local import free_port
+
     _patch_service_principals()
-    if not port:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
+    port = port or free_port(host)
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
     server.start()
     url = f"http://{host}:{port}"

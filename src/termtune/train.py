@@ -41,6 +41,7 @@ from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
 from termtune.oserrors import probe_writable
+from termtune.results import StageResult
 from termtune.rundir import atomic_dir, write_json, write_text
 from termtune.safepath import name_problem
 
@@ -62,8 +63,10 @@ _TRAJECTORY_KEYS = {
 # ----------------------------------------------------------------------------- result
 
 
-@dataclass
-class TrainResult:
+@dataclass(repr=False)
+class TrainResult(StageResult):
+    """What `termtune train` measured; saved as <run>/train/result.json."""
+
     run_dir: str
     adapter_dir: str
     global_step: int

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from termtune.results import StageResult, html_table
+
 MAX_TOTAL_BYTES = 200 * 10**9  # CMI text-model size limit
 INDEX_FILE = "model.safetensors.index.json"
 # AWS's minimum import files name tokenizer.model; T5Tokenizer loads spiece.model: ship both, identical.
@@ -67,6 +69,26 @@ class Check:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "failed": self.failed}
+
+
+@dataclass(repr=False)
+class Validation(StageResult):
+    """The preflight of one folder: every numbered check; it passes when no check failed."""
+
+    folder: Path
+    checks: list[Check]
+
+    @property
+    def failed(self) -> bool:
+        return any(c.failed for c in self.checks)
+
+    def summary(self) -> str:
+        return format_checks(self.checks)
+
+    def _repr_html_(self) -> str:
+        rows = [[c.number, "✓" if c.ok else ("!" if c.warning else "✗"), c.name, c.message] for c in self.checks]
+        verdict = self.summary().splitlines()[-1]
+        return html_table(["#", "", "check", "finding"], rows, caption=f"{self.folder}: {verdict}")
 
 
 def validate(directory: str | Path) -> list[Check]:

@@ -25,12 +25,15 @@ from termtune.config import Config
 from termtune.errors import UserError
 from termtune.export import artifact_digest
 from termtune.layout import RunLayout
+from termtune.results import StageResult
 from termtune.rundir import read_json, sha256_file, write_json
 from termtune.safepath import name_problem
 
 
-@dataclass
-class DeployResult:
+@dataclass(repr=False)
+class DeployResult(StageResult):
+    """Where `termtune deploy` uploaded the artifact and what it imported (or would, with dry_run)."""
+
     s3_uri: str
     model_name: str
     job_name: str
@@ -112,7 +115,7 @@ def aws_errors() -> Iterator[None]:
 
 def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
     """Upload the validated artifact, ensure the role, import it, wait; see the module doc."""
-    from termtune import validate as validate_stage
+    from termtune.validate import validate
 
     # 1. inputs
     if not cfg.aws.bucket:
@@ -120,7 +123,7 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
     artifact = RunLayout.of(cfg).artifact
     if not artifact.is_dir():
         raise UserError(f"{artifact}: no artifact; run termtune export first")
-    failed = [c for c in validate_stage.validate(artifact) if c.failed]
+    failed = [c for c in validate(artifact) if c.failed]
     if failed:
         reasons = "; ".join(f"{c.name}: {c.message}" for c in failed)
         raise UserError(f"{artifact} fails the Bedrock preflight, refusing to deploy ({reasons}); "
