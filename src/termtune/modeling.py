@@ -102,11 +102,22 @@ def load_base(cfg: Config, quantization: str | None = None, dtype: "torch.dtype 
         kwargs["device_map"] = {"": _device_index()}
     # True: safetensors only, never unpickle a .bin; None: either, the user trusts this source.
     kwargs["use_safetensors"] = None if cfg.model.allow_pickle else True
+    library_bars_on_terminal_only()
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot load the base model: {str(e).splitlines()[0]}") from e
     return model
+
+
+def library_bars_on_terminal_only() -> None:
+    """transformers' own bars ("Loading weights", "Writing model shards") only add redraws to a log."""
+    from termtune.progress import interactive
+
+    if not interactive():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _device_index() -> Any:
@@ -230,6 +241,7 @@ def materialize_random_base(cfg: Config) -> Path:
     built_from = json.loads(json.dumps(built_from, sort_keys=True, default=str))
     if (target / "config.json").is_file() and read_json(target / BUILT_FROM) == built_from:
         return target
+    library_bars_on_terminal_only()
     torch.manual_seed(cfg.run.seed)
     model = T5ForConditionalGeneration(config)
     untie_lm_head(model)
@@ -276,6 +288,7 @@ def lora_config(cfg: Config) -> "Any":
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         bias=cfg.lora.bias,
+        modules_to_save=cfg.lora.modules_to_save or None,
     )
 
 
