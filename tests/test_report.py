@@ -100,6 +100,28 @@ def test_full_run_dir_has_every_section_and_escapes_data(tmp_path: Path) -> None
     assert "stopped at max_new_tokens" not in page  # 10% cut: no warning
 
 
+def test_report_opens_with_the_result(tmp_path: Path) -> None:
+    """The first section: what was trained, base vs tuned with the change, three samples, the artifact and its
+    validation, the deployed model and its answer; the configuration comes after it."""
+    run = tmp_path / "run"
+    populate_run(run)
+    (run / "data" / "train.jsonl").write_text(json.dumps({"term": "Hypertension", "target": "High blood pressure "
+                                                          "is a common condition."}) + "\n")
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    first = page[page.index("<section>"):page.index("</section>")]
+    assert "<h2>Result</h2>" in first and page.index("<h2>Configuration") > page.index("<h2>Result")
+    assert "80 training rows, 10 held out" in first
+    row = re.search(r"<td>ROUGE-L</td>(.*?)</tr>", first).group(1)
+    assert re.findall(r">([+\d.]+)<", row) == ["0.087", "0.350", "+0.263"]
+    assert first.count("is a.</td>") == 3  # three sample answers, the first one's term escaped
+    assert "&lt;script&gt;" in first and "<script>" not in first
+    assert "117.7 MB; 3 Bedrock checks, 1 failed" in first
+    assert "deployed: arn:aws:bedrock:x" in first
+    assert "High blood pressure.</td>" in first and "is a common condition. (training data)" in first
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert md.index("## Result") < md.index("## Configuration")
+
+
 def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     run = tmp_path / "run"
     populate_run(run)
@@ -117,8 +139,9 @@ def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     assert "90% of the tuned answers stopped at max_new_tokens" in page
 
 
-@pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["data"], 1), (["train"], 1),
-                                            (["eval"], 2), (["artifact"], 1), (["deploy.json"], 1)])
+# A results folder also brings the "Result" headline: train, eval, artifact and deploy.json each add one section.
+@pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["data"], 1), (["train"], 2),
+                                            (["eval"], 3), (["artifact"], 2), (["deploy.json"], 2)])
 def test_partial_run_dirs_render(tmp_path: Path, keep: list[str], sections: int) -> None:
     full = tmp_path / "full"
     populate_run(full)

@@ -35,8 +35,8 @@ class Headline:
     train_seconds: float | None = None
     steps: int | None = None
     eval_loss: float | None = None
-    scores: list[tuple[str, float | None, float | None]] = field(default_factory=list)
-    """(label, base, tuned) for the main metrics present."""
+    scores: list[tuple[str, str, float | None, float | None]] = field(default_factory=list)
+    """(key, label, base, tuned) for the main metrics present."""
     scored_on: int | None = None
     samples: list[dict[str, str]] = field(default_factory=list)
     """Up to three held-out {term, reference, tuned}."""
@@ -57,16 +57,18 @@ class Headline:
 def headline(cfg: Config, samples: int = 3) -> Headline:
     """Gather the headline from what the run directory holds (missing parts stay None/empty)."""
     layout = RunLayout.of(cfg)
-    h = Headline(model=cfg.model.source if cfg.model.init == "pretrained" else
-                 f"random-init {Path(cfg.model.architecture or '').stem or 'T5'} shape, {cfg.model.source} tokenizer",
-                 random_init=cfg.model.init == "random", data=cfg.data.source)
+    h = Headline(model=cfg.model.source, random_init=cfg.model.init == "random", data=cfg.data.source)
+    if h.random_init:
+        shape = _object(layout.base_model / "config.json")
+        h.model = (f"a random-init T5 ({shape.get('num_layers', '?')}+{shape.get('num_decoder_layers', '?')} layers, "
+                   f"d_model {shape.get('d_model', '?')}) with the {Path(cfg.tokenizer_source).name} tokenizer")
     stats = _object(layout.stats)
     h.train_rows, h.test_rows = stats.get("train_rows"), stats.get("test_rows")
     result = _object(layout.train_result)
     h.train_seconds, h.steps, h.eval_loss = result.get("train_seconds"), result.get("global_step"), result.get("eval_loss")
     metrics = _object(layout.eval_metrics)
     base, tuned = metrics.get("base") or {}, metrics.get("tuned") or {}
-    h.scores = [(label, base.get(key), tuned.get(key)) for key, label in MAIN_METRICS if key in tuned or key in base]
+    h.scores = [(key, label, base.get(key), tuned.get(key)) for key, label in MAIN_METRICS if key in tuned or key in base]
     h.scored_on = metrics.get("n")
     h.samples = [{k: str(row.get(k) or "") for k in ("term", "reference", "tuned")}
                  for row in _rows(layout.predictions)[:samples]]
@@ -77,12 +79,13 @@ def headline(cfg: Config, samples: int = 3) -> Headline:
     validation = _object(layout.validation)
     if isinstance(validation.get("checks"), list):
         h.checks = len(validation["checks"])
-        h.checks_failed = sum(1 for c in validation["checks"] if isinstance(c, dict) and c.get("failed"))
+        h.checks_failed = sum(1 for c in validation["checks"] if isinstance(c, dict)
+                              and c.get("failed", not c.get("ok") and not c.get("warning")))
     deployed, invoked = _object(layout.deploy), _object(layout.invoke)
     h.model_arn = deployed.get("model_arn") or invoked.get("model_arn")
-    if invoked and invoked.get("model_arn") == h.model_arn:
+    if invoked and invoked.get("model_arn") in (None, h.model_arn):  # not an answer from another model (--model)
         h.answer = str(invoked.get("text", "")).strip()
-        h.asked = _term_of(cfg, str(invoked.get("prompt", "")))
+        h.asked = _term_of(cfg, str(invoked.get("prompt") or invoked.get("term") or ""))
         h.reference, h.reference_split = _reference(layout, h.asked)
     return h
 
@@ -95,7 +98,7 @@ def terminal_block(h: Headline) -> str:
         lines.append(f"answer      {_clip(h.answer or '(empty)')}")
         if h.reference:
             lines.append(f"reference   {_clip(h.reference)}  ({h.reference_split} data)")
-    rouge = next(((b, t) for label, b, t in h.scores if label == "ROUGE-L"), None)
+    rouge = next(((b, t) for key, _, b, t in h.scores if key == "rougeL"), None)
     if rouge:
         lines.append(f"ROUGE-L     base {_score(rouge[0])} -> tuned {_score(rouge[1])} on {h.scored_on} held-out terms"
                      + (f"; held-out loss {h.eval_loss:.2f}" if h.eval_loss is not None else ""))
@@ -121,9 +124,11 @@ def human_size(size: float) -> str:
 
 
 def change(base: Any, tuned: Any) -> str:
-    """'+0.312' for two numbers, '' otherwise."""
+    """'+0.312' for two numbers, '' otherwise: the difference of the values as shown (ROUGE to 3 decimals,
+    BLEU and chrF to 2), so the column adds up for the reader."""
     if isinstance(base, (int, float)) and isinstance(tuned, (int, float)):
-        return f"{tuned - base:+.3f}" if max(abs(base), abs(tuned)) <= 1 else f"{tuned - base:+.1f}"
+        digits = 3 if max(abs(base), abs(tuned)) <= 1 else 2
+        return f"{round(tuned, digits) - round(base, digits):+.{digits}f}"
     return ""
 
 

@@ -126,13 +126,16 @@ def write_report(cfg: Config) -> Path:
 
 def _headline_section(cfg: Config) -> Section | None:
     """Result"""
+    from termtune.evaluate import format_metric
     from termtune.headline import RANDOM_INIT_NOTE, change, headline, human_size
 
     h = headline(cfg)
-    if h.train_rows is None:
-        return None
+    if h.train_seconds is None and h.eval_loss is None and not h.scores and not h.artifact and not h.model_arn:
+        return None  # nothing has resulted yet
     section = Section("Result")
-    trained = f"{h.model}, trained on {h.data}: {h.train_rows} training rows, {h.test_rows} held out"
+    trained = f"{h.model}, trained on {h.data}"
+    if h.train_rows is not None:
+        trained += f": {h.train_rows} training rows, {h.test_rows} held out"
     if h.train_seconds is not None:
         trained += f"; {h.steps} steps in {h.train_seconds:.0f} s"
     if h.eval_loss is not None:
@@ -140,10 +143,12 @@ def _headline_section(cfg: Config) -> Section | None:
     section.text(trained)
     if h.scores:
         section.table([f"on {h.scored_on} held-out terms", "base", "tuned", "change"],
-                      [(label, base, tuned, change(base, tuned)) for label, base, tuned in h.scores], cls="metrics")
+                      [(label, format_metric(key, base), format_metric(key, tuned), change(base, tuned))
+                       for key, label, base, tuned in h.scores], cls="metrics")
     if h.samples:
         section.table(["term", "reference", "tuned model"],
-                      [(s["term"], _clip(s["reference"]), _clip(s["tuned"])) for s in h.samples], cls="samples")
+                      [(s["term"], _clip(s["reference"], 200), _clip(s["tuned"], 200)) for s in h.samples],
+                      cls="samples")
     if h.artifact:
         status = "not validated yet" if h.checks is None else (
             f"{h.checks} Bedrock checks, {h.checks_failed} failed")
@@ -152,8 +157,8 @@ def _headline_section(cfg: Config) -> Section | None:
         section.text(f"deployed: {h.model_arn}")
     if h.answer is not None:
         section.table(["asked", "the deployed model answered", "reference"],
-                      [(h.asked, _clip(h.answer), _clip(h.reference or "") + (f" ({h.reference_split} data)"
-                                                                           if h.reference else ""))], cls="samples")
+                      [(h.asked, _clip(h.answer, 200), _clip(h.reference or "", 200)
+                        + (f" ({h.reference_split} data)" if h.reference else ""))], cls="samples")
     if h.random_init:
         section.note(RANDOM_INIT_NOTE)
     return section
@@ -619,9 +624,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
             yield f"{prefix}{key}", value
 
 
-def _clip(value: Any) -> str:
+def _clip(value: Any, chars: int = SAMPLE_CHARS) -> str:
     text = "" if value is None else str(value)
-    return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS].rstrip() + " …"
+    return text if len(text) <= chars else text[:chars].rstrip() + " …"
 
 
 def _is_number(value: Any) -> bool:
