@@ -83,6 +83,8 @@ def test_a_run_prints_no_warnings_and_plain_progress_lines(tmp_path):
     assert [line for line in output.splitlines() if "Warning" in line or "warnings.warn" in line] == []
     assert "\r" not in output, "a redrawn progress bar in a log"
     assert re.search(r"^train: step (\d+)/\1 \(100%\)", done.stderr, re.M), done.stderr[-2000:]
+    assert "ROUGE-L     base" in done.stdout  # the closing block, then the report's path last
+    assert done.stdout.rstrip().splitlines()[-1] == f"report      {tmp_path / 'run' / 'report.html'}"
     log = (tmp_path / "run" / "library.log").read_text(encoding="utf-8")
     assert "FutureWarning" in log and "tie_word_embeddings" in log
 

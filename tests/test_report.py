@@ -122,6 +122,21 @@ def test_report_opens_with_the_result(tmp_path: Path) -> None:
     assert md.index("## Result") < md.index("## Configuration")
 
 
+def test_run_ends_with_a_short_block_of_the_same_facts(tmp_path: Path) -> None:
+    from termtune.headline import headline, terminal_block
+
+    run = tmp_path / "run"
+    populate_run(run)
+    (run / "data" / "test.jsonl").write_text(json.dumps({"term": "hypertension", "target": "A held-out text."}) + "\n")
+    block = terminal_block(headline(make_cfg(run))).splitlines()
+    assert block[:3] == ["asked       Hypertension", "answer      High blood pressure.",
+                         "reference   A held-out text.  (held-out data)"]
+    assert "ROUGE-L     base 0.087 -> tuned 0.350 on 10 held-out terms; held-out loss 0.71" in block
+    assert "imported    arn:aws:bedrock:x" in block
+    assert any(line.startswith("artifact    ") and "117.7 MB, 2/3 Bedrock checks passed" in line for line in block)
+    assert len(block) <= 10
+
+
 def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     run = tmp_path / "run"
     populate_run(run)

@@ -20,9 +20,9 @@ from termtune.rundir import read_json
 MAIN_METRICS = (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("bleu", "BLEU"), ("chrf", "chrF"))
 """The scores the headline compares, base vs tuned (ROUGE 0-1, BLEU and chrF 0-100)."""
 
-RANDOM_INIT_NOTE = ("This base was randomly initialised (no pretrained weights offline), so the model can learn "
-                    "only the form of a definition and to reuse the asked term, not medical facts; real quality "
-                    "needs the pretrained base (configs/flan-t5-large-medical.yaml, on a GPU).")
+RANDOM_INIT_NOTE = ("A randomly initialised model (no pretrained weights offline) learns in CPU minutes the form of "
+                    "a definition, not medical facts nor even to repeat the asked term; real answers need the "
+                    "pretrained base (configs/flan-t5-large-medical.yaml, on a GPU).")
 
 
 @dataclass
