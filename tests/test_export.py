@@ -36,15 +36,15 @@ def make_config(run_dir: Path, *extra: str):
     return load_config(None, [*tiny_overrides(run_dir, data), *extra])
 
 
-def make_trained_run(run_dir: Path, quantization: str = "none"):
+def make_trained_run(run_dir: Path, quantization: str = "none", *extra: str):
     """A run with a base whose lm_head differs from the embeddings (as in real Flan-T5) and
-    a non-trivial adapter in <run>/train/adapter."""
+    a non-trivial adapter in <run>/train/adapter (with lora.modules_to_save, trained copies of those modules)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from termtune import modeling, pipeline
 
-    cfg = make_config(run_dir, f"model.quantization={quantization}")
+    cfg = make_config(run_dir, f"model.quantization={quantization}", *extra)
     pipeline.run_stage(cfg, "data")
     pipeline.run_stage(cfg, "train")
     base_dir = modeling.materialize_random_base(cfg)
@@ -58,6 +58,8 @@ def make_trained_run(run_dir: Path, quantization: str = "none"):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            elif "modules_to_save" in name:  # a trained copy: the export must carry it, not the base's
+                param.add_(torch.randn(param.shape, generator=generator) * param.std())
     model.save_pretrained(run_dir / "train" / "adapter")
     return cfg
 
@@ -258,6 +260,29 @@ def test_artifact_reads_identically_in_transformers_4_51_3(exported, tmp_path):
     assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens"
     diff = (v4["logits"] - ref_logits).abs().max().item()
     assert diff <= 1e-4, f"max |logit difference| {diff}"
+
+
+def test_trained_lm_head_is_merged_and_reads_identically_in_transformers_4_51_3(tmp_path):
+    """lora.modules_to_save=[lm_head] (the demo trains its random model's output layer): the export carries
+    the trained head, and Bedrock's transformers reads the artifact as the merged model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from termtune.export import export
+    from termtune.modeling import load_tokenizer
+
+    cfg = make_trained_run(tmp_path / "run", "none", "lora.modules_to_save=[lm_head]")
+    export(cfg)
+    base_head = load_file(cfg.run_dir / "base-model" / "model.safetensors")["lm_head.weight"]
+    exported_head = load_file(cfg.run_dir / "artifact" / "model.safetensors")["lm_head.weight"]
+    assert not torch.equal(exported_head, base_head), "the artifact holds the base's lm_head, not the trained one"
+    merged = reference_model(cfg)
+    assert torch.equal(exported_head, merged.lm_head.weight)
+    input_ids, ref_tokens, ref_logits = greedy_and_logits(merged, load_tokenizer(cfg))
+    info, v4 = run_in_transformers_4(cfg.run_dir / "artifact", ref_tokens[:, :-1], tmp_path)
+    assert info["tied"] is False
+    assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens"
+    assert (v4["logits"] - ref_logits).abs().max().item() <= 1e-4
 
 
 def test_a_plain_5x_resave_would_not_read_identically(exported, tmp_path):

@@ -100,6 +100,43 @@ def test_full_run_dir_has_every_section_and_escapes_data(tmp_path: Path) -> None
     assert "stopped at max_new_tokens" not in page  # 10% cut: no warning
 
 
+def test_report_opens_with_the_result(tmp_path: Path) -> None:
+    """The first section: what was trained, base vs tuned with the change, three samples, the artifact and its
+    validation, the deployed model and its answer; the configuration comes after it."""
+    run = tmp_path / "run"
+    populate_run(run)
+    (run / "data" / "train.jsonl").write_text(json.dumps({"term": "Hypertension", "target": "High blood pressure "
+                                                          "is a common condition."}) + "\n")
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    first = page[page.index("<section>"):page.index("</section>")]
+    assert "<h2>Result</h2>" in first and page.index("<h2>Configuration") > page.index("<h2>Result")
+    assert "80 training rows, 10 held out" in first
+    row = re.search(r"<td>ROUGE-L</td>(.*?)</tr>", first).group(1)
+    assert re.findall(r">([+\d.]+)<", row) == ["0.087", "0.350", "+0.263"]
+    assert first.count("is a.</td>") == 3  # three sample answers, the first one's term escaped
+    assert "&lt;script&gt;" in first and "<script>" not in first
+    assert "117.7 MB; 3 Bedrock checks, 1 failed" in first
+    assert "deployed: arn:aws:bedrock:x" in first
+    assert "High blood pressure.</td>" in first and "is a common condition. (training data)" in first
+    md = (run / "report.md").read_text(encoding="utf-8")
+    assert md.index("## Result") < md.index("## Configuration")
+
+
+def test_run_ends_with_a_short_block_of_the_same_facts(tmp_path: Path) -> None:
+    from termtune.headline import headline, terminal_block
+
+    run = tmp_path / "run"
+    populate_run(run)
+    (run / "data" / "test.jsonl").write_text(json.dumps({"term": "hypertension", "target": "A held-out text."}) + "\n")
+    block = terminal_block(headline(make_cfg(run))).splitlines()
+    assert block[:3] == ["asked       Hypertension", "answer      High blood pressure.",
+                         "reference   A held-out text.  (held-out data)"]
+    assert "ROUGE-L     base 0.087 -> tuned 0.350 on 10 held-out terms; held-out loss 0.71" in block
+    assert "imported    arn:aws:bedrock:x" in block
+    assert any(line.startswith("artifact    ") and "117.7 MB, 2/3 Bedrock checks passed" in line for line in block)
+    assert len(block) <= 10
+
+
 def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     run = tmp_path / "run"
     populate_run(run)
@@ -117,8 +154,9 @@ def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     assert "90% of the tuned answers stopped at max_new_tokens" in page
 
 
-@pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["data"], 1), (["train"], 1),
-                                            (["eval"], 2), (["artifact"], 1), (["deploy.json"], 1)])
+# A results folder also brings the "Result" headline: train, eval, artifact and deploy.json each add one section.
+@pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["data"], 1), (["train"], 2),
+                                            (["eval"], 3), (["artifact"], 2), (["deploy.json"], 2)])
 def test_partial_run_dirs_render(tmp_path: Path, keep: list[str], sections: int) -> None:
     full = tmp_path / "full"
     populate_run(full)

@@ -37,8 +37,14 @@ ARGS_HELP = "[CONFIG] [KEY=VALUE ...]: a YAML config and dotted overrides, e.g. 
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors."),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show the libraries' notices "
+                                       "(always kept in <run>/library.log).")) -> None:
     _state["debug"] = debug
+    if verbose:
+        from termtune.quiet import set_verbose
+
+        set_verbose(True)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:

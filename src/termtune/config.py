@@ -106,6 +106,9 @@ class LoraConfig(Section):
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     """'all-linear' or a list of module names such as [q, v]."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full beside the adapters, e.g. [lm_head] (PEFT's modules_to_save); export merges
+    them. A pretrained base needs none; a random-init one learns little through frozen random output weights."""
 
     @field_validator("target_modules")
     @classmethod

@@ -52,6 +52,11 @@ class RunLayout:
     def history(self) -> Path:
         return self.root / "history.json"
 
+    @property
+    def library_log(self) -> Path:
+        """Third-party warnings and log lines kept off the terminal (termtune.quiet)."""
+        return self.root / "library.log"
+
     # -- data
     @property
     def data(self) -> Path:

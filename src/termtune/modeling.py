@@ -102,11 +102,22 @@ def load_base(cfg: Config, quantization: str | None = None, dtype: "torch.dtype 
         kwargs["device_map"] = {"": _device_index()}
     # True: safetensors only, never unpickle a .bin; None: either, the user trusts this source.
     kwargs["use_safetensors"] = None if cfg.model.allow_pickle else True
+    library_bars_on_terminal_only()
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot load the base model: {str(e).splitlines()[0]}") from e
     return model
+
+
+def library_bars_on_terminal_only() -> None:
+    """transformers' own bars ("Loading weights", "Writing model shards") only add redraws to a log."""
+    from termtune.progress import interactive
+
+    if not interactive():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _device_index() -> Any:
@@ -226,10 +237,12 @@ def materialize_random_base(cfg: Config) -> Path:
     target = RunLayout.of(cfg).base_model
     config = architecture_config(cfg)
     shape = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
-    built_from = {"architecture": shape, "seed": cfg.run.seed, "tokenizer": cfg.tokenizer_source}
+    built_from = {"architecture": shape, "seed": cfg.run.seed, "tokenizer": cfg.tokenizer_source,
+                  "lm_head": f"{ALIGNED_SHARE:g} aligned with the embeddings"}  # how untie_lm_head draws it
     built_from = json.loads(json.dumps(built_from, sort_keys=True, default=str))
     if (target / "config.json").is_file() and read_json(target / BUILT_FROM) == built_from:
         return target
+    library_bars_on_terminal_only()
     torch.manual_seed(cfg.run.seed)
     model = T5ForConditionalGeneration(config)
     untie_lm_head(model)
@@ -239,6 +252,10 @@ def materialize_random_base(cfg: Config) -> Path:
         tokenizer.save_pretrained(tmp)
         write_json(tmp / BUILT_FROM, built_from)
     return target
+
+
+ALIGNED_SHARE = 0.7
+"""How much of a random-init lm_head row is its token's (std 1.0) input embedding; the rest is a fresh draw."""
 
 
 def untie_lm_head(model: "PreTrainedModel") -> None:
@@ -251,14 +268,17 @@ def untie_lm_head(model: "PreTrainedModel") -> None:
     import torch
 
     if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
-        # A fresh draw, not a copy: with equal values transformers would tie the two again when
-        # the folder is loaded. Scale: the final norm is frozen under LoRA, so the largest logit
-        # the model can reach is about |h| * |w| = sqrt(d_model) * std * sqrt(d_model). T5's
-        # std 1.0 starts a random model at a loss of ~30; d_model^-0.5 starts near ln(vocab) but
-        # caps the loss near 3 (it can never be confident). d_model^-0.25 starts at ~15 and
-        # leaves room to learn.
+        # Not a copy: with equal values transformers would tie the two again when the folder is
+        # loaded. Scale: the final norm is frozen under LoRA, so the largest logit the model can
+        # reach is about |h| * |w| = sqrt(d_model) * std * sqrt(d_model). T5's std 1.0 starts a
+        # random model at a loss of ~30; d_model^-0.5 starts near ln(vocab) but caps the loss near
+        # 3 (it can never be confident). d_model^-0.25 starts at ~15 and leaves room to learn.
+        # Direction: mostly the input embedding's (T5 v1.0 tied the two), so a token's own vector
+        # scores it, as in a pretrained model; measured on the demo (BENCHMARKS.md, "Demo"), a
+        # fresh draw trained to a lower ROUGE-L in the same time.
         std = model.config.initializer_factor * model.config.d_model ** -0.25
-        weight = torch.empty_like(model.shared.weight).normal_(0.0, std)
+        fresh = torch.empty_like(model.shared.weight).normal_(0.0, std)
+        weight = ALIGNED_SHARE * std * model.shared.weight.detach() + (1 - ALIGNED_SHARE) * fresh
         model.lm_head.weight = torch.nn.Parameter(weight)
     model.config.tie_word_embeddings = False
 
@@ -276,6 +296,7 @@ def lora_config(cfg: Config) -> "Any":
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules,
         bias=cfg.lora.bias,
+        modules_to_save=cfg.lora.modules_to_save or None,
     )
 
 

@@ -35,6 +35,7 @@ from termtune import history
 from termtune.config import Config, dump_config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
+from termtune.quiet import quiet
 from termtune.rundir import exclusive, provenance, read_json, remove, sha256_file, write_json, write_text
 
 
@@ -289,8 +290,9 @@ def run_stage(cfg: Config, name: str, force: bool = False, quiet_skip: bool = Fa
     _check_upstream(cfg, stage, cache)
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate only rank 0 writes records
     if not rank0:
-        return stage.run(cfg, force)
-    with locked(cfg, f"termtune {_command(name)}"):
+        with quiet(RunLayout.of(cfg).library_log):
+            return stage.run(cfg, force)
+    with locked(cfg, f"termtune {_command(name)}"), quiet(RunLayout.of(cfg).library_log):
         return _run_locked(cfg, stage, force, cache, announce=not quiet_skip)
 
 
@@ -421,7 +423,7 @@ def run(cfg: Config) -> dict[str, Outcome | None]:
     from termtune.modeling import check_model_settings
 
     outcomes: dict[str, Outcome | None] = {}
-    with locked(cfg, "termtune run"):
+    with locked(cfg, "termtune run"), quiet(layout.library_log):
         cache: dict[str, str] = {}
         if not state(cfg, BY_NAME["train"], cache).complete:
             check_model_settings(cfg)  # the model's shape against lora.* fails before the data stage
@@ -438,6 +440,9 @@ def run(cfg: Config) -> dict[str, Outcome | None]:
                 if outcome.summary:
                     typer.echo(outcome.summary)
                 typer.echo(f"   ({stage.name} took {time.perf_counter() - t0:.1f}s)")
-    typer.secho(f"== done in {time.perf_counter() - started:.0f}s; report: {layout.report_html}",
-                fg="green", bold=True)
+    from termtune.headline import headline, terminal_block
+
+    typer.secho(f"== result (done in {time.perf_counter() - started:.0f}s)", fg="green", bold=True)
+    typer.echo(terminal_block(headline(cfg)))
+    typer.echo(f"report      {layout.report_html}")
     return outcomes

@@ -582,6 +582,8 @@ class Plan:
     cpu_peak_flops: float
     money: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside LoRA (lora.modules_to_save); counted in `trainable`."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -602,8 +604,8 @@ class Plan:
             f"model: T5 {s['num_layers']}+{s['num_decoder_layers']} layers, d_model {s['d_model']}, d_ff {s['d_ff']}, "
             f"{s['num_heads']} heads ({s['origin']})",
             f"  parameters {p['total']:,} (embedding {p['embedding']:,}, linear {p['linear']:,}, lm_head "
-            f"{p['lm_head']:,}); trainable {self.trainable:,} LoRA ({self.trainable / p['total']:.2%}), no other "
-            "trainable modules",
+            f"{p['lm_head']:,}); trainable {self.trainable:,} ({self.trainable / p['total']:.2%}): LoRA"
+            + (f" and {', '.join(self.modules_to_save)} in full" if self.modules_to_save else ", no other modules"),
             f"  frozen base at quantization={self.quantization}: {_gib(self.base_bytes)}",
             f"data ({self.data['origin']}): {self.data['train_rows']:,} train / {self.data['test_rows']:,} held-out "
             f"rows; {self.data['real_source']:,} source + {self.data['real_target']:,} target tokens per epoch; "
@@ -662,6 +664,9 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
     shape = model_shape(cfg)
     params = parameter_counts(shape)
     trainable = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)
+    # lora.modules_to_save trains a full copy of each named module beside the adapters
+    trainable += sum({"lm_head": params["lm_head"], "shared": params["embedding"]}.get(name, 0)
+                     for name in cfg.lora.modules_to_save)
     data = data_estimate(cfg)
     if data.train_rows == 0:
         raise UserError("the training split is empty; nothing to plan")
@@ -699,6 +704,9 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
     if cfg.model.quantization != "none" and gpu is None:
         notes.append("4-bit/8-bit layers dequantize their weights on every pass; on a CPU that is not in the "
                      "FLOP count, so QLoRA time on a CPU is a lower bound (docs/plan.md)")
+    if cfg.lora.modules_to_save:
+        notes.append(f"{', '.join(cfg.lora.modules_to_save)} trained in full: their gradients are not in the FLOP "
+                     "count, so the time is a lower bound")
     if data.origin == "card":
         notes.append("no token lengths without the data: memory and time are upper bounds at the maximum lengths")
     return Plan(
@@ -711,7 +719,8 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
               "worst": f"{rows} rows x {src} source + {tgt} target tokens", "note": data.note},
         memory=memory, fits=fits, device={**asdict(device), "headroom": _c("gpu_headroom") if gpu else 0.0},
         epochs=epochs, steps=int(steps), train_flops=flops, train_seconds=seconds, cpu_seconds=cpu_seconds,
-        cpu_peak_flops=cpu_peak, money=_money(cfg, params["total"], device, seconds), notes=notes)
+        cpu_peak_flops=cpu_peak, money=_money(cfg, params["total"], device, seconds), notes=notes,
+        modules_to_save=list(cfg.lora.modules_to_save))
 
 
 def _device(gpu: str | None, cpu_peak: float, cfg: Config) -> Device:

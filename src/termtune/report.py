@@ -3,6 +3,7 @@
 The runner refreshes it after every stage (termtune.pipeline), so it shows whatever the run
 directory holds so far, together with the model card (termtune.modelcard). Every section is optional:
 
+    result (headline)  termtune.headline: what was trained, base vs tuned, samples, artifact, deployed answer
     configuration      <run>/config.yaml, <run>/provenance/*.json
     attempts           <run>/history.json (results that re-runs replaced)
     data               <run>/data/stats.json
@@ -98,7 +99,7 @@ def write_report(cfg: Config) -> Path:
     layout = RunLayout.of(cfg)
     run = layout.root
     sections = []
-    for build in (_config_section, _attempts_section, _data_section, _training_section, _plan_section, _evaluation_section, _samples_section,
+    for build in (_headline_section, _config_section, _attempts_section, _data_section, _training_section, _plan_section, _evaluation_section, _samples_section,
                   _artifact_section, _validation_section, _deploy_section):
         try:
             section = build(cfg)
@@ -121,6 +122,46 @@ def write_report(cfg: Config) -> Path:
 
 
 # ----------------------------------------------------------------------------- sections
+
+
+def _headline_section(cfg: Config) -> Section | None:
+    """Result"""
+    from termtune.evaluate import format_metric
+    from termtune.headline import RANDOM_INIT_NOTE, change, headline, human_size
+
+    h = headline(cfg)
+    if h.train_seconds is None and h.eval_loss is None and not h.scores and not h.artifact and not h.model_arn:
+        return None  # nothing has resulted yet
+    section = Section("Result")
+    trained = f"{h.model}, trained on {h.data}"
+    if h.train_rows is not None:
+        trained += f": {h.train_rows} training rows, {h.test_rows} held out"
+    if h.train_seconds is not None:
+        trained += f"; {h.steps} steps in {h.train_seconds:.0f} s"
+    if h.eval_loss is not None:
+        trained += f"; held-out loss {h.eval_loss:.2f}"
+    section.text(trained)
+    if h.scores:
+        section.table([f"on {h.scored_on} held-out terms", "base", "tuned", "change"],
+                      [(label, format_metric(key, base), format_metric(key, tuned), change(base, tuned))
+                       for key, label, base, tuned in h.scores], cls="metrics")
+    if h.samples:
+        section.table(["term", "reference", "tuned model"],
+                      [(s["term"], _clip(s["reference"], 200), _clip(s["tuned"], 200)) for s in h.samples],
+                      cls="samples")
+    if h.artifact:
+        status = "not validated yet" if h.checks is None else (
+            f"{h.checks} Bedrock checks, {h.checks_failed} failed")
+        section.text(f"artifact: {h.artifact} ({human_size(h.artifact_bytes or 0)}; {status})")
+    if h.model_arn:
+        section.text(f"deployed: {h.model_arn}")
+    if h.answer is not None:
+        section.table(["asked", "the deployed model answered", "reference"],
+                      [(h.asked, _clip(h.answer, 200), _clip(h.reference or "", 200)
+                        + (f" ({h.reference_split} data)" if h.reference else ""))], cls="samples")
+    if h.random_init:
+        section.note(RANDOM_INIT_NOTE)
+    return section
 
 
 def _config_section(cfg: Config) -> Section | None:
@@ -333,6 +374,8 @@ def _samples_section(cfg: Config) -> Section | None:
 
 def _artifact_section(cfg: Config) -> Section | None:
     """Artifact"""
+    from termtune.headline import human_size
+
     layout = RunLayout.of(cfg)
     manifest = _read_json(layout.manifest)
     if manifest is None:
@@ -349,7 +392,7 @@ def _artifact_section(cfg: Config) -> Section | None:
         for item in files:
             if isinstance(item, dict):
                 size = item.get("size", item.get("bytes"))
-                rows.append((item.get("path", item.get("name", "")), _human_size(size) if _is_number(size) else "",
+                rows.append((item.get("path", item.get("name", "")), human_size(size) if _is_number(size) else "",
                              str(item.get("sha256", ""))[:16]))
             else:
                 rows.append((item, "", ""))
@@ -581,9 +624,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
             yield f"{prefix}{key}", value
 
 
-def _clip(value: Any) -> str:
+def _clip(value: Any, chars: int = SAMPLE_CHARS) -> str:
     text = "" if value is None else str(value)
-    return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS].rstrip() + " …"
+    return text if len(text) <= chars else text[:chars].rstrip() + " …"
 
 
 def _is_number(value: Any) -> bool:
@@ -616,12 +659,3 @@ def _looks_numeric(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(size)
-

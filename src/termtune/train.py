@@ -54,7 +54,7 @@ _TRAJECTORY_KEYS = {
     "train": ["epochs", "max_steps", "batch_size", "max_tokens_per_batch", "gradient_accumulation_steps",
               "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
               "group_by_length"],
-    "lora": ["r", "alpha", "dropout", "target_modules", "bias"],
+    "lora": ["r", "alpha", "dropout", "target_modules", "bias", "modules_to_save"],
     "model": ["source", "init", "architecture", "architecture_overrides", "quantization"],
     "run": ["seed"],
 }
@@ -503,6 +503,8 @@ def _chunked_loss_applies(trainer: Any) -> bool:
 def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) -> None:
     from transformers import ProgressCallback, TrainerCallback
 
+    from termtune.progress import Lines, interactive
+
     class ProgressBar(ProgressCallback):
         """tqdm bar with loss and throughput in its postfix instead of a dict printed per log."""
 
@@ -515,6 +517,22 @@ def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) 
             if "eval_loss" in logs:
                 self.postfix = {**getattr(self, "postfix", {}), "eval": f"{logs['eval_loss']:.3f}"}
             self.training_bar.set_postfix(getattr(self, "postfix", {}), refresh=True)
+
+    class ProgressLines(TrainerCallback):
+        """Off a terminal (a log file, CI): one line every ~10 % of the steps or ~30 s, not a redrawn bar."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.lines = Lines("train: step", state.max_steps) if state.is_world_process_zero else None
+            self.detail: dict[str, str] = {}
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            for key, name in (("loss", "loss"), ("eval_loss", "held-out loss")):
+                if logs and key in logs:
+                    self.detail[name] = f"{logs[key]:.3f}"
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.lines is not None:
+                self.lines.update(state.global_step, ", ".join(f"{k} {v}" for k, v in self.detail.items()))
 
     class MetricsLog(TrainerCallback):
         """One JSON object per log event in <run>/train/metrics.jsonl (rank 0)."""
@@ -560,7 +578,7 @@ def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) 
             time.sleep(float(os.environ["TERMTUNE_TEST_STEP_DELAY"]))
 
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ProgressBar())
+    trainer.add_callback(ProgressBar() if interactive() else ProgressLines())
     trainer.add_callback(DivergenceGuard())
     trainer.add_callback(Checkpoints())
     if rank == 0:

@@ -96,17 +96,26 @@ def wait_for_job(bedrock: Any, job_arn: str, timeout_s: float, poll_s: float,
                  then: str = "re-run termtune deploy later to keep waiting") -> dict:
     """Poll until Completed or Failed, showing the elapsed time; returns the job description.
     After timeout_s, one UserError that ends with `then` (what the user does next)."""
-    start = time.monotonic()
-    interactive = sys.stderr.isatty()
+    from termtune.progress import interactive
+
+    start = last_line = time.monotonic()
+    tty = interactive()
     delay = min(2.0, poll_s)  # small jobs finish in seconds; back off to poll_s for long ones
+    last_status = None
     while True:
         job = bedrock.get_model_import_job(jobIdentifier=job_arn)
         status = job.get("status")
         elapsed = time.monotonic() - start
-        line = f"import job {job.get('jobName')}: {status} ({_clock(elapsed)})"
-        print(("\r" + line) if interactive else line, file=sys.stderr, end="" if interactive else "\n", flush=True)
+        line = (f"waiting for Bedrock to import {job.get('importedModelName') or job.get('jobName')}: {status}, "
+                f"{_clock(elapsed)} so far (gives up after {_clock(timeout_s)}; an import takes minutes, up to an hour)")
+        if tty:
+            print("\r" + line, file=sys.stderr, end="", flush=True)
+        elif status != last_status or time.monotonic() - last_line >= 30:  # a log gets a line per ~30 s
+            print(line, file=sys.stderr, flush=True)
+            last_line = time.monotonic()
+        last_status = status
         if status in ("Completed", "Failed"):
-            if interactive:
+            if tty:
                 print(file=sys.stderr)
             return job
         if elapsed > timeout_s:

@@ -61,7 +61,7 @@ def invoke(cfg: Config, prompt: str, model_arn: str, stream: bool = False,
     body = json.dumps(request_body(cfg, prompt))
     budget = cfg.aws.cold_start_budget_minutes * 60
     start = time.monotonic()
-    retries, delay = 0, 1.0
+    retries, delay, told = 0, 1.0, 0.0
     while True:
         try:
             with aws_errors():
@@ -77,10 +77,11 @@ def invoke(cfg: Config, prompt: str, model_arn: str, stream: bool = False,
             code = error_code(e)
             waited = time.monotonic() - start
             if code in RETRY_CODES and waited < budget:
-                if retries == 0 and code == "ModelNotReadyException":
-                    print(f"the model is cold (ModelNotReadyException): Bedrock is loading it, which can take "
-                          f"minutes; retrying for up to {budget / 60:g} min (aws.cold_start_budget_minutes)",
-                          file=sys.stderr)
+                if code == "ModelNotReadyException" and (retries == 0 or waited - told >= 30):
+                    told = waited
+                    print(f"waiting for the model to warm up (ModelNotReadyException: Bedrock is loading it, which "
+                          f"can take minutes): {waited:.0f}s so far, retrying for up to {budget / 60:g} min "
+                          "(aws.cold_start_budget_minutes)", file=sys.stderr)
                 retries += 1
                 sleep(min(delay, budget - waited))
                 delay = min(delay * 2, 30.0)
