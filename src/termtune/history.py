@@ -21,7 +21,11 @@ def read(layout: RunLayout) -> list[dict[str, Any]]:
 
 
 def append(layout: RunLayout, stage: str, record: dict[str, Any], reasons: list[str]) -> None:
-    """Keep `record` (a stage's completion record) as a replaced attempt."""
+    """Keep `record` (a stage's completion record) as a replaced attempt (once, even when a replacement
+    was interrupted and is started again)."""
+    if any(e.get("stage") == stage and e.get("fingerprint") == record.get("fingerprint")
+           and e.get("finished_at") == record.get("finished_at") for e in read(layout)):
+        return
     entry = {"stage": stage, "finished_at": record.get("finished_at"),
              "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "replaced_because": reasons,
              "fingerprint": record.get("fingerprint"), "settings": record.get("inputs", {}).get("keys", {}),

@@ -240,7 +240,7 @@ def materialize_random_base(cfg: Config) -> Path:
     built_from = {"architecture": shape, "seed": cfg.run.seed, "tokenizer": cfg.tokenizer_source,
                   "lm_head": f"{ALIGNED_SHARE:g} aligned with the embeddings"}  # how untie_lm_head draws it
     built_from = json.loads(json.dumps(built_from, sort_keys=True, default=str))
-    if (target / "config.json").is_file() and read_json(target / BUILT_FROM) == built_from:
+    if (target / "model.safetensors").is_file() and read_json(target / BUILT_FROM) == built_from:
         return target
     library_bars_on_terminal_only()
     torch.manual_seed(cfg.run.seed)

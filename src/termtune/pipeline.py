@@ -351,13 +351,15 @@ def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, str], a
     if st.record is not None:
         why = st.reasons if not st.complete else ["--force"]
         typer.secho(f"{stage.name}: re-running: {', '.join(why)}", fg="yellow")
-        history.append(layout, stage.name, st.record, why)
-        remove(layout.record(stage.name))
         if os.environ.get("WORLD_SIZE", "1") != "1" and stage.name == "train":
             raise UserError(f"train: {layout.train} was made with other settings; under torchrun/accelerate "
                             "start over in a new run.dir (or run once without them to replace it)")
+        # Record the old result, remove its outputs, and only then its record: a process killed in
+        # between leaves a record whose outputs are gone (re-run next time), never outputs without one.
+        history.append(layout, stage.name, st.record, why)
         for path in stage.outputs(layout):
             remove(path)
+        remove(layout.record(stage.name))
     now = inputs(cfg, stage, cache)
     # The outputs of a stage that completed (a record proves they are termtune's) may be replaced.
     outcome = stage.run(cfg, force or st.record is not None)

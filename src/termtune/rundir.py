@@ -109,10 +109,15 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
 
 
 def remove(path: Path) -> None:
-    """Delete a file or folder if it is there."""
+    """Delete a file or folder if it is there. A folder is first renamed aside, so a process killed
+    mid-delete never leaves a half-deleted folder under the real name (the next call sweeps it)."""
     path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.removed-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
+        trash = path.with_name(f".{path.name}.removed-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
     else:
         path.unlink(missing_ok=True)
 
