@@ -237,8 +237,7 @@ def materialize_random_base(cfg: Config) -> Path:
     target = RunLayout.of(cfg).base_model
     config = architecture_config(cfg)
     shape = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}
-    built_from = {"architecture": shape, "seed": cfg.run.seed, "tokenizer": cfg.tokenizer_source,
-                  "lm_head": f"{ALIGNED_SHARE:g} aligned with the embeddings"}  # how untie_lm_head draws it
+    built_from = {"architecture": shape, "seed": cfg.run.seed, "tokenizer": cfg.tokenizer_source}
     built_from = json.loads(json.dumps(built_from, sort_keys=True, default=str))
     if (target / "model.safetensors").is_file() and read_json(target / BUILT_FROM) == built_from:
         return target
@@ -254,10 +253,6 @@ def materialize_random_base(cfg: Config) -> Path:
     return target
 
 
-ALIGNED_SHARE = 0.7
-"""How much of a random-init lm_head row is its token's (std 1.0) input embedding; the rest is a fresh draw."""
-
-
 def untie_lm_head(model: "PreTrainedModel") -> None:
     """Give the model its own lm_head, as real Flan-T5 checkpoints have (call right after init).
 
@@ -268,17 +263,14 @@ def untie_lm_head(model: "PreTrainedModel") -> None:
     import torch
 
     if model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr():
-        # Not a copy: with equal values transformers would tie the two again when the folder is
-        # loaded. Scale: the final norm is frozen under LoRA, so the largest logit the model can
-        # reach is about |h| * |w| = sqrt(d_model) * std * sqrt(d_model). T5's std 1.0 starts a
-        # random model at a loss of ~30; d_model^-0.5 starts near ln(vocab) but caps the loss near
-        # 3 (it can never be confident). d_model^-0.25 starts at ~15 and leaves room to learn.
-        # Direction: mostly the input embedding's (T5 v1.0 tied the two), so a token's own vector
-        # scores it, as in a pretrained model; measured on the demo (BENCHMARKS.md, "Demo"), a
-        # fresh draw trained to a lower ROUGE-L in the same time.
+        # A fresh draw, not a copy: with equal values transformers would tie the two again when
+        # the folder is loaded. Scale: the final norm is frozen under LoRA, so the largest logit
+        # the model can reach is about |h| * |w| = sqrt(d_model) * std * sqrt(d_model). T5's
+        # std 1.0 starts a random model at a loss of ~30; d_model^-0.5 starts near ln(vocab) but
+        # caps the loss near 3 (it can never be confident). d_model^-0.25 starts at ~15 and
+        # leaves room to learn.
         std = model.config.initializer_factor * model.config.d_model ** -0.25
-        fresh = torch.empty_like(model.shared.weight).normal_(0.0, std)
-        weight = ALIGNED_SHARE * std * model.shared.weight.detach() + (1 - ALIGNED_SHARE) * fresh
+        weight = torch.empty_like(model.shared.weight).normal_(0.0, std)
         model.lm_head.weight = torch.nn.Parameter(weight)
     model.config.tie_word_embeddings = False
 

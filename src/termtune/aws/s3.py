@@ -8,6 +8,7 @@ before importing compares content, not just names.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,8 @@ def upload(s3: Any, directory: Path, files: list[ArtifactFile], bucket: str, pre
     from boto3.s3.transfer import TransferConfig
     from tqdm import tqdm
 
+    from termtune.progress import Lines, interactive
+
     present = remote_objects(s3, bucket, prefix)
     todo, skipped = [], []
     for f in files:
@@ -120,11 +123,22 @@ def upload(s3: Any, directory: Path, files: list[ArtifactFile], bucket: str, pre
         extra["SSEKMSKeyId"] = kms_key_id
     transfer = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB, max_concurrency=8)
     total = sum(f.size for f in todo)
+    # a bar on a terminal; in a log, a line per ~10 % or ~30 s (the transfer manager calls back from its threads)
+    tty = interactive()
+    lines = Lines("upload (MiB)", round(total / MiB)) if progress and todo and not tty else None
+    sent, lock = [0], threading.Lock()
+
+    def log_line(n: int) -> None:
+        with lock:
+            sent[0] += n
+            lines.update(round(sent[0] / MiB))
+
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload",
-              disable=not progress or not todo) as bar:
+              disable=not progress or not todo or not tty) as bar:
         for f in todo:
             s3.upload_file(str(Path(directory) / f.path), bucket, prefix + f.path, Config=transfer,
-                           ExtraArgs={**extra, "Metadata": {"sha256": f.sha256}}, Callback=bar.update)
+                           ExtraArgs={**extra, "Metadata": {"sha256": f.sha256}},
+                           Callback=log_line if lines else bar.update)
     return UploadResult([f.path for f in todo], skipped, total)
 
 
