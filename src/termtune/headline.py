@@ -60,7 +60,7 @@ def headline(cfg: Config, samples: int = 3) -> Headline:
     h = Headline(model=cfg.model.source, random_init=cfg.model.init == "random", data=cfg.data.source)
     if h.random_init:
         shape = _object(layout.base_model / "config.json")
-        h.model = (f"a random-init T5 ({shape.get('num_layers', '?')}+{shape.get('num_decoder_layers', '?')} layers, "
+        h.model = (f"A random-init T5 ({shape.get('num_layers', '?')}+{shape.get('num_decoder_layers', '?')} layers, "
                    f"d_model {shape.get('d_model', '?')}) with the {Path(cfg.tokenizer_source).name} tokenizer")
     stats = _object(layout.stats)
     h.train_rows, h.test_rows = stats.get("train_rows"), stats.get("test_rows")

@@ -38,7 +38,9 @@ class Lines:
 
     def update(self, n: int, detail: str = "") -> None:
         now = time.monotonic()
-        if n < self.total and n - self.last_n < self.step and now - self.last_time < self.every_s:
+        since = now - self.last_time
+        # a step of ~10 %, but not several a second (a quick job gets its last line only), or every_s
+        if n < self.total and not (n - self.last_n >= self.step and since >= 1.0) and since < self.every_s:
             return
         if n == self.last_n and n != 0:
             return
