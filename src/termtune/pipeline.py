@@ -332,8 +332,9 @@ def _command(name: str) -> str:
 
 
 def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, str], announce: bool,
-                verify: bool = False) -> Outcome | None:
-    """`verify`: also ask a complete stage's `still_valid` (termtune run)."""
+                verify: bool = False, before: Callable[[], None] | None = None) -> Outcome | None:
+    """`verify`: also ask a complete stage's `still_valid` (termtune run); `before`: called just
+    before the stage runs (not when it is skipped)."""
     layout = RunLayout.of(cfg)
     if stage.always:
         outcome = stage.run(cfg, force)
@@ -362,6 +363,8 @@ def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, str], a
         remove(layout.record(stage.name))
     now = inputs(cfg, stage, cache)
     # The outputs of a stage that completed (a record proves they are termtune's) may be replaced.
+    if before is not None:
+        before()
     outcome = stage.run(cfg, force or st.record is not None)
     _finish(cfg, stage, outcome, fingerprint(cfg, stage, cache), now)
     return outcome
@@ -416,6 +419,13 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     return done
 
 
+def _echo_plan(cfg: Config) -> None:
+    """The one-line plan, printed when training is about to start (after data: the real batches)."""
+    from termtune import plan
+
+    typer.echo(plan.one_line(cfg))
+
+
 def run(cfg: Config) -> dict[str, Outcome | None]:
     """`termtune run`: every stage in order; deploy and invoke only when aws.deploy is true.
     Returns each stage's outcome by name (None for a stage that was up to date)."""
@@ -432,12 +442,9 @@ def run(cfg: Config) -> dict[str, Outcome | None]:
         for stage in stages:
             typer.secho(f"== {stage.name}", bold=True)
             t0 = time.perf_counter()
-            if stage.name == "train" and not state(cfg, stage, cache).complete:
-                from termtune import plan  # after data, so the plan counts the real batches
-
-                typer.echo(plan.one_line(cfg))
+            before = (lambda: _echo_plan(cfg)) if stage.name == "train" else None
             outcome = outcomes[stage.name] = _run_locked(cfg, stage, force=False, cache=cache, announce=True,
-                                                         verify=True)
+                                                         verify=True, before=before)
             if outcome is not None:
                 if outcome.summary:
                     typer.echo(outcome.summary)
