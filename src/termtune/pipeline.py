@@ -201,23 +201,28 @@ BY_NAME = {s.name: s for s in STAGES}
 # ----------------------------------------------------------------------------- fingerprints
 
 
-def inputs(cfg: Config, stage: Stage, cache: dict[str, str] | None = None) -> dict[str, Any]:
-    """Everything `stage` reads, resolved now: its config values, its upstream fingerprints, its sources."""
-    flat = _flatten(cfg.model_dump(mode="json"))
-    keys = {k: v for k, v in flat.items()
-            if any(k == r or k.startswith(r + ".") for r in stage.reads)
-            and not any(k == i or k.startswith(i + ".") for i in stage.ignores)}
+def inputs(cfg: Config, stage: Stage, cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything `stage` reads, resolved now: its config values, its upstream fingerprints, its sources.
+    With a `cache` (one per command), each stage's inputs are resolved once: the data source is hashed once."""
     cache = {} if cache is None else cache
-    upstream = {name: fingerprint(cfg, BY_NAME[name], cache) for name in stage.upstream}
-    return {"keys": keys, "upstream": upstream, "sources": stage.sources(cfg)}
+    key = f"inputs:{stage.name}"
+    if key not in cache:
+        flat = _flatten(cfg.model_dump(mode="json"))
+        keys = {k: v for k, v in flat.items()
+                if any(k == r or k.startswith(r + ".") for r in stage.reads)
+                and not any(k == i or k.startswith(i + ".") for i in stage.ignores)}
+        upstream = {name: fingerprint(cfg, BY_NAME[name], cache) for name in stage.upstream}
+        cache[key] = {"keys": keys, "upstream": upstream, "sources": stage.sources(cfg)}
+    return cache[key]
 
 
-def fingerprint(cfg: Config, stage: Stage, cache: dict[str, str] | None = None) -> str:
+def fingerprint(cfg: Config, stage: Stage, cache: dict[str, Any] | None = None) -> str:
     cache = {} if cache is None else cache
-    if stage.name not in cache:
+    key = f"fingerprint:{stage.name}"
+    if key not in cache:
         text = json.dumps(inputs(cfg, stage, cache), sort_keys=True, default=str)
-        cache[stage.name] = hashlib.sha256(text.encode()).hexdigest()
-    return cache[stage.name]
+        cache[key] = hashlib.sha256(text.encode()).hexdigest()
+    return cache[key]
 
 
 @dataclass
@@ -230,7 +235,7 @@ class State:
     record: dict[str, Any] | None
 
 
-def state(cfg: Config, stage: Stage, cache: dict[str, str] | None = None) -> State:
+def state(cfg: Config, stage: Stage, cache: dict[str, Any] | None = None) -> State:
     layout = RunLayout.of(cfg)
     record = read_json(layout.record(stage.name))
     if not isinstance(record, dict) or "fingerprint" not in record:
@@ -286,7 +291,7 @@ def run_stage(cfg: Config, name: str, force: bool = False, quiet_skip: bool = Fa
     complete (unless `force`), otherwise replace the old outputs (kept in the history) and run.
     Returns None when the stage was skipped."""
     stage = BY_NAME[name]
-    cache: dict[str, str] = {}
+    cache: dict[str, Any] = {}
     _check_upstream(cfg, stage, cache)
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate only rank 0 writes records
     if not rank0:
@@ -310,7 +315,7 @@ def check_upstream(cfg: Config, name: str) -> None:
     _check_upstream(cfg, BY_NAME[name], {})
 
 
-def _check_upstream(cfg: Config, stage: Stage, cache: dict[str, str]) -> None:
+def _check_upstream(cfg: Config, stage: Stage, cache: dict[str, Any]) -> None:
     for name in stage.upstream:
         up = BY_NAME[name]
         if up.always:
@@ -331,7 +336,7 @@ def _command(name: str) -> str:
     return "data prepare" if name == "data" else name
 
 
-def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, str], announce: bool,
+def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, Any], announce: bool,
                 verify: bool = False, before: Callable[[], None] | None = None) -> Outcome | None:
     """`verify`: also ask a complete stage's `still_valid` (termtune run); `before`: called just
     before the stage runs (not when it is skipped)."""
@@ -436,7 +441,7 @@ def run(cfg: Config) -> dict[str, Outcome | None]:
 
     outcomes: dict[str, Outcome | None] = {}
     with locked(cfg, "termtune run"), quiet(layout.library_log):
-        cache: dict[str, str] = {}
+        cache: dict[str, Any] = {}
         if not state(cfg, BY_NAME["train"], cache).complete:
             check_model_settings(cfg)  # the model's shape against lora.* fails before the data stage
         for stage in stages:
