@@ -1,25 +1,35 @@
-"""Training speed and quality: the seed recipe, reproduced faithfully, against `termtune train` at its defaults.
+"""Training speed and time to quality: the seed recipe, a best-practice hand-written recipe, and `termtune train`.
 
-    .venv/bin/python benchmarks/bench_train.py             # the full comparison (~10 min on 2 cores)
-    .venv/bin/python benchmarks/bench_train.py --rows 64   # a quick smoke run (not comparable)
+    .venv/bin/python benchmarks/bench_train.py             # three runs of the three recipes (~20 min on 2 cores)
+    .venv/bin/python benchmarks/bench_train.py --runs 1    # one run (~7 min)
+    .venv/bin/python benchmarks/bench_train.py --rows 64 --runs 1   # a quick smoke run (not comparable)
 
 Everything is identical except the recipe:
 - data: 256 rows of ../shared/data/medquad_definitions.jsonl drawn with random.Random(0).sample, split by
-  termtune's seeded split into 224 train / 32 held out (both recipes use those same rows);
+  termtune's seeded split (all three recipes train on the same rows and are scored on the same held-out rows);
 - model: the flan-t5-small architecture cut to 2 encoder + 2 decoder layers, randomly initialised once with a
-  fixed seed (both recipes load the same saved weights), fp32, CPU, the real Flan-T5 tokenizer;
+  fixed seed (all recipes load the same saved weights), fp32, CPU, the real Flan-T5 tokenizer;
 - max lengths 128 input / 512 target; LoRA r 64, alpha 16, dropout 0.1, all-linear; one epoch.
 
 (a) the seed recipe: inputs "What is " + term, `tokenizer(..., max_length, truncation=True, padding=True)` inside
     `datasets.map(batched=True)` (each 1000-row chunk padded to its longest row), labels = the padded target ids
     (pad not masked), per-device batch size 1, gradient accumulation 2, `TrainingArguments` defaults otherwise.
     Its SFTTrainer cannot train T5 (it fails on step 1), so it runs on Seq2SeqTrainer, which is what works.
-(b) `termtune train` with the config's train section left at its defaults.
+(p) the peer: what an expert writes by hand today following the transformers documentation for seq2seq LoRA,
+    with no termtune code: no padding at tokenisation, `DataCollatorForSeq2Seq(label_pad_token_id=-100)`,
+    `train_sampling_strategy="group_by_length"` (transformers' length grouping), the standard loss, and termtune's
+    defaults for everything a user would copy (prompt, batch size 4, learning rate 1e-3, linear schedule, seed).
+(b) `termtune train` (through termtune's Python API) with the config's train section left at its defaults.
 
-Each recipe runs in its own subprocess (clean peak RSS, read with os.wait4). Held-out loss is computed afterwards
-by one function for both: mean cross-entropy over the non-pad target tokens of the 32 held-out rows, each recipe
-with its own prompt. Useful FLOP/s = non-pad tokens x 6 x (weights each token passes through), over the training
-loop's wall time, as a fraction of a 2048x2048 fp32 torch.mm measured in this run on all cores.
+Each recipe runs in its own subprocess (clean peak RSS, read with os.wait4), with the same callback: every
+SNAPSHOT_EVERY examples it saves the adapter and notes the training clock. The clock runs from the start of the
+training loop; held-out evaluations inside the loop (termtune's own) are excluded, checkpoint and snapshot saves
+are included. Afterwards one function scores every snapshot: mean cross-entropy over the non-pad target tokens of
+the held-out rows, each recipe with its own prompt. Time to quality = the clock at the first snapshot whose
+held-out loss is at or below the seed recipe's own held-out loss after its epoch.
+
+Useful FLOP/s = non-pad tokens x 6 x (weights each token passes through), over the clock, as a fraction of a
+2048x2048 fp32 torch.mm measured in this run on all cores.
 """
 
 from __future__ import annotations
@@ -29,10 +39,12 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -41,12 +53,16 @@ SMALL_CONFIG = SHARED / "models" / "flan-t5-small" / "config.json"
 MEDQUAD = SHARED / "data" / "medquad_definitions.jsonl"
 ARCH = {"num_layers": 2, "num_decoder_layers": 2}
 MAX_SOURCE, MAX_TARGET = 128, 512
+LORA = {"r": 64, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": "all-linear"}
+SNAPSHOT_EVERY = 16
+"""Examples between held-out scores, the same for every recipe (8 steps of (a), 4 of (p) and (b))."""
+SIDES = {"a": "a seed recipe", "p": "p peer", "b": "b termtune"}
 
 
 # ----------------------------------------------------------------------------- setup
 
 
-def write_config(work: Path, rows: int, test_rows: int, b_overrides: list[str]) -> Path:
+def write_config(work: Path, test_rows: int, b_overrides: list[str]) -> Path:
     """The termtune config for (b): everything the benchmark fixes, and nothing in `train:` (its defaults)."""
     import yaml
 
@@ -56,9 +72,10 @@ def write_config(work: Path, rows: int, test_rows: int, b_overrides: list[str]) 
                   "architecture_overrides": ARCH},
         "data": {"source": str(work / "rows.jsonl"), "test_size": test_rows,
                  "max_source_length": MAX_SOURCE, "max_target_length": MAX_TARGET},
-        "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
+        "lora": {"r": LORA["r"], "alpha": LORA["lora_alpha"], "dropout": LORA["lora_dropout"],
+                 "target_modules": LORA["target_modules"]},
     }
-    for item in b_overrides:  # exploration only; the recorded run uses none
+    for item in b_overrides:  # exploration only; the recorded runs use none
         key, _, value = item.partition("=")
         section, name = key.split(".", 1)
         config.setdefault(section, {})[name] = yaml.safe_load(value)
@@ -67,7 +84,7 @@ def write_config(work: Path, rows: int, test_rows: int, b_overrides: list[str]) 
     return path
 
 
-def prepare(work: Path, n_rows: int, test_rows: int, b_overrides: list[str]) -> tuple[Path, dict]:
+def prepare(work: Path, n_rows: int, test_rows: int, b_overrides: list[str]) -> dict:
     """Sample the rows, run termtune's data stage (the shared split), build the random base once."""
     from termtune import pipeline
     from termtune.config import load_config
@@ -76,25 +93,71 @@ def prepare(work: Path, n_rows: int, test_rows: int, b_overrides: list[str]) -> 
     rows = [json.loads(line) for line in MEDQUAD.read_text(encoding="utf-8").splitlines()]
     sample = random.Random(0).sample(rows, n_rows)
     (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sample), encoding="utf-8")
-    config_path = write_config(work, n_rows, test_rows, b_overrides)
+    config_path = write_config(work, test_rows, b_overrides)
     cfg = load_config(config_path)
     pipeline.run_stage(cfg, "data", force=True)
     base = materialize_random_base(cfg)
-    # The seed recipe trains on the raw rows of the same terms termtune put in each split.
+    # The other recipes train on the raw rows of the same terms termtune put in each split.
     by_term = {r["term"]: r for r in sample}
     split = {}
     for name in ("train", "test"):
         terms = [json.loads(line)["term"] for line in (cfg.run_dir / "data" / f"{name}.jsonl").open()]
         split[name] = [{"page_title": t, "page_text": by_term[t]["definition"]} for t in terms]
-    (work / "seed-split.json").write_text(json.dumps(split))
-    return config_path, {"base": str(base), "train_rows": len(split["train"]), "test_rows": len(split["test"]),
-                         "rows_used": len(split["train"]) + len(split["test"])}
+    (work / "split.json").write_text(json.dumps(split))
+    return {"base": str(base), "config": str(config_path), "prompt_template": cfg.data.prompt_template,
+            "train_rows": len(split["train"]), "test_rows": len(split["test"])}
+
+
+# ----------------------------------------------------------------------------- the clock, the same for all
+
+
+def add_clock(trainer: Any, out: Path, examples_per_step: int, n_examples: int) -> None:
+    """Every SNAPSHOT_EVERY examples save the adapter and note the training clock; write <out>/clock.json at the end.
+
+    The clock starts with the training loop; evaluations inside it are excluded, saves included.
+    """
+    from transformers import TrainerCallback
+
+    evaluate = trainer.evaluate
+    excluded = [0.0]
+
+    def timed_evaluate(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            excluded[0] += time.perf_counter() - start
+
+    trainer.evaluate = timed_evaluate
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.start, self.snapshots = time.perf_counter(), []
+
+        def clock(self) -> float:
+            return time.perf_counter() - self.start - excluded[0]
+
+        def snapshot(self, model: Any, seen: int) -> None:
+            folder = out / f"snapshot-{seen:05d}"
+            model.save_pretrained(str(folder))
+            self.snapshots.append({"examples": seen, "clock_s": self.clock(), "adapter": str(folder)})
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            seen = min(state.global_step * examples_per_step, n_examples)
+            if seen % SNAPSHOT_EVERY == 0 or seen == n_examples:
+                self.snapshot(model, seen)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            (out / "clock.json").write_text(json.dumps({"clock_s": self.clock(), "examples": n_examples,
+                                                        "steps": state.global_step, "snapshots": self.snapshots}))
+
+    trainer.add_callback(Clock())
 
 
 # ----------------------------------------------------------------------------- (a) the seed recipe
 
 
-def run_seed_recipe(work: Path, base: str) -> None:
+def run_seed_recipe(work: Path, out: Path, setup: dict) -> None:
     """The seed recipe, as it is written, in this process (called as a subprocess by main)."""
     import torch
     from datasets import Dataset
@@ -102,7 +165,7 @@ def run_seed_recipe(work: Path, base: str) -> None:
     from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
                               Seq2SeqTrainingArguments)
 
-    split = json.loads((work / "seed-split.json").read_text())
+    split = json.loads((work / "split.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
 
     def preprocess_function(sample, padding=True):
@@ -114,26 +177,100 @@ def run_seed_recipe(work: Path, base: str) -> None:
 
     train_ds = Dataset.from_list(split["train"]).map(preprocess_function, batched=True,
                                                       remove_columns=["page_title", "page_text"])
-    model = AutoModelForSeq2SeqLM.from_pretrained(base, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, target_modules="all-linear", lora_dropout=0.1,
-                                             bias="none", task_type=TaskType.SEQ_2_SEQ_LM))
-    args = Seq2SeqTrainingArguments(output_dir=str(work / "seed-run"), per_device_train_batch_size=1,
+    model = AutoModelForSeq2SeqLM.from_pretrained(setup["base"], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(**LORA, bias="none", task_type=TaskType.SEQ_2_SEQ_LM))
+    args = Seq2SeqTrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=1,
                                     gradient_accumulation_steps=2, num_train_epochs=1, use_cpu=True, report_to=[])
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds,
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100,
                                                                   pad_to_multiple_of=8))
-    out = trainer.train()
-    model.save_pretrained(str(work / "seed-adapter"))
+    add_clock(trainer, out, examples_per_step=2, n_examples=len(train_ds))
+    trainer.train()
 
     pad = tokenizer.pad_token_id
     src_real = sum(sum(m) for m in train_ds["attention_mask"])
     src_slots = sum(len(m) for m in train_ds["attention_mask"])
     tgt_real = sum(sum(1 for t in labels if t != pad) for labels in train_ds["labels"])
     tgt_slots = sum(len(labels) for labels in train_ds["labels"])
-    (work / "seed-result.json").write_text(json.dumps({
-        "train_runtime": out.metrics["train_runtime"], "examples": len(train_ds), "steps": out.global_step,
-        "src_real": src_real, "tgt_real": tgt_real, "padding_fraction": 1 - (src_real + tgt_real) / (src_slots + tgt_slots),
-        "train_loss": out.training_loss}))
+    (out / "tokens.json").write_text(json.dumps({
+        "src_real": src_real, "tgt_real": tgt_real, "padding_fraction": 1 - (src_real + tgt_real) / (src_slots + tgt_slots)}))
+
+
+# ----------------------------------------------------------------------------- (p) the peer
+
+
+def run_peer(work: Path, out: Path, setup: dict) -> None:
+    """The recipe the transformers docs lead an expert to for seq2seq LoRA, written by hand (no termtune code)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
+                              Seq2SeqTrainingArguments)
+
+    split = json.loads((work / "split.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    template = setup["prompt_template"]
+
+    def preprocess(batch: dict) -> dict:
+        model_inputs = tokenizer([template.format(term=t) for t in batch["page_title"]], max_length=MAX_SOURCE,
+                                 truncation=True)
+        model_inputs["labels"] = tokenizer(text_target=batch["page_text"], max_length=MAX_TARGET,
+                                           truncation=True)["input_ids"]
+        return model_inputs
+
+    train_ds = Dataset.from_list(split["train"]).map(preprocess, batched=True,
+                                                      remove_columns=["page_title", "page_text"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(setup["base"], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(**LORA, bias="none", task_type=TaskType.SEQ_2_SEQ_LM))
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    counts = [0, 0, 0, 0]  # real source, source slots, real target, target slots
+
+    def counting_collator(features: list) -> dict:
+        batch = collator(features)
+        mask, labels = batch["attention_mask"], batch["labels"]
+        for i, n in enumerate((int(mask.sum()), mask.numel(), int((labels != -100).sum()), labels.numel())):
+            counts[i] += n
+        return batch
+
+    args = Seq2SeqTrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=4,
+                                    learning_rate=1e-3, lr_scheduler_type="linear", num_train_epochs=1,
+                                    train_sampling_strategy="group_by_length", seed=42, use_cpu=True, report_to=[])
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, data_collator=counting_collator)
+    add_clock(trainer, out, examples_per_step=4, n_examples=len(train_ds))
+    trainer.train()
+    (out / "tokens.json").write_text(json.dumps({
+        "src_real": counts[0], "tgt_real": counts[2], "padding_fraction": 1 - (counts[0] + counts[2]) / (counts[1] + counts[3])}))
+
+
+# ----------------------------------------------------------------------------- (b) termtune
+
+
+def run_termtune(work: Path, out: Path, setup: dict) -> None:
+    """`termtune train` through the Python API, with the benchmark's clock added to its trainer."""
+    import importlib
+
+    from termtune.api import train
+    from termtune.config import load_config
+
+    train_module = importlib.import_module("termtune.train")  # the module, not the API function of that name
+
+    cfg = load_config(Path(setup["config"]))
+    install = train_module._install_callbacks
+
+    def install_with_clock(trainer: Any, *args: Any) -> None:
+        install(trainer, *args)
+        add_clock(trainer, out, examples_per_step=cfg.train.batch_size, n_examples=len(trainer.train_dataset))
+
+    train_module._install_callbacks = install_with_clock
+    train(cfg)
+    result = json.loads((cfg.run_dir / "train" / "result.json").read_text())
+    rows = [json.loads(line) for line in (cfg.run_dir / "data" / "train.jsonl").open()]
+    (out / "tokens.json").write_text(json.dumps({
+        "src_real": sum(len(r["input_ids"]) for r in rows), "tgt_real": sum(len(r["labels"]) for r in rows),
+        "padding_fraction": result["padding_fraction"]}))
+
+
+RECIPES = {"a": run_seed_recipe, "p": run_peer, "b": run_termtune}
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -171,28 +308,128 @@ def weights_per_token(config_file: Path) -> tuple[int, int]:
     return per_source, per_target
 
 
-def heldout_loss(base: str, adapter: Path, prompts: list[str], targets: list[str]) -> float:
-    """Mean cross-entropy over the non-pad target tokens (pad masked), the same way for both recipes."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+class HeldOut:
+    """Mean cross-entropy over the non-pad target tokens of the held-out rows (pad masked), the same for all."""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), str(adapter)).eval()
-    sources = tokenizer(prompts, max_length=MAX_SOURCE, truncation=True)["input_ids"]
-    labels = tokenizer(text_target=targets, max_length=MAX_TARGET, truncation=True)["input_ids"]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(sources), 8):
-            src, tgt = sources[i:i + 8], labels[i:i + 8]
-            s_len, t_len = max(map(len, src)), max(map(len, tgt))
-            input_ids = torch.tensor([x + [0] * (s_len - len(x)) for x in src])
-            label_ids = torch.tensor([x + [-100] * (t_len - len(x)) for x in tgt])
-            logits = model(input_ids=input_ids, attention_mask=(input_ids != 0).long(), labels=label_ids).logits
-            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), label_ids.flatten(),
-                                                             ignore_index=-100, reduction="sum"))
-            count += int((label_ids != -100).sum())
-    return total / count
+    def __init__(self, base: str, terms: list[str], definitions: list[str]) -> None:
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        self.base, self.terms = AutoModelForSeq2SeqLM.from_pretrained(base).eval(), terms
+        self.tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+        self.labels = self.tokenizer(text_target=definitions, max_length=MAX_TARGET, truncation=True)["input_ids"]
+
+    def loss(self, adapter: str, prompt: str) -> float:
+        import torch
+        from peft import PeftModel
+
+        sources = self.tokenizer([prompt.format(term=t) for t in self.terms], max_length=MAX_SOURCE,
+                                 truncation=True)["input_ids"]
+        model = PeftModel.from_pretrained(self.base, adapter).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(sources), 8):
+                src, tgt = sources[i:i + 8], self.labels[i:i + 8]
+                s_len, t_len = max(map(len, src)), max(map(len, tgt))
+                input_ids = torch.tensor([x + [0] * (s_len - len(x)) for x in src])
+                label_ids = torch.tensor([x + [-100] * (t_len - len(x)) for x in tgt])
+                logits = model(input_ids=input_ids, attention_mask=(input_ids != 0).long(), labels=label_ids).logits
+                total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), label_ids.flatten(),
+                                                                 ignore_index=-100, reduction="sum"))
+                count += int((label_ids != -100).sum())
+        self.base = model.unload()  # the bare base again, for the next adapter
+        return total / count
+
+
+def run_once(work: Path, setup: dict, order: list[str]) -> dict[str, dict]:
+    """Train the three recipes once (in `order`), each in its own process; their clocks, tokens and RSS."""
+    out = {}
+    for side in order:
+        folder = work / side
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+        if side == "b":
+            subprocess.run(["rm", "-rf", str(Path(setup["config"]).parent / "termtune-run" / "train")], check=True)
+        folder.mkdir()
+        wall, rss = run_child([sys.executable, __file__, "--_side", side, "--work", str(work)], work / f"{side}.log")
+        out[side] = {**json.loads((folder / "clock.json").read_text()),
+                     **json.loads((folder / "tokens.json").read_text()), "process_wall_s": wall, "peak_rss": rss}
+    return out
+
+
+def score(runs: list[dict[str, dict]], setup: dict, held_out: HeldOut) -> None:
+    """Held-out loss of every snapshot; then each recipe's final loss and its time to the seed recipe's quality."""
+    prompts = {"a": "What is {term}", "p": setup["prompt_template"], "b": setup["prompt_template"]}
+    for run in runs:
+        for side, r in run.items():
+            for snap in r["snapshots"]:
+                snap["heldout"] = held_out.loss(snap["adapter"], prompts[side])
+            r["heldout"] = r["snapshots"][-1]["heldout"]
+        target = run["a"]["heldout"]
+        for r in run.values():
+            reached = next((s for s in r["snapshots"] if s["heldout"] <= target), None)
+            r["ttq_s"] = reached["clock_s"] if reached else float("nan")
+            r["ttq_examples"] = reached["examples"] if reached else None
+
+
+def plot(runs: list[dict[str, dict]], path: Path) -> None:
+    """Held-out loss against the training clock, each recipe's runs in one colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for side, colour in (("a", "tab:gray"), ("p", "tab:blue"), ("b", "tab:green")):
+        for i, run in enumerate(runs):
+            snaps = run[side]["snapshots"]
+            ax.plot([s["clock_s"] for s in snaps], [s["heldout"] for s in snaps], color=colour, alpha=0.8,
+                    marker=".", label=SIDES[side][2:] if i == 0 else None)
+    ax.axhline(runs[0]["a"]["heldout"], color="tab:gray", linestyle=":", linewidth=1,
+               label="target: the seed recipe's held-out loss after its epoch")
+    ax.set_xlabel("training clock, s (held-out evaluations excluded)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(f"Time to quality, one epoch each, {len(runs)} run(s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def summarise(runs: list[dict[str, dict]], setup: dict, peak: float) -> dict[str, Any]:
+    per_src, per_tgt = weights_per_token(SMALL_CONFIG)
+    for run in runs:
+        for r in run.values():
+            r["examples_per_s"] = r["examples"] / r["clock_s"]
+            r["target_tokens_per_s"] = r["tgt_real"] / r["clock_s"]
+            useful = 6 * (per_src * r["src_real"] + per_tgt * r["tgt_real"]) / r["clock_s"]
+            r["useful_gflops"], r["peak_fraction"] = useful / 1e9, useful / peak
+    print(f"{'run recipe':20}{'examples/s':>11}{'tgt tok/s':>11}{'padding':>9}{'peak RSS':>10}{'held-out':>10}"
+          f"{'GFLOP/s':>9}{'of peak':>9}{'clock s':>9}{'to target':>11}{'wall s':>8}")
+    for i, run in enumerate(runs, 1):
+        for side in SIDES:
+            r = run[side]
+            ttq = f"{r['ttq_s']:.1f}s/{r['ttq_examples']}ex" if r["ttq_examples"] else "never"
+            print(f"{i} {SIDES[side]:18}{r['examples_per_s']:>11.3f}{r['target_tokens_per_s']:>11.1f}"
+                  f"{r['padding_fraction']:>9.1%}{r['peak_rss'] / 2**20:>8.0f}Mi{r['heldout']:>10.4f}"
+                  f"{r['useful_gflops']:>9.1f}{r['peak_fraction']:>9.1%}{r['clock_s']:>9.1f}{ttq:>11}"
+                  f"{r['process_wall_s']:>8.1f}")
+
+    def spread(values: list[float]) -> tuple[float, float, float]:
+        return min(values), statistics.median(values), max(values)
+
+    figures = {
+        "ratio": [run["b"]["examples_per_s"] / run["a"]["examples_per_s"] for run in runs],
+        "peer_ratio": [run["b"]["examples_per_s"] / run["p"]["examples_per_s"] for run in runs],
+        "ttq_ratio": [run["a"]["ttq_s"] / run["b"]["ttq_s"] for run in runs],
+        "peer_ttq_ratio": [run["p"]["ttq_s"] / run["b"]["ttq_s"] for run in runs],
+        **{f"{s}_examples_per_s": [run[s]["examples_per_s"] for run in runs] for s in SIDES},
+        **{f"heldout_{s}": [run[s]["heldout"] for run in runs] for s in SIDES},
+        **{f"ttq_{s}_s": [run[s]["ttq_s"] for run in runs] for s in SIDES},
+        "peak_fraction_b": [run["b"]["peak_fraction"] for run in runs],
+    }
+    print(f"over {len(runs)} run(s): min / median / max")
+    for name, values in figures.items():
+        lo, mid, hi = spread(values)
+        print(f"  {name:18} {lo:10.4f} {mid:10.4f} {hi:10.4f}")
+    return {name: statistics.median(values) for name, values in figures.items()}
 
 
 # ----------------------------------------------------------------------------- main
@@ -202,13 +439,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--test-rows", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3, help="train the three recipes this many times")
+    parser.add_argument("--sides", default="apb", help="which recipes to train (exploration; the ratios need all)")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a fresh temp folder)")
-    parser.add_argument("--skip-seed", action="store_true", help="reuse (a)'s results from --work (exploration)")
     parser.add_argument("--b", action="append", default=[], help="override for (b), exploration only")
-    parser.add_argument("--_seed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--_side", choices=sorted(RECIPES), help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts._seed:
-        run_seed_recipe(opts.work, json.loads((opts.work / "setup.json").read_text())["base"])
+    if opts._side:
+        setup = json.loads((opts.work / "setup.json").read_text())
+        RECIPES[opts._side](opts.work, opts.work / opts._side, setup)
         return
 
     import tempfile
@@ -218,68 +457,44 @@ def main() -> None:
 
     work = opts.work or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
-    if not opts.skip_seed:
-        for stale in ("termtune-run", "seed-run", "seed-adapter"):
-            subprocess.run(["rm", "-rf", str(work / stale)], check=True)
-    else:
-        subprocess.run(["rm", "-rf", str(work / "termtune-run" / "train")], check=True)
-    config_path, setup = prepare(work, opts.rows, opts.test_rows, opts.b)
+    subprocess.run(["rm", "-rf", str(work / "termtune-run")], check=True)
+    setup = prepare(work, opts.rows, opts.test_rows, opts.b)
     (work / "setup.json").write_text(json.dumps(setup))
     peak = matmul_peak()
-
-    if opts.skip_seed:
-        a_wall, a_rss = json.loads((work / "seed-process.json").read_text())
-    else:
-        a_wall, a_rss = run_child([sys.executable, __file__, "--_seed", "--work", str(work)], work / "seed.log")
-        (work / "seed-process.json").write_text(json.dumps([a_wall, a_rss]))
-    b_wall, b_rss = run_child([sys.executable, "-m", "termtune.cli", "train", str(config_path)], work / "termtune.log")
-    peak = max(peak, matmul_peak())
-
-    seed = json.loads((work / "seed-result.json").read_text())
-    run_dir = work / "termtune-run"
-    result = json.loads((run_dir / "train" / "result.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
-    b_runtime = next(m["train_runtime"] for m in metrics if "train_runtime" in m)
-    train_rows = [json.loads(line) for line in (run_dir / "data" / "train.jsonl").open()]
-    b_src = sum(len(r["input_ids"]) for r in train_rows)
-    b_tgt = sum(len(r["labels"]) for r in train_rows)
-
-    split = json.loads((work / "seed-split.json").read_text())
-    terms = [r["page_title"] for r in split["test"]]
-    definitions = [r["page_text"] for r in split["test"]]
-    template = json.loads((run_dir / "provenance" / "train.json").read_text())["config"]["data"]["prompt_template"]
-    heldout_a = heldout_loss(setup["base"], work / "seed-adapter", ["What is " + t for t in terms], definitions)
-    heldout_b = heldout_loss(setup["base"], run_dir / "train" / "adapter", [template.format(term=t) for t in terms],
-                             definitions)
-
-    per_src, per_tgt = weights_per_token(SMALL_CONFIG)
-    rows = {}
-    for name, runtime, examples, src, tgt, pad, wall, rss, heldout in (
-        ("a seed recipe", seed["train_runtime"], seed["examples"], seed["src_real"], seed["tgt_real"],
-         seed["padding_fraction"], a_wall, a_rss, heldout_a),
-        ("b termtune", b_runtime, len(train_rows), b_src, b_tgt, result["padding_fraction"], b_wall, b_rss,
-         heldout_b),
-    ):
-        useful = 6 * (per_src * src + per_tgt * tgt) / runtime
-        rows[name] = {"examples_per_s": examples / runtime, "target_tokens_per_s": tgt / runtime,
-                      "padding_fraction": pad, "peak_rss_mib": rss / 2**20, "heldout_loss": heldout,
-                      "useful_gflops": useful / 1e9, "peak_fraction": useful / peak, "train_loop_s": runtime,
-                      "process_wall_s": wall}
-
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; fp32 torch.mm 2048^2 peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"data: {setup['train_rows']} train / {setup['test_rows']} held-out rows; work folder {work}")
-    print(f"{'':16}{'examples/s':>11}{'tgt tok/s':>11}{'padding':>9}{'peak RSS':>10}{'held-out':>10}"
-          f"{'GFLOP/s':>9}{'of peak':>9}{'loop s':>8}{'wall s':>8}")
-    for name, r in rows.items():
-        print(f"{name:16}{r['examples_per_s']:>11.3f}{r['target_tokens_per_s']:>11.1f}{r['padding_fraction']:>9.1%}"
-              f"{r['peak_rss_mib']:>8.0f}Mi{r['heldout_loss']:>10.4f}{r['useful_gflops']:>9.1f}"
-              f"{r['peak_fraction']:>9.1%}{r['train_loop_s']:>8.1f}{r['process_wall_s']:>8.1f}")
-    a, b = rows["a seed recipe"], rows["b termtune"]
-    ratio = b["examples_per_s"] / a["examples_per_s"]
-    (work / "bench-result.json").write_text(json.dumps({"peak_flops": peak, "ratio": ratio, **rows}, indent=2))
-    print(f"ratio={ratio:.2f} a_examples_per_s={a['examples_per_s']:.3f} b_examples_per_s={b['examples_per_s']:.3f} "
-          f"heldout_a={a['heldout_loss']:.4f} heldout_b={b['heldout_loss']:.4f} peak_fraction_b={b['peak_fraction']:.3f}")
+          f"transformers {transformers.__version__}; load average {os.getloadavg()[0]:.1f}")
+    print(f"data: {setup['train_rows']} train / {setup['test_rows']} held-out rows; work folder {work}", flush=True)
+
+    runs = []
+    for i in range(opts.runs):
+        order = list(opts.sides[i % len(opts.sides):] + opts.sides[:i % len(opts.sides)])  # rotate who goes first
+        run_dir = work / f"run-{i + 1}"
+        run_dir.mkdir(exist_ok=True)
+        for name in ("setup.json", "split.json"):
+            (run_dir / name).write_text((work / name).read_text())
+        runs.append(run_once(run_dir, setup, order))
+        print(f"run {i + 1}: trained {', '.join(order)}", flush=True)
+    peak = max(peak, matmul_peak())
+    print(f"fp32 torch.mm 2048^2 peak {peak / 1e9:.1f} GFLOP/s (best of the start and the end)")
+
+    split = json.loads((work / "split.json").read_text())
+    held_out = HeldOut(setup["base"], [r["page_title"] for r in split["test"]], [r["page_text"] for r in split["test"]])
+    if set(opts.sides) != set(SIDES):
+        for run in runs:
+            for side, r in run.items():
+                print(side, r["examples"] / r["clock_s"], "examples/s,", "held-out",
+                      held_out.loss(r["snapshots"][-1]["adapter"], "What is {term}" if side == "a" else setup["prompt_template"]))
+        return
+    score(runs, setup, held_out)
+    med = summarise(runs, setup, peak)
+    plot(runs, work / "time-to-quality.png")
+    (work / "bench-result.json").write_text(json.dumps({"peak_flops": peak, "median": med, "runs": runs}, indent=2))
+    print(f"plot: {work / 'time-to-quality.png'}")
+    print(f"ratio={med['ratio']:.2f} peer_ratio={med['peer_ratio']:.2f} ttq_ratio={med['ttq_ratio']:.1f} "
+          f"a_examples_per_s={med['a_examples_per_s']:.3f} p_examples_per_s={med['p_examples_per_s']:.3f} "
+          f"b_examples_per_s={med['b_examples_per_s']:.3f} heldout_a={med['heldout_a']:.4f} "
+          f"heldout_p={med['heldout_p']:.4f} heldout_b={med['heldout_b']:.4f} "
+          f"peak_fraction_b={med['peak_fraction_b']:.3f}")
 
 
 if __name__ == "__main__":
