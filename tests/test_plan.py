@@ -158,7 +158,20 @@ def test_plan_of_a_prepared_run(prepared_cfg):
     fixed = p.memory["base"] + p.memory["lora_states"]
     assert p.memory["total"] == fixed + p.memory["framework"] + p.memory["activations"] + p.memory["loss"] \
         + p.memory["eval"]  # a CPU heap keeps the freed activations while the held-out pass runs
-    assert p.cpu_seconds == pytest.approx(p.train_flops / (100e9 * 0.5) + p.steps * 0.010)
+    from termtune.train import cpu_has_native_bf16
+
+    assert p.cpu_bf16 == cpu_has_native_bf16()  # precision auto: bf16 autocast where the CPU has the instructions
+    efficiency = P._c("cpu_bf16_efficiency") if p.cpu_bf16 else 0.5
+    assert p.cpu_seconds == pytest.approx(p.train_flops / (100e9 * efficiency) + p.steps * 0.010)
+    cfg.train.precision = "fp32"
+    fp32 = P.plan(cfg, cpu_peak=100e9)
+    assert not fp32.cpu_bf16 and fp32.cpu_seconds == pytest.approx(fp32.train_flops / (100e9 * 0.5) + fp32.steps * 0.010)
+    assert "(fp32 matmul, measured now)" in fp32.summary()
+    cfg.train.precision = "bf16"
+    bf16 = P.plan(cfg, cpu_peak=100e9)
+    assert bf16.cpu_bf16 and "(bf16 matmul, measured now)" in bf16.summary()
+    assert bf16.memory["activations"] < fp32.memory["activations"]  # matmul outputs are kept in bf16
+    cfg.train.precision = "auto"
     line = p.one_line()
     assert line.startswith("plan: ") and "fits this CPU" in line and "steps" in line
     on_gpu = P.plan(cfg, gpu="a10g", cpu_peak=100e9)

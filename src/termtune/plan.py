@@ -78,6 +78,8 @@ CONSTANTS: dict[str, Constant] = {
                                "assumption (no GPU measured here): LoRA fine-tuning of a <1B seq2seq model on one "
                                "GPU; the PaLM paper (Chowdhery et al. 2022, arXiv:2204.02311, table 3) reports 46 % "
                                "MFU at 540B scale, small models with short sequences reach less"),
+    "cpu_bf16_efficiency": Constant(0.35, "of measured bf16 matmul peak",
+                                    "BENCHMARKS.md, Training (2026-11-30): PLACEHOLDER"),
     "cpu_step_overhead_s": Constant(0.010, "s/optimizer step",
                                     "assumption: Trainer bookkeeping, AdamW over the LoRA tensors, data collation "
                                     "(Python, per step, independent of the model size)"),
@@ -531,13 +533,14 @@ def flops_per_epoch(s: Shape, b: Batching, r: int, targets: str | list[str], che
     return float(total)
 
 
-def measure_cpu_peak(repeats: int = 5) -> float:
-    """This CPU's fp32 FLOP/s: a 2048 x 2048 torch.mm on all cores, best of `repeats` (about half a second)."""
+def measure_cpu_peak(repeats: int = 5, bf16: bool = False) -> float:
+    """This CPU's FLOP/s: a 2048 x 2048 torch.mm (fp32, or bf16) on all cores, best of `repeats` (about half a second)."""
     import time
 
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -580,10 +583,13 @@ class Plan:
     train_seconds: float
     cpu_seconds: float
     cpu_peak_flops: float
+    """Measured 2048^2 matmul FLOP/s on this CPU, in the precision it trains in (cpu_bf16)."""
     money: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside LoRA (lora.modules_to_save); counted in `trainable`."""
+    cpu_bf16: bool = False
+    """This CPU trains in bf16 autocast (it has bf16 instructions); its time is planned at the bf16 peak."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -632,8 +638,8 @@ class Plan:
             lines.append(f"  {d['name']}: {_duration(self.train_seconds)} at {d['efficiency']:.0%} of "
                          f"{d['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16 peak")
         lines += [
-            f"  this CPU: {_duration(self.cpu_seconds)} at {_c('cpu_efficiency'):.0%} of {self.cpu_peak_flops / 1e9:.0f}"
-            " GFLOP/s (fp32 matmul, measured now)",
+            f"  this CPU: {_duration(self.cpu_seconds)} at {_cpu_efficiency(self.cpu_bf16):.0%} of "
+            f"{self.cpu_peak_flops / 1e9:.0f} GFLOP/s ({'bf16' if self.cpu_bf16 else 'fp32'} matmul, measured now)",
             "money:",
         ]
         if money.get("train_usd") is not None:
@@ -671,8 +677,9 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
     if data.train_rows == 0:
         raise UserError("the training split is empty; nothing to plan")
     batches = batching(cfg, data)
-    cpu_peak = cpu_peak or measure_cpu_peak()
-    device = _device(gpu, cpu_peak, cfg)
+    cpu_bf16 = _cpu_trains_in_bf16(cfg)
+    cpu_peak = cpu_peak or measure_cpu_peak(bf16=cpu_bf16)
+    device = _device(gpu, cpu_peak, cfg, cpu_bf16)
     gc = cfg.train.gradient_checkpointing
     dropout_on = cfg.lora.dropout > 0 or shape.dropout > 0
     rows, src, tgt, real_tgt = batches.worst
@@ -699,7 +706,7 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
     flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc) * epoch_share
     step_overhead = steps * _c("cpu_step_overhead_s")
     seconds = flops / (device.peak_flops * device.efficiency) + (step_overhead if gpu is None else 0)
-    cpu_seconds = flops / (cpu_peak * _c("cpu_efficiency")) + step_overhead
+    cpu_seconds = flops / (cpu_peak * _cpu_efficiency(cpu_bf16)) + step_overhead
     notes = []
     if cfg.model.quantization != "none" and gpu is None:
         notes.append("4-bit/8-bit layers dequantize their weights on every pass; on a CPU that is not in the "
@@ -720,10 +727,21 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
         memory=memory, fits=fits, device={**asdict(device), "headroom": _c("gpu_headroom") if gpu else 0.0},
         epochs=epochs, steps=int(steps), train_flops=flops, train_seconds=seconds, cpu_seconds=cpu_seconds,
         cpu_peak_flops=cpu_peak, money=_money(cfg, params["total"], device, seconds), notes=notes,
-        modules_to_save=list(cfg.lora.modules_to_save))
+        modules_to_save=list(cfg.lora.modules_to_save), cpu_bf16=cpu_bf16)
 
 
-def _device(gpu: str | None, cpu_peak: float, cfg: Config) -> Device:
+def _cpu_trains_in_bf16(cfg: Config) -> bool:
+    """What termtune.train.resolve_precision picks on this CPU: bf16 autocast where it has bf16 instructions."""
+    from termtune.train import cpu_has_native_bf16
+
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cpu_has_native_bf16())
+
+
+def _cpu_efficiency(bf16: bool) -> float:
+    return _c("cpu_bf16_efficiency") if bf16 else _c("cpu_efficiency")
+
+
+def _device(gpu: str | None, cpu_peak: float, cfg: Config, cpu_bf16: bool) -> Device:
     if gpu is None:
         import os
 
@@ -731,8 +749,7 @@ def _device(gpu: str | None, cpu_peak: float, cfg: Config) -> Device:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
             memory = 0
-        return Device("this CPU", float(memory), cpu_peak, _c("cpu_efficiency"), None, None,
-                      bf16=cfg.train.precision == "bf16")
+        return Device("this CPU", float(memory), cpu_peak, _cpu_efficiency(cpu_bf16), None, None, bf16=cpu_bf16)
     g = GPUS[gpu.lower()]
     return Device(g.name, g.memory_gib * GiB, g.bf16_tflops * 1e12, _c("gpu_efficiency"), g.usd_per_hour,
                   g.instance, bf16=cfg.train.precision in ("auto", "bf16"))
