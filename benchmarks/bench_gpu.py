@@ -64,8 +64,8 @@ BF16 1979 TFLOPS with sparsity). Names match as in termtune.plan (an H100 PCIe r
 --peak-tflops for it)."""
 
 # Runtime packages termtune needs that the device image lacks (its python3 has torch, transformers, peft,
-# accelerate, tokenizers, pyarrow, pandas, ...). datasets 5.0.1: the newest that accepts the image's
-# huggingface_hub 1.x. One version of each: pip refuses two.
+# accelerate, tokenizers, pyarrow, pandas, ...). datasets 5.0.1 asks for pyarrow >= 21 and huggingface_hub < 2 (the
+# image has 1.33); 5.2 asks for pyarrow >= 24, and the image's pyarrow version is not recorded. One version of each.
 WHEELS = ("datasets==5.0.1", "dill==0.4.1", "multiprocess==0.70.19", "pydantic==2.14.4", "pydantic-core==2.50.5",
           "annotated-types==0.8.0", "typing-inspection==0.4.5", "typing-extensions==4.16.0", "bitsandbytes==0.50.2")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
