@@ -80,12 +80,12 @@ def run_train(config: Path, log: Path) -> int:
 
 
 def one(name: str, config_path: Path, work: Path) -> dict:
-    from termtune import data, plan
+    from termtune import pipeline, plan
     from termtune.config import load_config
     from termtune.modeling import materialize_random_base
 
     cfg = load_config(config_path)
-    data.prepare(cfg, force=True)
+    pipeline.run_stage(cfg, "data", force=True)  # with its provenance record, which the train stage checks
     materialize_random_base(cfg)  # built here, so the train process's peak is training's, not model building's
     load = os.getloadavg()[0]
     estimate = plan.plan(cfg)

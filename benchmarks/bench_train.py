@@ -405,7 +405,7 @@ def summarise(runs: list[dict[str, dict]], peaks: dict[str, float]) -> dict[str,
             useful = 6 * (per_src * r["src_real"] + per_tgt * r["tgt_real"]) / r["clock_s"]
             r["useful_gflops"], r["peak_fraction"] = useful / 1e9, useful / peaks[r.get("precision", "fp32")]
     print(f"{'run recipe':20}{'examples/s':>11}{'tgt tok/s':>11}{'padding':>9}{'peak RSS':>10}{'held-out':>10}"
-          f"{'GFLOP/s':>9}{'of peak':>9}{'clock s':>9}{'to target':>11}{'wall s':>8}")
+          f"{'GFLOP/s':>9}{'of peak':>9}{'clock s':>9}{'to target':>14}{'wall s':>8}")
     for i, run in enumerate(runs, 1):
         for side in SIDES:
             r = run[side]
@@ -413,7 +413,7 @@ def summarise(runs: list[dict[str, dict]], peaks: dict[str, float]) -> dict[str,
             name = SIDES[side] + (f" {r['precision']}" if "precision" in r else "")
             print(f"{i} {name:18}{r['examples_per_s']:>11.3f}{r['target_tokens_per_s']:>11.1f}"
                   f"{r['padding_fraction']:>9.1%}{r['peak_rss'] / 2**20:>8.0f}Mi{r['heldout']:>10.4f}"
-                  f"{r['useful_gflops']:>9.1f}{r['peak_fraction']:>9.1%}{r['clock_s']:>9.1f}{ttq:>11}"
+                  f"{r['useful_gflops']:>9.1f}{r['peak_fraction']:>9.1%}{r['clock_s']:>9.1f}{ttq:>14}"
                   f"{r['process_wall_s']:>8.1f}")
 
     def spread(values: list[float]) -> tuple[float, float, float]:

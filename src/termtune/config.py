@@ -134,8 +134,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AVX512-BF16, AMX), as autocast
-    with fp32 weights; fp32 on other CPUs, where bf16 is emulated."""
+    """auto: bf16 autocast on GPUs that support it, fp32 on CPU. bf16 on a CPU with bf16 instructions (AVX512-BF16,
+    AMX) is ~7 % faster but needs ~1.6x the memory (BENCHMARKS.md)."""
     allow_fp16: bool = False
     """T5 overflows to inf/NaN in fp16; set this only if you know your checkpoint survives it."""
     gradient_checkpointing: bool = False

@@ -78,8 +78,9 @@ CONSTANTS: dict[str, Constant] = {
                                "assumption (no GPU measured here): LoRA fine-tuning of a <1B seq2seq model on one "
                                "GPU; the PaLM paper (Chowdhery et al. 2022, arXiv:2204.02311, table 3) reports 46 % "
                                "MFU at 540B scale, small models with short sequences reach less"),
-    "cpu_bf16_efficiency": Constant(0.35, "of measured bf16 matmul peak",
-                                    "BENCHMARKS.md, Training (2026-11-30): PLACEHOLDER"),
+    "cpu_bf16_efficiency": Constant(0.30, "of measured bf16 matmul peak",
+                                    "BENCHMARKS.md, Plan (2026-11-29): the bench run with train.precision=bf16 "
+                                    "took 46.6 s, 1.15x a plan at 0.35 of a 408 GFLOP/s bf16 peak"),
     "cpu_step_overhead_s": Constant(0.010, "s/optimizer step",
                                     "assumption: Trainer bookkeeping, AdamW over the LoRA tensors, data collation "
                                     "(Python, per step, independent of the model size)"),
@@ -507,7 +508,8 @@ def eval_bytes(s: Shape, rows: int, tgt: int) -> int:
 # ----------------------------------------------------------------------------- time
 
 
-def flops_per_epoch(s: Shape, b: Batching, r: int, targets: str | list[str], checkpointing: bool) -> float:
+def flops_per_epoch(s: Shape, b: Batching, r: int, targets: str | list[str], checkpointing: bool,
+                    head_trained: bool = False) -> float:
     """Training FLOPs of one epoch.
 
     Frozen base: forward 2 FLOP/weight/token plus the backward's input gradient, 2 more; no weight gradient
@@ -515,6 +517,8 @@ def flops_per_epoch(s: Shape, b: Batching, r: int, targets: str | list[str], che
     padded target tokens, the cross-attention k/v the source tokens once per decoder layer, the lm_head only the
     real target tokens (termtune's loss drops padding before the lm_head). LoRA: 6 per adapter weight per token.
     Attention scores and mixing: 2 x 2 x length x inner per token per attention, x3 for training.
+    A trained lm_head (lora.modules_to_save) also gets its weight gradient, 6 in all, and runs on the standard
+    loss path, which makes logits for the padded target tokens too.
     """
     d, inner, ff = s.d_model, s.inner, s.d_ff
     ffn = (3 if s.gated else 2) * d * ff
@@ -522,12 +526,12 @@ def flops_per_epoch(s: Shape, b: Batching, r: int, targets: str | list[str], che
     dec_w = s.num_decoder_layers * (4 * d * inner + 2 * d * inner + ffn)
     cross_kv = s.num_decoder_layers * 2 * d * inner
     base_pass = 2 * ((enc_w + cross_kv) * b.padded_source + dec_w * b.padded_target)
-    head_pass = 2 * s.vocab_size * d * b.real_target
+    head_pass = 2 * s.vocab_size * d * (b.padded_target if head_trained else b.real_target)
     lora_src, lora_tgt = _lora_per_side(s, r, targets)
     lora = 6 * (lora_src * b.padded_source + lora_tgt * b.padded_target)
     ss, tt, st = b.attention_pairs
     attention = 3 * 4 * inner * (s.num_layers * ss + s.num_decoder_layers * (tt + st))
-    total = 2 * base_pass + 2 * head_pass + lora + attention
+    total = 2 * base_pass + (3 if head_trained else 2) * head_pass + lora + attention
     if checkpointing:
         total += _c("gc_recompute") * 2 * (base_pass + attention / 3)
     return float(total)
@@ -677,7 +681,7 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
     if data.train_rows == 0:
         raise UserError("the training split is empty; nothing to plan")
     batches = batching(cfg, data)
-    cpu_bf16 = _cpu_trains_in_bf16(cfg)
+    cpu_bf16 = cfg.train.precision == "bf16"  # an opt-in on a CPU (termtune.train.resolve_precision)
     cpu_peak = cpu_peak or measure_cpu_peak(bf16=cpu_bf16)
     device = _device(gpu, cpu_peak, cfg, cpu_bf16)
     gc = cfg.train.gradient_checkpointing
@@ -703,7 +707,8 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
     epochs = cfg.train.epochs
     steps = batches.steps_per_epoch * epochs if cfg.train.max_steps < 0 else cfg.train.max_steps
     epoch_share = steps / max(1, batches.steps_per_epoch)
-    flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc) * epoch_share
+    flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc,
+                            head_trained="lm_head" in cfg.lora.modules_to_save) * epoch_share
     step_overhead = steps * _c("cpu_step_overhead_s")
     seconds = flops / (device.peak_flops * device.efficiency) + (step_overhead if gpu is None else 0)
     cpu_seconds = flops / (cpu_peak * _cpu_efficiency(cpu_bf16)) + step_overhead
@@ -711,9 +716,12 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
     if cfg.model.quantization != "none" and gpu is None:
         notes.append("4-bit/8-bit layers dequantize their weights on every pass; on a CPU that is not in the "
                      "FLOP count, so QLoRA time on a CPU is a lower bound (docs/plan.md)")
-    if cfg.lora.modules_to_save:
-        notes.append(f"{', '.join(cfg.lora.modules_to_save)} trained in full: their gradients are not in the FLOP "
-                     "count, so the time is a lower bound")
+    if cpu_bf16 and gpu is None:
+        notes.append("bf16 autocast on a CPU: the benchmark run's peak memory was 1.65x this plan's, which "
+                     "models GPU autocast (docs/plan.md)")
+    if set(cfg.lora.modules_to_save) - {"lm_head"}:
+        notes.append(f"{', '.join(sorted(set(cfg.lora.modules_to_save) - {'lm_head'}))} trained in full: their "
+                     "gradients are not in the FLOP count, so the time is a lower bound")
     if data.origin == "card":
         notes.append("no token lengths without the data: memory and time are upper bounds at the maximum lengths")
     return Plan(
@@ -728,13 +736,6 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
         epochs=epochs, steps=int(steps), train_flops=flops, train_seconds=seconds, cpu_seconds=cpu_seconds,
         cpu_peak_flops=cpu_peak, money=_money(cfg, params["total"], device, seconds), notes=notes,
         modules_to_save=list(cfg.lora.modules_to_save), cpu_bf16=cpu_bf16)
-
-
-def _cpu_trains_in_bf16(cfg: Config) -> bool:
-    """What termtune.train.resolve_precision picks on this CPU: bf16 autocast where it has bf16 instructions."""
-    from termtune.train import cpu_has_native_bf16
-
-    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cpu_has_native_bf16())
 
 
 def _cpu_efficiency(bf16: bool) -> float:
