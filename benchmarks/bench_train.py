@@ -1,7 +1,8 @@
 """Training speed and time to quality: the seed recipe, a best-practice hand-written recipe, and `termtune train`.
 
-    .venv/bin/python benchmarks/bench_train.py             # three runs of the three recipes (~20 min on 2 cores)
-    .venv/bin/python benchmarks/bench_train.py --runs 1    # one run (~7 min)
+    .venv/bin/python benchmarks/bench_train.py             # three runs of the three recipes (~25 min on 2 cores)
+    .venv/bin/python benchmarks/bench_train.py --runs 1    # one run (~8 min)
+    .venv/bin/python benchmarks/bench_train.py --sides b --runs 2 --b train.precision=bf16   # one recipe (levers)
     .venv/bin/python benchmarks/bench_train.py --rows 64 --runs 1   # a quick smoke run (not comparable)
 
 Everything is identical except the recipe:
@@ -356,13 +357,17 @@ def run_once(work: Path, setup: dict, order: list[str]) -> dict[str, dict]:
     return out
 
 
+def prompt(side: str, setup: dict) -> str:
+    """The prompt each recipe trained with: the seed recipe's own, termtune's template for the other two."""
+    return "What is {term}" if side == "a" else setup["prompt_template"]
+
+
 def score(runs: list[dict[str, dict]], setup: dict, held_out: HeldOut) -> None:
     """Held-out loss of every snapshot; then each recipe's final loss and its time to the seed recipe's quality."""
-    prompts = {"a": "What is {term}", "p": setup["prompt_template"], "b": setup["prompt_template"]}
     for run in runs:
         for side, r in run.items():
             for snap in r["snapshots"]:
-                snap["heldout"] = held_out.loss(snap["adapter"], prompts[side])
+                snap["heldout"] = held_out.loss(snap["adapter"], prompt(side, setup))
             r["heldout"] = r["snapshots"][-1]["heldout"]
         target = run["a"]["heldout"]
         for r in run.values():
@@ -489,8 +494,8 @@ def main() -> None:
     if set(opts.sides) != set(SIDES):
         for run in runs:
             for side, r in run.items():
-                print(side, r["examples"] / r["clock_s"], "examples/s,", "held-out",
-                      held_out.loss(r["snapshots"][-1]["adapter"], "What is {term}" if side == "a" else setup["prompt_template"]))
+                heldout = held_out.loss(r["snapshots"][-1]["adapter"], prompt(side, setup))
+                print(f"{SIDES[side]}: {r['examples'] / r['clock_s']:.3f} examples/s, held-out loss {heldout:.4f}")
         return
     score(runs, setup, held_out)
     med = summarise(runs, peaks)

@@ -164,6 +164,13 @@ def test_plan_of_a_prepared_run(prepared_cfg):
         + p.memory["eval"]  # a CPU heap keeps the freed activations while the held-out pass runs
     assert not p.cpu_bf16 and p.cpu_seconds == pytest.approx(p.train_flops / (100e9 * 0.5) + p.steps * 0.010)
     assert "(fp32 matmul, measured now)" in p.summary()
+    cfg.lora.modules_to_save = ["lm_head"]  # a trained head: the standard loss's full logits, timed at the bandwidth
+    trained = P.plan(cfg, cpu_peak=100e9, cpu_bandwidth=10e9)
+    traffic = 6 * trained.data["padded_target"] * trained.shape["vocab_size"] * 4
+    assert trained.train_flops > p.train_flops
+    assert trained.cpu_seconds == pytest.approx(trained.train_flops / (100e9 * 0.5) + trained.steps * 0.010
+                                                + traffic / 10e9)
+    cfg.lora.modules_to_save = []
     cfg.train.precision = "bf16"  # the CPU opt-in: planned at the bf16 matmul peak, with its memory caveat
     bf16 = P.plan(cfg, cpu_peak=200e9)
     assert bf16.cpu_bf16 and "(bf16 matmul, measured now)" in bf16.summary()

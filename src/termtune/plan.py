@@ -84,6 +84,10 @@ CONSTANTS: dict[str, Constant] = {
     "cpu_step_overhead_s": Constant(0.010, "s/optimizer step",
                                     "assumption: Trainer bookkeeping, AdamW over the LoRA tensors, data collation "
                                     "(Python, per step, independent of the model size)"),
+    "standard_loss_passes": Constant(6, "passes over the full logits",
+                                     "the standard loss path (a trained lm_head): the lm_head writes the batch x "
+                                     "target x V fp32 logits, log-softmax reads and writes them, its backward reads "
+                                     "the saved log-probabilities and writes their gradient: 6 passes, memory-bound"),
     "gc_recompute": Constant(2 / 4, "extra share of the 4-pass work",
                              "gradient checkpointing re-runs each layer's forward (2 of the 4 FLOP/param/token "
                              "of frozen-base training) in the backward pass"),
@@ -537,6 +541,31 @@ def flops_per_epoch(s: Shape, b: Batching, r: int, targets: str | list[str], che
     return float(total)
 
 
+def standard_loss_bytes(s: Shape, b: Batching, head_trained: bool) -> float:
+    """Memory traffic per epoch of the full logits on the standard loss path (only a trained lm_head takes it).
+
+    Memory-bound, so it is timed at the memory bandwidth, not in FLOPs. termtune's chunked loss (the default,
+    frozen head) moves its logits too, but that is inside the CPU efficiency, which was measured with it.
+    """
+    return _c("standard_loss_passes") * b.padded_target * s.vocab_size * 4 if head_trained else 0.0
+
+
+def measure_cpu_bandwidth(repeats: int = 3) -> float:
+    """This machine's memory bandwidth in bytes/s: a 256 MB fp32 tensor copied (read + write), best of `repeats`."""
+    import time
+
+    import torch
+
+    src = torch.ones(64 * 2**20)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
 def measure_cpu_peak(repeats: int = 5, bf16: bool = False) -> float:
     """This CPU's FLOP/s: a 2048 x 2048 torch.mm (fp32, or bf16) on all cores, best of `repeats` (about half a second)."""
     import time
@@ -664,10 +693,11 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> Plan:
+def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
+         cpu_bandwidth: float | None = None) -> Plan:
     """Estimate memory, time and money for `cfg` on `gpu` (a GPUS key), or on this machine's CPU when None.
 
-    `cpu_peak` (FLOP/s) skips measuring this CPU (tests pass a fixed value).
+    `cpu_peak` (FLOP/s) and `cpu_bandwidth` (bytes/s) skip measuring this CPU (tests pass fixed values).
     """
     if gpu is not None and gpu.lower() not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown GPU (known: {', '.join(GPUS)})")
@@ -707,11 +737,15 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None) -> 
     epochs = cfg.train.epochs
     steps = batches.steps_per_epoch * epochs if cfg.train.max_steps < 0 else cfg.train.max_steps
     epoch_share = steps / max(1, batches.steps_per_epoch)
-    flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc,
-                            head_trained="lm_head" in cfg.lora.modules_to_save) * epoch_share
-    step_overhead = steps * _c("cpu_step_overhead_s")
-    seconds = flops / (device.peak_flops * device.efficiency) + (step_overhead if gpu is None else 0)
-    cpu_seconds = flops / (cpu_peak * _cpu_efficiency(cpu_bf16)) + step_overhead
+    head_trained = "lm_head" in cfg.lora.modules_to_save
+    flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained) * epoch_share
+    loss_traffic = standard_loss_bytes(shape, batches, head_trained) * epoch_share
+    if loss_traffic and cpu_bandwidth is None:
+        cpu_bandwidth = measure_cpu_bandwidth()
+    # per optimizer step: framework overhead; per epoch on the standard loss path: the logits' memory traffic
+    cpu_extra = steps * _c("cpu_step_overhead_s") + (loss_traffic / cpu_bandwidth if loss_traffic else 0.0)
+    seconds = flops / (device.peak_flops * device.efficiency) + (cpu_extra if gpu is None else 0)
+    cpu_seconds = flops / (cpu_peak * _cpu_efficiency(cpu_bf16)) + cpu_extra
     notes = []
     if cfg.model.quantization != "none" and gpu is None:
         notes.append("4-bit/8-bit layers dequantize their weights on every pass; on a CPU that is not in the "
