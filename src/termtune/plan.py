@@ -748,8 +748,8 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     cpu_seconds = flops / (cpu_peak * _cpu_efficiency(cpu_bf16)) + cpu_extra
     notes = []
     if cfg.model.quantization != "none" and gpu is None:
-        notes.append("4-bit/8-bit layers dequantize their weights on every pass; on a CPU that is not in the "
-                     "FLOP count, so QLoRA time on a CPU is a lower bound (docs/plan.md)")
+        notes.append("4-bit/8-bit layers dequantize their weights on every pass; that is not in the FLOP count "
+                     "(measured 0.8-1.3x this plan's time on a 2-core CPU; docs/plan.md)")
     if cpu_bf16 and gpu is None:
         notes.append("bf16 autocast on a CPU: the benchmark run's peak memory was 1.65x this plan's, which "
                      "models GPU autocast (docs/plan.md)")
