@@ -135,7 +135,7 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, fp32 on CPU. bf16 on a CPU with bf16 instructions (AVX512-BF16,
-    AMX) is ~7 % faster but needs ~1.6x the memory (BENCHMARKS.md)."""
+    AMX) is ~7 % faster but needs up to 1.6x the memory (BENCHMARKS.md)."""
     allow_fp16: bool = False
     """T5 overflows to inf/NaN in fp16; set this only if you know your checkpoint survives it."""
     gradient_checkpointing: bool = False
