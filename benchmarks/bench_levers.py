@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-CONFIG = Path(__file__).resolve().parents[2] / "shared" / "models" / "flan-t5-small"
 SHAPES = [(24, [512, 498, 470, 455]), (16, [260, 251, 240, 236]), (12, [150, 148, 141, 139])]
 
 
@@ -53,24 +52,17 @@ def batches(base: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
 
 
 def main() -> None:
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import T5Config, T5ForConditionalGeneration
+    from bench_lm_loss import benchmark_base, benchmark_lora  # this folder is on sys.path when run as a script
+    from peft import get_peft_model
 
     from termtune.lm_loss import chunked_lm_loss
-    from termtune.modeling import untie_lm_head
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=8, help="timed rounds over the three batches")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (and termtune)")
     opts = parser.parse_args()
 
-    torch.manual_seed(0)
-    config = T5Config.from_pretrained(str(CONFIG))
-    config.num_layers = config.num_decoder_layers = 2
-    base = T5ForConditionalGeneration(config)
-    untie_lm_head(base)
-    lora = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=64, lora_alpha=16, lora_dropout=0.1,
-                      target_modules="all-linear")
+    base, lora = benchmark_base(), benchmark_lora()
     data = batches(base)
     threads = torch.get_num_threads()
     flags = cpu_flags()

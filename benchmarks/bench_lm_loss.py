@@ -13,30 +13,46 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 CONFIG = Path(__file__).resolve().parents[2] / "shared" / "models" / "flan-t5-small"
 
 
-def main() -> None:
-    from peft import LoraConfig, TaskType, get_peft_model
+def benchmark_base() -> torch.nn.Module:
+    """The training benchmark's model: flan-t5-small's architecture cut to 2 + 2 layers, random init (seed 0)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from termtune.lm_loss import chunked_lm_loss, supports_chunked_loss
     from termtune.modeling import untie_lm_head
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=14)
-    opts = parser.parse_args()
 
     torch.manual_seed(0)
     config = T5Config.from_pretrained(str(CONFIG))
     config.num_layers = config.num_decoder_layers = 2
     base = T5ForConditionalGeneration(config)
     untie_lm_head(base)
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=64, lora_alpha=16, lora_dropout=0.1,
-                                            target_modules="all-linear"))
+    return base
+
+
+def benchmark_lora() -> Any:
+    """The training benchmark's LoRA: r 64, alpha 16, dropout 0.1 on all linear layers."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=64, lora_alpha=16, lora_dropout=0.1,
+                      target_modules="all-linear")
+
+
+def main() -> None:
+    from peft import get_peft_model
+
+    from termtune.lm_loss import chunked_lm_loss, supports_chunked_loss
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=14)
+    opts = parser.parse_args()
+
+    base = benchmark_base()
+    model = get_peft_model(base, benchmark_lora())
     assert supports_chunked_loss(model)
     g = torch.Generator().manual_seed(1)
     target_lengths = [256, 250, 241, 230]
