@@ -75,6 +75,26 @@ def test_target_shaping_and_whitespace():
     assert data.shape_target(clean, "full", 1) == "First sentence here. Second one! Third part? Fourth."
 
 
+def test_target_starts_where_the_definition_does():
+    # The shapes MedQuAD's source pages come in: a "Summary :" label, a "Key Points" list, a short heading line.
+    assert data.shape_target("Summary : A1C is a blood test. It measures glucose.", "first_n_sentences", 1) == \
+        "A1C is a blood test."
+    key_points = data.normalize_whitespace("Key Points\n  - Hairy cell leukemia is a cancer of the blood (a type)\n"
+                                           "  - Leukemia may affect red blood cells.\n\nHairy cell leukemia is …")
+    first = "Hairy cell leukemia is a cancer of the blood (a type)"
+    assert data.shape_target(key_points, "first_n_sentences", 1) == first
+    assert data.shape_target(key_points, "first_n_sentences", 2) == \
+        "Hairy cell leukemia is a cancer of the blood (a type) Leukemia may affect red blood cells."
+    heading = data.normalize_whitespace("Espaol\n\n  Anemia is a condition. More text.")
+    assert data.shape_target(heading, "first_paragraph", 1) == "Anemia is a condition. More text."
+    assert data.shape_target(heading, "first_n_sentences", 1) == "Anemia is a condition."
+    # Only a heading: kept rather than emptied; an ordinary first sentence is untouched.
+    assert data.shape_target("Frequently Asked Questions (FAQs)", "first_n_sentences", 1) == \
+        "Frequently Asked Questions (FAQs)"
+    assert data.shape_target("Gout is a form of arthritis - painful.", "first_n_sentences", 1) == \
+        "Gout is a form of arthritis - painful."
+
+
 def test_custom_prompt_template(tmp_path):
     src = write_jsonl(tmp_path / "t.jsonl", medquad_rows(20))
     cfg = cfg_for(tmp_path, src, "data.prompt_template=Define the medical term: {term}", "data.test_size=2")

@@ -132,6 +132,18 @@ def test_edited_source_reruns_data_and_everything_after_it(run_copy, tmp_path):
         (run_dir / "data" / "test.jsonl").read_text()
 
 
+def test_data_shaped_by_an_older_rule_is_shaped_again(run_copy, monkeypatch):
+    from termtune import api, data, pipeline
+
+    run_dir, source = run_copy
+    cfg = api.load_config(None, args_for(run_dir, source))
+    assert pipeline.state(cfg, pipeline.BY_NAME["data"]).complete
+    monkeypatch.setattr(data, "TARGET_SHAPING", data.TARGET_SHAPING + 1)
+    stale = pipeline.state(cfg, pipeline.BY_NAME["data"])
+    assert not stale.complete
+    assert stale.reasons == [f"target shaping {data.TARGET_SHAPING - 1} → {data.TARGET_SHAPING}"]
+
+
 def test_stage_command_refuses_outputs_made_with_other_settings(run_copy):
     run_dir, source = run_copy
     shutil.rmtree(run_dir / "artifact")

@@ -80,7 +80,7 @@ class DataConfig(Section):
     prompt_template: str = "What is {term}?"
     """Input text for each row; `{term}` is replaced by the term."""
     target: Literal["full", "first_paragraph", "first_n_sentences"] = "full"
-    """How much of the definition to train on."""
+    """How much of the definition to train on (after a leading heading such as "Summary :" or "Key Points")."""
     n_sentences: int = Field(2, ge=1)
     """For target=first_n_sentences: how many sentences to keep."""
     duplicates: Literal["keep_first", "error"] = "keep_first"

@@ -394,8 +394,16 @@ def _has_control_chars(text: str) -> bool:
     return any(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in text)
 
 
+# Part of the data stage's inputs: a run whose data was shaped by an older rule shapes it again.
+TARGET_SHAPING = 2  # 2: a leading heading is dropped and a bullet starts a sentence
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+# Source pages open with a heading that is not part of the definition: "Summary : Anemia is …" (MedlinePlus)
+# "Key Points - Adult acute … - Leukemia may …" (NCI), or a short first line such as "Espaol" or
+# "Frequently Asked Questions (FAQs)".
+_HEADING = re.compile(r"^(?:Summary\s*:|Key Points\b|[^\n.!?:]{1,60}\n)\s*")
+# A bullet ("- Leukemia may …") starts a sentence even when the previous item has no full stop.
+_BULLET = re.compile(r"(?:^|\s+)-\s+(?=[\"'(\[]?[A-Z0-9])")
 
 
 def normalize_whitespace(text: str) -> str:
@@ -405,12 +413,17 @@ def normalize_whitespace(text: str) -> str:
 
 
 def shape_target(definition: str, mode: str, n_sentences: int) -> str:
-    """The training target: the whole definition, its first paragraph, or its first n sentences."""
+    """The training target: the whole definition, its first paragraph, or its first n sentences.
+
+    A leading heading is dropped first, so the target starts where the definition does.
+    """
+    definition = _HEADING.sub("", definition, count=1) or definition
     if mode == "first_paragraph":
         return definition.split("\n", 1)[0]
     flat = " ".join(definition.split())
     if mode == "first_n_sentences":
-        return " ".join(_SENTENCE_END.split(flat)[:n_sentences])
+        sentences = [s for part in _BULLET.split(flat) for s in _SENTENCE_END.split(part) if s]
+        return " ".join(sentences[:n_sentences])
     return flat
 
 

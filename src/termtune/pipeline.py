@@ -166,7 +166,9 @@ def _data_sources(cfg: Config) -> dict[str, Any]:
         content = {"sha256": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()}
     else:
         content = {"hub": cfg.data.source, "revision": cfg.data.revision or "latest (unpinned)"}
-    return {"data.source content": content, "tokenizer": cfg.tokenizer_source}
+    from termtune.data import TARGET_SHAPING
+
+    return {"data.source content": content, "tokenizer": cfg.tokenizer_source, "target shaping": TARGET_SHAPING}
 
 
 STAGES: tuple[Stage, ...] = (
