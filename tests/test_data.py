@@ -88,6 +88,8 @@ def test_target_starts_where_the_definition_does():
     heading = data.normalize_whitespace("Espaol\n\n  Anemia is a condition. More text.")
     assert data.shape_target(heading, "first_paragraph", 1) == "Anemia is a condition. More text."
     assert data.shape_target(heading, "first_n_sentences", 1) == "Anemia is a condition."
+    lower_case_line = data.normalize_whitespace("Inflammation of the joints\n\nCommon in older adults.")
+    assert data.shape_target(lower_case_line, "first_paragraph", 1) == "Inflammation of the joints"
     # Only a heading: kept rather than emptied; an ordinary first sentence is untouched.
     assert data.shape_target("Frequently Asked Questions (FAQs)", "first_n_sentences", 1) == \
         "Frequently Asked Questions (FAQs)"

@@ -398,10 +398,12 @@ def _has_control_chars(text: str) -> bool:
 TARGET_SHAPING = 2  # 2: a leading heading is dropped and a bullet starts a sentence
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
-# Source pages open with a heading that is not part of the definition: "Summary : Anemia is …" (MedlinePlus)
-# "Key Points - Adult acute … - Leukemia may …" (NCI), or a short first line such as "Espaol" or
-# "Frequently Asked Questions (FAQs)".
-_HEADING = re.compile(r"^(?:Summary\s*:|Key Points\b|[^\n.!?:]{1,60}\n)\s*")
+# Source pages open with a heading that is not part of the definition: a label ("Summary : Anemia is …" on
+# MedlinePlus, "Key Points - Adult acute … - Leukemia may …" on NCI) or a short title-case line of its own
+# ("Espaol", "Frequently Asked Questions (FAQs)"). A short first line in lower case ("Inflammation of the joints")
+# is a definition and stays.
+_LABEL = re.compile(r"^(?:Summary\s*:|Key Points\b)\s*")
+_TITLE_LINE = re.compile(r"^([^\n.!?:]{1,60})\n\s*")
 # A bullet ("- Leukemia may …") starts a sentence even when the previous item has no full stop.
 _BULLET = re.compile(r"(?:^|\s+)-\s+(?=[\"'(\[]?[A-Z0-9])")
 
@@ -412,12 +414,21 @@ def normalize_whitespace(text: str) -> str:
     return "\n".join(p for p in paragraphs if p)
 
 
+def _drop_heading(definition: str) -> str:
+    label = _LABEL.match(definition)
+    if label:
+        return definition[label.end():] or definition
+    line = _TITLE_LINE.match(definition)
+    title_case = line is not None and all(not w[0].islower() for w in line.group(1).split() if len(w) > 3)
+    return definition[line.end():] if title_case else definition
+
+
 def shape_target(definition: str, mode: str, n_sentences: int) -> str:
     """The training target: the whole definition, its first paragraph, or its first n sentences.
 
     A leading heading is dropped first, so the target starts where the definition does.
     """
-    definition = _HEADING.sub("", definition, count=1) or definition
+    definition = _drop_heading(definition)
     if mode == "first_paragraph":
         return definition.split("\n", 1)[0]
     flat = " ".join(definition.split())
