@@ -134,6 +134,7 @@ def test_edited_source_reruns_data_and_everything_after_it(run_copy, tmp_path):
 
 def test_data_shaped_by_an_older_rule_is_shaped_again(run_copy, monkeypatch):
     from termtune import api, data, pipeline
+    from termtune.layout import RunLayout
 
     run_dir, source = run_copy
     cfg = api.load_config(None, args_for(run_dir, source))
@@ -142,6 +143,13 @@ def test_data_shaped_by_an_older_rule_is_shaped_again(run_copy, monkeypatch):
     stale = pipeline.state(cfg, pipeline.BY_NAME["data"])
     assert not stale.complete
     assert stale.reasons == [f"target shaping {data.TARGET_SHAPING - 1} → {data.TARGET_SHAPING}"]
+    # A run prepared before the rule had a version says so, rather than "null".
+    record_file = RunLayout.of(cfg).record("data")
+    record = json.loads(record_file.read_text())
+    del record["inputs"]["sources"]["target shaping"]
+    record_file.write_text(json.dumps(record))
+    unversioned = pipeline.state(cfg, pipeline.BY_NAME["data"])
+    assert unversioned.reasons == [f"target shaping (unset) → {data.TARGET_SHAPING}"]
 
 
 def test_stage_command_refuses_outputs_made_with_other_settings(run_copy):

@@ -261,7 +261,7 @@ def _differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     for key in sorted(set(old_sources) | set(new_sources)):
         if old_sources.get(key) != new_sources.get(key):
             reasons.append(f"{key} changed" if isinstance(new_sources.get(key), dict)
-                           else f"{key} {_short(old_sources.get(key))} → {_short(new_sources.get(key))}")
+                           else f"{key} {_short(old_sources.get(key, '(unset)'))} → {_short(new_sources.get(key))}")
     for name, fp in now["upstream"].items():
         if before.get("upstream", {}).get(name) != fp:
             reasons.append(f"{name} changed")
