@@ -73,7 +73,7 @@ def copy_probes(run_dir: Path) -> dict[str, float]:
         return re.search(rf"\b{re.escape(term.split()[0])}\b", text, re.IGNORECASE) is not None
 
     n = len(predictions)
-    common = collections.Counter(p["tuned"] for p in predictions).most_common(1)[0][0]
+    common, count = collections.Counter(p["tuned"] for p in predictions).most_common(1)[0]
     # The words before " is " hold the term's slot ("A a is a rare condition …"); write the asked term there.
     tail = common.split(" is ", 1)[1] if " is " in common else common
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -81,7 +81,7 @@ def copy_probes(run_dir: Path) -> dict[str, float]:
     return {
         "term_in_answer": sum(has_first_word(p["tuned"], p["term"]) for p in predictions) / n,
         "term_in_reference": sum(has_first_word(p["reference"], p["term"]) for p in predictions) / n,
-        "most_common_answer_share": collections.Counter(p["tuned"] for p in predictions).most_common(1)[0][1] / n,
+        "most_common_answer_share": count / n,
         "copying_ceiling_rougeL": ceiling,
         "most_common_answer": common,
     }
