@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from termtune.config import Config
 from termtune.errors import UserError
@@ -550,37 +550,35 @@ def standard_loss_bytes(s: Shape, b: Batching, head_trained: bool) -> float:
     return _c("standard_loss_passes") * b.padded_target * s.vocab_size * 4 if head_trained else 0.0
 
 
-def measure_cpu_bandwidth(repeats: int = 3) -> float:
-    """This machine's memory bandwidth in bytes/s: a 256 MB fp32 tensor copied (read + write), best of `repeats`."""
+def _best_seconds(work: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `work` (the others lose time to the rest of the machine)."""
     import time
 
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_cpu_bandwidth(repeats: int = 3) -> float:
+    """This machine's memory bandwidth in bytes/s: a 256 MB fp32 tensor copied (read + write), best of `repeats`."""
     import torch
 
     src = torch.ones(64 * 2**20)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best
+    return 2 * src.numel() * 4 / _best_seconds(lambda: dst.copy_(src), repeats)
 
 
 def measure_cpu_peak(repeats: int = 5, bf16: bool = False) -> float:
     """This CPU's FLOP/s: a 2048 x 2048 torch.mm (fp32, or bf16) on all cores, best of `repeats` (about half a second)."""
-    import time
-
     import torch
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * 2048**3 / best
+    torch.mm(a, b)  # warm-up: oneDNN picks its kernel on the first call
+    return 2 * 2048**3 / _best_seconds(lambda: torch.mm(a, b), repeats)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -622,7 +620,7 @@ class Plan:
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full beside LoRA (lora.modules_to_save); counted in `trainable`."""
     cpu_bf16: bool = False
-    """This CPU trains in bf16 autocast (it has bf16 instructions); its time is planned at the bf16 peak."""
+    """train.precision=bf16 on this CPU (bf16 autocast, opt-in): its time is planned at the bf16 peak."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
