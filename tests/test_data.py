@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,11 @@ def cfg_for(tmp_path: Path, source: Path | str, *extra: str):
 
 
 def read_split(cfg, split):
-    return [json.loads(x) for x in (cfg.run_dir / "data" / f"{split}.jsonl").read_text().splitlines()]
+    return _rows(cfg.run_dir / "data" / f"{split}.jsonl")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
 # ----------------------------------------------------------------------------- real data
@@ -59,11 +66,84 @@ def test_split_is_seeded_and_deterministic(tmp_path):
 
 
 def test_split_keeps_a_term_on_one_side():
-    examples = [{"term": t} for t in ["Asthma", "asthma", "Gout", "Flu", "Mumps", "Rabies"] * 2]
+    examples = [{"term": t, "target": f"{t} defined, row {i}."}
+                for i, t in enumerate(["Asthma", "asthma", "Gout", "Flu", "Mumps", "Rabies"] * 2)]
     for seed in range(10):
         train, test = data.split_by_term(examples, 2, seed)
         assert {e["term"].casefold() for e in train}.isdisjoint({e["term"].casefold() for e in test})
-        assert len({e["term"].casefold() for e in test}) == 2
+        assert 2 <= len(test) <= 4  # two rows, or the one group of four "asthma" rows
+
+
+def looks_same(text: str) -> str:
+    """What a reader would call the same text, written out independently of termtune's rule."""
+    text = unicodedata.normalize("NFKC", text).translate(dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff")))
+    return " ".join(text.casefold().split()).rstrip(".,;:!? ")
+
+
+def fullwidth(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
+
+def test_split_keeps_near_duplicate_terms_and_shared_definitions_on_one_side():
+    pairs = [("Ménière disease", unicodedata.normalize("NFD", "Ménière disease")),  # composed / decomposed
+             ("AIDS", fullwidth("AIDS")), ("Gout", "Go\u200but"), ("Asthma", "ASTHMA"), ("Rabies", "Rabies.")]
+    examples = [{"term": t, "target": f"{t} is defined here ({i})."} for pair in pairs for i, t in enumerate(pair)]
+    examples += [{"term": "Heart attack", "target": "Blood flow to the heart stops."},
+                 {"term": "Myocardial infarction", "target": "Blood flow to the heart stops."}]
+    examples += [{"term": f"Filler {i}", "target": f"Filler number {i}."} for i in range(20)]
+    for seed in range(30):
+        train, test = data.split_by_term(examples, 0.3, seed)
+        for field in ("term", "target"):
+            assert {looks_same(e[field]) for e in train}.isdisjoint({looks_same(e[field]) for e in test}), seed
+    split = data.split_rows(examples, 0.3, 0)
+    assert dict(split.merged) == {"term": 5, "definition": 1}
+    assert len(split.test) == round(len(examples) * 0.3)
+
+
+def _variants_of_real_rows(n: int) -> tuple[list[dict], list[dict]]:
+    """n real rows with distinct terms and first sentences, and the ways users write the same term again."""
+    base, terms, firsts = [], set(), set()
+    for r in medquad_rows(200, seed=3):
+        first = data.shape_target(data.normalize_whitespace(r["definition"]), "first_n_sentences", 1)
+        if looks_same(r["term"]) not in terms and first not in firsts and r["term"].isascii():
+            base.append(r)
+            terms.add(looks_same(r["term"]))
+            firsts.add(first)
+    base = base[:n]
+    variants = []
+    for r in base:
+        t = r["term"]
+        variants += [{**r, "term": fullwidth(t)}, {**r, "term": t[0] + "\u200b" + t[1:]}, {**r, "term": t.upper()},
+                     {**r, "term": t + "."}]
+    return base, variants
+
+
+def test_held_out_rows_are_unseen_in_training(tmp_path):
+    base, variants = _variants_of_real_rows(30)
+    synonyms = [{"term": "Heart attack", "definition": "Blood flow to the heart stops. More."},
+                {"term": "Myocardial infarction", "definition": "Blood flow to the heart stops. Other text."},
+                {"term": "Ménière disease", "definition": "An inner ear disorder."},
+                {"term": unicodedata.normalize("NFD", "Ménière disease"), "definition": "An inner ear disorder."}]
+    src = write_jsonl(tmp_path / "t.jsonl", base + variants + synonyms)
+    prepared = data.prepare(cfg_for(tmp_path, src, "data.test_size=0.3"))
+    stats = prepared.stats
+    # Width, zero-width and case variants (and the decomposed é) are the same term: duplicates, skipped.
+    assert stats["rows_skipped"] == {"duplicate_term": 3 * 30 + 1}
+    assert stats["rows_used"] == 2 * 30 + 3
+    # "Term." stays (a different string, maybe a different term) but on the side of "Term"; so do the synonyms.
+    assert stats["split_merged"] == {"term": 30, "definition": 1}
+    assert "31 near-duplicates kept on one side: 30 by term, 1 by definition" in prepared.summary()
+    train, test = _rows(prepared.train_path), _rows(prepared.test_path)
+    assert {r["target"] for r in train}.isdisjoint({r["target"] for r in test})
+    assert {looks_same(r["term"]) for r in train}.isdisjoint({looks_same(r["term"]) for r in test})
+
+
+def test_real_data_split_keeps_shared_definitions_on_one_side(tmp_path):
+    # MedQuAD gives some related terms the same first sentence ("Hepatitis A", "Hepatitis B", ...).
+    stats = data.prepare(cfg_for(tmp_path, MEDQUAD, "data.test_size=0.3")).stats
+    assert stats["split_merged"]["definition"] > 50
+    train, test = (_rows(tmp_path / "run" / "data" / f"{side}.jsonl") for side in ("train", "test"))
+    assert {r["target"] for r in train}.isdisjoint({r["target"] for r in test})
 
 
 def test_target_shaping_and_whitespace():
@@ -264,3 +344,101 @@ def test_failed_force_keeps_old_output(tmp_path):
     with pytest.raises(UserError):
         data.prepare(cfg, force=True)
     assert (cfg.run_dir / "data" / "train.jsonl").read_text() == before
+
+
+# ----------------------------------------------------------------------------- readers that finish what they start
+
+
+def _numbered_rows(n: int) -> list[dict]:
+    return [{"term": f"Term {i}", "definition": f"Term {i} is thing number {i}."} for i in range(1, n + 1)]
+
+
+def test_csv_field_over_the_csv_modules_limit_is_one_skipped_row(tmp_path):
+    # The csv module's default limit is 131,072 characters a field; past it the read used to end as if the
+    # file did. Here row 7's definition is 200,000 characters and row 9 has a long field nobody reads.
+    rows = [{**r, "notes": ""} for r in _numbered_rows(61)]
+    rows[6]["definition"] = "word " * 40_000
+    rows[8]["notes"] = "n" * 150_000
+    src = tmp_path / "t.csv"
+    with src.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, ["term", "definition", "notes"])
+        writer.writeheader()
+        writer.writerows(rows)
+    limit_before = csv.field_size_limit()
+    stats = data.prepare(cfg_for(tmp_path, src)).stats
+    assert (stats["rows_read"], stats["rows_used"], stats["rows_skipped"]) == (61, 60, {"overlong": 1})
+    assert stats["skip_examples"]["overlong"].startswith(f"{src}:8: definition has 199999 characters")
+    assert csv.field_size_limit() == limit_before  # the process-wide limit is put back
+
+
+def test_parquet_is_read_only_as_far_as_max_rows_needs(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 200_000
+    src = tmp_path / "many.parquet"
+    pq.write_table(pa.table({"term": [f"Term {i}" for i in range(n)],
+                             "definition": [f"Thing number {i}." for i in range(n)]}), src)
+    decoded = []  # rows pyarrow turned into Python or Arrow memory, however the reader asked for them
+    read_table, iter_batches = pq.read_table, pq.ParquetFile.iter_batches
+
+    def counting_read_table(*args, **kwargs):
+        table = read_table(*args, **kwargs)
+        decoded.append(table.num_rows)
+        return table
+
+    def counting_iter_batches(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            decoded.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq, "read_table", counting_read_table)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting_iter_batches)
+    stats = data.prepare(cfg_for(tmp_path, src, "data.max_rows=50")).stats
+    assert stats["rows_used"] == 50
+    assert 50 <= sum(decoded) <= 2 * data.PARQUET_BATCH_ROWS
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_a_utf8_bom_loses_no_row(tmp_path, fmt):
+    import pandas as pd
+
+    rows = _numbered_rows(20)
+    frame = pd.DataFrame(rows)
+    text = {"jsonl": lambda: "".join(json.dumps(r) + "\n" for r in rows),
+            "json": lambda: json.dumps(rows),
+            "csv": lambda: frame.to_csv(index=False)}[fmt]()
+    src = tmp_path / f"bom.{fmt}"
+    src.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    prepared = data.prepare(cfg_for(tmp_path, src))
+    assert (prepared.stats["rows_used"], prepared.stats["rows_skipped"]) == (20, {})
+    assert "Term 1" in {r["term"] for r in _rows(prepared.train_path) + _rows(prepared.test_path)}
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+HUGE_INT = "9" * 5000
+
+
+@pytest.mark.parametrize("value,problem", [(NESTED, "nested too deeply"),
+                                           (HUGE_INT, r"Exceeds the limit \(4300 digits\)")])
+def test_json_python_cannot_hold_is_one_named_row_or_file(tmp_path, value, problem):
+    lines = [json.dumps(r) for r in _numbered_rows(20)]
+    lines.insert(2, '{"term": "Odd", "definition": ' + value + "}")
+    src = tmp_path / "t.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    stats = data.prepare(cfg_for(tmp_path, src)).stats
+    assert (stats["rows_used"], stats["rows_skipped"]) == (20, {"unparsable": 1})
+    assert re.match(f"{re.escape(str(src))}:3: not valid JSON \\({problem}", stats["skip_examples"]["unparsable"])
+    whole = tmp_path / "t.json"
+    whole.write_text("[" + ",".join(lines) + "]")
+    with pytest.raises(UserError, match=f"^{re.escape(str(whole))}: not valid JSON \\({problem}"):
+        data.prepare(cfg_for(tmp_path / "b", whole))
+
+
+@pytest.mark.parametrize("key", ["data.source", "run.dir"])
+def test_a_nul_in_a_path_is_refused_by_name(tmp_path, key):
+    section, name = key.split(".")
+    config = tmp_path / "c.yaml"
+    config.write_text(f'{section}:\n  {name}: "{tmp_path}/t\\0.jsonl"\n')
+    with pytest.raises(UserError, match=f"^{re.escape(str(config))}: {key}: contains a NUL character$"):
+        load_config(config)

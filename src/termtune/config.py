@@ -39,6 +39,14 @@ class Section(BaseModel):
     # allow_inf_nan=False: an infinite learning rate or timeout is never meant, and trains a NaN model.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # No path, id or name holds one, and the OS answers a path with a NUL by a traceback, not an error.
+        if isinstance(value, (str, Path)) and "\x00" in str(value):
+            raise ValueError("contains a NUL character")
+        return value
+
 
 class RunConfig(Section):
     dir: Path = Path("runs/default")

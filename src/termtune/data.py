@@ -12,11 +12,15 @@ complete, so a failed run leaves nothing behind.
 
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import json
 import random
 import re
 import unicodedata
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -90,21 +94,23 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
     term_col, def_col = _pick_columns(label, columns, d.term_column, d.definition_column)
     findings = _Findings(strict=d.strict)
     examples: list[dict[str, str]] = []
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}  # term key -> (where, term) of its first row
     rows_read = 0
     for row in rows:
         rows_read += 1
         example = _check_row(row, term_col, def_col, d.max_chars, findings)
         if example is None:
             continue
-        key = example["term"].casefold()
+        key = text_key(example["term"])  # "Café" composed or decomposed, "ＡＩＤＳ" and "aids" are one term
         if key in seen:
+            first_where, first_term = seen[key]
+            duplicate = f"duplicate term {example['term']!r} (first at {first_where}" + \
+                (f" as {first_term!r})" if first_term != example["term"] else ")")
             if d.duplicates == "error":
-                raise UserError(f"{row.where}: duplicate term {example['term']!r} (first at {seen[key]}); "
-                                "remove it or set data.duplicates=keep_first")
-            findings.add("duplicate_term", row.where, f"duplicate term {example['term']!r} (first at {seen[key]})")
+                raise UserError(f"{row.where}: {duplicate}; remove it or set data.duplicates=keep_first")
+            findings.add("duplicate_term", row.where, duplicate)
             continue
-        seen[key] = row.where
+        seen[key] = (row.where, example["term"])
         example["target"] = shape_target(example.pop("definition"), d.target, d.n_sentences)
         if not example["target"]:
             findings.add("empty_definition", row.where, "definition is empty after shaping")
@@ -118,7 +124,8 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
         raise UserError(f"{label}: no usable rows ({reasons})")
 
     # --- split by term, seeded
-    train_rows, test_rows = split_by_term(examples, d.test_size, cfg.run.seed)
+    split = split_rows(examples, d.test_size, cfg.run.seed)
+    train_rows, test_rows = split.train, split.test
     if not train_rows or not test_rows:
         raise UserError(f"{label}: {len(examples)} usable rows cannot be split with data.test_size={d.test_size}")
 
@@ -127,8 +134,8 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
 
     tokenizer = load_tokenizer(cfg)
     lengths: dict[str, list[int]] = {"source": [], "target": []}
-    for split_rows in (train_rows, test_rows):
-        _tokenize(tokenizer, split_rows, d.max_source_length, d.max_target_length, lengths)
+    for side in (train_rows, test_rows):
+        _tokenize(tokenizer, side, d.max_source_length, d.max_target_length, lengths)
 
     # --- save
     stats = {
@@ -140,6 +147,7 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
         "skip_examples": findings.examples,
         "train_rows": len(train_rows),
         "test_rows": len(test_rows),
+        "split_merged": {"term": split.merged["term"], "definition": split.merged["definition"]},
         "seed": cfg.run.seed,
         "target": d.target,
         "prompt_template": d.prompt_template,
@@ -185,7 +193,8 @@ def summary(stats: dict[str, Any]) -> str:
         f"data: {stats['source']}",
         f"  rows read {stats['rows_read']}, used {stats['rows_used']}, skipped {sum(skipped.values())}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""),
-        f"  split: {stats['train_rows']} train / {stats['test_rows']} test (seed {stats['seed']}, by term)",
+        f"  split: {stats['train_rows']} train / {stats['test_rows']} test (seed {stats['seed']}, by term"
+        + _merged_note(stats.get("split_merged", {})) + ")",
     ]
     for side in ("source", "target"):
         t = stats[f"{side}_tokens"]
@@ -194,6 +203,12 @@ def summary(stats: dict[str, Any]) -> str:
     for reason, example in stats.get("skip_examples", {}).items():
         lines.append(f"  first {reason}: {example}")
     return "\n".join(lines)
+
+
+def _merged_note(merged: dict[str, int]) -> str:
+    total = sum(merged.values())
+    return f"; {total} near-duplicates kept on one side: {merged['term']} by term, " \
+        f"{merged['definition']} by definition" if total else ""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -231,13 +246,25 @@ def _open_hub(source: str, hub_split: str, revision: str | None) -> tuple[str, l
     return label, list(ds.column_names), rows()
 
 
+def _loads(text: str | bytes) -> Any:
+    """json.loads whose every failure is a ValueError with a one-line message."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg}, " + (f"line {e.lineno} " if e.lineno > 1 else "") + f"column {e.colno}") from None
+    except RecursionError:  # e.g. 100,000 nested lists
+        raise ValueError("nested too deeply") from None
+    except ValueError as e:  # a number past Python's int-string conversion limit (4,300 digits)
+        raise ValueError(str(e).split(";")[0]) from None
+
+
 def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Row]]:
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a BOM (Windows editors) is not part of row 1
     lines = data.split(b"\n")
     columns: list[str] = []
     for raw in lines:  # columns come from the first parsable object
         try:
-            obj = json.loads(raw)
+            obj = _loads(raw)
         except ValueError:
             continue
         if isinstance(obj, dict):
@@ -255,9 +282,9 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Row]]:
                 yield Row(where, problem=f"invalid_utf8:invalid UTF-8 at byte {e.start}")
                 continue
             try:
-                obj = json.loads(text)
+                obj = _loads(text)
             except ValueError as e:
-                yield Row(where, problem=f"unparsable:not valid JSON ({e.msg}, column {e.colno})")
+                yield Row(where, problem=f"unparsable:not valid JSON ({e})")
                 continue
             if not isinstance(obj, dict):
                 yield Row(where, problem=f"unparsable:expected a JSON object, got {type(obj).__name__}")
@@ -269,7 +296,7 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[Row]]:
 
 def _read_json(path: Path) -> tuple[list[str], Iterator[Row]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = _loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: invalid UTF-8 at byte {e.start}") from e
     except ValueError as e:
@@ -292,50 +319,75 @@ def _read_json(path: Path) -> tuple[list[str], Iterator[Row]]:
     return columns, rows()
 
 
-def _read_csv(path: Path) -> tuple[list[str], Iterator[Row]]:
-    import csv
-    import io
+@contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """Let the csv module read fields up to `limit` characters, for the duration (the limit is process-wide)."""
+    before = csv.field_size_limit(max(limit, csv.field_size_limit()))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(before)
 
+
+def _read_csv(path: Path) -> tuple[list[str], Iterator[Row]]:
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: invalid UTF-8 at byte {e.start}") from e
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
+    # The csv module stops at a field over 131,072 characters (its default limit). The text is in memory
+    # already, so no field can be longer than it: with that as the limit every row is read, and an
+    # over-long value is found and skipped by the row checks (data.max_chars) like any other.
+    field_limit = len(text) + 1
+    with _csv_field_limit(field_limit):
+        header = next(csv.reader(io.StringIO(text, newline="")), None)
     if not header:
         raise UserError(f"{path}: empty CSV file (a header row is needed)")
 
     def rows() -> Iterator[Row]:
-        line = reader.line_num
-        try:
-            for record in reader:
-                where, line = f"{path}:{line + 1}", reader.line_num
-                if not any(cell.strip() for cell in record):
-                    continue
-                if len(record) != len(header):
-                    yield Row(where, problem=f"unparsable:{len(record)} fields, the header has {len(header)}")
-                    continue
-                yield Row(where, values=dict(zip(header, record)))
-        except csv.Error as e:
-            yield Row(f"{path}:{reader.line_num}", problem=f"unparsable:{e}")
+        with _csv_field_limit(field_limit):
+            reader = csv.reader(io.StringIO(text, newline=""))
+            next(reader)
+            line = reader.line_num
+            try:
+                for record in reader:
+                    where, line = f"{path}:{line + 1}", reader.line_num
+                    if not any(cell.strip() for cell in record):
+                        continue
+                    if len(record) != len(header):
+                        yield Row(where, problem=f"unparsable:{len(record)} fields, the header has {len(header)}")
+                        continue
+                    yield Row(where, values=dict(zip(header, record)))
+            except csv.Error as e:  # the reader cannot go on past this point: say so rather than stop short
+                raise UserError(f"{path}:{reader.line_num}: cannot read on ({e})") from e
 
     return header, rows()
 
 
+PARQUET_BATCH_ROWS = 1024
+
+
 def _read_parquet(path: Path) -> tuple[list[str], Iterator[Row]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
         raise UserError(f"{path}: not a readable parquet file ({e})") from e
 
     def rows() -> Iterator[Row]:
-        for n, values in enumerate(table.to_pylist(), start=1):
-            yield Row(f"{path} row {n}", values=values)
+        # In batches: a small file can expand to millions of rows, and data.max_rows stops the reading early.
+        n = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                for values in batch.to_pylist():
+                    n += 1
+                    yield Row(f"{path} row {n}", values=values)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: not a readable parquet file after row {n} ({e})") from e
 
-    return table.column_names, rows()
+    return parquet.schema_arrow.names, rows()
 
 
 _READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
@@ -396,6 +448,10 @@ def _has_control_chars(text: str) -> bool:
 
 # Part of the data stage's inputs: a run whose data was shaped by an older rule shapes it again.
 TARGET_SHAPING = 2  # 2: a leading heading is dropped and a bullet starts a sentence
+# Also part of them: which rows are read and kept, and how they are split. 2: terms that differ only in Unicode
+# form, width or zero-width characters are one term (for the split, trailing punctuation too); rows with one
+# definition share a side; a BOM or a CSV field over 131,072 characters no longer loses rows.
+ROWS_AND_SPLIT = 2
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 # Source pages open with a heading that is not part of the definition: a label ("Summary : Anemia is …" on
@@ -441,22 +497,88 @@ def shape_target(definition: str, mode: str, n_sentences: int) -> str:
 # ----------------------------------------------------------------------------- split and tokenize
 
 
-def split_by_term(examples: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded, deterministic split in which a term never lands on both sides.
+def text_key(text: str) -> str:
+    """The form two spellings of the same text share: Unicode form and width (NFKC), case, invisible
+    format characters (zero-width spaces and joiners, soft hyphens, BOMs) and runs of spaces do not count."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
+    return " ".join(unicodedata.normalize("NFKC", text.casefold()).split())
 
-    Terms are sorted before shuffling so the split depends only on the set of terms and
-    the seed, not on the order rows arrived in.
+
+def split_key(text: str) -> str:
+    """`text_key` without trailing punctuation: "Asthma." and "asthma" are one term to the split.
+
+    Broader than the duplicate check on purpose ("C" and "C#" are two terms, yet share a side): keeping
+    two rows on one side costs nothing, letting one row's text into the other side costs the held-out test.
     """
-    groups: dict[str, list[dict]] = {}
-    for ex in examples:
-        groups.setdefault(ex["term"].casefold(), []).append(ex)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    n_test = int(test_size) if test_size >= 1 else max(1, round(len(keys) * test_size))
-    test_keys = set(keys[:n_test])
-    train = [ex for ex in examples if ex["term"].casefold() not in test_keys]
-    test = [ex for ex in examples if ex["term"].casefold() in test_keys]
-    return train, test
+    key = text_key(text)
+    end = len(key)
+    while end and (unicodedata.category(key[end - 1]).startswith("P") or key[end - 1] == " "):
+        end -= 1
+    return key[:end] or key
+
+
+def same_side_groups(examples: list[dict]) -> tuple[list[list[dict]], Counter]:
+    """The examples in groups that must land on the same side of the split, and how many were merged.
+
+    Rows share a group when their terms share a `split_key` or their targets do (synonyms often share a
+    definition word for word, e.g. MedQuAD's "Hepatitis A" and "Hepatitis B"); a chain of such links joins
+    groups too. The count says by which link: {"term": n, "definition": m}, each a row joined to another.
+    """
+    parent = list(range(len(examples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[tuple[str, str], int] = {}
+    merged: Counter = Counter()
+    for i, ex in enumerate(examples):
+        for link, text in (("term", ex["term"]), ("definition", ex["target"])):
+            a, b = root(i), root(first_with.setdefault((link, split_key(text)), i))
+            if a != b:
+                parent[a] = b
+                merged[link] += 1
+    groups: dict[int, list[dict]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(root(i), []).append(ex)
+    return list(groups.values()), merged
+
+
+@dataclass
+class Split:
+    train: list[dict]
+    test: list[dict]
+    merged: Counter
+    """Rows kept on one side with another row: {"term": n, "definition": m} (see `same_side_groups`)."""
+
+
+def split_rows(examples: list[dict], test_size: float, seed: int) -> Split:
+    """Seeded, deterministic split in which a term, its near-duplicates and its definition stay on one side.
+
+    Groups are sorted (by their smallest term key) before shuffling so the split depends only on the rows
+    and the seed, not on the order they arrived in. Groups are held out in shuffled order while they fit
+    in the held-out share (a group too big to fit stays in training); each side keeps the rows' order.
+    """
+    groups, merged = same_side_groups(examples)
+    n_test = int(test_size) if test_size >= 1 else max(1, round(len(examples) * test_size))
+    groups.sort(key=lambda g: min(split_key(ex["term"]) for ex in g))
+    random.Random(seed).shuffle(groups)
+    held_out: set[int] = set()
+    for group in groups:
+        if len(held_out) >= n_test:
+            break
+        if len(held_out) + len(group) <= n_test or not held_out:
+            held_out.update(id(ex) for ex in group)
+    return Split([ex for ex in examples if id(ex) not in held_out], [ex for ex in examples if id(ex) in held_out],
+                 merged)
+
+
+def split_by_term(examples: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, test) of `split_rows`."""
+    split = split_rows(examples, test_size, seed)
+    return split.train, split.test
 
 
 def _tokenize(tokenizer: Any, rows: list[dict], max_source: int, max_target: int,

@@ -166,9 +166,10 @@ def _data_sources(cfg: Config) -> dict[str, Any]:
         content = {"sha256": hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()}
     else:
         content = {"hub": cfg.data.source, "revision": cfg.data.revision or "latest (unpinned)"}
-    from termtune.data import TARGET_SHAPING
+    from termtune.data import ROWS_AND_SPLIT, TARGET_SHAPING
 
-    return {"data.source content": content, "tokenizer": cfg.tokenizer_source, "target shaping": TARGET_SHAPING}
+    return {"data.source content": content, "tokenizer": cfg.tokenizer_source, "target shaping": TARGET_SHAPING,
+            "rows and split": ROWS_AND_SPLIT}
 
 
 STAGES: tuple[Stage, ...] = (
