@@ -396,7 +396,7 @@ def test_parquet_is_read_only_as_far_as_max_rows_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counting_iter_batches)
     stats = data.prepare(cfg_for(tmp_path, src, "data.max_rows=50")).stats
     assert stats["rows_used"] == 50
-    assert 50 <= sum(decoded) <= 2 * data.PARQUET_BATCH_ROWS
+    assert 50 <= sum(decoded) <= n // 20  # a batch or two, not the file
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])

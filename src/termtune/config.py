@@ -92,7 +92,8 @@ class DataConfig(Section):
     n_sentences: int = Field(2, ge=1)
     """For target=first_n_sentences: how many sentences to keep."""
     duplicates: Literal["keep_first", "error"] = "keep_first"
-    """Policy for a term that appears more than once."""
+    """Policy for a term that appears more than once (case, Unicode form and width, zero-width characters and
+    repeated spaces do not make a term new)."""
     strict: bool = False
     """Turn every validation finding into an error instead of a counted skip."""
     max_rows: int | None = Field(None, ge=1)

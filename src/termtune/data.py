@@ -54,7 +54,8 @@ class PreparedData(StageResult):
     train_path: Path
     test_path: Path
     stats: dict[str, Any]
-    """The content of <run>/data/stats.json: rows read/used/skipped, split sizes, token lengths."""
+    """The content of <run>/data/stats.json: rows read/used/skipped, split sizes, near-duplicates kept on one
+    side of the split (`split_merged`: by term, by definition), token lengths."""
 
     def summary(self) -> str:
         return summary(self.stats)
