@@ -301,7 +301,8 @@ def t5_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, 
     """T5ForConditionalGeneration as transformers 4.51.3 saves it: shared.weight holds the token
     embeddings (encoder/decoder.embed_tokens are the same tensor), relative position biases in
     block 0 of each stack only, a gated (wi_0, wi_1) or plain (wi) feed-forward as feed_forward_proj
-    says, and lm_head.weight unless tie_word_embeddings (T5's default: true) ties it to shared."""
+    says (or is_gated_act, where saved), and lm_head.weight unless tie_word_embeddings (T5's default:
+    true) ties it to shared."""
     vocab, d_model = _config_int(config, "vocab_size"), _config_int(config, "d_model")
     inner = _config_int(config, "num_heads") * _config_int(config, "d_kv")
     d_ff, heads = _config_int(config, "d_ff"), _config_int(config, "num_heads")
@@ -309,7 +310,8 @@ def t5_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, 
     encoder_layers = _config_int(config, "num_layers")
     decoder_layers = encoder_layers if config.get("num_decoder_layers") is None \
         else _config_int(config, "num_decoder_layers")
-    gated = str(config.get("feed_forward_proj", "relu")).split("-")[0] == "gated"
+    # transformers reads a saved is_gated_act over the one feed_forward_proj implies (4.51.3 and 5.x alike)
+    gated = config.get("is_gated_act", str(config.get("feed_forward_proj", "relu")).split("-")[0] == "gated")
 
     def attention(prefix: str) -> dict[str, list[int]]:
         return {f"{prefix}.q.weight": [inner, d_model], f"{prefix}.k.weight": [inner, d_model],
@@ -696,7 +698,9 @@ def _special_token_ids(f: _Folder) -> tuple[str, str]:
             if key in first and set(ids) != first[key][1]:
                 problems.append(f"{file}: {key} is {value!r} but {first[key][0]} says {first[key][2]!r}")
             first.setdefault(key, (file, set(ids), value))
-    problems += [f"neither config.json nor generation_config.json sets {key}" for key in SPECIAL_IDS if key not in first]
+    problems += [f"neither config.json nor generation_config.json sets {key}"
+                 + (" (transformers 4.51.3 cannot start generating)" if key == "decoder_start_token_id" else "")
+                 for key in SPECIAL_IDS if key not in first]
     # The tokenizer's pad and eos tokens (where its files name them; T5's tokenizer defaults otherwise)
     # must be the ids the model pads with and stops at.
     for key, token_key in (("pad_token_id", "pad_token"), ("eos_token_id", "eos_token")):
