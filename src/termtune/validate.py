@@ -1,7 +1,7 @@
 """Preflight a model folder against the Bedrock Custom Model Import rules for Flan-T5.
 
     checks = validate("runs/demo/artifact")
-    print(format_checks(checks))          # ✓ [1/19] folder: ...   ✗ ...   ! ...
+    print(format_checks(checks))          # ✓ [1/22] merged model, not an adapter: ...   ✗ ...   ! ...
     if any(c.failed for c in checks): ...
 
 Works on any folder (an export, a plain `save_pretrained` output, a trainer checkpoint)
@@ -133,7 +133,7 @@ def format_checks(checks: list[Check]) -> str:
 
 
 class _Folder:
-    """What the rules look at, read once: file list, config, safetensors headers."""
+    """What the rules look at, read once: file list, config, safetensors headers, tokenizer vocabulary."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -311,7 +311,7 @@ def t5_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, 
     decoder_layers = encoder_layers if config.get("num_decoder_layers") is None \
         else _config_int(config, "num_decoder_layers")
     # transformers reads a saved is_gated_act over the one feed_forward_proj implies (4.51.3 and 5.x alike)
-    gated = config.get("is_gated_act", str(config.get("feed_forward_proj", "relu")).split("-")[0] == "gated")
+    gated = bool(config.get("is_gated_act", str(config.get("feed_forward_proj", "relu")).split("-")[0] == "gated"))
 
     def attention(prefix: str) -> dict[str, list[int]]:
         return {f"{prefix}.q.weight": [inner, d_model], f"{prefix}.k.weight": [inner, d_model],
@@ -546,19 +546,22 @@ def _tensor_set(f: _Folder) -> tuple[str, str]:
     unexpected = [n for n in f.tensors if n not in expected]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} tensors that config.json implies are missing from {f.weights_label} "
-                        f"(e.g. {missing[0]})")
+        problems.append(f"{f.weights_label} lacks {_tensors(missing)} that config.json implies (e.g. {missing[0]})")
     if misshapen:
         n = misshapen[0]
-        problems.append(f"{len(misshapen)} tensors have a shape config.json does not imply (e.g. {n} in "
+        problems.append(f"{_tensors(misshapen)} of a shape config.json does not imply (e.g. {n} in "
                         f"{f.tensors[n][2]} is {f.tensors[n][1]}, config.json implies {expected[n]})")
     if unexpected:
         n = unexpected[0]
-        problems.append(f"{len(unexpected)} tensors are not part of the model config.json describes (e.g. {n} in "
+        problems.append(f"{_tensors(unexpected)} not in the model config.json describes (e.g. {n} in "
                         f"{f.tensors[n][2]})")
     if problems:
         return FAIL, "; ".join(problems)
     return OK, f"all {len(required)} tensors config.json implies, each of the shape it implies"
+
+
+def _tensors(names: list[str]) -> str:
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''}"
 
 
 def _finite_weights(f: _Folder) -> tuple[str, str]:
