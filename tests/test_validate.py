@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -141,9 +142,10 @@ def test_what_transformers_4_51_3_saves_has_the_tensors_the_table_expects(export
             "for name, kw in (('tied', dict(feed_forward_proj='relu')),\n"
             "                 ('untied', dict(feed_forward_proj='gated-gelu', tie_word_embeddings=False))):\n"
             "    T5(T5Config(vocab_size=32128, d_model=8, d_kv=2, num_heads=4, d_ff=16, num_layers=2,\n"
-            "                num_decoder_layers=1, decoder_start_token_id=0, **kw)).save_pretrained(sys.argv[1] + '/' + name)\n")
+            "                num_decoder_layers=1, decoder_start_token_id=0, **kw))"
+            ".save_pretrained(sys.argv[1] + '/' + name)\n")
     done = subprocess.run([bedrock_python(), "-c", code, str(tmp_path)], capture_output=True, text=True,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("tied", "untied"):
         for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
@@ -327,7 +329,8 @@ def other_sentencepiece_model(folder: Path) -> bytes:
 
 @pytest.mark.parametrize("break_it, expected", [
     (lambda folder: (folder / "tokenizer.json").write_text('{"model": '), "tokenizer.json is not valid JSON"),
-    (lambda folder: edit_json(folder / "tokenizer.json", model={"type": "Unigram"}), "tokenizer.json has no model.vocab"),
+    (lambda folder: edit_json(folder / "tokenizer.json", model={"type": "Unigram"}),
+     "tokenizer.json has no model.vocab"),
     (lambda folder: (folder / "special_tokens_map.json").write_text("{"), "special_tokens_map.json is not valid JSON"),
     (lambda folder: [(folder / n).write_bytes(b"\x00" * 64) for n in ("spiece.model", "tokenizer.model")],
      "spiece.model is not a loadable SentencePiece model"),
@@ -415,7 +418,8 @@ def test_index_disagreeing_with_the_headers_fails(good):
 
 def test_quantized_config_and_int_weights_fail(good):
     # a 4-bit layer as bitsandbytes packs it: two values per byte, in a column
-    write_weights(good, {**weights(good), "encoder.block.0.layer.0.SelfAttention.q.weight": np.zeros((32, 1), np.uint8)})
+    packed = np.zeros((32, 1), np.uint8)
+    write_weights(good, {**weights(good), "encoder.block.0.layer.0.SelfAttention.q.weight": packed})
     edit_json(good / "config.json", quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
     failed, _ = outcome(good)
     assert set(failed) == {"not quantized", "weight dtype", TENSOR_RULE}

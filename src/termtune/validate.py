@@ -533,7 +533,8 @@ def _tensor_set(f: _Folder) -> tuple[str, str]:
         return FAIL, "no readable config.json to derive the tensors from"
     table = TENSOR_TABLES.get(c.get("model_type"))
     if table is None:
-        return FAIL, f"no tensor table for model_type {c.get('model_type')!r} (termtune knows {', '.join(TENSOR_TABLES)})"
+        known = ", ".join(TENSOR_TABLES)
+        return FAIL, f"no tensor table for model_type {c.get('model_type')!r} (termtune knows {known})"
     if not f.tensors:
         return FAIL, "no readable tensors to compare with config.json"
     try:
@@ -611,7 +612,8 @@ def _tokenizer_files(f: _Folder) -> tuple[str, str]:
     problem = sentencepiece_problem(f.path / "spiece.model", vocabulary)
     if problem:
         return FAIL, problem
-    return OK, f"{', '.join(TOKENIZER_FILES)}; tokenizer.json ({len(vocabulary)} tokens) and spiece.model parse and agree"
+    return OK, (f"{', '.join(TOKENIZER_FILES)}; tokenizer.json ({len(vocabulary)} tokens) and spiece.model "
+                "parse and agree")
 
 
 def sentencepiece_problem(path: Path, vocabulary: dict[str, int]) -> str | None:
