@@ -1,13 +1,19 @@
 """Preflight a model folder against the Bedrock Custom Model Import rules for Flan-T5.
 
     checks = validate("runs/demo/artifact")
-    print(format_checks(checks))          # ✓ [1/19] folder: ...   ✗ ...   ! ...
+    print(format_checks(checks))          # ✓ [1/22] merged model, not an adapter: ...   ✗ ...   ! ...
     if any(c.failed for c in checks): ...
 
 Works on any folder (an export, a plain `save_pretrained` output, a trainer checkpoint)
 without a GPU, without AWS and without importing torch: safetensors headers are parsed
 straight from the file (an 8-byte little-endian length, then a JSON header), and every
 weight is streamed once (numpy, memory-mapped) to find NaN and inf values.
+
+It reads what it judges: the tensor names and shapes against what config.json implies (every
+layer, every width), the tokenizer files parsed (tokenizer.json's vocabulary, the SentencePiece
+model loaded), the embedding rows against the tokenizer's vocabulary, the pad/eos/decoder-start
+ids across config.json, generation_config.json and the tokenizer, and every file's sha256
+against manifest.json.
 
 The rules are reference/bedrock-cmi.md §1.9 plus what transformers 4.51.3, the version
 Bedrock serves imported models with, needs to read the folder the way it was meant:
@@ -25,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from termtune.results import StageResult, html_table
+from termtune.rundir import sha256_file
 
 MAX_TOTAL_BYTES = 200 * 10**9  # CMI text-model size limit
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,8 +43,9 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_mo
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx")
 TRAINER_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
-KNOWN_FILES = {"config.json", "generation_config.json", INDEX_FILE, "manifest.json", "README.md",
-               "added_tokens.json", ".gitattributes", *TOKENIZER_FILES}
+# What Bedrock reads as the model: each must be in an export's manifest.json.
+MODEL_FILES = {"config.json", "generation_config.json", INDEX_FILE, "added_tokens.json", *TOKENIZER_FILES}
+KNOWN_FILES = {*MODEL_FILES, "manifest.json", "README.md", ".gitattributes"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER_BYTES = 100 * 2**20
@@ -125,7 +133,7 @@ def format_checks(checks: list[Check]) -> str:
 
 
 class _Folder:
-    """What the rules look at, read once: file list, config, safetensors headers."""
+    """What the rules look at, read once: file list, config, safetensors headers, tokenizer vocabulary."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -182,6 +190,25 @@ class _Folder:
                         out[name] = (info.get("dtype"), info.get("shape"), file)
             return out
         return self._once("tensors", collect)
+
+    @property
+    def weights_label(self) -> str:
+        """How messages name the weights: the file, or the shard count."""
+        files = self.weight_files
+        return files[0] if len(files) == 1 else f"the {len(files)} safetensors shards"
+
+    @property
+    def vocabulary(self) -> tuple[dict[str, int] | None, str | None]:
+        """(tokenizer.json's token -> id, None) or (None, why it cannot be read)."""
+        def load() -> tuple[dict[str, int] | None, str | None]:
+            value, error = self.json("tokenizer.json")
+            if error:
+                return None, error
+            try:
+                return tokenizer_json_vocabulary(value), None
+            except ValueError as e:
+                return None, str(e)
+        return self._once("vocabulary", load)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict | None, str | None]:
@@ -255,6 +282,108 @@ def nonfinite_tensors(path: Path) -> tuple[list[str], int]:
                 break
     del data
     return bad, scanned
+
+
+# ----------------------------------------------------------------------------- expected tensors
+# model_type -> function(config.json) -> (required, aliases), each {tensor name: shape}. Required
+# tensors must all be in the weights; aliases are names transformers ties to another tensor on load
+# (a file may hold them, as older saves did, but need not). A new model family adds its function.
+
+
+def _config_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"config.json has no non-negative integer {key} (found {value!r})")
+    return value
+
+
+def t5_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """T5ForConditionalGeneration as transformers 4.51.3 saves it: shared.weight holds the token
+    embeddings (encoder/decoder.embed_tokens are the same tensor), relative position biases in
+    block 0 of each stack only, a gated (wi_0, wi_1) or plain (wi) feed-forward as feed_forward_proj
+    says (or is_gated_act, where saved), and lm_head.weight unless tie_word_embeddings (T5's default:
+    true) ties it to shared."""
+    vocab, d_model = _config_int(config, "vocab_size"), _config_int(config, "d_model")
+    inner = _config_int(config, "num_heads") * _config_int(config, "d_kv")
+    d_ff, heads = _config_int(config, "d_ff"), _config_int(config, "num_heads")
+    buckets = _config_int(config, "relative_attention_num_buckets", 32)
+    encoder_layers = _config_int(config, "num_layers")
+    decoder_layers = encoder_layers if config.get("num_decoder_layers") is None \
+        else _config_int(config, "num_decoder_layers")
+    # transformers reads a saved is_gated_act over the one feed_forward_proj implies (4.51.3 and 5.x alike)
+    gated = bool(config.get("is_gated_act", str(config.get("feed_forward_proj", "relu")).split("-")[0] == "gated"))
+
+    def attention(prefix: str) -> dict[str, list[int]]:
+        return {f"{prefix}.q.weight": [inner, d_model], f"{prefix}.k.weight": [inner, d_model],
+                f"{prefix}.v.weight": [inner, d_model], f"{prefix}.o.weight": [d_model, inner]}
+
+    def feed_forward(prefix: str) -> dict[str, list[int]]:
+        up = {f"{prefix}.wi_0.weight": [d_ff, d_model], f"{prefix}.wi_1.weight": [d_ff, d_model]} if gated \
+            else {f"{prefix}.wi.weight": [d_ff, d_model]}
+        return {**up, f"{prefix}.wo.weight": [d_model, d_ff]}
+
+    required = {"shared.weight": [vocab, d_model]}
+    for stack, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):
+        for i in range(layers):
+            block = f"{stack}.block.{i}.layer"
+            required.update(attention(f"{block}.0.SelfAttention"))
+            required[f"{block}.0.layer_norm.weight"] = [d_model]
+            if i == 0:
+                required[f"{block}.0.SelfAttention.relative_attention_bias.weight"] = [buckets, heads]
+            last = 1
+            if stack == "decoder":
+                required.update(attention(f"{block}.1.EncDecAttention"))
+                required[f"{block}.1.layer_norm.weight"] = [d_model]
+                last = 2
+            required.update(feed_forward(f"{block}.{last}.DenseReluDense"))
+            required[f"{block}.{last}.layer_norm.weight"] = [d_model]
+        required[f"{stack}.final_layer_norm.weight"] = [d_model]
+    aliases = {"encoder.embed_tokens.weight": [vocab, d_model], "decoder.embed_tokens.weight": [vocab, d_model]}
+    if config.get("tie_word_embeddings", True) is False:
+        required["lm_head.weight"] = [vocab, d_model]
+    else:
+        aliases["lm_head.weight"] = [vocab, d_model]
+    return required, aliases
+
+
+TENSOR_TABLES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, list[int]], dict[str, list[int]]]]] = {
+    "t5": t5_tensors,
+}
+
+
+# ----------------------------------------------------------------------------- tokenizer facts
+
+
+def special_token(value: Any) -> str | None:
+    """A special token as tokenizer_config.json or special_tokens_map.json write it: a string or
+    {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_json_vocabulary(tokenizer: Any) -> dict[str, int]:
+    """token -> id over tokenizer.json's model vocabulary (a [piece, score] list for Unigram, a
+    {piece: id} map for BPE/WordPiece/WordLevel) and its added tokens. Raises ValueError."""
+    model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not vocab or not isinstance(vocab, (list, dict)):
+        raise ValueError("tokenizer.json has no model.vocab")
+    if isinstance(vocab, list):
+        ids = {}
+        for i, entry in enumerate(vocab):
+            if not isinstance(entry, list) or not entry or not isinstance(entry[0], str):
+                raise ValueError(f"tokenizer.json: model.vocab entry {i} is not a [piece, score] pair")
+            ids.setdefault(entry[0], i)
+    else:
+        ids = dict(vocab)
+    for added in tokenizer.get("added_tokens") or []:
+        if isinstance(added, dict) and isinstance(added.get("content"), str):
+            ids[added["content"]] = added.get("id")
+    bad = [token for token, i in ids.items() if not isinstance(i, int) or i < 0]
+    if bad:
+        raise ValueError(f"tokenizer.json: token {bad[0]!r} has no valid id")
+    return ids
 
 
 # ----------------------------------------------------------------------------- rules
@@ -398,6 +527,44 @@ def _weight_dtype(f: _Folder) -> tuple[str, str]:
     return OK, f"weights in {', '.join(dtypes)}"
 
 
+def _tensor_set(f: _Folder) -> tuple[str, str]:
+    c = f.config
+    if c is None:
+        return FAIL, "no readable config.json to derive the tensors from"
+    table = TENSOR_TABLES.get(c.get("model_type"))
+    if table is None:
+        known = ", ".join(TENSOR_TABLES)
+        return FAIL, f"no tensor table for model_type {c.get('model_type')!r} (termtune knows {known})"
+    if not f.tensors:
+        return FAIL, "no readable tensors to compare with config.json"
+    try:
+        required, aliases = table(c)
+    except ValueError as e:
+        return FAIL, str(e)
+    expected = {**aliases, **required}
+    missing = [n for n in required if n not in f.tensors]
+    misshapen = [n for n in f.tensors if n in expected and list(f.tensors[n][1]) != expected[n]]
+    unexpected = [n for n in f.tensors if n not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{f.weights_label} lacks {_tensors(missing)} that config.json implies (e.g. {missing[0]})")
+    if misshapen:
+        n = misshapen[0]
+        problems.append(f"{_tensors(misshapen)} of a shape config.json does not imply (e.g. {n} in "
+                        f"{f.tensors[n][2]} is {f.tensors[n][1]}, config.json implies {expected[n]})")
+    if unexpected:
+        n = unexpected[0]
+        problems.append(f"{_tensors(unexpected)} not in the model config.json describes (e.g. {n} in "
+                        f"{f.tensors[n][2]})")
+    if problems:
+        return FAIL, "; ".join(problems)
+    return OK, f"all {len(required)} tensors config.json implies, each of the shape it implies"
+
+
+def _tensors(names: list[str]) -> str:
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''}"
+
+
 def _finite_weights(f: _Folder) -> tuple[str, str]:
     files = [name for name, (_, error) in f.headers.items() if not error]
     if not files:
@@ -436,7 +603,35 @@ def _tokenizer_files(f: _Folder) -> tuple[str, str]:
         return FAIL, f"missing {', '.join(missing)} (Bedrock lists every one of {', '.join(TOKENIZER_FILES)} for T5)"
     if (f.path / "spiece.model").read_bytes() != (f.path / "tokenizer.model").read_bytes():
         return FAIL, "tokenizer.model differs from spiece.model; both must be the same SentencePiece model"
-    return OK, ", ".join(TOKENIZER_FILES)
+    value, error = f.json("special_tokens_map.json")
+    if error or not isinstance(value, dict):
+        return FAIL, error or "special_tokens_map.json is not a JSON object"
+    vocabulary, error = f.vocabulary
+    if error:
+        return FAIL, error
+    problem = sentencepiece_problem(f.path / "spiece.model", vocabulary)
+    if problem:
+        return FAIL, problem
+    return OK, (f"{', '.join(TOKENIZER_FILES)}; tokenizer.json ({len(vocabulary)} tokens) and spiece.model "
+                "parse and agree")
+
+
+def sentencepiece_problem(path: Path, vocabulary: dict[str, int]) -> str | None:
+    """Why the SentencePiece model at `path` cannot stand for tokenizer.json's vocabulary (it does
+    not load, or a piece has another id there), or None. The slow T5Tokenizer reads spiece.model,
+    the fast one tokenizer.json: both must give every piece the same id."""
+    import sentencepiece
+
+    try:
+        model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        return f"{path.name} is not a loadable SentencePiece model ({str(e).splitlines()[0]})"
+    for i in range(model.get_piece_size()):
+        piece = model.id_to_piece(i)
+        if vocabulary.get(piece) != i:
+            return (f"{path.name} and tokenizer.json disagree: {piece!r} is id {i} in {path.name}, "
+                    f"{vocabulary.get(piece)} in tokenizer.json")
+    return None
 
 
 def _tokenizer_config(f: _Folder) -> tuple[str, str]:
@@ -465,6 +660,72 @@ def _generation_config(f: _Folder) -> tuple[str, str]:
     return OK, "generation_config.json readable"
 
 
+def _vocabulary_fits_embeddings(f: _Folder) -> tuple[str, str]:
+    vocabulary, error = f.vocabulary
+    if error:
+        return FAIL, error
+    if "shared.weight" not in f.tensors:
+        return FAIL, "no shared.weight (the token embeddings) to hold tokenizer.json's tokens"
+    _, shape, file = f.tensors["shared.weight"]
+    rows, size = shape[0], max(vocabulary.values()) + 1
+    if rows < size:
+        return FAIL, (f"tokenizer.json has token ids up to {size - 1} but shared.weight in {file} has {rows} rows: "
+                      f"ids {rows} and up have no embedding")
+    return OK, f"shared.weight's {rows} rows hold every tokenizer.json id (0-{size - 1})"
+
+
+SPECIAL_IDS = {"pad_token_id": "pad", "eos_token_id": "eos", "decoder_start_token_id": "decoder start"}
+
+
+def _special_token_ids(f: _Folder) -> tuple[str, str]:
+    vocabulary, error = f.vocabulary
+    if error:
+        return FAIL, error
+    size = max(vocabulary.values()) + 1
+    sources = [("config.json", f.config or {})]
+    generation, _ = f.json("generation_config.json")
+    if isinstance(generation, dict):
+        sources.append(("generation_config.json", generation))
+    problems = []
+    first: dict[str, tuple[str, set[int], Any]] = {}  # key -> (the file that set it first, its ids, as written)
+    for file, values in sources:
+        for key in SPECIAL_IDS:
+            value = values.get(key)
+            if value is None:
+                continue
+            ids = value if isinstance(value, list) else [value]  # generation_config may list several eos ids
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                problems.append(f"{file}: {key} is {value!r}, not a token id")
+                continue
+            outside = [i for i in ids if not 0 <= i < size]
+            if outside:
+                problems.append(f"{file}: {key} {outside[0]} is outside tokenizer.json's ids 0-{size - 1}")
+            if key in first and set(ids) != first[key][1]:
+                problems.append(f"{file}: {key} is {value!r} but {first[key][0]} says {first[key][2]!r}")
+            first.setdefault(key, (file, set(ids), value))
+    problems += [f"neither config.json nor generation_config.json sets {key}"
+                 + (" (transformers 4.51.3 cannot start generating)" if key == "decoder_start_token_id" else "")
+                 for key in SPECIAL_IDS if key not in first]
+    # The tokenizer's pad and eos tokens (where its files name them; T5's tokenizer defaults otherwise)
+    # must be the ids the model pads with and stops at.
+    for key, token_key in (("pad_token_id", "pad_token"), ("eos_token_id", "eos_token")):
+        for file in ("special_tokens_map.json", "tokenizer_config.json"):
+            value, _ = f.json(file)
+            token = special_token(value.get(token_key)) if isinstance(value, dict) else None
+            if token is None:
+                continue
+            if token not in vocabulary:
+                problems.append(f"{file}: {token_key} {token!r} is not in tokenizer.json")
+            elif key in first and vocabulary[token] not in first[key][1]:
+                problems.append(f"{file}: {token_key} {token!r} is id {vocabulary[token]} in tokenizer.json but "
+                                f"{first[key][0]} has {key} {first[key][2]!r}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return FAIL, problems[0] + more
+    found = ", ".join(f"{label} {first[key][2]}" for key, label in SPECIAL_IDS.items())
+    return OK, f"{found}: inside tokenizer.json's ids and the same in every file that sets them"
+
+
 def _total_size(f: _Folder) -> tuple[str, str]:
     total = sum(f.files.values())
     if total >= MAX_TOTAL_BYTES:
@@ -479,13 +740,36 @@ def _manifest(f: _Folder) -> tuple[str, str]:
     listed = value.get("files") if isinstance(value, dict) else None
     if error or not isinstance(listed, list):
         return FAIL, error or "manifest.json has no files list"
+    problem = manifest_mismatch(f.path, listed)
+    if problem:
+        return FAIL, problem
+    named = {entry["path"] for entry in listed}
+    unlisted = [n for n in f.files if n not in named and (n in MODEL_FILES or n in f.weight_files)]
+    if unlisted:
+        return FAIL, f"{', '.join(unlisted)} not in manifest.json: added after export (export again)"
+    total = sum(entry["size"] for entry in listed)
+    return OK, f"{len(listed)} files match manifest.json (size and sha256 of {total / 1e9:.3f} GB)"
+
+
+def manifest_mismatch(folder: Path, listed: list[Any]) -> str | None:
+    """The first way `folder` differs from manifest.json's file entries (a file missing, a size or a
+    sha256 that differs), or None. Sizes are compared for every file before any is hashed, so a
+    wrong size costs no reading; then each file is streamed through sha256 in 16 MiB chunks."""
     for entry in listed:
-        name, size = entry.get("path"), entry.get("size")
-        if name not in f.files:
-            return FAIL, f"manifest lists {name}, which is missing"
-        if f.files[name] != size:
-            return FAIL, f"{name} is {f.files[name]} bytes, manifest says {size}"
-    return OK, f"{len(listed)} files match manifest.json sizes"
+        name = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not isinstance(entry.get("sha256"), str):
+            return f"manifest.json entry {entry!r} lacks a path or a sha256"
+        path = folder / name
+        if "/" in name or not path.is_file():
+            return f"manifest lists {name}, which is missing"
+        if path.stat().st_size != entry.get("size"):
+            return f"{name} is {path.stat().st_size} bytes, manifest says {entry.get('size')}"
+    for entry in listed:
+        digest = sha256_file(folder / entry["path"])
+        if digest != entry["sha256"]:
+            return (f"{entry['path']}: sha256 {digest[:12]}… differs from manifest.json's {entry['sha256'][:12]}… "
+                    "(changed after export)")
+    return None
 
 
 def _other_files(f: _Folder) -> tuple[str, str]:
@@ -510,11 +794,14 @@ RULES: list[tuple[str, Callable[[_Folder], tuple[str, str]]]] = [
     ("safetensors shards and index", _shards),
     ("safetensors headers", _headers),
     ("weight dtype", _weight_dtype),
+    ("tensor set and shapes", _tensor_set),
     ("finite weights", _finite_weights),
     ("embeddings and tie flag (transformers 4.51.3)", _tie_flag),
     ("tokenizer files", _tokenizer_files),
     ("tokenizer_config.json (transformers 4.51.3)", _tokenizer_config),
     ("generation_config.json", _generation_config),
+    ("tokenizer vocabulary vs embeddings", _vocabulary_fits_embeddings),
+    ("special token ids", _special_token_ids),
     ("total size", _total_size),
     ("manifest", _manifest),
     ("other files", _other_files),
