@@ -1,7 +1,7 @@
 """Evaluation speed: the seed recipe's one-prompt-at-a-time `generate` loop vs termtune's batched evaluation.
 
     .venv/bin/python benchmarks/bench_evaluate.py [--prompts 64] [--max-new-tokens 64] [--batch-size 16]
-                                                  [--threads N]
+                                                  [--threads N] [--runs 3]
 
 Same 64 held-out prompts (a seeded sample of ../shared/data/medquad_definitions.jsonl, through
 the default prompt template), same model (flan-t5-small's config cut to 2+2 layers, random
@@ -15,15 +15,21 @@ prompt (min_new_tokens = max_new_tokens): equal work, and the tokens generated a
 - termtune: termtune.evaluate.generate(model, tokenizer, all_prompt_ids, EvalConfig(...))
             (length-sorted batches of --batch-size, padded, inference_mode)
 
-Prints both timings and ends with one line `ratio=<seed seconds / termtune seconds>`. Target: >= 4.
+Each run times both sides, the order alternating from run to run. Beside every timing it prints the machine's
+load: the 1-minute load average before and after, and the CPU share the side got (process CPU seconds / wall
+seconds / torch threads: 1.0 means its threads never waited for a core). A ratio measured at a CPU share well
+below 1 was measured on a busy machine and is not comparable with one from a quiet machine. Ends with the
+min / median / max over the runs and one line `ratio=<median seed seconds / termtune seconds> ...`. Target: >= 4.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -89,6 +95,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs of both sides, order alternating")
     args = parser.parse_args()
 
     import torch
@@ -108,19 +115,28 @@ def main() -> None:
     seed_loop(model, tokenizer, prompts[:2], 4)  # warm-up: first-call allocations, lazy imports
     termtune_batched(model, tokenizer, prompts[:2], 4, args.batch_size)
 
-    start = time.perf_counter()
-    seed_texts, seed_tokens = seed_loop(model, tokenizer, prompts, args.max_new_tokens)
-    seed_s = time.perf_counter() - start
-    start = time.perf_counter()
-    ours_texts, ours_tokens = termtune_batched(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-    ours_s = time.perf_counter() - start
+    sides = {"seed": lambda: seed_loop(model, tokenizer, prompts, args.max_new_tokens),
+             "termtune": lambda: termtune_batched(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)}
+    ratios, texts = [], {}
+    for run in range(1, args.runs + 1):
+        seconds = {}
+        for side in (["seed", "termtune"] if run % 2 else ["termtune", "seed"]):
+            load, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+            texts[side], tokens = sides[side]()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            seconds[side] = wall
+            print(f"run {run} {side:9}{wall:8.2f} s  {tokens} tokens  {tokens / wall:7.1f} tok/s   "
+                  f"load {load:.1f} -> {os.getloadavg()[0]:.1f}, CPU share {cpu / wall / torch.get_num_threads():.2f}",
+                  flush=True)
+        ratios.append(seconds["seed"] / seconds["termtune"])
+        print(f"run {run} ratio {ratios[-1]:.2f}")
 
-    same = sum(a == b for a, b in zip(seed_texts, ours_texts))
-    print(f"seed loop (batch 1):        {seed_s:7.2f} s  {seed_tokens} tokens  {seed_tokens / seed_s:7.1f} tok/s")
-    print(f"termtune (batch {args.batch_size:>3}, sorted): {ours_s:7.2f} s  {ours_tokens} tokens  "
-          f"{ours_tokens / ours_s:7.1f} tok/s")
+    same = sum(a == b for a, b in zip(texts["seed"], texts["termtune"]))
     print(f"identical outputs: {same}/{len(prompts)}")
-    print(f"ratio={seed_s / ours_s:.2f}")
+    print(f"ratio over {len(ratios)} run(s): min {min(ratios):.2f}, median {statistics.median(ratios):.2f}, "
+          f"max {max(ratios):.2f}")
+    print(f"ratio={statistics.median(ratios):.2f} ratio_min={min(ratios):.2f} ratio_max={max(ratios):.2f} "
+          f"runs={len(ratios)}")
 
 
 if __name__ == "__main__":

@@ -71,16 +71,17 @@ CONSTANTS: dict[str, Constant] = {
                              "more than it allocates (PyTorch CUDA semantics docs)"),
     # Efficiencies: achieved / peak FLOP/s for this workload.
     "cpu_efficiency": Constant(0.50, "of measured fp32 matmul peak",
-                               "BENCHMARKS.md, Training (2026-11-29): termtune defaults reached 144 useful GFLOP/s "
-                               "counted as 6 x weights, i.e. 96 GFLOP/s counted as 4 x (frozen base), of a measured "
-                               "191 GFLOP/s peak = 0.50"),
+                               "BENCHMARKS.md, Training (2026-11-30): termtune defaults reached 151.1-161.1 useful "
+                               "GFLOP/s counted as 6 x weights, i.e. 101-107 counted as 4 x (frozen base), of a "
+                               "measured 190.3 GFLOP/s fp32 peak = 0.53-0.56; 0.50 leaves room for shorter batches"),
     "gpu_efficiency": Constant(0.35, "of dense bf16 peak",
                                "assumption (no GPU measured here): LoRA fine-tuning of a <1B seq2seq model on one "
                                "GPU; the PaLM paper (Chowdhery et al. 2022, arXiv:2204.02311, table 3) reports 46 % "
                                "MFU at 540B scale, small models with short sequences reach less"),
     "cpu_bf16_efficiency": Constant(0.30, "of measured bf16 matmul peak",
-                                    "BENCHMARKS.md, Plan (2026-11-29): the bench run with train.precision=bf16 "
-                                    "took 46.6 s, 1.15x a plan at 0.35 of a 408 GFLOP/s bf16 peak"),
+                                    "BENCHMARKS.md, Plan (a one-off observation of 2026-11-29): the bench run with "
+                                    "train.precision=bf16 took 46.6 s, 1.15x a plan at 0.35 of a 408 GFLOP/s bf16 "
+                                    "peak"),
     "cpu_step_overhead_s": Constant(0.010, "s/optimizer step",
                                     "assumption: Trainer bookkeeping, AdamW over the LoRA tensors, data collation "
                                     "(Python, per step, independent of the model size)"),
@@ -194,8 +195,9 @@ FLAN_DEFAULTS = {"vocab_size": 32128, "feed_forward_proj": "gated-gelu", "relati
 
 # Saved activations per token per layer, in tensors of each width, counted from the autograd graph
 # (torch.autograd.graph.saved_tensors_hooks) of transformers 5.24's T5 (sdpa attention) under peft 0.21 LoRA on all
-# linear layers, torch 2.13: 42 layer/shape combinations fitted to within 7 % (benchmarks/bench_plan.py --count checks
-# it again). "on": LoRA dropout and model dropout both > 0; "off": both 0.
+# linear layers, torch 2.13: 42 layer/shape combinations fitted to within 7 % (a one-off count of 2026-11-29, not kept
+# as a script; benchmarks/bench_plan.py checks the memory plan these counts make against the measured peak RSS).
+# "on": LoRA dropout and model dropout both > 0; "off": both 0.
 #   e_*: per encoder token per encoder layer; t_*: per decoder token per decoder layer;
 #   s_*: per encoder token per decoder layer (the cross-attention keys and values); *_HS: per (query, key) per head.
 ACTIVATION_COUNTS = {
