@@ -136,10 +136,10 @@ def _check_adapter_is_the_trained_one(layout: RunLayout) -> None:
     """The adapter must be the one the train record names: another run's adapter copied into train/adapter
     would otherwise be shipped under this run's records. (No record, as when the Python API's stage
     functions are called directly, or one from before the digest was recorded: nothing to compare.)"""
-    record = read_json(layout.record("train"), {})
-    trained = record.get("result", {}).get("result", {}) if isinstance(record, dict) else {}
-    recorded = trained.get("adapter_sha256") if isinstance(trained, dict) else None
-    if not recorded:
+    recorded: Any = read_json(layout.record("train"), {})
+    for key in ("result", "result", "adapter_sha256"):  # the record's stage result, then TrainResult's field
+        recorded = recorded.get(key) if isinstance(recorded, dict) else None
+    if not isinstance(recorded, str):
         return
     from termtune.train import adapter_digest
 
