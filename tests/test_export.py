@@ -61,7 +61,18 @@ def make_trained_run(run_dir: Path, quantization: str = "none", *extra: str):
             elif "modules_to_save" in name:  # a trained copy: the export must carry it, not the base's
                 param.add_(torch.randn(param.shape, generator=generator) * param.std())
     model.save_pretrained(run_dir / "train" / "adapter")
+    record_adapter(cfg)
     return cfg
+
+
+def record_adapter(cfg) -> None:
+    """Make the train record name the adapter now in <run>/train/adapter, as a test that replaces it on purpose must."""
+    from termtune.train import adapter_digest
+
+    path = cfg.run_dir / "provenance" / "train.json"
+    record = json.loads(path.read_text())
+    record["result"]["result"]["adapter_sha256"] = adapter_digest(cfg.run_dir / "train" / "adapter")
+    path.write_text(json.dumps(record))
 
 
 def reference_model(cfg):
@@ -372,6 +383,7 @@ def test_pickle_adapter_is_refused_unless_allowed(exported, tmp_path):
     with pytest.raises(UserError, match="pickle"):
         export(cfg)
     allowed = make_config(cfg.run_dir, "model.allow_pickle=true")
+    record_adapter(allowed)
     assert not [c for c in export(allowed).checks if c.failed]
 
 
@@ -547,4 +559,23 @@ def test_merged_weights_with_inf_are_refused_and_nothing_is_published(exported, 
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(UserError, match=r"merged weight decoder.final_layer_norm.weight holds NaN or inf in F32"):
         export(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir() if "artifact" in p.name) == []
+
+
+def test_an_adapter_other_than_the_trained_one_is_refused_before_merging(exported, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from termtune.errors import UserError
+    from termtune.export import export
+
+    # Another run's adapter copied over this one's: same shapes, other weights.
+    cfg = copy_run(exported[0], tmp_path)
+    path = cfg.run_dir / "train" / "adapter" / "adapter_model.safetensors"
+    tensors = {name: t + 0.01 * torch.ones_like(t) for name, t in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"train/adapter does not match the adapter train recorded \(sha256 [0-9a-f]{16}…, "
+                                        r"found [0-9a-f]{16}…\); re-run `termtune train --force`$") as e:
+        export(cfg)
+    assert "\n" not in str(e.value)
     assert sorted(p.name for p in cfg.run_dir.iterdir() if "artifact" in p.name) == []

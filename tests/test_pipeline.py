@@ -169,6 +169,41 @@ def test_stage_command_refuses_outputs_made_with_other_settings(run_copy):
     assert (run_dir / "artifact" / "manifest.json").is_file()
 
 
+def test_a_deleted_or_swapped_adapter_is_trained_again_never_exported(run_copy):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run_dir, source = run_copy
+    args = args_for(run_dir, source)
+    weights = run_dir / "train" / "adapter" / "adapter_model.safetensors"
+
+    # Deleted: the stage is not complete, so `termtune train` trains it again (it used to say "up to date").
+    shutil.rmtree(weights.parent)
+    again = run_cli("train", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"train: re-running: {weights} is missing" in again.stdout
+    assert weights.is_file()
+
+    # Swapped for another adapter: export refuses it in one line, and `train --force` trains the run's own again.
+    save_file({name: t + 0.01 * torch.ones_like(t) for name, t in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    refused = run_cli("export", "--force", *args)
+    assert refused.returncode == 2
+    error = refused.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"termtune: error: {weights.parent} does not match the adapter "
+                                                   "train recorded (sha256 ")
+    assert error[0].endswith("re-run `termtune train --force`")
+    forced = run_cli("train", "--force", *args)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "train: re-running: --force" in forced.stdout
+    record = json.loads((run_dir / "provenance" / "train.json").read_text())
+    from termtune.train import adapter_digest
+
+    assert record["result"]["result"]["adapter_sha256"] == adapter_digest(weights.parent)
+    exported = run_cli("export", "--force", *args)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- one writer
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
 from termtune import data, pipeline
 from termtune.config import load_config
 from termtune.errors import UserError
+from termtune.layout import RunLayout
 from termtune.local import free_port
 
 train = importlib.import_module("termtune.train")  # the stage module; termtune.train is the API function
@@ -244,16 +246,16 @@ def test_only_complete_checkpoints_are_resumed(tmp_path):
     ckpts = tmp_path / "train" / "checkpoints"
     full = {n: b"x" * 10 for n in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors",
                                     "adapter_config.json", "rng_state.pth")}
-    train.seal_checkpoint(_fake_checkpoint(ckpts / "checkpoint-10", cfg, full), cfg, world_size=1)
+    train.seal_checkpoint(_fake_checkpoint(ckpts / "checkpoint-10", cfg, full), cfg, world_size=1, data_sha256="d")
     # newer, but unsealed (killed while saving)
     _fake_checkpoint(ckpts / "checkpoint-20", cfg, full)
     # newer, sealed, then half deleted (killed while rotating)
     half = _fake_checkpoint(ckpts / "checkpoint-30", cfg, full)
-    train.seal_checkpoint(half, cfg, world_size=1)
+    train.seal_checkpoint(half, cfg, world_size=1, data_sha256="d")
     (half / "optimizer.pt").unlink()
     # newer, sealed, but a file was cut short afterwards
     cut = _fake_checkpoint(ckpts / "checkpoint-40", cfg, full)
-    train.seal_checkpoint(cut, cfg, world_size=1)
+    train.seal_checkpoint(cut, cfg, world_size=1, data_sha256="d")
     (cut / "adapter_model.safetensors").write_bytes(b"x")
     # a temp folder from an interrupted write
     _fake_checkpoint(ckpts / ".checkpoint-50.partial-abc", cfg, full)
@@ -319,6 +321,54 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_adapter(tmp_path):
     assert _max_abs_diff(a, b) <= 1e-5
     steps = [r["step"] for r in _metrics(crash_cfg) if "loss" in r]
     assert steps == sorted(set(steps))  # the redone steps replaced, not duplicated, their log rows
+
+
+def test_a_checkpoint_trained_on_other_data_is_never_resumed(tmp_path, capsys):
+    # What a kill after the last checkpoint leaves: sealed checkpoints, and no adapter, result or record.
+    overrides, cfg = _prepared(tmp_path, {"data.max_rows": 40, "train.save_steps": 2}, n_rows=64)
+    pipeline.run_stage(cfg, "train")
+    for leftover in ("train/adapter", "train/result.json", "provenance/train.json"):
+        path = cfg.run_dir / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    ckpts = cfg.run_dir / "train" / "checkpoints"
+    old = train.last_complete_checkpoint(ckpts)
+    trained_terms = {json.loads(line)["term"] for line in (cfg.run_dir / "data" / "train.jsonl").open()}
+
+    # More rows: the data stage runs again and splits anew; some of the new held-out terms were trained on before.
+    changed = load_config(None, overrides + ["data.max_rows=64"])
+    pipeline.run_stage(changed, "data")
+    held_out = {json.loads(line)["term"] for line in (changed.run_dir / "data" / "test.jsonl").open()}
+    assert held_out & trained_terms, "the new split should hold terms the old run trained on"
+    capsys.readouterr()
+    started = time.time()
+    result = pipeline.run_stage(changed, "train").result
+
+    assert f"train: {old.name} was trained on other data (data changed); starting fresh" in capsys.readouterr().out
+    assert result.resumed_from is None
+    # Every logged step, and every checkpoint left to resume from, belongs to the run on the new data.
+    assert all(row["time"] >= started for row in _metrics(changed))
+    data_sha256 = train.prepared_data_digest(RunLayout.of(changed))
+    seals = [json.loads((p / train.SEAL_FILE).read_text()) for p in ckpts.iterdir()]
+    assert seals and all(seal["data_sha256"] == data_sha256 for seal in seals)
+
+
+def test_resume_needs_a_seal_that_names_the_same_data(tmp_path, capsys):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    ckpts = tmp_path / "train" / "checkpoints"
+    full = {n: b"x" * 10 for n in ("trainer_state.json", "optimizer.pt", "scheduler.pt", "adapter_model.safetensors",
+                                    "rng_state.pth")}
+    folder = _fake_checkpoint(ckpts / "checkpoint-10", cfg, full)
+    train.seal_checkpoint(folder, cfg, world_size=1, data_sha256="this data")
+    assert train._resume_point(cfg, ckpts, "this data", rank=0) == folder
+
+    # A seal written before seals named their data: nothing proves it is this data.
+    seal = json.loads((folder / train.SEAL_FILE).read_text())
+    del seal["data_sha256"]
+    (folder / train.SEAL_FILE).write_text(json.dumps(seal))
+    assert train._resume_point(cfg, ckpts, "this data", rank=0) is None
+    assert "checkpoint-10 was trained on other data (its seal does not say which); starting fresh" in \
+        capsys.readouterr().out
+    assert not folder.exists()  # or rotation would keep it as the newest checkpoint
 
 
 # ----------------------------------------------------------------------------- scale-out

@@ -100,14 +100,15 @@ def inspect_data(cfg: Config, rows: int = 3) -> DataPreview:
     return DataPreview(stats, examples)
 
 
-def train(cfg: Config) -> TrainResult:
+def train(cfg: Config, force: bool = False) -> TrainResult:
     """Fine-tune LoRA adapters with transformers' Seq2SeqTrainer (labels padded with -100).
 
     Reads <run>/data and the base model. Writes <run>/train: sealed checkpoints (a crashed run
-    resumes from the last one), adapter/, metrics.jsonl (the loss curve) and result.json.
-    Skipped when the adapter was trained from the same data and `model`, `lora`, `train` settings.
+    resumes from the last one trained on the same data), adapter/, metrics.jsonl (the loss curve)
+    and result.json. Skipped when the adapter was trained from the same data and `model`, `lora`,
+    `train` settings and is still there, unless `force` (which trains from scratch).
     """
-    return _stage(cfg, "train")
+    return _stage(cfg, "train", force)
 
 
 def evaluate(cfg: Config, force: bool = False) -> EvalReport:

@@ -152,7 +152,11 @@ def plan(
 
 @app.command()
 @friendly
-def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+def train(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    force: bool = typer.Option(False, "--force", help="Train again from scratch even when the adapter is up to "
+                               "date (the old result is kept in history.json)."),
+) -> None:
     """Fine-tune LoRA adapters; re-running after a crash resumes from the last checkpoint.
 
     Works the same under `torchrun --nproc_per_node N` and `accelerate launch`.
@@ -160,7 +164,7 @@ def train(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> N
     Example:
         termtune train configs/demo.yaml train.epochs=2
     """
-    result = api.train(resolve(args))
+    result = api.train(resolve(args), force=force)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate, one summary, not one per process
         _echo(result)
 

@@ -91,6 +91,7 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     layout = RunLayout.of(cfg)
     adapter_dir = layout.adapter
     _check_adapter(adapter_dir, cfg.model.allow_pickle)
+    _check_adapter_is_the_trained_one(layout)
     final = layout.artifact
     _check_replaceable(final, layout.root, force)
     max_shard = parse_size(cfg.export.max_shard_size)
@@ -129,6 +130,23 @@ def export(cfg: Config, force: bool = False) -> Artifact:
 
 
 # ----------------------------------------------------------------------------- inputs
+
+
+def _check_adapter_is_the_trained_one(layout: RunLayout) -> None:
+    """The adapter must be the one the train record names: another run's adapter copied into train/adapter
+    would otherwise be shipped under this run's records. (No record, as when the Python API's stage
+    functions are called directly, or one from before the digest was recorded: nothing to compare.)"""
+    recorded: Any = read_json(layout.record("train"), {})
+    for key in ("result", "result", "adapter_sha256"):  # the record's stage result, then TrainResult's field
+        recorded = recorded.get(key) if isinstance(recorded, dict) else None
+    if not isinstance(recorded, str):
+        return
+    from termtune.train import adapter_digest
+
+    found = adapter_digest(layout.adapter)
+    if found != recorded:
+        raise UserError(f"{layout.adapter} does not match the adapter train recorded (sha256 {recorded[:16]}…, "
+                        f"found {found[:16]}…); re-run `termtune train --force`")
 
 
 def _check_adapter(adapter_dir: Path, allow_pickle: bool) -> None:

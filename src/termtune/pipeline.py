@@ -62,8 +62,8 @@ class Stage:
     """Stages whose outputs this one reads."""
     outputs: Callable[[RunLayout], list[Path]] = lambda layout: []
     """What the stage writes; removed before it runs again after its inputs changed."""
-    marker: Callable[[RunLayout], Path] | None = None
-    """The output that must exist for the stage to count as complete."""
+    markers: Callable[[RunLayout], list[Path]] = lambda layout: []
+    """The outputs that must exist for the stage to count as complete."""
     sources: Callable[[Config], dict[str, Any]] = lambda cfg: {}
     """Inputs that are not config values (the data file's content, the resolved tokenizer)."""
     always: bool = False
@@ -177,23 +177,25 @@ STAGES: tuple[Stage, ...] = (
           # the source is known by its content (sources); strict only decides whether a finding
           # is an error, and a run that succeeds writes the same data either way
           ignores=("data.source", "data.strict"),
-          outputs=lambda l: [l.data], marker=lambda l: l.split("test"), sources=_data_sources),
+          outputs=lambda l: [l.data], markers=lambda l: [l.split("test")], sources=_data_sources),
     Stage("train", _train, reads=("model", "lora", "train", "run.seed"),
           # how often to log, save and evaluate does not change the trained weights
           ignores=("train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
                    "train.dataloader_workers"),
-          upstream=("data",), outputs=lambda l: [l.train, l.base_model], marker=lambda l: l.train_result),
+          upstream=("data",), outputs=lambda l: [l.train, l.base_model],
+          # the adapter is what evaluate and export read: deleted, the stage is not complete
+          markers=lambda l: [l.train_result, l.adapter / "adapter_model.safetensors"]),
     Stage("evaluate", _evaluate, reads=("eval",), ignores=("eval.samples_in_report",),
-          upstream=("data", "train"), outputs=lambda l: [l.eval], marker=lambda l: l.eval_metrics),
+          upstream=("data", "train"), outputs=lambda l: [l.eval], markers=lambda l: [l.eval_metrics]),
     Stage("export", _export, reads=("export",), upstream=("train",),
-          outputs=lambda l: [l.validation], marker=lambda l: l.manifest),
+          outputs=lambda l: [l.validation], markers=lambda l: [l.manifest]),
     Stage("validate", _validate, upstream=("export",), always=True),
     Stage("deploy", _deploy, reads=("aws",),
           # how long to wait and how to invoke do not change what is imported
           ignores=("aws.import_timeout_minutes", "aws.poll_seconds", "aws.invoke_schema", "aws.invoke_max_tokens",
                    "aws.invoke_temperature", "aws.cold_start_budget_minutes", "aws.invoke_prompt",
                    "aws.model_quota", "aws.role_retry_minutes", "aws.deploy"),
-          upstream=("export",), outputs=lambda l: [l.deploy], marker=lambda l: l.deploy,
+          upstream=("export",), outputs=lambda l: [l.deploy], markers=lambda l: [l.deploy],
           # deleted elsewhere, the recorded model is gone: make-like, `run` imports it again
           still_valid=_deployed_model_gone),
     Stage("invoke", _invoke, upstream=("deploy",), always=True),
@@ -245,9 +247,9 @@ def state(cfg: Config, stage: Stage, cache: dict[str, Any] | None = None) -> Sta
         return State(False, ["not run yet"], None)
     now = inputs(cfg, stage, cache)
     if fingerprint(cfg, stage, cache) == record["fingerprint"]:
-        marker = stage.marker(layout) if stage.marker else None
-        if marker is not None and not marker.exists():
-            return State(False, [f"{marker} is missing"], record)
+        missing = [path for path in stage.markers(layout) if not path.exists()]
+        if missing:
+            return State(False, [f"{path} is missing" for path in missing], record)
         return State(True, [], record)
     return State(False, _differences(record.get("inputs", {}), now), record)
 

@@ -14,9 +14,11 @@ module adds is the glue the seed recipe got wrong or left out:
 - speed: the training loss over the non-pad target tokens without the full logits tensor
   (termtune.lm_loss), the same value as the standard loss;
 - checkpoints that are sealed only once every file is on disk, so a run killed at any moment
-  (even mid-save) resumes from the last complete one and ends with the same weights;
+  (even mid-save) resumes from the last complete one and ends with the same weights; a seal names
+  the data it was trained on, so a run never resumes across a change of the data;
 - a metrics log (JSONL, TensorBoard when installed), padding fraction and target tokens/s,
-  held-out loss, the final adapter plus tokenizer; `result.json` is written last.
+  held-out loss, the final adapter plus tokenizer and its digest (export checks it);
+  `result.json` is written last.
 
 Reads  <run>/data/{train,test}.jsonl and <run>/base-model/ (random-init bases).
 Writes <run>/train/{checkpoints/, adapter/, metrics.jsonl, result.json} (the loss curve is drawn by the report).
@@ -26,6 +28,7 @@ Only rank 0 writes (each rank saves its own RNG state inside a checkpoint, as tr
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -36,13 +39,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import typer
+
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
 from termtune.oserrors import probe_writable
 from termtune.results import StageResult
-from termtune.rundir import atomic_dir, write_json, write_text
+from termtune.rundir import atomic_dir, sha256_file, write_json, write_text
 from termtune.safepath import name_problem
 
 SEAL_FILE = "termtune-complete.json"
@@ -89,6 +94,8 @@ class TrainResult(StageResult):
     peak_memory_bytes: int | None = None
     """torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on a CPU (what `termtune plan` predicts)."""
     device: str | None = None
+    adapter_sha256: str | None = None
+    """The saved adapter folder's digest (termtune.train.adapter_digest): export refuses an adapter that differs."""
 
     def summary(self) -> str:
         def num(x: float | None, fmt: str = ".4f") -> str:
@@ -132,9 +139,8 @@ def train(cfg: Config) -> TrainResult:
     probe_writable(layout.train)
     checkpoints_dir = layout.checkpoints
     rank = int(os.environ.get("RANK", "0"))
-    resume = last_complete_checkpoint(checkpoints_dir)
-    if resume is not None:
-        _check_same_trajectory(cfg, resume)
+    data_sha256 = prepared_data_digest(layout)
+    resume = _resume_point(cfg, checkpoints_dir, data_sha256, rank)
     if rank == 0:
         _discard_incomplete_checkpoints(checkpoints_dir)
         _truncate_metrics(layout.train_metrics, _checkpoint_step(resume) if resume else 0)
@@ -168,7 +174,7 @@ def train(cfg: Config) -> TrainResult:
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, batch_sampler=batch_sampler)
-    _install_callbacks(trainer, cfg, layout, rank)
+    _install_callbacks(trainer, cfg, layout, rank, data_sha256)
 
     # -- do
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -188,6 +194,7 @@ def train(cfg: Config) -> TrainResult:
             tokenizer.save_pretrained(tmp)
         result.files = {"adapter": str(layout.adapter), "metrics": str(layout.train_metrics),
                         "checkpoints": str(checkpoints_dir)}
+        result.adapter_sha256 = adapter_digest(layout.adapter)
         write_json(layout.train_result, asdict(result))
     trainer.accelerator.wait_for_everyone()
     return result
@@ -501,7 +508,7 @@ def _chunked_loss_applies(trainer: Any) -> bool:
 # ----------------------------------------------------------------------------- callbacks
 
 
-def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) -> None:
+def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int, data_sha256: str) -> None:
     from transformers import ProgressCallback, TrainerCallback
 
     from termtune.progress import Lines, interactive
@@ -553,7 +560,8 @@ def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int) 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             trainer.accelerator.wait_for_everyone()  # every rank's rng_state_<i>.pth is on disk
             if state.is_world_process_zero:
-                seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", cfg, args.world_size)
+                seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", cfg, args.world_size,
+                                data_sha256)
                 rotate_checkpoints(Path(args.output_dir), cfg.train.save_total_limit)
 
     class DivergenceGuard(TrainerCallback):
@@ -612,8 +620,9 @@ def _checkpoint_step(folder: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def seal_checkpoint(folder: Path, cfg: Config, world_size: int) -> None:
-    """Flush a finished checkpoint to disk and record its files (name -> size) in the seal."""
+def seal_checkpoint(folder: Path, cfg: Config, world_size: int, data_sha256: str) -> None:
+    """Flush a finished checkpoint to disk and record its files (name -> size), the settings that shape the
+    trajectory and the digest of the data it was trained on in the seal."""
     files = {}
     for path in sorted(folder.iterdir()):
         if path.is_file():
@@ -621,7 +630,7 @@ def seal_checkpoint(folder: Path, cfg: Config, world_size: int) -> None:
                 os.fsync(f.fileno())
             files[path.name] = path.stat().st_size
     write_json(folder / SEAL_FILE, {"step": _checkpoint_step(folder), "world_size": world_size,
-                                    "trajectory": _trajectory(cfg), "files": files})
+                                    "trajectory": _trajectory(cfg), "data_sha256": data_sha256, "files": files})
 
 
 def checkpoint_is_complete(folder: Path) -> bool:
@@ -645,6 +654,30 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> Path | None:
     folders = sorted((p for p in checkpoints_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)),
                      key=_checkpoint_step, reverse=True)
     return next((p for p in folders if checkpoint_is_complete(p)), None)
+
+
+def _resume_point(cfg: Config, checkpoints_dir: Path, data_sha256: str, rank: int) -> Path | None:
+    """The last complete checkpoint, when it was trained on this data (and refused when with other
+    trajectory settings); None to start fresh.
+
+    A checkpoint of other data (the data stage ran again after a kill: another prompt template,
+    max_rows, source file) is of no use: resuming would finish a model that has seen other rows, the
+    new held-out terms among them. Its checkpoints are removed, or rotation would keep them as the
+    newest. Settings are compared only after the data: with other data they no longer matter."""
+    resume = last_complete_checkpoint(checkpoints_dir)
+    if resume is None:
+        return None
+    trained_on = json.loads((resume / SEAL_FILE).read_text(encoding="utf-8")).get("data_sha256")
+    if trained_on != data_sha256:
+        if rank == 0:
+            why = "data changed" if trained_on else "its seal does not say which"
+            typer.secho(f"train: {resume.name} was trained on other data ({why}); starting fresh", fg="yellow")
+            for folder in checkpoints_dir.iterdir():
+                if folder.is_dir() and _CHECKPOINT.match(folder.name):
+                    shutil.rmtree(folder)
+        return None
+    _check_same_trajectory(cfg, resume)
+    return resume
 
 
 def rotate_checkpoints(checkpoints_dir: Path, keep: int) -> None:
@@ -706,6 +739,28 @@ def _debug_dump_adapter(trainer: Any) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     weights = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
     save_file(weights, str(Path(out) / f"rank{trainer.args.process_index}.safetensors"))
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def adapter_digest(folder: Path) -> str:
+    """The identity of a saved adapter: sha256 over its files (weights, config, tokenizer), names included.
+    Hidden files (.DS_Store, ...) are left out: nothing reads them."""
+    files = [p for p in folder.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return _files_digest(folder, files)
+
+
+def prepared_data_digest(layout: RunLayout) -> str:
+    """The identity of the data a run trains on: the prepared splits, which hold the token ids, so the
+    template, the rows, the split, the tokenizer and the length limits are all in it."""
+    return _files_digest(layout.data, [layout.split(s) for s in ("train", "test") if layout.split(s).is_file()])
+
+
+def _files_digest(root: Path, files: list[Path]) -> str:
+    lines = "".join(f"{p.relative_to(root).as_posix()}:{sha256_file(p)}\n" for p in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- report
