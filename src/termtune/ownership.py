@@ -50,7 +50,8 @@ def claim(layout: RunLayout, create: bool = True) -> None:
         raise UserError(f"{root}: no such run directory; check run.dir")
     if not root.is_dir() or _is_marked(layout) or _has_records(layout):
         return  # not a folder: the writability probe names the problem
-    entries = [p.name for p in sorted(root.iterdir()) if p.name not in (layout.lock.name, layout.library_log.name)]
+    entries = [p.name + "/" * p.is_dir() for p in sorted(root.iterdir())
+               if p.name not in (layout.lock.name, layout.library_log.name)]
     if not entries and create:
         return
     held = f"it holds {_names(entries)}" if entries else "it is empty"
@@ -76,8 +77,8 @@ def _is_marked(layout: RunLayout) -> bool:
 
 def _has_records(layout: RunLayout) -> bool:
     folder = layout.provenance
-    return folder.is_dir() and not folder.is_symlink() and any(
-        isinstance(read_json(p), dict) and "stage" in read_json(p) for p in folder.glob("*.json"))
+    records = (read_json(p) for p in folder.glob("*.json"))
+    return folder.is_dir() and not folder.is_symlink() and any(isinstance(r, dict) and "stage" in r for r in records)
 
 
 def _names(names: list[str]) -> str:
