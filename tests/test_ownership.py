@@ -185,6 +185,28 @@ def test_a_stage_that_fails_part_way_puts_the_old_result_back(run_copy, monkeypa
     assert attempts(run_dir) == []
 
 
+def test_a_failed_redeploy_keeps_what_it_recorded_of_the_new_import(run_copy, monkeypatch):
+    """deploy.json tracks what a deploy created in AWS: never put an old one back over it (cleanup needs it)."""
+    from termtune import aws, pipeline
+    from termtune.config import load_config
+
+    run_dir, source = run_copy
+    (run_dir / "deploy.json").write_text(json.dumps({"model_arn": "arn:old"}))
+    (run_dir / "provenance" / "deploy.json").write_text(json.dumps(
+        {"stage": "deploy", "fingerprint": "made-with-other-settings", "finished_at": "2026-01-01T00:00:00"}))
+
+    def fails_after_importing(cfg):
+        (run_dir / "deploy.json").write_text(json.dumps({"job_arn": "arn:new-job"}))
+        raise RuntimeError("killed mid-import")
+
+    monkeypatch.setattr(aws, "deploy", fails_after_importing)
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage(load_config(None, args_for(run_dir, source)), "deploy")
+    assert json.loads((run_dir / "deploy.json").read_text()) == {"job_arn": "arn:new-job"}
+    assert [(a["stage"], a["deploy"], a["live"]) for a in attempts(run_dir)] == [("deploy", {"model_arn": "arn:old"}, True)]
+    assert not (run_dir / "provenance" / "deploy.json").exists()
+
+
 def test_a_rerun_killed_part_way_leaves_the_old_result_for_the_next_command(run_copy):
     run_dir, source = run_copy
     adapter = (run_dir / "train" / "adapter" / "adapter_model.safetensors").read_bytes()

@@ -116,11 +116,12 @@ def aside(path: Path) -> Path:
 
 @contextmanager
 def replacing(layout: RunLayout, stage: str, outputs: list[Path], record: dict[str, Any] | None,
-              why: list[str]) -> Iterator[None]:
+              why: list[str], put_back: bool = True) -> Iterator[None]:
     """Around a stage that replaces a recorded result: the old record goes to the history, then it and
     the old outputs are renamed aside; the block makes the new ones and writes the new record last.
     Success: the old files are deleted. Failure (a refusal, a full disk, Ctrl-C): the new partial
-    outputs are deleted and the old ones put back, as if the command had not run."""
+    outputs are deleted and the old ones put back, as if the command had not run. Without `put_back`
+    the old files are deleted before the block runs (deploy: the history keeps the old import)."""
     if record is None:  # nothing recorded: nothing of termtune's to keep
         yield
         return
@@ -129,6 +130,8 @@ def replacing(layout: RunLayout, stage: str, outputs: list[Path], record: dict[s
     try:
         for path in moved:  # the record first: `recover` reads a record aside as "not finished"
             os.replace(path, aside(path))
+        if not put_back:
+            _discard(layout, stage, outputs)
         yield
     except BaseException:
         _put_back(layout, stage, outputs)

@@ -69,6 +69,9 @@ class Stage:
     """Inputs that are not config values (the data file's content, the resolved tokenizer)."""
     always: bool = False
     """Cheap checks and calls worth repeating every run (validate, invoke): never skipped, not fingerprinted."""
+    put_back: bool = True
+    """Whether the old outputs come back when a re-run fails. Not deploy's: deploy.json tracks what the new
+    attempt created in AWS (cleanup must find it); the old import stays listed in the history instead."""
     check: Callable[[Config], None] | None = None
     """Cheap checks that can refuse the settings (UserError): run before any output is touched."""
     still_valid: Callable[[Config], str | None] | None = None
@@ -202,7 +205,7 @@ STAGES: tuple[Stage, ...] = (
           ignores=("aws.import_timeout_minutes", "aws.poll_seconds", "aws.invoke_schema", "aws.invoke_max_tokens",
                    "aws.invoke_temperature", "aws.cold_start_budget_minutes", "aws.invoke_prompt",
                    "aws.model_quota", "aws.role_retry_minutes", "aws.deploy"),
-          upstream=("export",), outputs=lambda l: [l.deploy], marker=lambda l: l.deploy,
+          upstream=("export",), outputs=lambda l: [l.deploy], marker=lambda l: l.deploy, put_back=False,
           # deleted elsewhere, the recorded model is gone: make-like, `run` imports it again
           still_valid=_deployed_model_gone),
     Stage("invoke", _invoke, upstream=("deploy",), always=True),
@@ -389,7 +392,7 @@ def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, Any], a
         before()
     # The old outputs (a record proves they are termtune's) are set aside, kept in the history and
     # deleted once the new record is written; if the stage fails they are put back.
-    with ownership.replacing(layout, stage.name, outputs, st.record, why):
+    with ownership.replacing(layout, stage.name, outputs, st.record, why, put_back=stage.put_back):
         outcome = stage.run(cfg, force or st.record is not None)
         _finish(cfg, stage, outcome, fingerprint(cfg, stage, cache), now)
     return outcome
