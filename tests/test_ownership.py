@@ -203,7 +203,8 @@ def test_a_failed_redeploy_keeps_what_it_recorded_of_the_new_import(run_copy, mo
     with pytest.raises(RuntimeError):
         pipeline.run_stage(load_config(None, args_for(run_dir, source)), "deploy")
     assert json.loads((run_dir / "deploy.json").read_text()) == {"job_arn": "arn:new-job"}
-    assert [(a["stage"], a["deploy"], a["live"]) for a in attempts(run_dir)] == [("deploy", {"model_arn": "arn:old"}, True)]
+    assert [(a["stage"], a["deploy"], a["live"]) for a in attempts(run_dir)] == \
+           [("deploy", {"model_arn": "arn:old"}, True)]  # the old import stays listed, for cleanup
     assert not (run_dir / "provenance" / "deploy.json").exists()
 
 
@@ -211,7 +212,7 @@ def test_a_rerun_killed_part_way_leaves_the_old_result_for_the_next_command(run_
     run_dir, source = run_copy
     adapter = (run_dir / "train" / "adapter" / "adapter_model.safetensors").read_bytes()
     record = (run_dir / "provenance" / "train.json").read_bytes()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TERMTUNE_TEST_STEP_DELAY": "0.5"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TERMTUNE_TEST_STEP_DELAY": "1"}
     killed = subprocess.Popen([sys.executable, "-m", "termtune.cli", "train", *args_for(run_dir, source, "lora.r=4")],
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300

@@ -117,19 +117,19 @@ def open_plain(path: Path, flags: int) -> int:
     Raises:
         UserError: one line naming `path` when it is a link or not a regular file (a FIFO, a device).
     """
+    not_plain = UserError(f"{path}: is not a regular file; termtune writes this file itself: remove it")
     try:  # O_NONBLOCK: opening a FIFO must not wait for a reader
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise UserError(f"{path}: is a symbolic link; termtune writes this file itself and never through a "
                             "link: remove the link") from None
-        if e.errno != errno.ENXIO:  # ENXIO: a FIFO with no reader
-            raise
-        fd = None
-    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd is not None:
-            os.close(fd)
-        raise UserError(f"{path}: is not a regular file; termtune writes this file itself: remove it")
+        if e.errno == errno.ENXIO:  # a FIFO with no reader
+            raise not_plain from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise not_plain
     return fd
 
 
