@@ -186,3 +186,63 @@ def test_disk_full_mid_export_simulated_at_the_write_call(trained, tmp_path, mon
     assert result.output.strip().splitlines()[-1].startswith(
         f"termtune: error: {artifact}: No space left on device (no space left on the device; ")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- saving a model on a full disk
+
+
+@needs_private_mounts
+def test_disk_full_while_saving_the_random_init_base_is_one_line(tmp_path, source):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # 1 MiB holds the prepared data; the tiny base model's fp32 weights are ~17 MB (safetensors raises its own error)
+    out = in_tmpfs(mnt, "size=1m", "run", *tiny_overrides(mnt, source), "aws.deploy=false")
+    line = error_line(out)
+    assert line.startswith(f"termtune: error: {mnt / 'base-model'}: No space left on device (no space left "
+                           "on the device; free space or choose a folder on another disk; "), line
+    assert not [name for name in listing(out) if "base-model" in name]  # no partial folder is left
+
+
+@pytest.fixture
+def prepared_args(tmp_path, source):
+    from typer.testing import CliRunner
+
+    from termtune.cli import app
+
+    args = tiny_overrides(tmp_path / "run", source)
+    assert CliRunner().invoke(app, ["data", "prepare", *args]).exit_code == 0
+    return args
+
+
+def _full_disk_line(args: list[str]) -> str:
+    from typer.testing import CliRunner
+
+    from termtune.cli import app
+
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 2, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+def test_disk_full_while_saving_the_base_model_names_it(tmp_path, prepared_args, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import T5ForConditionalGeneration
+
+    def full(self, *args, **kwargs):  # what safetensors raises when write(2) fails with ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(T5ForConditionalGeneration, "save_pretrained", full)
+    assert _full_disk_line(prepared_args).startswith(
+        f"termtune: error: {tmp_path / 'run' / 'base-model'}: No space left on device (no space left on the device; ")
+
+
+def test_disk_full_while_saving_a_checkpoint_names_it(tmp_path, prepared_args, monkeypatch):
+    from transformers import Trainer
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", full)
+    assert _full_disk_line(prepared_args).startswith(
+        f"termtune: error: {tmp_path / 'run' / 'train' / 'checkpoints'}: No space left on device (no space left on ")
+    assert not (tmp_path / "run" / "provenance" / "train.json").exists()

@@ -91,3 +91,17 @@ def test_a_run_prints_no_warnings_and_plain_progress_lines(tmp_path):
     again = termtune("--verbose", "export", *args, "--force")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "UserWarning" in again.stderr  # peft's merge notice, shown when asked for
+
+
+def test_the_log_is_never_appended_through_a_link(tmp_path, verbose_off):
+    from termtune.errors import UserError
+
+    elsewhere = tmp_path / "elsewhere.txt"  # does not exist: opening through the link would create it
+    log = tmp_path / "library.log"
+    log.symlink_to(elsewhere)
+    with pytest.raises(UserError) as refused:
+        with verbose_off.quiet(log):
+            _warn("`is_gradient_checkpointing` is deprecated", FutureWarning, "/x/transformers/modeling_utils.py")
+    assert str(refused.value) == (f"{log}: is a symbolic link; termtune writes this file itself and never through a "
+                                  "link: remove the link")
+    assert not elsewhere.exists()

@@ -207,10 +207,12 @@ def run(cfg: Config) -> RunResult:
 
 
 def write_report(cfg: Config) -> Path:
-    """(Re)write <run>/report.html, report.md and model-card.md from what the run directory holds."""
+    """(Re)write <run>/report.html, report.md and model-card.md from what the run directory holds,
+    under its lock. A run directory that does not exist (a mistyped run.dir) is refused, not created."""
     from termtune import pipeline
 
-    return pipeline.write_report(cfg)
+    with pipeline.locked(cfg, "termtune report", create=False):
+        return pipeline.write_report(cfg)
 
 
 def _stage(cfg: Config, name: str, force: bool = False) -> Any:

@@ -37,6 +37,15 @@ def append(layout: RunLayout, stage: str, record: dict[str, Any], reasons: list[
     write_json(layout.history, read(layout) + [entry])
 
 
+def forget(layout: RunLayout, stage: str, record: dict[str, Any]) -> None:
+    """Drop the entry `append` made for `record`: the replacement failed and the result is current again."""
+    history = read(layout)
+    kept = [e for e in history if not (e.get("stage") == stage and e.get("fingerprint") == record.get("fingerprint")
+                                       and e.get("finished_at") == record.get("finished_at"))]
+    if len(kept) != len(history):
+        write_json(layout.history, kept)
+
+
 def live_imports(layout: RunLayout) -> list[dict[str, Any]]:
     """Deploy records of earlier attempts whose imported model has not been deleted."""
     return [e["deploy"] for e in read(layout) if e.get("stage") == "deploy" and e.get("live")]

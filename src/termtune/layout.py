@@ -33,6 +33,12 @@ class RunLayout:
 
     # -- run-wide
     @property
+    def marker(self) -> Path:
+        """Says the folder is a termtune run directory (termtune.ownership): written when termtune takes
+        a new or empty folder, or adopts a run an older termtune made."""
+        return self.root / "termtune-run.json"
+
+    @property
     def config(self) -> Path:
         return self.root / "config.yaml"
 
@@ -56,6 +62,13 @@ class RunLayout:
     def library_log(self) -> Path:
         """Third-party warnings and log lines kept off the terminal (termtune.quiet)."""
         return self.root / "library.log"
+
+    def names_in(self, folder: Path) -> set[str]:
+        """The names termtune writes directly in `folder`: every path named here whose parent it is.
+        Empty for folders a library's save function fills whole (base-model/, train/adapter/, ...)."""
+        paths = [getattr(self, name) for name, value in vars(RunLayout).items() if isinstance(value, property)]
+        paths += [self.split("train"), self.split("test")]
+        return {p.name for p in paths if p.parent == folder}
 
     # -- data
     @property

@@ -232,6 +232,7 @@ def materialize_random_base(cfg: Config) -> Path:
     import torch
     from transformers import T5ForConditionalGeneration
 
+    from termtune.oserrors import writing
     from termtune.rundir import atomic_dir, read_json, write_json
 
     target = RunLayout.of(cfg).base_model
@@ -246,7 +247,7 @@ def materialize_random_base(cfg: Config) -> Path:
     model = T5ForConditionalGeneration(config)
     untie_lm_head(model)
     tokenizer = load_tokenizer(cfg)
-    with atomic_dir(target, force=True) as tmp:
+    with writing(target), atomic_dir(target, force=True) as tmp:  # a full disk: one line naming the folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / BUILT_FROM, built_from)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -76,11 +77,23 @@ def probe_writable(folder: Path) -> None:
 @contextmanager
 def writing(folder: Path) -> Iterator[None]:
     """Turn an OSError raised while writing `folder` into a UserError that names it (a write that
-    fails on a full disk names no file of its own)."""
+    fails on a full disk names no file of its own); also the libraries' own errors for a failed
+    write: safetensors' `... (os error 28)` and torch.save's stream writer (`unexpected pos ...`)."""
     try:
         yield
     except OSError as e:
         raise UserError(describe_os_error(e, folder)) from e
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only a failed write is turned into one line; the rest is re-raised
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code:
+            raise UserError(describe_os_error(OSError(int(code[1]), os.strerror(int(code[1]))), folder)) from e
+        if type(e) is RuntimeError and re.search(r"PytorchStreamWriter|inline_container|file write failed", str(e)):
+            free = _free_bytes(Path(folder))
+            raise UserError(f"{folder}: writing failed ({str(e).strip().splitlines()[0]}); a full disk is the usual "
+                            f"cause" + (f": {free / 1e6:.1f} MB free there" if free is not None else "")) from e
+        raise
 
 
 def _free_bytes(path: Path) -> int | None:

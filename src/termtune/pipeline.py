@@ -25,13 +25,14 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import typer
 
-from termtune import history
+from termtune import ownership
 from termtune.config import Config, dump_config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
@@ -61,13 +62,18 @@ class Stage:
     upstream: tuple[str, ...] = ()
     """Stages whose outputs this one reads."""
     outputs: Callable[[RunLayout], list[Path]] = lambda layout: []
-    """What the stage writes; removed before it runs again after its inputs changed."""
+    """What the stage writes; set aside when it runs again, deleted once the new result is recorded."""
     markers: Callable[[RunLayout], list[Path]] = lambda layout: []
     """The outputs that must exist for the stage to count as complete."""
     sources: Callable[[Config], dict[str, Any]] = lambda cfg: {}
     """Inputs that are not config values (the data file's content, the resolved tokenizer)."""
     always: bool = False
     """Cheap checks and calls worth repeating every run (validate, invoke): never skipped, not fingerprinted."""
+    put_back: bool = True
+    """Whether the old outputs come back when a re-run fails. Not deploy's: deploy.json tracks what the new
+    attempt created in AWS (cleanup must find it); the old import stays listed in the history instead."""
+    check: Callable[[Config], None] | None = None
+    """Cheap checks that can refuse the settings (UserError): run before any output is touched."""
     still_valid: Callable[[Config], str | None] | None = None
     """For outputs that live outside the run directory (an imported model): why they no longer hold
     although the record says complete, or None. Asked only by `termtune run`, which then re-runs the stage."""
@@ -98,6 +104,12 @@ def _train(cfg: Config, force: bool) -> Outcome:
         except UserError:
             pass  # no plan for this config (e.g. a Hub source of unknown shape): nothing to compare
     return Outcome(result, result.summary(), record)
+
+
+def _check_train(cfg: Config) -> None:
+    from termtune.modeling import check_model_settings
+
+    check_model_settings(cfg)  # lora.r, lora.target_modules, architecture_overrides against the model
 
 
 def _evaluate(cfg: Config, force: bool) -> Outcome:
@@ -184,7 +196,7 @@ STAGES: tuple[Stage, ...] = (
                    "train.dataloader_workers"),
           upstream=("data",), outputs=lambda l: [l.train, l.base_model],
           # the adapter is what evaluate and export read: deleted, the stage is not complete
-          markers=lambda l: [l.train_result, l.adapter / "adapter_model.safetensors"]),
+          markers=lambda l: [l.train_result, l.adapter / "adapter_model.safetensors"], check=_check_train),
     Stage("evaluate", _evaluate, reads=("eval",), ignores=("eval.samples_in_report",),
           upstream=("data", "train"), outputs=lambda l: [l.eval], markers=lambda l: [l.eval_metrics]),
     Stage("export", _export, reads=("export",), upstream=("train",),
@@ -195,7 +207,7 @@ STAGES: tuple[Stage, ...] = (
           ignores=("aws.import_timeout_minutes", "aws.poll_seconds", "aws.invoke_schema", "aws.invoke_max_tokens",
                    "aws.invoke_temperature", "aws.cold_start_budget_minutes", "aws.invoke_prompt",
                    "aws.model_quota", "aws.role_retry_minutes", "aws.deploy"),
-          upstream=("export",), outputs=lambda l: [l.deploy], markers=lambda l: [l.deploy],
+          upstream=("export",), outputs=lambda l: [l.deploy], markers=lambda l: [l.deploy], put_back=False,
           # deleted elsewhere, the recorded model is gone: make-like, `run` imports it again
           still_valid=_deployed_model_gone),
     Stage("invoke", _invoke, upstream=("deploy",), always=True),
@@ -306,13 +318,20 @@ def run_stage(cfg: Config, name: str, force: bool = False, quiet_skip: bool = Fa
         return _run_locked(cfg, stage, force, cache, announce=not quiet_skip)
 
 
-def locked(cfg: Config, command: str) -> Any:
-    """The run directory's lock: one writer at a time (an unwritable run directory fails here, naming it)."""
+@contextmanager
+def locked(cfg: Config, command: str, create: bool = True) -> Iterator[None]:
+    """The run directory's lock: one writer at a time. A folder that is not a termtune run is refused
+    first (termtune.ownership), an unwritable one next, naming it; `create=False` also refuses a run
+    directory that does not exist. Under the lock, what a killed command left set aside is sorted out."""
     from termtune.oserrors import probe_writable
 
     layout = RunLayout.of(cfg)
+    ownership.claim(layout, create=create)
     probe_writable(layout.root)
-    return exclusive(layout.lock, command=command)
+    with exclusive(layout.lock, command=command):
+        ownership.mark(layout)
+        ownership.recover(layout, {s.name: s.outputs(layout) for s in STAGES})
+        yield
 
 
 def check_upstream(cfg: Config, name: str) -> None:
@@ -359,24 +378,25 @@ def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, Any], a
         if announce:
             typer.secho(f"{stage.name}: up to date in {cfg.run_dir} (same settings and inputs), skipped", fg="green")
         return None
+    # Everything that can refuse runs before any output is touched.
+    if stage.check is not None:
+        stage.check(cfg)
+    outputs = stage.outputs(layout)
+    ownership.check_replaceable(layout, outputs, stage.name)
+    why = st.reasons if not st.complete else ["--force"]
     if st.record is not None:
-        why = st.reasons if not st.complete else ["--force"]
         typer.secho(f"{stage.name}: re-running: {', '.join(why)}", fg="yellow")
         if os.environ.get("WORLD_SIZE", "1") != "1" and stage.name == "train":
             raise UserError(f"train: {layout.train} was made with other settings; under torchrun/accelerate "
                             "start over in a new run.dir (or run once without them to replace it)")
-        # Record the old result, remove its outputs, and only then its record: a process killed in
-        # between leaves a record whose outputs are gone (re-run next time), never outputs without one.
-        history.append(layout, stage.name, st.record, why)
-        for path in stage.outputs(layout):
-            remove(path)
-        remove(layout.record(stage.name))
     now = inputs(cfg, stage, cache)
-    # The outputs of a stage that completed (a record proves they are termtune's) may be replaced.
     if before is not None:
         before()
-    outcome = stage.run(cfg, force or st.record is not None)
-    _finish(cfg, stage, outcome, fingerprint(cfg, stage, cache), now)
+    # The old outputs (a record proves they are termtune's) are set aside, kept in the history and
+    # deleted once the new record is written; if the stage fails they are put back.
+    with ownership.replacing(layout, stage.name, outputs, st.record, why, put_back=stage.put_back):
+        outcome = stage.run(cfg, force or st.record is not None)
+        _finish(cfg, stage, outcome, fingerprint(cfg, stage, cache), now)
     return outcome
 
 

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
+
+from termtune.rundir import open_plain
 
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping the model
@@ -53,9 +56,11 @@ def set_verbose(on: bool) -> None:
 
 @contextlib.contextmanager
 def quiet(log_file: Path) -> Iterator[None]:
-    """Send the known third-party warnings and log records to `log_file` while the block runs."""
+    """Send the known third-party warnings and log records to `log_file` while the block runs (a link
+    under its name is refused, never appended through)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("a", encoding="utf-8") as sink, warnings.catch_warnings():
+    fd = open_plain(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a", encoding="utf-8") as sink, warnings.catch_warnings():
         shown = warnings.showwarning
 
         def showwarning(message: Any, category: type[Warning], filename: str, lineno: int,

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,30 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
             stale.unlink(missing_ok=True)
 
 
+def open_plain(path: Path, flags: int) -> int:
+    """`os.open` of a regular file that never follows a symbolic link. For the files termtune keeps open
+    and writes in place (the lock, the library log): through a link planted under that name it would
+    truncate or append to whatever the link points at.
+
+    Raises:
+        UserError: one line naming `path` when it is a link or not a regular file (a FIFO, a device).
+    """
+    not_plain = UserError(f"{path}: is not a regular file; termtune writes this file itself: remove it")
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a reader
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path}: is a symbolic link; termtune writes this file itself and never through a "
+                            "link: remove the link") from None
+        if e.errno == errno.ENXIO:  # a FIFO with no reader
+            raise not_plain from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise not_plain
+    return fd
+
+
 def remove(path: Path) -> None:
     """Delete a file or folder if it is there. A folder is first renamed aside, so a process killed
     mid-delete never leaves a half-deleted folder under the real name (the next call sweeps it)."""
@@ -167,7 +192,7 @@ def exclusive(lock_path: Path, command: str) -> Iterator[None]:
     """
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_plain(lock_path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

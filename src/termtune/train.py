@@ -45,7 +45,7 @@ from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
-from termtune.oserrors import probe_writable
+from termtune.oserrors import probe_writable, writing
 from termtune.results import StageResult
 from termtune.rundir import atomic_dir, sha256_file, write_json, write_text
 from termtune.safepath import name_problem
@@ -177,7 +177,8 @@ def train(cfg: Config) -> TrainResult:
     _install_callbacks(trainer, cfg, layout, rank, data_sha256)
 
     # -- do
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with writing(checkpoints_dir):  # a full disk while saving a checkpoint: one line naming the folder
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.flush_throughput()  # steps after the last log still count in the totals (a collective: all ranks)
     last_eval_step = max((h["step"] for h in trainer.state.log_history if "eval_loss" in h), default=None)
     if eval_ds is not None and last_eval_step != trainer.state.global_step:
@@ -189,7 +190,7 @@ def train(cfg: Config) -> TrainResult:
     # -- save (rank 0 only) and report
     result = _result(cfg, trainer, precision, resume)
     if trainer.is_world_process_zero():
-        with atomic_dir(layout.adapter, force=True) as tmp:
+        with writing(layout.adapter), atomic_dir(layout.adapter, force=True) as tmp:
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         result.files = {"adapter": str(layout.adapter), "metrics": str(layout.train_metrics),
