@@ -76,7 +76,8 @@ def moto_server():
     server, url, keys = start_moto()
     admin = {"aws_access_key_id": keys["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": keys["AWS_SECRET_ACCESS_KEY"]}
     iam.create_or_update(boto3.client("iam", endpoint_url=url, region_name="us-east-1", **admin), EXISTING_ROLE,
-                         iam.trust_policy(ACCOUNT, "us-east-1"), iam.permissions_policy(BUCKET, "termtune/", ACCOUNT))
+                         iam.trust_policy(ACCOUNT, "us-east-1"), iam.permissions_policy(BUCKET, "termtune/", ACCOUNT),
+                         "termtune-artifact-read")
     yield url, keys
     server.stop()
 
