@@ -517,3 +517,194 @@ def test_upload_encrypts_with_aes256_or_a_kms_key(tmp_path, aws_env, bucket, art
     head = s3c.head_object(Bucket=bucket, Key=f"kms/{files[1].path}")
     assert head["ServerSideEncryption"] == "aws:kms" and key_id in head["SSEKMSKeyId"]
     assert head["Metadata"]["sha256"] == files[1].sha256
+
+
+# ----------------------------------------------------------------------------- runs never share S3 objects or roles
+
+
+def keys_under(prefix: str) -> list[str]:
+    pages = boto("s3").get_paginator("list_objects_v2").paginate(Bucket="termtune-test", Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def role_names() -> list[str]:
+    return [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
+
+
+def test_two_runs_with_one_name_share_no_prefix_and_cleanup_spares_the_other(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                            artifact_template, capfd):
+    """p1/demo and p2/demo deploy to one bucket through one role termtune creates: each gets its own
+    prefixes and its own inline policy; cleaning one up (or a third that never deployed) leaves the
+    other's objects, policy, role and model alone; the last cleanup deletes the role."""
+    from termtune import aws
+
+    server = aws_env()
+    role = {"aws.role_arn": "null", "aws.role_name": "tt-shared"}
+    p1, p2, p3 = (make_cfg(tmp_path, artifact_template, name=f"{p}/demo", **role) for p in ("p1", "p2", "p3"))
+    first, second = aws.deploy(p1), aws.deploy(p2)
+    assert first.s3_uri != second.s3_uri and first.model_name != second.model_name
+    assert (p1.run_dir / "deploy-id").read_text() != (p2.run_dir / "deploy-id").read_text()
+    theirs = keys_under(prefixes(p2)[0]) + keys_under(prefixes(p2)[1])
+    assert keys_under(prefixes(p2)[0]) and keys_under(prefixes(p2)[1])
+    policies = boto("iam").list_role_policies(RoleName="tt-shared")["PolicyNames"]
+    assert sorted(policies) == sorted([policy_of(p1), policy_of(p2)])
+    doc = boto("iam").get_role_policy(RoleName="tt-shared", PolicyName=policy_of(p2))["PolicyDocument"]
+    assert f"termtune-test/{prefixes(p2)[0]}*" in json.dumps(doc) and prefixes(p1)[0] not in json.dumps(doc)
+
+    aws.cleanup(p3, yes=True)  # never deployed: nothing of anyone's goes
+    assert "nothing recorded to delete" in capfd.readouterr().err
+    aws.cleanup(p1, yes=True)
+    assert keys_under(prefixes(p1)[0]) == [] and keys_under(prefixes(p1)[1]) == []
+    assert keys_under(prefixes(p2)[0]) + keys_under(prefixes(p2)[1]) == theirs
+    assert boto("iam").list_role_policies(RoleName="tt-shared")["PolicyNames"] == [policy_of(p2)]
+    assert second.model_arn in server.state.models and first.model_arn not in server.state.models
+    assert aws.invoke_cli(p2, term="Asthma")["text"] is not None
+
+    aws.cleanup(p2, yes=True)  # the last run using the role termtune created: the role goes too
+    assert "tt-shared" not in role_names() and keys_under("termtune/") == []
+
+
+def test_a_role_someone_added_a_policy_to_is_kept(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from termtune import aws
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": "null", "aws.role_name": "tt-extended"})
+    aws.deploy(cfg)
+    boto("iam").put_role_policy(RoleName="tt-extended", PolicyName="added-by-an-admin", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"}]}))
+    aws.cleanup(cfg, yes=True)
+    assert boto("iam").list_role_policies(RoleName="tt-extended")["PolicyNames"] == ["added-by-an-admin"]
+
+
+@pytest.mark.parametrize("uri", ["s3://termtune-test/", "s3://termtune-test/precious/", "another run's prefix"])
+def test_cleanup_refuses_a_recorded_uri_that_is_not_this_runs_and_deletes_nothing(  # noqa: F811
+        tmp_path, aws_env, bucket, artifact_template, uri):
+    from termtune import aws
+
+    server = aws_env()
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": "null", "aws.role_name": "tt-edited"})
+    result = aws.deploy(cfg)
+    other = make_cfg(tmp_path, artifact_template, name="other")
+    aws.deploy(other)
+    boto("s3").put_object(Bucket=bucket, Key="precious/data.csv", Body=b"a user's file")
+    if uri == "another run's prefix":
+        uri = f"s3://termtune-test/{prefixes(other)[0]}"
+    before = keys_under("")
+    path = cfg.run_dir / "deploy.json"
+    record = json.loads(path.read_text())
+    record["s3_uri"] = uri
+    record.setdefault("uploads", {})[uri] = ["precious/data.csv", "config.json"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match=f"refusing to clean up '{uri}'.*nothing was deleted"):
+        aws.cleanup(cfg, yes=True)
+    assert keys_under("") == before
+    assert result.model_arn in server.state.models and "tt-edited" in role_names()
+
+
+def test_a_deploy_killed_mid_upload_to_a_new_prefix_stays_cleanable(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                   artifact_template, monkeypatch):
+    """After an import, the run is deployed again to another aws.prefix (the runner keeps the earlier
+    deploy record in the history and starts afresh, as `termtune run` does) and killed mid-upload:
+    the objects it sent are on record before the first byte, so cleanup removes both prefixes."""
+    from termtune import aws, history
+    from termtune.layout import RunLayout
+    from termtune.progress import Lines
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template)
+    aws.deploy(cfg)
+    layout = RunLayout.of(cfg)
+    history.append(layout, "deploy", {"fingerprint": "before", "finished_at": "then"}, ["aws.prefix changed"])
+    layout.deploy.unlink()
+    cfg.aws.prefix = "models/{run_name}"
+    calls, sending = [0], Lines.update
+
+    def killed(self, n, detail=""):  # the transfer callback, after some bytes have gone
+        calls[0] += 1
+        if calls[0] > 3:
+            raise RuntimeError("killed mid-upload")
+
+    monkeypatch.setattr(Lines, "update", killed)
+    with pytest.raises(RuntimeError, match="killed mid-upload"):
+        aws.deploy(cfg)
+    assert keys_under("models/")  # part of the artifact reached the new prefix
+    monkeypatch.setattr(Lines, "update", sending)
+    aws.cleanup(cfg, yes=True)
+    assert keys_under("") == [] and not boto("s3").list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+# ----------------------------------------------------------------------------- names and keys AWS would refuse
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("aws.bucket", "my..bucket", "two adjacent dots"), ("aws.bucket", "192.168.5.4", "IP address"),
+    ("aws.bucket", "xn--bucket", "xn--"), ("aws.bucket", "models-s3alias", "-s3alias"),
+    ("aws.bucket", "models--ol-s3", "--ol-s3"), ("aws.bucket", "ab", "3 to 63"),
+    ("aws.bucket", "b" * 64, "3 to 63"), ("aws.bucket", "my_bucket", "lowercase letters"),
+    ("aws.role_name", "r" * 65, "1 to 64"), ("aws.role_name", "import role", "letters, digits"),
+    ("aws.role_name", "rôle", "letters, digits"), ("aws.role_arn", f"arn:aws:iam::123456789012:role/{'r' * 65}", "1 to 64")])
+def test_dry_run_refuses_bucket_and_role_names_aws_rejects(tmp_path, aws_env, bucket, artifact_template,  # noqa: F811
+                                                           key, value, match):
+    from termtune import aws
+
+    aws_env()
+    extra = {key: value, **({"aws.role_arn": "null"} if key == "aws.role_name" else {})}
+    cfg = make_cfg(tmp_path, artifact_template, **extra)
+    with pytest.raises(UserError, match=f"^{key}: .*{match}") as refused:
+        aws.deploy(cfg, dry_run=True)
+    assert len(str(refused.value).splitlines()) == 1
+
+
+def test_valid_names_pass_the_name_rules():
+    from termtune.aws.names import bucket_problem, role_name_problem
+
+    for name in ("termtune-test", "my.bucket.v2", "abc", "a" * 63, "1-2-3-4"):
+        assert bucket_problem(name) is None, name
+    for name in ("termtune-bedrock-import", "Role_+=,.@-x", "r" * 64):
+        assert role_name_problem(name) is None, name
+
+
+@pytest.mark.parametrize("case", ["random id", "disabled", "pending deletion", "another region's ARN",
+                                  "another region's id", "asymmetric"])
+def test_the_model_key_is_resolved_and_refused_unless_bedrock_can_use_it(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                         artifact_template, case):
+    import uuid
+
+    import boto3
+
+    from termtune import aws
+
+    server = aws_env()
+    kms = boto("kms")
+    if case == "random id":
+        key = str(uuid.uuid4())
+    elif case.startswith("another region"):
+        west = boto3.client("kms", region_name="us-west-2").create_key()["KeyMetadata"]
+        key = west["Arn"] if case.endswith("ARN") else west["KeyId"]
+    elif case == "asymmetric":
+        key = kms.create_key(KeySpec="RSA_2048", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["KeyId"]
+    else:
+        key = kms.create_key()["KeyMetadata"]["KeyId"]
+        if case == "disabled":
+            kms.disable_key(KeyId=key)
+        else:
+            kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.model_kms_key_id": key})
+    with pytest.raises(UserError, match="^aws.model_kms_key_id: ") as refused:
+        aws.deploy(cfg)
+    assert len(str(refused.value).splitlines()) == 1
+    assert keys_under("") == [] and not server.state.jobs  # refused before the upload
+
+
+def test_a_model_key_in_another_account_is_used_with_a_warning(tmp_path, aws_env, bucket, artifact_template,  # noqa: F811
+                                                                monkeypatch, capfd):
+    """moto keeps one account's keys per server, so the caller is made to look like another account."""
+    from termtune import aws
+    from termtune.aws import stage
+
+    aws_env()
+    key = boto("kms").create_key()["KeyMetadata"]
+    monkeypatch.setattr(stage, "_account", lambda cfg, required: "210987654321")
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.model_kms_key_id": key["KeyId"]})
+    assert aws.deploy(cfg).facts["modelKmsKeyArn"] == key["Arn"]
+    assert f"{key['Arn']} belongs to account 123456789012, not yours (210987654321)" in capfd.readouterr().err

@@ -104,9 +104,9 @@ def names(cfg: Config, rid: str, artifact_sha256: str | None = None, taken: set[
     """The S3 URI and Bedrock names this run deploys to (valid by construction unless the
     user set them). The prefix is aws.prefix with `-<run id>` appended, so two runs whose
     directories share a name (p1/demo, p2/demo) never share objects. Imported-model names are
-    unique and immutable in Bedrock, so a derived name carries the artifact's short digest (each
-    distinct artifact imports under its own name); a name the user set is used as it is, unless
-    an earlier attempt of this run already took it."""
+    unique and immutable in Bedrock, so a derived name carries the run's id and the artifact's
+    short digest (each run, and each distinct artifact, imports under its own name); a name the
+    user set is used as it is, unless an earlier attempt of this run already took it."""
     run_name = cfg.run_dir.resolve().name
     prefix = cfg.aws.prefix.format(run_name=run_name).strip("/")
     problem = name_problem(prefix)
@@ -114,7 +114,7 @@ def names(cfg: Config, rid: str, artifact_sha256: str | None = None, taken: set[
         raise UserError(f"aws.prefix: {cfg.aws.prefix!r} gives the S3 prefix {prefix!r}, which {problem}; "
                         "use folder names separated by single slashes")
     prefix = f"{prefix}-{rid}"
-    model_name = cfg.aws.model_name or safe_name(f"termtune-{run_name}")
+    model_name = cfg.aws.model_name or f"{safe_name(f'termtune-{run_name}', limit=35)}-{rid}"
     if artifact_sha256 and (not cfg.aws.model_name or model_name in taken):
         model_name = f"{model_name[:54]}-{artifact_sha256[:8]}"
     parent, _, last = prefix.rpartition("/")
