@@ -518,7 +518,7 @@ def _foreign_uri(uri: Any, rid: str | None) -> str | None:
     if name_problem(prefix.rstrip("/")):
         return f"its prefix {name_problem(prefix.rstrip('/'))}"
     if rid is None:
-        return "this run has no deploy-id, so no upload of its own was recorded there"
+        return "this run has no deploy-id (the id that names its prefixes), so none of its uploads can be there"
     if not prefix.rstrip("/").endswith(f"-{rid}"):
         return f"it is outside this run's prefixes (which end in -{rid}/)"
     return None
