@@ -81,7 +81,9 @@ def run_id(cfg: Config, create: bool = True) -> str | None:
         # Written aside, then linked into place: a second process making one at the same time
         # (a dry run needs no lock) fails to link and reads the first one's id instead.
         aside = path.with_name(f".deploy-id.{os.getpid()}.tmp")
-        aside.write_text(secrets.token_hex(6) + "\n", encoding="utf-8")
+        aside.unlink(missing_ok=True)  # left by a process with this pid that was killed right here
+        with os.fdopen(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as out:
+            out.write(secrets.token_hex(6) + "\n")
         try:
             os.link(aside, path)
         except FileExistsError:
