@@ -76,7 +76,8 @@ def moto_server():
     server, url, keys = start_moto()
     admin = {"aws_access_key_id": keys["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": keys["AWS_SECRET_ACCESS_KEY"]}
     iam.create_or_update(boto3.client("iam", endpoint_url=url, region_name="us-east-1", **admin), EXISTING_ROLE,
-                         iam.trust_policy(ACCOUNT, "us-east-1"), iam.permissions_policy(BUCKET, "termtune/", ACCOUNT))
+                         iam.trust_policy(ACCOUNT, "us-east-1"), iam.permissions_policy(BUCKET, "termtune/", ACCOUNT),
+                         "termtune-artifact-read")
     yield url, keys
     server.stop()
 
@@ -130,8 +131,10 @@ def boto(service: str):
 
 @pytest.fixture
 def bucket(aws_env):
-    """A fresh, versioned bucket (versions count every PUT)."""
+    """A fresh, versioned bucket (versions count every PUT), with no multipart upload left open."""
     s3 = boto("s3")
+    for upload in s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) if _exists(s3) else []:
+        s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
     for page in s3.get_paginator("list_object_versions").paginate(Bucket=BUCKET) if _exists(s3) else []:
         for v in page.get("Versions", []) + page.get("DeleteMarkers", []):
             s3.delete_object(Bucket=BUCKET, Key=v["Key"], VersionId=v["VersionId"])

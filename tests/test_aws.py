@@ -26,6 +26,21 @@ def make_cfg(tmp_path: Path, artifact: Path, name: str = "run", **extra):
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
 
+def prefixes(cfg) -> tuple[str, str]:
+    """The run's import prefix and termtune-files prefix (the run's id is made here if it has none,
+    as the first deploy makes it)."""
+    from termtune.aws.stage import names, run_id
+
+    n = names(cfg, run_id(cfg))
+    return n["prefix"], n["meta_prefix"]
+
+
+def policy_of(cfg) -> str:
+    from termtune.aws.stage import run_id
+
+    return f"termtune-artifact-read-{run_id(cfg)}"
+
+
 def versions(bucket_name: str, prefix: str) -> dict[str, int]:
     """How many times each key was PUT (the bucket is versioned)."""
     out: dict[str, int] = {}
@@ -44,10 +59,13 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     record = json.loads((cfg.run_dir / "deploy.json").read_text())
     assert record["status"] == "Completed" and record["model_arn"] == result.model_arn
     assert record["role_created"] is True and record["role_arn"].endswith(":role/tt-e2e-role")
-    assert record["s3_uri"] == "s3://termtune-test/termtune/run/"
+    prefix, meta_prefix = prefixes(cfg)
+    assert prefix == f"termtune/run-{(cfg.run_dir / 'deploy-id').read_text().strip()}/"
+    assert record["s3_uri"] == f"s3://termtune-test/{prefix}"
+    assert meta_prefix == f"termtune/_termtune/{prefix.split('/')[1]}/"
     listed = {f["path"] for f in json.loads(((cfg.run_dir / "artifact") / "manifest.json").read_text())["files"]}
     assert set(result.uploaded) == listed - {"README.md"}  # the import prefix holds the model only
-    meta = boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/_termtune/run/")["Contents"]
+    meta = boto("s3").list_objects_v2(Bucket=bucket, Prefix=meta_prefix)["Contents"]
     assert {o["Key"].rsplit("/", 1)[1] for o in meta} == {f for f in s3mod.TERMTUNE_FILES
                                                            if ((cfg.run_dir / "artifact") / f).is_file()}
 
@@ -65,8 +83,8 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     trust = iam.get_role(RoleName="tt-e2e-role")["Role"]["AssumeRolePolicyDocument"]
     trust = json.loads(trust) if isinstance(trust, str) else trust
     assert trust["Statement"][0]["Condition"]["StringEquals"]["aws:SourceAccount"] == "123456789012"
-    policy = iam.get_role_policy(RoleName="tt-e2e-role", PolicyName="termtune-artifact-read")["PolicyDocument"]
-    assert "arn:aws:s3:::termtune-test/termtune/run/*" in json.dumps(policy)
+    policy = iam.get_role_policy(RoleName="tt-e2e-role", PolicyName=policy_of(cfg))["PolicyDocument"]
+    assert f"arn:aws:s3:::termtune-test/{prefix}*" in json.dumps(policy)
 
     out = aws.invoke_cli(cfg, term="Asthma")
     assert out["prompt"] == "What is Asthma?" and out["request"]["max_tokens"] == 8
@@ -92,7 +110,7 @@ def test_deploy_invoke_cleanup_end_to_end(tmp_path, aws_env, bucket, artifact_te
     assert server.state.models  # nothing was deleted
 
     aws.cleanup(cfg, yes=True)
-    assert boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/run/").get("KeyCount") == 0
+    assert boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/").get("KeyCount") == 0
     assert not server.state.models
     assert "tt-e2e-role" not in [r["RoleName"] for r in iam.list_roles()["Roles"]]
     aws.cleanup(cfg, yes=True)  # safe to run twice
@@ -117,12 +135,13 @@ def test_rerun_after_interrupted_upload_sends_only_missing_files(tmp_path, aws_e
     files = s3mod.artifact_files((cfg.run_dir / "artifact"))
     # What an interrupted run leaves: some files complete, the rest never sent.
     done = [f for f in files if f.path in ("config.json", "tokenizer.json", "spiece.model")]
-    s3mod.upload(boto("s3"), (cfg.run_dir / "artifact"), done, bucket, "termtune/run/", progress=False)
-    before = versions(bucket, "termtune/run/")
+    prefix = prefixes(cfg)[0]
+    s3mod.upload(boto("s3"), (cfg.run_dir / "artifact"), done, bucket, prefix, progress=False)
+    before = versions(bucket, prefix)
     assert set(before) == {f.path for f in done}
 
     result = aws.deploy(cfg)
-    after = versions(bucket, "termtune/run/")
+    after = versions(bucket, prefix)
     assert sorted(result.skipped) == sorted(f.path for f in done)
     model_files = {f.path for f in files} - set(s3mod.TERMTUNE_FILES)
     assert {k for k, n in after.items() if n > before.get(k, 0)} == model_files - {f.path for f in done}
@@ -146,17 +165,18 @@ def test_deploy_and_cleanup_abort_incomplete_multipart_uploads_under_the_prefix(
 
     aws_env()
     cfg = make_cfg(tmp_path, artifact_template)
-    open_upload("termtune/run/model.safetensors")
-    open_upload("termtune/_termtune/run/manifest.json")
+    prefix, meta_prefix = prefixes(cfg)
+    open_upload(f"{prefix}model.safetensors")
+    open_upload(f"{meta_prefix}manifest.json")
     open_upload("termtune/other-run/model.safetensors")  # not this run's: left alone
     aws.deploy(cfg)
     assert open_uploads("termtune/") == ["termtune/other-run/model.safetensors"]
     assert "aborted the incomplete multipart uploads" in capfd.readouterr().err
 
-    open_upload("termtune/run/model.safetensors")
+    open_upload(f"{prefix}model.safetensors")
     aws.cleanup(cfg, yes=True)
     assert open_uploads("termtune/") == ["termtune/other-run/model.safetensors"]
-    assert "aborted 1 incomplete multipart uploads under s3://termtune-test/termtune/run/" in capfd.readouterr().err
+    assert f"aborted 1 incomplete multipart uploads under s3://termtune-test/{prefix}" in capfd.readouterr().err
 
 
 def test_changed_file_is_resent_and_stray_files_block_the_import(tmp_path, aws_env, bucket,  # noqa: F811
@@ -167,15 +187,18 @@ def test_changed_file_is_resent_and_stray_files_block_the_import(tmp_path, aws_e
     aws_env()
     cfg = make_cfg(tmp_path, artifact_template)
     s3c = boto("s3")
-    s3c.put_object(Bucket=bucket, Key="termtune/run/config.json", Body=b"{}", Metadata={"sha256": "0" * 64})
-    s3c.put_object(Bucket=bucket, Key="termtune/run/old-shard.safetensors", Body=b"x")
+    prefix = prefixes(cfg)[0]
+    s3c.put_object(Bucket=bucket, Key=f"{prefix}config.json", Body=b"{}", Metadata={"sha256": "0" * 64})
+    s3c.put_object(Bucket=bucket, Key=f"{prefix}old-shard.safetensors", Body=b"x")
     with pytest.raises(UserError, match="old-shard.safetensors"):
         aws.deploy(cfg)
-    assert versions(bucket, "termtune/run/")["config.json"] == 2  # the stale copy was replaced
-    assert not (cfg.run_dir / "deploy.json").exists()  # refused before any import job
-    s3c.delete_object(Bucket=bucket, Key="termtune/run/old-shard.safetensors")
+    assert versions(bucket, prefix)["config.json"] == 2  # the stale copy was replaced
+    record = json.loads((cfg.run_dir / "deploy.json").read_text())
+    assert "status" not in record and "job_name" not in record  # refused before any import job
+    assert "config.json" in record["uploads"][f"s3://{bucket}/{prefix}"]  # what it sent, for cleanup
+    s3c.delete_object(Bucket=bucket, Key=f"{prefix}old-shard.safetensors")
     assert aws.deploy(cfg).model_arn
-    assert s3mod.remote_sha256(s3c, bucket, "termtune/run/config.json") == next(
+    assert s3mod.remote_sha256(s3c, bucket, f"{prefix}config.json") == next(
         f.sha256 for f in s3mod.artifact_files((cfg.run_dir / "artifact")) if f.path == "config.json")
 
 
@@ -233,10 +256,11 @@ def test_failed_job_prints_failure_message_and_exits_nonzero(tmp_path, aws_env, 
     aws_env()
     cfg = make_cfg(tmp_path, artifact_template)
     files = [f for f in s3mod.artifact_files((cfg.run_dir / "artifact")) if f.path not in s3mod.TERMTUNE_FILES]
-    s3mod.upload(boto("s3"), (cfg.run_dir / "artifact"), files, bucket, "termtune/run/", progress=False)
+    prefix = prefixes(cfg)[0]
+    s3mod.upload(boto("s3"), (cfg.run_dir / "artifact"), files, bucket, prefix, progress=False)
     # Corrupt config.json in S3 but keep its size and recorded hash: only the import can notice.
     entry = next(f for f in files if f.path == "config.json")
-    boto("s3").put_object(Bucket=bucket, Key="termtune/run/config.json", Body=b"#" * entry.size,
+    boto("s3").put_object(Bucket=bucket, Key=f"{prefix}config.json", Body=b"#" * entry.size,
                           Metadata={"sha256": entry.sha256})
     with pytest.raises(UserError) as failed:
         aws.deploy(cfg)
@@ -254,7 +278,7 @@ def test_role_propagation_is_retried_only_for_a_role_termtune_created(tmp_path, 
     cfg = make_cfg(tmp_path, artifact_template, **new_role, **{"aws.role_retry_minutes": 0})
     with pytest.raises(UserError, match="role ARN is invalid"):
         aws.deploy(cfg)
-    boto("iam").delete_role_policy(RoleName="tt-propagating", PolicyName="termtune-artifact-read")
+    boto("iam").delete_role_policy(RoleName="tt-propagating", PolicyName=policy_of(cfg))
     boto("iam").delete_role(RoleName="tt-propagating")
     server.state.roles_seen.clear()
     cfg = make_cfg(tmp_path, artifact_template, name="again", **new_role, **{"aws.role_retry_minutes": 0.5})
@@ -291,7 +315,9 @@ def test_the_import_role_is_enforced(tmp_path, aws_env, bucket, artifact_templat
 
     aws_env()
     name = "tt-" + case.replace(" ", "-").lower()
-    grant = iammod.permissions_policy(bucket, "termtune/run/", "123456789012")
+    cfg = make_cfg(tmp_path, artifact_template)
+    prefix = prefixes(cfg)[0]
+    grant = iammod.permissions_policy(bucket, prefix, "123456789012")
     if case == "no S3 statement":
         arn = make_role(name, {"Version": "2012-10-17", "Statement": [
             {"Effect": "Allow", "Action": "kms:DescribeKey", "Resource": "*"}]})
@@ -301,7 +327,7 @@ def test_the_import_role_is_enforced(tmp_path, aws_env, bucket, artifact_templat
         other = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
                                                           "Principal": {"Service": "sagemaker.amazonaws.com"}}]}
         arn = make_role(name, grant, trust=other)
-    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": arn})
+    cfg.aws.role_arn = arn
     with pytest.raises(UserError) as e:
         aws.deploy(cfg)
     message = json.loads((cfg.run_dir / "deploy.json").read_text())["failure_message"]
@@ -309,7 +335,7 @@ def test_the_import_role_is_enforced(tmp_path, aws_env, bucket, artifact_templat
     if case == "trust without Bedrock":
         assert "can't assume the role" in message
     else:
-        assert "AccessDenied" in message and "termtune/run/" in message
+        assert "AccessDenied" in message and prefix in message
 
 
 def test_generated_policies_pass_the_iam_linter_and_scope_the_trust():
@@ -359,13 +385,13 @@ def test_kms_keys_resolve_to_arns_and_the_model_key_is_separate(tmp_path, aws_en
         "aws.role_arn": "null", "aws.role_name": "tt-kms", "aws.sse": "aws:kms", "aws.kms_key_id": "alias/tt-s3",
         "aws.model_kms_key_id": model_key["KeyId"]})
     result = aws.deploy(cfg)
-    policy = boto("iam").get_role_policy(RoleName="tt-kms", PolicyName="termtune-artifact-read")["PolicyDocument"]
+    policy = boto("iam").get_role_policy(RoleName="tt-kms", PolicyName=policy_of(cfg))["PolicyDocument"]
     [decrypt] = [s for s in policy["Statement"] if s["Sid"] == "DecryptArtifact"]
     assert decrypt["Resource"] == [s3_key["Arn"]]  # the key ARN, never the alias
     assert result.facts["modelKmsKeyArn"] == model_key["Arn"]  # importedModelKmsKeyId, echoed back as an ARN
     job = boto("bedrock").get_model_import_job(jobIdentifier=result.job_arn)
     assert job["importedModelKmsKeyArn"] == model_key["Arn"]
-    head = boto("s3").head_object(Bucket=bucket, Key="termtune/run/config.json")
+    head = boto("s3").head_object(Bucket=bucket, Key=f"{prefixes(cfg)[0]}config.json")
     assert head["ServerSideEncryption"] == "aws:kms"
 
     cfg = make_cfg(tmp_path, artifact_template, name="nokey", **{
@@ -394,7 +420,7 @@ def test_cleanup_waits_for_a_running_job_or_refuses(tmp_path, aws_env, bucket, a
     assert json.loads((cfg.run_dir / "deploy.json").read_text())["status"] == "InProgress"
     with pytest.raises(UserError, match="nothing was deleted"):
         aws.cleanup(cfg, yes=True)
-    assert boto("s3").list_objects_v2(Bucket=bucket, Prefix="termtune/run/")["KeyCount"] > 0
+    assert boto("s3").list_objects_v2(Bucket=bucket, Prefix=prefixes(cfg)[0])["KeyCount"] > 0
     assert "tt-cleanup" in [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
 
     cfg.aws.import_timeout_minutes = 1
@@ -455,9 +481,11 @@ def test_role_dry_run_prints_policies_and_creates_nothing(tmp_path, aws_env, buc
                                                    "aws.sse": "aws:kms", "aws.kms_key_id": "alias/tt"})
     text = aws.ensure_role(cfg, dry_run=True)
     for needle in ("bedrock.amazonaws.com", "aws:SourceAccount", "aws:SourceArn", "kms:Decrypt",
-                   "arn:aws:s3:::termtune-test/termtune/run/*"):
+                   "arn:aws:s3:::termtune-test/termtune/run-<run id>/*"):
         assert needle in text
     assert aws.deploy(cfg, dry_run=True).dry_run
+    # the dry run made the run's id (nothing in AWS): both dry runs now show the prefix deploy will use
+    assert f"arn:aws:s3:::termtune-test/{prefixes(cfg)[0]}*" in aws.ensure_role(cfg, dry_run=True)
     assert "tt-dry" not in [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
     assert not (cfg.run_dir / "deploy.json").exists()
 
@@ -489,3 +517,194 @@ def test_upload_encrypts_with_aes256_or_a_kms_key(tmp_path, aws_env, bucket, art
     head = s3c.head_object(Bucket=bucket, Key=f"kms/{files[1].path}")
     assert head["ServerSideEncryption"] == "aws:kms" and key_id in head["SSEKMSKeyId"]
     assert head["Metadata"]["sha256"] == files[1].sha256
+
+
+# ----------------------------------------------------------------------------- runs never share S3 objects or roles
+
+
+def keys_under(prefix: str) -> list[str]:
+    pages = boto("s3").get_paginator("list_objects_v2").paginate(Bucket="termtune-test", Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def role_names() -> list[str]:
+    return [r["RoleName"] for r in boto("iam").list_roles()["Roles"]]
+
+
+def test_two_runs_with_one_name_share_no_prefix_and_cleanup_spares_the_other(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                            artifact_template, capfd):
+    """p1/demo and p2/demo deploy to one bucket through one role termtune creates: each gets its own
+    prefixes and its own inline policy; cleaning one up (or a third that never deployed) leaves the
+    other's objects, policy, role and model alone; the last cleanup deletes the role."""
+    from termtune import aws
+
+    server = aws_env()
+    role = {"aws.role_arn": "null", "aws.role_name": "tt-shared"}
+    p1, p2, p3 = (make_cfg(tmp_path, artifact_template, name=f"{p}/demo", **role) for p in ("p1", "p2", "p3"))
+    first, second = aws.deploy(p1), aws.deploy(p2)
+    assert first.s3_uri != second.s3_uri and first.model_name != second.model_name
+    assert (p1.run_dir / "deploy-id").read_text() != (p2.run_dir / "deploy-id").read_text()
+    theirs = keys_under(prefixes(p2)[0]) + keys_under(prefixes(p2)[1])
+    assert keys_under(prefixes(p2)[0]) and keys_under(prefixes(p2)[1])
+    policies = boto("iam").list_role_policies(RoleName="tt-shared")["PolicyNames"]
+    assert sorted(policies) == sorted([policy_of(p1), policy_of(p2)])
+    doc = boto("iam").get_role_policy(RoleName="tt-shared", PolicyName=policy_of(p2))["PolicyDocument"]
+    assert f"termtune-test/{prefixes(p2)[0]}*" in json.dumps(doc) and prefixes(p1)[0] not in json.dumps(doc)
+
+    aws.cleanup(p3, yes=True)  # never deployed: nothing of anyone's goes
+    assert "nothing recorded to delete" in capfd.readouterr().err
+    aws.cleanup(p1, yes=True)
+    assert keys_under(prefixes(p1)[0]) == [] and keys_under(prefixes(p1)[1]) == []
+    assert keys_under(prefixes(p2)[0]) + keys_under(prefixes(p2)[1]) == theirs
+    assert boto("iam").list_role_policies(RoleName="tt-shared")["PolicyNames"] == [policy_of(p2)]
+    assert second.model_arn in server.state.models and first.model_arn not in server.state.models
+    assert aws.invoke_cli(p2, term="Asthma")["text"] is not None
+
+    aws.cleanup(p2, yes=True)  # the last run using the role termtune created: the role goes too
+    assert "tt-shared" not in role_names() and keys_under("termtune/") == []
+
+
+def test_a_role_someone_added_a_policy_to_is_kept(tmp_path, aws_env, bucket, artifact_template):  # noqa: F811
+    from termtune import aws
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": "null", "aws.role_name": "tt-extended"})
+    aws.deploy(cfg)
+    boto("iam").put_role_policy(RoleName="tt-extended", PolicyName="added-by-an-admin", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:ListBucket", "Resource": "*"}]}))
+    aws.cleanup(cfg, yes=True)
+    assert boto("iam").list_role_policies(RoleName="tt-extended")["PolicyNames"] == ["added-by-an-admin"]
+
+
+@pytest.mark.parametrize("uri", ["s3://termtune-test/", "s3://termtune-test/precious/", "another run's prefix"])
+def test_cleanup_refuses_a_recorded_uri_that_is_not_this_runs_and_deletes_nothing(  # noqa: F811
+        tmp_path, aws_env, bucket, artifact_template, uri):
+    from termtune import aws
+
+    server = aws_env()
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.role_arn": "null", "aws.role_name": "tt-edited"})
+    result = aws.deploy(cfg)
+    other = make_cfg(tmp_path, artifact_template, name="other")
+    aws.deploy(other)
+    boto("s3").put_object(Bucket=bucket, Key="precious/data.csv", Body=b"a user's file")
+    if uri == "another run's prefix":
+        uri = f"s3://termtune-test/{prefixes(other)[0]}"
+    before = keys_under("")
+    path = cfg.run_dir / "deploy.json"
+    record = json.loads(path.read_text())
+    record["s3_uri"] = uri
+    record.setdefault("uploads", {})[uri] = ["precious/data.csv", "config.json"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(UserError, match=f"refusing to clean up '{uri}'.*nothing was deleted"):
+        aws.cleanup(cfg, yes=True)
+    assert keys_under("") == before
+    assert result.model_arn in server.state.models and "tt-edited" in role_names()
+
+
+def test_a_deploy_killed_mid_upload_to_a_new_prefix_stays_cleanable(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                   artifact_template, monkeypatch):
+    """After an import, the run is deployed again to another aws.prefix (the runner keeps the earlier
+    deploy record in the history and starts afresh, as `termtune run` does) and killed mid-upload:
+    the objects it sent are on record before the first byte, so cleanup removes both prefixes."""
+    from termtune import aws, history
+    from termtune.layout import RunLayout
+    from termtune.progress import Lines
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template)
+    aws.deploy(cfg)
+    layout = RunLayout.of(cfg)
+    history.append(layout, "deploy", {"fingerprint": "before", "finished_at": "then"}, ["aws.prefix changed"])
+    layout.deploy.unlink()
+    cfg.aws.prefix = "models/{run_name}"
+    calls, sending = [0], Lines.update
+
+    def killed(self, n, detail=""):  # the transfer callback, after some bytes have gone
+        calls[0] += 1
+        if calls[0] > 3:
+            raise RuntimeError("killed mid-upload")
+
+    monkeypatch.setattr(Lines, "update", killed)
+    with pytest.raises(RuntimeError, match="killed mid-upload"):
+        aws.deploy(cfg)
+    assert keys_under("models/")  # part of the artifact reached the new prefix
+    monkeypatch.setattr(Lines, "update", sending)
+    aws.cleanup(cfg, yes=True)
+    assert keys_under("") == [] and not boto("s3").list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+# ----------------------------------------------------------------------------- names and keys AWS would refuse
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("aws.bucket", "my..bucket", "two adjacent dots"), ("aws.bucket", "192.168.5.4", "IP address"),
+    ("aws.bucket", "xn--bucket", "xn--"), ("aws.bucket", "models-s3alias", "-s3alias"),
+    ("aws.bucket", "models--ol-s3", "--ol-s3"), ("aws.bucket", "ab", "3 to 63"),
+    ("aws.bucket", "b" * 64, "3 to 63"), ("aws.bucket", "my_bucket", "lowercase letters"),
+    ("aws.role_name", "r" * 65, "1 to 64"), ("aws.role_name", "import role", "letters, digits"),
+    ("aws.role_name", "rôle", "letters, digits"), ("aws.role_arn", f"arn:aws:iam::123456789012:role/{'r' * 65}", "1 to 64")])
+def test_dry_run_refuses_bucket_and_role_names_aws_rejects(tmp_path, aws_env, bucket, artifact_template,  # noqa: F811
+                                                           key, value, match):
+    from termtune import aws
+
+    aws_env()
+    extra = {key: value, **({"aws.role_arn": "null"} if key == "aws.role_name" else {})}
+    cfg = make_cfg(tmp_path, artifact_template, **extra)
+    with pytest.raises(UserError, match=f"^{key}: .*{match}") as refused:
+        aws.deploy(cfg, dry_run=True)
+    assert len(str(refused.value).splitlines()) == 1
+
+
+def test_valid_names_pass_the_name_rules():
+    from termtune.aws.names import bucket_problem, role_name_problem
+
+    for name in ("termtune-test", "my.bucket.v2", "abc", "a" * 63, "1-2-3-4"):
+        assert bucket_problem(name) is None, name
+    for name in ("termtune-bedrock-import", "Role_+=,.@-x", "r" * 64):
+        assert role_name_problem(name) is None, name
+
+
+@pytest.mark.parametrize("case", ["random id", "disabled", "pending deletion", "another region's ARN",
+                                  "another region's id", "asymmetric"])
+def test_the_model_key_is_resolved_and_refused_unless_bedrock_can_use_it(tmp_path, aws_env, bucket,  # noqa: F811
+                                                                         artifact_template, case):
+    import uuid
+
+    import boto3
+
+    from termtune import aws
+
+    server = aws_env()
+    kms = boto("kms")
+    if case == "random id":
+        key = str(uuid.uuid4())
+    elif case.startswith("another region"):
+        west = boto3.client("kms", region_name="us-west-2").create_key()["KeyMetadata"]
+        key = west["Arn"] if case.endswith("ARN") else west["KeyId"]
+    elif case == "asymmetric":
+        key = kms.create_key(KeySpec="RSA_2048", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["KeyId"]
+    else:
+        key = kms.create_key()["KeyMetadata"]["KeyId"]
+        if case == "disabled":
+            kms.disable_key(KeyId=key)
+        else:
+            kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.model_kms_key_id": key})
+    with pytest.raises(UserError, match="^aws.model_kms_key_id: ") as refused:
+        aws.deploy(cfg)
+    assert len(str(refused.value).splitlines()) == 1
+    assert keys_under("") == [] and not server.state.jobs  # refused before the upload
+
+
+def test_a_model_key_in_another_account_is_used_with_a_warning(tmp_path, aws_env, bucket, artifact_template,  # noqa: F811
+                                                                monkeypatch, capfd):
+    """moto keeps one account's keys per server, so the caller is made to look like another account."""
+    from termtune import aws
+    from termtune.aws import stage
+
+    aws_env()
+    key = boto("kms").create_key()["KeyMetadata"]
+    monkeypatch.setattr(stage, "_account", lambda cfg, required: "210987654321")
+    cfg = make_cfg(tmp_path, artifact_template, **{"aws.model_kms_key_id": key["KeyId"]})
+    assert aws.deploy(cfg).facts["modelKmsKeyArn"] == key["Arn"]
+    assert f"{key['Arn']} belongs to account 123456789012, not yours (210987654321)" in capfd.readouterr().err

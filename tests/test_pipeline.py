@@ -293,6 +293,14 @@ def test_redeploy_of_a_changed_model_imports_a_new_model_and_cleanup_deletes_bot
     assert first["model_arn"] != gone["model_arn"] and first["model_arn"] in server.state.models
     assert json.loads((cfg.run_dir / "invoke.json").read_text())["model_arn"] == first["model_arn"]
 
+    # The single-stage command asks Bedrock as well, instead of answering "up to date" from deploy.json.
+    boto("bedrock").delete_imported_model(modelIdentifier=first["model_arn"])
+    pipeline.run_stage(cfg, "deploy")
+    out = capfd.readouterr().out
+    assert (f"deploy: re-running: the imported model {first['model_arn']} no longer exists in Bedrock" in out), out
+    first = json.loads((cfg.run_dir / "deploy.json").read_text())
+    assert first["model_arn"] in server.state.models
+
     changed = load_config(None, [*overrides, "train.learning_rate=0.02"])
     pipeline.run(changed)
     out = capfd.readouterr().out

@@ -220,12 +220,14 @@ class AwsConfig(Section):
     """AWS profile name (None: the default credential chain)."""
     bucket: str | None = None
     prefix: str = "termtune/{run_name}"
-    """S3 key prefix for the artifact; {run_name} is the run directory's name."""
+    """S3 key prefix for the artifact; {run_name} is the run directory's name. deploy appends
+    -<run id> (<run>/deploy-id), so no two run directories share a prefix."""
     sse: Literal["AES256", "aws:kms"] = "AES256"
     kms_key_id: str | None = None
     """KMS key (id, alias or ARN) for S3 SSE-KMS; the import role gets kms:Decrypt on its key ARN."""
     model_kms_key_id: str | None = None
-    """KMS key that encrypts the imported model (importedModelKmsKeyId); None: an AWS owned key."""
+    """KMS key that encrypts the imported model (importedModelKmsKeyId); None: an AWS owned key.
+    deploy resolves it first and refuses a key that is missing, disabled or in another region."""
     role_arn: str | None = None
     """Existing CMI service role; None: create or reuse `role_name`."""
     role_name: str = "termtune-bedrock-import"

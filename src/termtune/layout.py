@@ -139,6 +139,12 @@ class RunLayout:
         return self.root / "deploy.json"
 
     @property
+    def deploy_id(self) -> Path:
+        """The run's short random id, made by the first deploy and never changed: it names the
+        run's S3 prefixes and its inline policy on a shared IAM role, so runs never collide."""
+        return self.root / "deploy-id"
+
+    @property
     def invoke(self) -> Path:
         return self.root / "invoke.json"
 

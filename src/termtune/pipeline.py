@@ -315,7 +315,8 @@ def run_stage(cfg: Config, name: str, force: bool = False, quiet_skip: bool = Fa
         with quiet(RunLayout.of(cfg).library_log):
             return stage.run(cfg, force)
     with locked(cfg, f"termtune {_command(name)}"), quiet(RunLayout.of(cfg).library_log):
-        return _run_locked(cfg, stage, force, cache, announce=not quiet_skip)
+        # verify: a deploy recorded complete is still asked whether Bedrock has the model (as `run` does)
+        return _run_locked(cfg, stage, force, cache, announce=not quiet_skip, verify=True)
 
 
 @contextmanager

@@ -2,7 +2,11 @@
 
 Least privilege: Bedrock may assume it only for this account's import jobs in this region
 (aws:SourceAccount / aws:SourceArn, against the confused-deputy problem), and it may read
-only the artifact's bucket and prefix, plus decrypt with the KMS key when one is set.
+only the artifacts' bucket and prefixes, plus decrypt with the KMS key when one is set.
+
+Several run directories may share one role: each run puts its own inline policy on it, named
+by the run's id (POLICY_PREFIX + id), granting only that run's prefix. cleanup removes that
+policy, and deletes the role only when termtune created it and nothing else is left on it.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-POLICY_NAME = "termtune-artifact-read"
+POLICY_PREFIX = "termtune-artifact-read-"
 CREATED_BY_TAG = {"Key": "created-by", "Value": "termtune"}
 
 
@@ -47,9 +51,18 @@ def permissions_policy(bucket: str, prefix: str, account: str, kms_key_arn: str 
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def create_or_update(iam: Any, role_name: str, trust: dict, permissions: dict) -> tuple[str, bool]:
+def policy_name(run_id: str) -> str:
+    """The inline policy that grants one run's prefix."""
+    return POLICY_PREFIX + run_id
+
+
+def create_or_update(iam: Any, role_name: str, trust: dict, permissions: dict, policy: str) -> tuple[str, bool]:
     """Return (role ARN, created now). An existing role keeps its trust policy unless
-    termtune created it; its artifact-read inline policy is brought up to date either way."""
+    termtune created it; the inline policy `policy` (this run's) is brought up to date either
+    way, and the other runs' policies on the role are left as they are."""
+    from termtune.aws.clients import error_code
+    from termtune.errors import UserError
+
     try:
         role = iam.get_role(RoleName=role_name)["Role"]
         created = False
@@ -60,18 +73,35 @@ def create_or_update(iam: Any, role_name: str, trust: dict, permissions: dict) -
                                Description="Bedrock Custom Model Import reads termtune artifacts",
                                Tags=[CREATED_BY_TAG])["Role"]
         created = True
-    iam.put_role_policy(RoleName=role_name, PolicyName=POLICY_NAME, PolicyDocument=json.dumps(permissions))
+    try:
+        iam.put_role_policy(RoleName=role_name, PolicyName=policy, PolicyDocument=json.dumps(permissions))
+    except Exception as e:
+        if error_code(e) != "LimitExceeded":
+            raise
+        raise UserError(f"aws.role_name: the role {role_name} holds as many inline policies as IAM allows "
+                        "(10,240 characters in all; each termtune run that shares it adds one); run termtune "
+                        "cleanup in finished runs, or give this run its own aws.role_name") from e
     return role["Arn"], created
 
 
-def delete(iam: Any, role_name: str) -> bool:
-    """Delete the role and its inline policies; False when it was already gone."""
+def release(iam: Any, role_name: str, policy: str) -> list[str]:
+    """Remove this run's inline policy from the role, then the role itself when termtune created
+    it and no policy of any kind is left on it (another run's, or one an administrator added).
+    Returns what was deleted; nothing when both were already gone."""
+    done = []
     try:
-        for name in iam.list_role_policies(RoleName=role_name)["PolicyNames"]:
-            iam.delete_role_policy(RoleName=role_name, PolicyName=name)
-        for attached in iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"]:
-            iam.detach_role_policy(RoleName=role_name, PolicyArn=attached["PolicyArn"])
-        iam.delete_role(RoleName=role_name)
+        iam.delete_role_policy(RoleName=role_name, PolicyName=policy)
+        done.append(f"deleted the inline policy {policy} from IAM role {role_name}")
     except iam.exceptions.NoSuchEntityException:
-        return False
-    return True
+        pass
+    try:
+        role = iam.get_role(RoleName=role_name)["Role"]
+        if CREATED_BY_TAG not in (role.get("Tags") or []):
+            return done
+        if iam.list_role_policies(RoleName=role_name)["PolicyNames"] or \
+                iam.list_attached_role_policies(RoleName=role_name)["AttachedPolicies"]:
+            return done  # still in use; the last run to clean up deletes it
+        iam.delete_role(RoleName=role_name)
+    except (iam.exceptions.NoSuchEntityException, iam.exceptions.DeleteConflictException):
+        return done  # gone already, or a policy was added since the listing
+    return done + [f"deleted IAM role {role_name} (termtune created it; no run uses it any more)"]

@@ -72,3 +72,41 @@ def safe_name(text: str, limit: int = 48) -> str:
     parts = re.findall(r"[a-z0-9]+", text.lower())
     name = "-".join(parts)[:limit].strip("-")
     return name or "model"
+
+
+# S3's rules for general purpose bucket names (Amazon S3 User Guide, "General purpose bucket
+# naming rules"); the Bedrock S3Uri pattern alone lets `a..b`, `192.168.5.4` or `xn--x` through.
+BUCKET_PREFIXES_RESERVED = ("xn--", "sthree-", "amzn-s3-demo-")
+BUCKET_SUFFIXES_RESERVED = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+# IAM's RoleName: 1 to 64 characters of [\w+=,.@-] (IAM API Reference, CreateRole).
+ROLE_NAME_RE = r"[\w+=,.@-]{1,64}"
+
+
+def bucket_problem(name: str) -> str | None:
+    """Why S3 refuses `name` as a general purpose bucket name, or None when it is valid."""
+    if not 3 <= len(name) <= 63:
+        return f"has {len(name)} characters; a bucket name has 3 to 63"
+    if not re.fullmatch(r"[a-z0-9.-]+", name):
+        return "may hold only lowercase letters, digits, dots and hyphens"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "must begin and end with a letter or digit"
+    if ".." in name:
+        return "must not contain two adjacent dots"
+    if re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", name):
+        return "must not be formatted as an IP address"
+    for prefix in BUCKET_PREFIXES_RESERVED:
+        if name.startswith(prefix):
+            return f"must not start with {prefix} (reserved by S3)"
+    for suffix in BUCKET_SUFFIXES_RESERVED:
+        if name.endswith(suffix):
+            return f"must not end with {suffix} (reserved by S3)"
+    return None
+
+
+def role_name_problem(name: str) -> str | None:
+    """Why IAM refuses `name` as a role name, or None when it is valid."""
+    if not 1 <= len(name) <= 64:
+        return f"has {len(name)} characters; a role name has 1 to 64"
+    if not re.fullmatch(ROLE_NAME_RE, name, flags=re.ASCII):
+        return "may hold only letters, digits and + = , . @ _ -"
+    return None

@@ -21,7 +21,6 @@ MANIFEST = "manifest.json"
 TERMTUNE_FILES = (MANIFEST, "README.md")
 """termtune's own files (manifest, model card): uploaded beside the import prefix, never into it."""
 META_FOLDER = "_termtune"
-BUCKET_RE = r"[a-z0-9][-.a-z0-9]{1,61}[a-z0-9]"  # the bucket part of botocore's S3Uri pattern
 MiB = 1024 * 1024
 
 
@@ -71,12 +70,6 @@ def artifact_files(directory: Path) -> list[ArtifactFile]:
         digest = entry.get("sha256") if entry and entry.get("size") == size else None
         files.append(ArtifactFile(name, size, digest or sha256_file(path)))
     return files
-
-
-def bucket_name_ok(bucket: str) -> bool:
-    import re
-
-    return re.fullmatch(BUCKET_RE, bucket) is not None
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -163,9 +156,10 @@ def check_prefix(s3: Any, files: list[ArtifactFile], bucket: str, prefix: str) -
                         "re-run termtune deploy to re-upload; for stray files run termtune cleanup or use another aws.prefix")
 
 
-def delete_prefix(s3: Any, bucket: str, prefix: str) -> int:
-    """Delete every object under the prefix; returns how many were deleted (0 the second time)."""
-    keys = [prefix + k for k in remote_objects(s3, bucket, prefix)]
+def delete_objects(s3: Any, bucket: str, prefix: str, names: set[str]) -> int:
+    """Delete the objects under the prefix whose names are in `names`, and no other; returns how
+    many were there (0 the second time)."""
+    keys = [prefix + k for k in remote_objects(s3, bucket, prefix) if k in names]
     for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
         batch = [{"Key": k} for k in keys[start:start + 1000]]
         s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
