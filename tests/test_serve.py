@@ -16,7 +16,8 @@ from botocore.exceptions import ClientError
 from aws_fixtures import artifact_template, aws_env, boto, bucket, moto_server, wait  # noqa: F401  (fixtures)
 from termtune.aws.names import JOB_ARN_RE, MODEL_ARN_RE
 from termtune.errors import UserError
-from termtune.serve import RUNTIME_HEADER, STAND_IN_HEADER, chunk_frame, start_server
+from termtune.aws.clients import RUNTIME_HEADER, STAND_IN_HEADER
+from termtune.serve import chunk_frame, start_server
 
 ROLE = "arn:aws:iam::123456789012:role/termtune-bedrock-import"
 
@@ -483,8 +484,8 @@ def test_served_answer_is_the_trained_models_answer_under_bedrocks_transformers(
         served = [invoke_text(rt, arn, p, MAX_NEW_TOKENS) for p in PROMPTS]
         assert [text for text, _ in served] == trained
         headers = served[0][1]
-        assert "transformers 4.51.3 (Bedrock's version) in a worker process" in headers[RUNTIME_HEADER.lower()]
-        assert headers[STAND_IN_HEADER.lower()] == "termtune serve (local stand-in, not AWS)"
+        assert headers[RUNTIME_HEADER].startswith("transformers 4.51.3 in a worker process per model, ")
+        assert headers[STAND_IN_HEADER] == "local stand-in, not AWS: termtune serve"
         worker = runner.process
         assert worker.poll() is None and worker.pid != os.getpid()
 
@@ -522,7 +523,36 @@ def test_without_bedrocks_interpreter_serve_runs_models_in_process_and_says_so(t
             "s3DataSource": {"s3Uri": "s3://b-1/m/"}})["jobArn"])["importedModelArn"]
         text, headers = invoke_text(rt, arn, "What is Hypertension?", 12)
         assert text == local_greedy(tmp_path / "s3" / "b-1" / "m", "What is Hypertension?", 12)
-        assert "in serve's own process (no Bedrock interpreter" in headers[RUNTIME_HEADER.lower()]
+        assert "in serve's own process, no Bedrock interpreter" in headers[RUNTIME_HEADER]
         assert not hasattr(server.state.models_run[arn].runner, "process")
     finally:
         server.stop()
+
+
+def test_deploy_and_invoke_say_the_local_stand_in_answered(tmp_path, aws_env, bucket, artifact_template,  # noqa: F811
+                                                           capfd):
+    """The lines that print an ARN or a cost say when termtune serve, not AWS, stands behind them; the
+    stand-in's CMU figure is labelled a placeholder. From AWS (no such header) nothing is added."""
+    from test_aws import make_cfg
+    from termtune import aws
+    from termtune.aws import costs
+
+    aws_env()
+    cfg = make_cfg(tmp_path, artifact_template)
+    result = aws.deploy(cfg)
+    summary = result.summary()
+    assert f"imported model: {result.model_arn} (local stand-in, not AWS: termtune serve)" in summary
+    assert f"import job: {result.job_arn} (local stand-in, not AWS: termtune serve)" in summary
+    assert "1 CMU per copy (v1.0; the stand-in's placeholder figure" in summary
+    assert "priced from local stand-in, not AWS: termtune serve's placeholder CMU figure" in summary
+    record = json.loads((cfg.run_dir / "deploy.json").read_text())
+    assert record["imported_model"]["localStandIn"] == "local stand-in, not AWS: termtune serve"
+    capfd.readouterr()
+    saved = aws.invoke_cli(cfg, term="Asthma")
+    assert f"model arn {result.model_arn} (local stand-in, not AWS: termtune serve; transformers " in \
+        capfd.readouterr().err
+    assert saved["local_stand_in"].startswith("local stand-in, not AWS: termtune serve; transformers ")
+
+    from_aws = costs.import_facts({"modelArchitecture": "t5", "customModelUnits": {
+        "customModelUnitsPerModelCopy": 2, "customModelUnitsVersion": "v1.0"}, "ResponseMetadata": {"HTTPHeaders": {}}})
+    assert "localStandIn" not in from_aws and "placeholder" not in costs.describe(from_aws, None)

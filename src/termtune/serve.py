@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from termtune.aws.clients import RUNTIME_HEADER, STAND_IN_HEADER
 from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS, MAX_TAGS, MODEL_ARN_RE, ROLE_ARN_RE,
                                 SORT_BY, SORT_ORDER, field_problem)
 from termtune import serve_rules, serve_runtime
@@ -83,8 +84,7 @@ WORKERS = 32  # connections served at once (one thread each); more wait in the l
 BACKLOG = 128  # the listen backlog (socketserver's default is 5)
 REQUEST_SECONDS = 20.0  # a request must arrive whole (headers and body) within this, or its connection closes
 DEFAULT_ACCOUNT = "123456789012"  # moto's default account, and serve's without STS
-STAND_IN_HEADER, STAND_IN = "x-termtune-stand-in", "termtune serve (local stand-in, not AWS)"
-RUNTIME_HEADER = "x-termtune-runtime"
+STAND_IN = "local stand-in, not AWS: termtune serve"  # every answer's STAND_IN_HEADER
 STATUSES = ("InProgress", "Completed", "Failed")
 NOT_READY = ("Model is not ready for inference. Wait and try your request again. Refer to "
              "https://docs.aws.amazon.com/bedrock/latest/userguide/invoke-imported-model.html")

@@ -64,18 +64,17 @@ def choose(mode: str = "auto") -> Runtime:
     python = Path(named) if named else DEFAULT_PYTHON
     why = None
     if mode == "in-process":
-        why = "asked for"
+        why = "as asked"
     elif not python.is_file():
-        why = f"no Bedrock interpreter at {python}; set TERMTUNE_BEDROCK_PYTHON or run make install"
+        why = f"no Bedrock interpreter at {python}: set TERMTUNE_BEDROCK_PYTHON or run make install"
         if named or mode == "worker":  # the user named an interpreter that is not there
             raise UserError(f"serve: {why}")
     if why is None:
         version = _transformers_in(str(python))
-        same = "Bedrock's version" if version == BEDROCK_TRANSFORMERS else f"Bedrock runs {BEDROCK_TRANSFORMERS}"
-        return Runtime(str(python), version, f"transformers {version} ({same}) in a worker process per model, "
-                                             f"{python}")
+        other = "" if version == BEDROCK_TRANSFORMERS else f"; Bedrock runs {BEDROCK_TRANSFORMERS}"
+        return Runtime(str(python), version, f"transformers {version} in a worker process per model, {python}{other}")
     version = metadata.version("transformers")
-    return Runtime(None, version, f"transformers {version} in serve's own process ({why}); answers may differ "
+    return Runtime(None, version, f"transformers {version} in serve's own process, {why}; answers may differ "
                                   f"from Bedrock's {BEDROCK_TRANSFORMERS}")
 
 
