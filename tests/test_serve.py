@@ -543,7 +543,7 @@ def test_deploy_and_invoke_say_the_local_stand_in_answered(tmp_path, aws_env, bu
     summary = result.summary()
     assert f"imported model: {result.model_arn} (local stand-in, not AWS: termtune serve)" in summary
     assert f"import job: {result.job_arn} (local stand-in, not AWS: termtune serve)" in summary
-    assert "1 CMU per copy (v1.0; the stand-in's placeholder figure" in summary
+    assert "1 CMU per copy (v1.0) [the stand-in's placeholder figure" in summary
     assert "priced from local stand-in, not AWS: termtune serve's placeholder CMU figure" in summary
     record = json.loads((cfg.run_dir / "deploy.json").read_text())
     assert record["imported_model"]["localStandIn"] == "local stand-in, not AWS: termtune serve"
@@ -556,3 +556,24 @@ def test_deploy_and_invoke_say_the_local_stand_in_answered(tmp_path, aws_env, bu
     from_aws = costs.import_facts({"modelArchitecture": "t5", "customModelUnits": {
         "customModelUnitsPerModelCopy": 2, "customModelUnitsVersion": "v1.0"}, "ResponseMetadata": {"HTTPHeaders": {}}})
     assert "localStandIn" not in from_aws and "placeholder" not in costs.describe(from_aws, None)
+
+
+def test_the_startup_line_says_where_models_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TERMTUNE_BEDROCK_PYTHON": str(tmp_path / "no-such-python")}
+    done = subprocess.run([sys.executable, "-m", "termtune.cli", "serve", "--port", "0"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "no Bedrock interpreter at" in done.stderr and "Traceback" not in done.stderr
+    env.pop("TERMTUNE_BEDROCK_PYTHON")
+    serve = subprocess.Popen([sys.executable, "-m", "termtune.cli", "serve", "--port", "0", "--runtime", "in-process"],
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        first, second = serve.stderr.readline(), serve.stderr.readline()
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    assert "a local stand-in for Amazon Bedrock" in first and "not AWS" in first
+    assert second.strip().startswith("models run under transformers ") and "in serve's own process, as asked" in second

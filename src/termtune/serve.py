@@ -14,16 +14,22 @@ quota, clientRequestToken idempotency, the exact status strings InProgress / Com
 Failed, ARNs of the real form, error codes botocore raises as the same ClientError, both
 completion schemas, and the event-stream framing of InvokeModelWithResponseStream.
 
-The import job does what Bedrock does: it evaluates the role's trust policy for the service
-principal bedrock.amazonaws.com with aws:SourceAccount / aws:SourceArn (termtune.aws.trust),
-assumes the job's roleArn through STS, and reads `s3://bucket/prefix/` with the temporary
-credentials it got back; AWS_ENDPOINT_URL_STS / _S3 decide which STS and S3 (moto's server
-with IAM access control on, in the tests and the demo, so the role's permission policy is
-evaluated on every S3 call). With `local_root` set, s3://bucket/prefix/ is read from
-<local_root>/bucket/prefix/ instead (no S3, no STS, no IAM). It runs termtune's validate on
-the files, loads the model with transformers, and then answers InvokeModel with real greedy
-generation by that model. importedModelKmsKeyId, tags and vpcConfig are checked against
-botocore's patterns and bounds; the key (as an ARN) and vpcConfig are echoed by the Get* calls.
+The import job does what Bedrock does: it refuses a role of another account (iam:PassRole
+cannot pass one), evaluates the role's trust policy for the service principal
+bedrock.amazonaws.com with aws:SourceAccount / aws:SourceArn (termtune.aws.trust, never more
+loosely than IAM), finds the role by its whole ARN, path included, assumes it through STS, and
+reads `s3://bucket/prefix/` with the temporary credentials it got back; AWS_ENDPOINT_URL_STS / _S3
+decide which STS and S3 (moto's server with IAM access control on, in the tests and the demo, so
+the role's permission policy is evaluated on every S3 call). With `local_root` set,
+s3://bucket/prefix/ is read from <local_root>/bucket/prefix/ instead (no S3, no STS, no IAM).
+It accepts the files by AWS's documented import rules (termtune.serve_rules, its own table, not
+termtune validate), and InvokeModel answers with real generation by that model, run as Bedrock
+runs it: under transformers 4.51.3 in a worker process per model (termtune.serve_runtime), or,
+without that interpreter, in serve's own process, which its startup line and every answer's
+x-termtune-runtime header say. Every answer carries x-termtune-stand-in, so termtune deploy and
+invoke can say that a local stand-in, not AWS, stands behind an ARN or a cost.
+importedModelKmsKeyId, tags and vpcConfig are checked against botocore's patterns and bounds;
+the key (as an ARN) and vpcConfig are echoed by the Get* calls.
 
 Choices where AWS does not document the behaviour (docs/aws.md lists them): a reused job or
 model name answers ConflictException; a request with neither max_tokens nor max_gen_len gets
@@ -33,7 +39,9 @@ per model at a time, each within a time budget, and a caller kept waiting too lo
 model is throttled; streaming sends one chunk per generated token, each in the request's
 schema, then one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
 with makes the job Failed (not the create call); GetImportedModel reports 1 CMU of v1.0 for
-every model (a stand-in: Bedrock sizes CMUs from the model).
+every model (a stand-in: Bedrock sizes CMUs from the model); a model that fails to load or whose
+worker crashed answers ModelErrorException (424, as botocore's service model has it), and one
+that overruns its time budget ModelTimeoutException (408).
 
 What it does not do: authenticate its own callers (SigV4 signatures are ignored, any
 credentials work), persistence (state lives in memory), or Bedrock's own model hosting. It

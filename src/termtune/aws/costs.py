@@ -50,9 +50,9 @@ def describe(facts: dict[str, Any], cost: dict[str, Any] | None) -> str:
     units = facts["customModelUnits"]
     local = facts.get("localStandIn")
     lines = [f"architecture {facts['modelArchitecture']}, Converse {'yes' if facts['instructSupported'] else 'no'}, "
-             f"{units['customModelUnitsPerModelCopy']} CMU per copy ({units['customModelUnitsVersion']}"
-             + ("; the stand-in's placeholder figure: Bedrock sizes CMUs from the model" if local else "")
-             + f"), model key {facts['modelKmsKeyArn'] or 'AWS owned'}"]
+             f"{units['customModelUnitsPerModelCopy']} CMU per copy ({units['customModelUnitsVersion']})"
+             + (" [the stand-in's placeholder figure: Bedrock sizes CMUs from the model]" if local else "")
+             + f", model key {facts['modelKmsKeyArn'] or 'AWS owned'}"]
     if cost is None:
         lines.append("cost: no price for this region and CMU version in aws.cmu_prices; see "
                      "https://aws.amazon.com/bedrock/pricing/ (Custom Model Import)")
