@@ -74,10 +74,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from termtune import serve_rules, serve_runtime
 from termtune.aws.clients import RUNTIME_HEADER, STAND_IN_HEADER
 from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS, MAX_TAGS, MODEL_ARN_RE, ROLE_ARN_RE,
                                 SORT_BY, SORT_ORDER, field_problem)
-from termtune import serve_rules, serve_runtime
 from termtune.safepath import UnsafeName, inside
 
 MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit

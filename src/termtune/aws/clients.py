@@ -50,8 +50,8 @@ RUNTIME_HEADER = "x-termtune-runtime"  # and where it runs the model (Bedrock's 
 
 
 def stand_in(response: dict, header: str = STAND_IN_HEADER) -> str | None:
-    """What termtune serve says of itself in a boto3 response (e.g. "termtune serve (local stand-in,
-    not AWS)"); None from AWS, which sends no such header."""
+    """What termtune serve says of itself in a boto3 response ("local stand-in, not AWS: termtune
+    serve", or with RUNTIME_HEADER where it ran the model); None from AWS, which sends no such header."""
     return ((response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}).get(header)
 
 
