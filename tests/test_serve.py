@@ -507,7 +507,8 @@ def test_without_bedrocks_interpreter_serve_runs_models_in_process_and_says_so(t
                                                                                artifact_template):  # noqa: F811
     from termtune import serve_runtime
 
-    monkeypatch.chdir(tmp_path)  # no ./.venv-bedrock here
+    monkeypatch.chdir(tmp_path)  # no ./.venv-bedrock here, nor beside the virtual environment
+    monkeypatch.setattr(serve_runtime, "BESIDE_OUR_VENV", tmp_path / "venv" / ".venv-bedrock" / "bin" / "python")
     monkeypatch.delenv("TERMTUNE_BEDROCK_PYTHON", raising=False)
     with pytest.raises(UserError, match="no Bedrock interpreter at .venv-bedrock/bin/python"):
         serve_runtime.choose("worker")
@@ -566,7 +567,7 @@ def test_the_startup_line_says_where_models_run(tmp_path):
     env = {**os.environ, "TERMTUNE_BEDROCK_PYTHON": str(tmp_path / "no-such-python")}
     done = subprocess.run([sys.executable, "-m", "termtune.cli", "serve", "--port", "0"], capture_output=True,
                           text=True, env=env, timeout=120)
-    assert done.returncode == 2 and "no Bedrock interpreter at" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "no-such-python: no such file" in done.stderr and "Traceback" not in done.stderr
     env.pop("TERMTUNE_BEDROCK_PYTHON")
     serve = subprocess.Popen([sys.executable, "-m", "termtune.cli", "serve", "--port", "0", "--runtime", "in-process"],
                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)

@@ -308,9 +308,9 @@ def serve(
     model_quota: int = typer.Option(3, "--model-quota", help="Imported models allowed (Bedrock's default is 3)."),
     region: str = typer.Option("us-east-1", "--region"),
     runtime: str = typer.Option("auto", "--runtime", help="Where imported models run: worker (a process per "
-                                "model under Bedrock's transformers 4.51.3, TERMTUNE_BEDROCK_PYTHON or "
-                                "./.venv-bedrock/bin/python), in-process, or auto (worker when that interpreter "
-                                "exists)."),
+                                "model under Bedrock's transformers 4.51.3: TERMTUNE_BEDROCK_PYTHON, or "
+                                ".venv-bedrock/bin/python here or beside this virtual environment), in-process, "
+                                "or auto (worker when that interpreter exists)."),
 ) -> None:
     """A local Bedrock-compatible endpoint (control plane + runtime) for offline runs and tests.
 

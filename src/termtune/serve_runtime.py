@@ -2,8 +2,8 @@
 
 Bedrock serves imported models with transformers 4.51.3, so serve runs each imported model the
 same way: a long-lived worker process per model (termtune/_bedrock_worker.py, JSON lines over
-stdin/stdout) under the interpreter named by TERMTUNE_BEDROCK_PYTHON, or ./.venv-bedrock/bin/python
-(what `make install` creates). A served answer then is what that transformers computes from the
+stdin/stdout) under the interpreter named by TERMTUNE_BEDROCK_PYTHON, or else .venv-bedrock/bin/python
+in the current folder or beside the virtual environment serve runs in (what `make install` creates). A served answer then is what that transformers computes from the
 imported files. The worker starts on a model's first invoke, stops when the model is deleted or
 serve stops, and a worker that crashed is started again on the next call.
 
@@ -18,6 +18,7 @@ import json
 import os
 import select
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from termtune import _bedrock_worker
 from termtune.errors import UserError
 
 BEDROCK_TRANSFORMERS = "4.51.3"  # "Amazon Bedrock supports transformer version 4.51.3"
-DEFAULT_PYTHON = Path(".venv-bedrock") / "bin" / "python"
+BEDROCK_VENV_PYTHON = Path(".venv-bedrock") / "bin" / "python"
+# The same beside serve's own virtual environment: a notebook's kernel starts in notebooks/, not the root.
+BESIDE_OUR_VENV = Path(sys.prefix).parent / BEDROCK_VENV_PYTHON
 WORKER = Path(_bedrock_worker.__file__)
 LOAD_SECONDS = 600.0  # a worker must load its model within this
 STOP_SECONDS = 5.0
@@ -61,13 +64,17 @@ def choose(mode: str = "auto") -> Runtime:
     if mode not in MODES:
         raise UserError(f"serve: runtime {mode!r} is not one of {', '.join(MODES)}")
     named = os.environ.get("TERMTUNE_BEDROCK_PYTHON")
-    python = Path(named) if named else DEFAULT_PYTHON
+    python = Path(named) if named else next((p for p in (BEDROCK_VENV_PYTHON, BESIDE_OUR_VENV) if p.is_file()),
+                                            BEDROCK_VENV_PYTHON)
     why = None
     if mode == "in-process":
         why = "as asked"
+    elif named and not python.is_file():  # the user named an interpreter that is not there: never a silent fallback
+        raise UserError(f"serve: TERMTUNE_BEDROCK_PYTHON={named}: no such file")
     elif not python.is_file():
-        why = f"no Bedrock interpreter at {python}: set TERMTUNE_BEDROCK_PYTHON or run make install"
-        if named or mode == "worker":  # the user named an interpreter that is not there
+        why = (f"no Bedrock interpreter at {python} or {BESIDE_OUR_VENV}: set TERMTUNE_BEDROCK_PYTHON or run "
+               "make install")
+        if mode == "worker":
             raise UserError(f"serve: {why}")
     if why is None:
         version = _transformers_in(str(python))
