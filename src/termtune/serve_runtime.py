@@ -52,7 +52,6 @@ class Runtime:
     """How this serve runs models: `python` is the worker interpreter, None for in-process."""
 
     python: str | None
-    transformers: str
     label: str  # for the startup line and the x-termtune-runtime header
 
     def runner(self, folder: Path, log: Path) -> "WorkerRunner | InProcessRunner":
@@ -77,11 +76,12 @@ def choose(mode: str = "auto") -> Runtime:
         if mode == "worker":
             raise UserError(f"serve: {why}")
     if why is None:
+        python = python.absolute()  # not resolve(): a virtual environment's python is a symlink out of it
         version = _transformers_in(str(python))
         other = "" if version == BEDROCK_TRANSFORMERS else f"; Bedrock runs {BEDROCK_TRANSFORMERS}"
-        return Runtime(str(python), version, f"transformers {version} in a worker process per model, {python}{other}")
+        return Runtime(str(python), f"transformers {version} in a worker process per model, {python}{other}")
     version = metadata.version("transformers")
-    return Runtime(None, version, f"transformers {version} in serve's own process, {why}; answers may differ "
+    return Runtime(None, f"transformers {version} in serve's own process, {why}; answers may differ "
                                   f"from Bedrock's {BEDROCK_TRANSFORMERS}")
 
 
