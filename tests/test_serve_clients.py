@@ -202,37 +202,22 @@ def test_workers_are_bounded_and_waiting_connections_queue(tmp_path):
 # ----------------------------------------------------------------------------- prompts and generations
 
 
-class CountingTokenizer:
-    def __init__(self, tokenizer):
-        self.tokenizer, self.calls = tokenizer, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.tokenizer(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-
-def test_prompt_size_is_checked_before_tokenizing(served):
+def test_prompt_size_is_checked_before_tokenizing(served, monkeypatch):
+    """An oversized prompt never reaches the model (whose tokenizer would spend time on it)."""
     server, port, arn = served
-    model, tokenizer, lock = server.state.loaded[arn]
-    counting = CountingTokenizer(tokenizer)
-    server.state.loaded[arn] = (model, counting, lock)
-    try:
-        _, rt = clients(f"http://127.0.0.1:{port}")
-        with pytest.raises(ClientError) as e:
-            rt.invoke_model(modelId=arn, body=json.dumps({"prompt": "a" * (MAX_PROMPT_CHARS + 1)}))
-        assert code(e) == "ValidationException" and "too long" in str(e.value)
-        assert counting.calls == 0
-    finally:
-        server.state.loaded[arn] = (model, tokenizer, lock)
+    runner, calls = server.state.models_run[arn].runner, []
+    monkeypatch.setattr(runner, "generate", lambda *args: calls.append(args))
+    _, rt = clients(f"http://127.0.0.1:{port}")
+    with pytest.raises(ClientError) as e:
+        rt.invoke_model(modelId=arn, body=json.dumps({"prompt": "a" * (MAX_PROMPT_CHARS + 1)}))
+    assert code(e) == "ValidationException" and "too long" in str(e.value)
+    assert calls == []
 
 
-def test_max_tokens_is_bounded_by_the_model(served):
+def test_max_tokens_is_bounded_by_the_model(served, artifact_template):  # noqa: F811
     server, port, arn = served
     _, rt = clients(f"http://127.0.0.1:{port}")
-    n_positions = server.state.loaded[arn][0].config.n_positions
+    n_positions = json.loads((artifact_template / "config.json").read_text())["n_positions"]
     with pytest.raises(ClientError) as e:
         rt.invoke_model(modelId=arn, body=json.dumps({"prompt": "What is asthma?", "max_tokens": n_positions + 1}))
     assert code(e) == "ValidationException" and f"between 1 and {n_positions}" in str(e.value)
@@ -257,16 +242,16 @@ def test_a_long_generation_does_not_hold_other_invokes(served):
     """While one generation runs, another caller of the same model is throttled after queue_seconds
     (the SDK retries ThrottlingException) instead of waiting for it."""
     server, port, arn = served
-    model, tokenizer, lock = server.state.loaded[arn]
+    runner = server.state.models_run[arn].runner
     entered, release = threading.Event(), threading.Event()
-    generate = model.generate
+    generate = runner.generate
 
     def slow_generate(*args, **kwargs):
         entered.set()
         release.wait(60)
         return generate(*args, **kwargs)
 
-    model.generate = slow_generate
+    runner.generate = slow_generate
     queue = server.state.queue_seconds
     server.state.queue_seconds = 0.5
     results: list = []
@@ -284,6 +269,6 @@ def test_a_long_generation_does_not_hold_other_invokes(served):
     finally:
         release.set()
         first.join(60)
-        del model.generate
+        del runner.generate
         server.state.queue_seconds = queue
     assert json.loads(results[0]["body"].read())["choices"][0]["finish_reason"] in ("stop", "length")

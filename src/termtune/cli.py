@@ -311,10 +311,15 @@ def serve(
     import_delay: float = typer.Option(1.0, "--import-delay", help="Seconds an import job stays InProgress."),
     model_quota: int = typer.Option(3, "--model-quota", help="Imported models allowed (Bedrock's default is 3)."),
     region: str = typer.Option("us-east-1", "--region"),
+    runtime: str = typer.Option("auto", "--runtime", help="Where imported models run: worker (a process per "
+                                "model under Bedrock's transformers 4.51.3: TERMTUNE_BEDROCK_PYTHON, or "
+                                ".venv-bedrock/bin/python here or beside this virtual environment), in-process, "
+                                "or auto (worker when that interpreter exists)."),
 ) -> None:
     """A local Bedrock-compatible endpoint (control plane + runtime) for offline runs and tests.
 
     Point boto3 at it with AWS_ENDPOINT_URL_BEDROCK / AWS_ENDPOINT_URL_BEDROCK_RUNTIME.
+    Its startup line says where models run; every answer says so in its x-termtune-runtime header.
 
     Example:
         termtune serve --port 8787
@@ -322,7 +327,7 @@ def serve(
     from termtune import serve as serve_stage
 
     serve_stage.serve(host=host, port=port, cold_start_seconds=cold_start, throttle_every=throttle_every,
-                      import_delay_seconds=import_delay, model_quota=model_quota, region=region)
+                      import_delay_seconds=import_delay, model_quota=model_quota, region=region, runtime=runtime)
 
 
 # ----------------------------------------------------------------------------- the whole path

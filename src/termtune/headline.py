@@ -45,6 +45,8 @@ class Headline:
     checks: int | None = None
     checks_failed: int | None = None
     model_arn: str | None = None
+    stand_in: str | None = None
+    """What the local stand-in (termtune serve) said of itself, when it imported the model instead of AWS."""
     asked: str | None = None
     """The term (or prompt) the deployed model was asked."""
     answer: str | None = None
@@ -83,6 +85,7 @@ def headline(cfg: Config, samples: int = 3) -> Headline:
                               and c.get("failed", not c.get("ok") and not c.get("warning")))
     deployed, invoked = _object(layout.deploy), _object(layout.invoke)
     h.model_arn = deployed.get("model_arn") or invoked.get("model_arn")
+    h.stand_in = (deployed.get("imported_model") or {}).get("localStandIn") or invoked.get("local_stand_in")
     if invoked and invoked.get("model_arn") in (None, h.model_arn):  # not an answer from another model (--model)
         h.answer = str(invoked.get("text", "")).strip()
         h.asked = _term_of(cfg, str(invoked.get("prompt") or invoked.get("term") or ""))
@@ -109,7 +112,7 @@ def terminal_block(h: Headline) -> str:
                   f", {h.checks - (h.checks_failed or 0)}/{h.checks} Bedrock checks passed")
         lines.append(f"artifact    {h.artifact} ({human_size(h.artifact_bytes or 0)}{status})")
     if h.model_arn:
-        lines.append(f"imported    {h.model_arn}")
+        lines.append(f"imported    {h.model_arn}" + (f" ({h.stand_in})" if h.stand_in else ""))
     if h.random_init:
         lines.append(RANDOM_INIT_NOTE)
     return "\n".join(lines)

@@ -14,16 +14,22 @@ quota, clientRequestToken idempotency, the exact status strings InProgress / Com
 Failed, ARNs of the real form, error codes botocore raises as the same ClientError, both
 completion schemas, and the event-stream framing of InvokeModelWithResponseStream.
 
-The import job does what Bedrock does: it evaluates the role's trust policy for the service
-principal bedrock.amazonaws.com with aws:SourceAccount / aws:SourceArn (termtune.aws.trust),
-assumes the job's roleArn through STS, and reads `s3://bucket/prefix/` with the temporary
-credentials it got back; AWS_ENDPOINT_URL_STS / _S3 decide which STS and S3 (moto's server
-with IAM access control on, in the tests and the demo, so the role's permission policy is
-evaluated on every S3 call). With `local_root` set, s3://bucket/prefix/ is read from
-<local_root>/bucket/prefix/ instead (no S3, no STS, no IAM). It runs termtune's validate on
-the files, loads the model with transformers, and then answers InvokeModel with real greedy
-generation by that model. importedModelKmsKeyId, tags and vpcConfig are checked against
-botocore's patterns and bounds; the key (as an ARN) and vpcConfig are echoed by the Get* calls.
+The import job does what Bedrock does: it refuses a role of another account (iam:PassRole
+cannot pass one), evaluates the role's trust policy for the service principal
+bedrock.amazonaws.com with aws:SourceAccount / aws:SourceArn (termtune.aws.trust, never more
+loosely than IAM), finds the role by its whole ARN, path included, assumes it through STS, and
+reads `s3://bucket/prefix/` with the temporary credentials it got back; AWS_ENDPOINT_URL_STS / _S3
+decide which STS and S3 (moto's server with IAM access control on, in the tests and the demo, so
+the role's permission policy is evaluated on every S3 call). With `local_root` set,
+s3://bucket/prefix/ is read from <local_root>/bucket/prefix/ instead (no S3, no STS, no IAM).
+It accepts the files by AWS's documented import rules (termtune.serve_rules, its own table, not
+termtune validate), and InvokeModel answers with real generation by that model, run as Bedrock
+runs it: under transformers 4.51.3 in a worker process per model (termtune.serve_runtime), or,
+without that interpreter, in serve's own process, which its startup line and every answer's
+x-termtune-runtime header say. Every answer carries x-termtune-stand-in, so termtune deploy and
+invoke can say that a local stand-in, not AWS, stands behind an ARN or a cost.
+importedModelKmsKeyId, tags and vpcConfig are checked against botocore's patterns and bounds;
+the key (as an ARN) and vpcConfig are echoed by the Get* calls.
 
 Choices where AWS does not document the behaviour (docs/aws.md lists them): a reused job or
 model name answers ConflictException; a request with neither max_tokens nor max_gen_len gets
@@ -33,7 +39,9 @@ per model at a time, each within a time budget, and a caller kept waiting too lo
 model is throttled; streaming sends one chunk per generated token, each in the request's
 schema, then one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
 with makes the job Failed (not the create call); GetImportedModel reports 1 CMU of v1.0 for
-every model (a stand-in: Bedrock sizes CMUs from the model).
+every model (a stand-in: Bedrock sizes CMUs from the model); a model that fails to load or whose
+worker crashed answers ModelErrorException (424, as botocore's service model has it), and one
+that overruns its time budget ModelTimeoutException (408).
 
 What it does not do: authenticate its own callers (SigV4 signatures are ignored, any
 credentials work), persistence (state lives in memory), or Bedrock's own model hosting. It
@@ -59,12 +67,15 @@ import tempfile
 import threading
 import time
 import zlib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from termtune import serve_rules, serve_runtime
+from termtune.aws.clients import RUNTIME_HEADER, STAND_IN_HEADER
 from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS, MAX_TAGS, MODEL_ARN_RE, ROLE_ARN_RE,
                                 SORT_BY, SORT_ORDER, field_problem)
 from termtune.safepath import UnsafeName, inside
@@ -73,11 +84,15 @@ MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit
 MAX_INPUT_TOKENS = 512  # Flan-T5's training input length
 MAX_PROMPT_CHARS = 32 * MAX_INPUT_TOKENS  # checked before tokenizing: no 512-token prompt is longer in practice
 MAX_NEW_TOKENS = 4096  # the most max_tokens may ask of a model that states no limit (n_positions)
+MIN_TEMPERATURE = 1e-5  # below it, logits / temperature overflow float32 (vLLM treats the same bound as greedy)
 GENERATION_SECONDS = 60.0  # one generation's time budget (transformers' max_time): it stops there, "length"
+ANSWER_SLACK_SECONDS = 30.0  # past the generation budget, how long serve waits for a worker's answer
 QUEUE_SECONDS = 10.0  # how long an invoke waits for its model, busy with another, before ThrottlingException
 WORKERS = 32  # connections served at once (one thread each); more wait in the listen backlog
 BACKLOG = 128  # the listen backlog (socketserver's default is 5)
 REQUEST_SECONDS = 20.0  # a request must arrive whole (headers and body) within this, or its connection closes
+DEFAULT_ACCOUNT = "123456789012"  # moto's default account, and serve's without STS
+STAND_IN = "local stand-in, not AWS: termtune serve"  # every answer's STAND_IN_HEADER
 STATUSES = ("InProgress", "Completed", "Failed")
 NOT_READY = ("Model is not ready for inference. Wait and try your request again. Refer to "
              "https://docs.aws.amazon.com/bedrock/latest/userguide/invoke-imported-model.html")
@@ -109,8 +124,11 @@ class Bedrock:
     def __init__(self, region: str = "us-east-1", cold_start_seconds: float = 0.0, throttle_every: int = 0,
                  import_delay_seconds: float = 1.0, model_quota: int = 3, role_delay_seconds: float = 0.0,
                  max_body_bytes: int = MAX_BODY_BYTES, local_root: str | Path | None = None,
-                 generation_seconds: float = GENERATION_SECONDS, queue_seconds: float = QUEUE_SECONDS):
+                 generation_seconds: float = GENERATION_SECONDS, queue_seconds: float = QUEUE_SECONDS,
+                 account: str | None = None, runtime: str = "auto"):
         self.region = region
+        self.runtime = serve_runtime.choose(runtime)
+        self.account = account
         self.cold_start_seconds = cold_start_seconds
         self.throttle_every = throttle_every
         self.import_delay_seconds = import_delay_seconds
@@ -124,7 +142,7 @@ class Bedrock:
         self.jobs: dict[str, dict] = {}  # job ARN -> GetModelImportJob response
         self.models: dict[str, dict] = {}  # model ARN -> GetImportedModel response
         self.tokens: dict[str, str] = {}  # clientRequestToken -> job ARN
-        self.loaded: dict[str, tuple[Any, Any, threading.Lock]] = {}  # model ARN -> (model, tokenizer, lock)
+        self.models_run: dict[str, Served] = {}  # model ARN -> how it runs
         self.ready_at: dict[str, float] = {}  # model ARN -> end of its cold start
         self.roles_seen: dict[str, float] = {}
         self.tags: dict[str, list] = {}  # job ARN -> jobTags (kept, as AWS does; no Get* echoes tags)
@@ -134,6 +152,10 @@ class Bedrock:
         self.workdir = Path(tempfile.mkdtemp(prefix="termtune-serve-"))
 
     def close(self) -> None:
+        with self.lock:
+            served, self.models_run = list(self.models_run.values()), {}
+        for model in served:
+            model.runner.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def count(self, key: str) -> None:
@@ -163,7 +185,13 @@ class Bedrock:
         for tags in ("jobTags", "importedModelTags"):
             _check_tags(tags, body.get(tags))
         vpc = _check_vpc(body.get("vpcConfig"))
-        key_arn = self._kms_key_arn(body.get("importedModelKmsKeyId"), _account(body["roleArn"]))
+        account = self.own_account()
+        if _account(body["roleArn"], account) != account:  # iam:PassRole never passes another account's role
+            raise ApiError("AccessDeniedException", f"You are not authorized to perform iam:PassRole on "
+                                                    f"{body['roleArn']}: it is a role in account "
+                                                    f"{_account(body['roleArn'], account)}, and Amazon Bedrock in "
+                                                    f"account {account} can only be passed a role of its own.", 403)
+        key_arn = self._kms_key_arn(body.get("importedModelKmsKeyId"), account)
         with self.lock:
             if token in self.tokens:  # "ignores the request, but does not return an error"
                 return 201, {"jobArn": self.tokens[token]}
@@ -180,7 +208,6 @@ class Bedrock:
             if len(self.models) >= self.model_quota:
                 raise ApiError("ServiceQuotaExceededException",
                                f"The number of imported models exceeds the service quota ({self.model_quota}).")
-            account = _account(body["roleArn"])
             arn = f"arn:aws:bedrock:{self.region}:{account}:model-import-job/{_new_id()}"
             now = _now()
             job = {"jobArn": arn, "jobName": body["jobName"], "importedModelName": name,
@@ -197,6 +224,21 @@ class Bedrock:
                 self.tokens[token] = arn
         threading.Thread(target=self._run_import, args=(arn,), daemon=True).start()
         return 201, {"jobArn": arn}
+
+    def own_account(self) -> str:
+        """The account this Bedrock belongs to: that of the credentials serve runs with (through STS),
+        or moto's default account when it has none to ask (local_root, or STS unreachable)."""
+        if self.account is None:
+            account = DEFAULT_ACCOUNT
+            if not self.local_root:
+                from termtune.aws.clients import client
+
+                try:
+                    account = client("sts", self.region).get_caller_identity()["Account"]
+                except Exception:  # no STS here: the stand-in still has an account of its own
+                    pass
+            self.account = account
+        return self.account
 
     def _kms_key_arn(self, key_id: Any, account: str) -> str | None:
         """importedModelKmsKeyId (key id, alias or ARN) as the key ARN Get* calls report."""
@@ -228,13 +270,14 @@ class Bedrock:
             raise ApiError("ValidationException", "The provided role ARN is invalid.")
 
     def _run_import(self, job_arn: str) -> None:
-        """InProgress -> read the files -> validate -> load -> Completed, or Failed with a reason."""
+        """InProgress -> read the files -> check them by Bedrock's rules -> Completed, or Failed with a
+        reason. The model itself loads on its first invoke (serve_runtime)."""
         started = time.monotonic()
         job = self.jobs[job_arn]
         folder = self.workdir / job_arn.rsplit("/", 1)[1]
         try:
             self._fetch(job, folder)
-            model, tokenizer, architecture = _load(folder)
+            config = _accept(folder, self.region)
             failure = None
         except ImportFailure as e:
             failure = str(e)[:2048]
@@ -252,12 +295,13 @@ class Bedrock:
             self.models[model_arn] = {
                 "modelArn": model_arn, "modelName": job["importedModelName"], "jobName": job["jobName"],
                 "jobArn": job_arn, "modelDataSource": job["modelDataSource"], "creationTime": now,
-                "modelArchitecture": architecture, "instructSupported": False,
+                "modelArchitecture": config["model_type"], "instructSupported": False,
                 # A stand-in: Bedrock sizes CMUs from the model; serve always reports 1 of v1.0.
                 "customModelUnits": {"customModelUnitsPerModelCopy": 1, "customModelUnitsVersion": "v1.0"}}
             if job.get("importedModelKmsKeyArn"):
                 self.models[model_arn]["modelKmsKeyArn"] = job["importedModelKmsKeyArn"]
-            self.loaded[model_arn] = (model, tokenizer, threading.Lock())
+            self.models_run[model_arn] = Served(self.runtime.runner(folder, folder.with_suffix(".worker.log")),
+                                                threading.Lock(), config.get("n_positions"))
             self.ready_at[model_arn] = time.monotonic() + self.cold_start_seconds
             job.update(status="Completed", importedModelArn=model_arn)
 
@@ -300,9 +344,13 @@ class Bedrock:
         from termtune.aws.clients import client, error_code, error_message
         from termtune.aws.trust import allows_service
 
-        role_arn, account = job["roleArn"], _account(job["roleArn"])
+        role_arn, account = job["roleArn"], self.own_account()
+        path, name = _role_path_and_name(role_arn)
         try:
-            role = client("iam", self.region).get_role(RoleName=role_arn.rsplit("/", 1)[1])["Role"]
+            role = client("iam", self.region).get_role(RoleName=name)["Role"]
+            if role.get("Path", "/") != path:  # a role's name is unique in its account; its path is part of the ARN
+                raise ImportFailure(f"Amazon Bedrock can't assume the role {role_arn}: no such role (the role "
+                                    f"named {name} in account {account} is {role.get('Arn')}, path {role.get('Path')}).")
             trust = role["AssumeRolePolicyDocument"]
             trust = json.loads(unquote(trust)) if isinstance(trust, str) else trust
             context = {"aws:SourceAccount": account, "aws:SourceArn": job["jobArn"]}
@@ -344,8 +392,10 @@ class Bedrock:
         arn = self.model(identifier)["modelArn"]
         with self.lock:
             self.models.pop(arn, None)
-            self.loaded.pop(arn, None)
+            served = self.models_run.pop(arn, None)
             self.ready_at.pop(arn, None)
+        if served:
+            served.runner.stop()
         shutil.rmtree(self.workdir / self.jobs_for(arn), ignore_errors=True)
         return {}
 
@@ -376,14 +426,14 @@ class Bedrock:
 
     # --------------------------------------------------------------- runtime
 
-    def prepare_invoke(self, model_id: str, content_type: str | None, raw: bytes) -> tuple[Any, dict, dict]:
-        """Check the model and the body; returns (loaded model tuple, request, generation kwargs)."""
+    def prepare_invoke(self, model_id: str, content_type: str | None, raw: bytes) -> tuple[Served, dict, dict]:
+        """Check the model and the body; returns (the served model, request, generation options)."""
         import re
 
         if not re.fullmatch(MODEL_ARN_RE, model_id):
             raise ApiError("ValidationException", "The provided model identifier is invalid.")
         with self.lock:
-            loaded = self.loaded.get(model_id)
+            loaded = self.models_run.get(model_id)
             ready_at = self.ready_at.get(model_id, 0.0)
         if loaded is None:
             raise ApiError("ResourceNotFoundException", "The requested model was not found.", 404)
@@ -394,12 +444,18 @@ class Bedrock:
                                                   "use application/json")
         try:
             request = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: also a number over Python's 4300-digit limit
             raise ApiError("ValidationException", f"Malformed input request: {type(e).__name__}: {e}, please "
                                                   "reformat your input and try again.") from None
         if not isinstance(request, dict) or not isinstance(request.get("prompt"), str) or not request["prompt"]:
             raise ApiError("ValidationException", "Malformed input request: #: required key [prompt] not found "
                                                   "or not a non-empty string, please reformat your input and try again.")
+        try:  # JSON may carry a lone surrogate (\ud800), which is no text a tokenizer can read
+            request["prompt"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError("ValidationException", f"Malformed input request: the prompt is not valid Unicode (a lone "
+                                                  f"surrogate at character {e.start}), please reformat your input "
+                                                  "and try again.") from None
         if len(request["prompt"]) > MAX_PROMPT_CHARS:  # before the tokenizer spends time on it
             raise ApiError("ValidationException", f"Input is too long: {len(request['prompt'])} characters; this "
                                                   f"model accepts at most {MAX_INPUT_TOKENS} tokens "
@@ -410,47 +466,48 @@ class Bedrock:
         limit = request.get("max_tokens", request.get("max_gen_len", 16))
         temperature = request.get("temperature", 0.0)
         top_p = request.get("top_p", 1.0)
-        most = min(MAX_NEW_TOKENS, getattr(loaded[0].config, "n_positions", None) or MAX_NEW_TOKENS)
+        most = min(MAX_NEW_TOKENS, loaded.n_positions or MAX_NEW_TOKENS)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= most:
             raise ApiError("ValidationException", "Malformed input request: max_tokens/max_gen_len must be an "
                                                   f"integer between 1 and {most} (this model's limit).")
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2 or \
-                not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ApiError("ValidationException", "Malformed input request: temperature must be in [0, 2] and "
-                                                  "top_p in (0, 1].")
+        if not isinstance(temperature, (int, float)) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 2) \
+                or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ApiError("ValidationException", f"Malformed input request: temperature must be 0 (greedy) or in "
+                                                  f"[{MIN_TEMPERATURE:g}, 2], and top_p in (0, 1].")
         return loaded, request, {"max_new_tokens": limit, "temperature": float(temperature), "top_p": float(top_p)}
 
-    def generate(self, loaded: tuple[Any, Any, threading.Lock], prompt: str, opts: dict) -> tuple[list[int], int, bool]:
-        """(generated token ids, prompt token count, stopped at eos). Greedy unless temperature > 0."""
-        import torch
-
-        model, tokenizer, lock = loaded
-        enc = tokenizer(prompt, return_tensors="pt")
-        n_prompt = int(enc["input_ids"].shape[1])
-        if n_prompt > MAX_INPUT_TOKENS:
-            raise ApiError("ValidationException", f"Input is too long: {n_prompt} tokens; this model accepts "
-                                                  f"at most {MAX_INPUT_TOKENS}.")
-        sample = opts["temperature"] > 0
-        kwargs = {"max_new_tokens": opts["max_new_tokens"], "do_sample": sample, "num_beams": 1,
-                  "max_time": self.generation_seconds}  # a time budget: stops there with stop_reason "length"
-        if sample:
-            kwargs.update(temperature=opts["temperature"], top_p=opts["top_p"])
+    def generate(self, served: Served, prompt: str, opts: dict, stream: bool = False) -> dict:
+        """The model's answer (serve_runtime): ids, text, n_prompt, stopped, and with `stream` the text
+        each token adds. Greedy unless temperature > 0; the generation stops at its time budget."""
+        request = {"prompt": prompt, **opts, "max_time": self.generation_seconds, "max_input_tokens": MAX_INPUT_TOKENS,
+                   "stream": stream}
         # One generation per model at a time; a caller that cannot have the model within queue_seconds is
         # throttled (the SDK retries that), so one long generation never holds every other caller for minutes.
-        if not lock.acquire(timeout=self.queue_seconds):
+        if not served.lock.acquire(timeout=self.queue_seconds):
             raise ApiError("ThrottlingException", f"The model is busy with other requests (waited "
                                                   f"{self.queue_seconds:g} s); try again later.", 429)
         try:
-            with torch.no_grad():
-                out = model.generate(**enc, **kwargs)[0].tolist()
+            answer = served.runner.generate(request, self.generation_seconds + ANSWER_SLACK_SECONDS)
+        except serve_runtime.ModelFailure as e:
+            raise ApiError("ModelErrorException", f"The model failed to process the request: {e}", 424) from e
+        except serve_runtime.ModelTimeout as e:
+            raise ApiError("ModelTimeoutException", f"The request took too long to process: {e}", 408) from e
         finally:
-            lock.release()
-        ids = out[1:]  # drop decoder_start_token_id
-        eos = tokenizer.eos_token_id
-        stopped = eos in ids
-        if stopped:
-            ids = ids[:ids.index(eos)]
-        return ids, n_prompt, stopped
+            served.lock.release()
+        if "too_long" in answer:
+            raise ApiError("ValidationException", f"Input is too long: {answer['too_long']} tokens; this model "
+                                                  f"accepts at most {MAX_INPUT_TOKENS}.")
+        return answer
+
+
+@dataclass
+class Served:
+    """An imported model as serve runs it: its runner, the lock that lets one generation at a time
+    through, and its config's n_positions (the most tokens max_tokens may ask for)."""
+
+    runner: Any
+    lock: threading.Lock
+    n_positions: int | None
 
 
 class ImportFailure(Exception):
@@ -477,11 +534,18 @@ def _member(body: dict, *path: str) -> Any:
     return value
 
 
-def _account(role_arn: str) -> str:
+def _account(role_arn: str, default: str) -> str:
+    """The role ARN's account; `default` for an ARN that leaves it out (arn:aws:iam:::role/x)."""
     import re
 
     match = re.fullmatch(ROLE_ARN_RE, role_arn)
-    return (match.group(2) if match and match.group(2) else None) or "123456789012"
+    return (match.group(2) if match and match.group(2) else None) or default
+
+
+def _role_path_and_name(role_arn: str) -> tuple[str, str]:
+    """arn:aws:iam::ACCOUNT:role/a/b/name -> ("/a/b/", "name"), as IAM splits a role ARN."""
+    *path, name = role_arn.split(":role/", 1)[1].split("/")
+    return "/" + "".join(f"{part}/" for part in path), name
 
 
 def _check_tags(field: str, tags: Any) -> None:
@@ -535,21 +599,17 @@ def _page(rows: list[dict], query: dict[str, str], key: str) -> dict:
     return out
 
 
-def _load(folder: Path) -> tuple[Any, Any, str]:
-    """Validate the files the way termtune validate does, then load them with transformers."""
-    import torch
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from termtune.validate import format_checks, validate
-
-    failed = [c for c in validate(folder) if c.failed]
-    if failed:
-        raise ImportFailure("The model artifact is not valid for Custom Model Import:\n" + format_checks(failed))
+def _accept(folder: Path, region: str) -> dict:
+    """config.json, once the files pass Bedrock's documented import rules (serve_rules) and name a model
+    this stand-in can run."""
+    problems = serve_rules.problems(folder, region)
+    if problems:
+        raise ImportFailure("The model artifact is not valid for Custom Model Import: " + "; ".join(problems))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    # fp32 on the CPU: bf16 matmuls are many times slower there; the weights are the same.
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return model, tokenizer, str(config.get("model_type", "unknown"))
+    if config["architectures"][0] not in serve_rules.SERVED_HERE:
+        raise ImportFailure(f"termtune serve (a local stand-in) runs only {', '.join(serve_rules.SERVED_HERE)} "
+                            f"models; Amazon Bedrock would import this {config['architectures'][0]}.")
+    return config
 
 
 # ----------------------------------------------------------------------------- event stream
@@ -713,7 +773,7 @@ class Handler(BaseHTTPRequestHandler):
     def _json(raw: bytes) -> dict:
         try:
             value = json.loads(raw or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: also a number over Python's 4300-digit limit
             raise ApiError("ValidationException", "The request body is not valid JSON.") from None
         if not isinstance(value, dict):
             raise ApiError("ValidationException", "The request body must be a JSON object.")
@@ -725,6 +785,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("x-amzn-RequestId", secrets.token_hex(16))
+        self._stand_in_headers()
         if error:
             self.send_header("x-amzn-ErrorType", error)
         else:
@@ -732,15 +793,20 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _stand_in_headers(self) -> None:
+        """Every answer says it comes from a local stand-in, and how it runs models (termtune deploy and
+        invoke read these from the response metadata and say so)."""
+        self.send_header(STAND_IN_HEADER, STAND_IN)
+        self.send_header(RUNTIME_HEADER, self.server.state.runtime.label)
+
     def _invoke(self, model_id: str, raw: bytes, stream: bool) -> None:
         state = self.server.state
         started = time.monotonic()
-        loaded, request, opts = state.prepare_invoke(model_id, self.headers.get("Content-Type"), raw)
-        ids, n_prompt, stopped = state.generate(loaded, request["prompt"], opts)
-        tokenizer = loaded[1]
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        served, request, opts = state.prepare_invoke(model_id, self.headers.get("Content-Type"), raw)
+        answer = state.generate(served, request["prompt"], opts, stream=stream)
+        ids, n_prompt, text = answer["ids"], answer["n_prompt"], answer["text"]
         openai = "max_gen_len" not in request
-        reason = "stop" if stopped else "length"
+        reason = "stop" if answer["stopped"] else "length"
         if not stream:
             body = (_openai(model_id, text, reason, n_prompt, len(ids)) if openai else
                     {"generation": text, "prompt_token_count": n_prompt, "generation_token_count": len(ids),
@@ -751,12 +817,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/vnd.amazon.eventstream")
         self.send_header("X-Amzn-Bedrock-Content-Type", "application/json")
         self.send_header("x-amzn-RequestId", secrets.token_hex(16))
+        self._stand_in_headers()
         self.end_headers()
         state.count("ok")
-        sent = ""
-        for i in range(1, len(ids) + 1):
-            upto = tokenizer.decode(ids[:i], skip_special_tokens=True)
-            piece, sent = upto[len(sent):], upto
+        for i, piece in enumerate(answer["pieces"], start=1):
             last = i == len(ids)
             if openai:
                 chunk = _openai(model_id, piece, reason if last else None, n_prompt, i)
@@ -846,16 +910,17 @@ def start_server(host: str = "127.0.0.1", port: int = 0, quiet: bool = True, wor
 
 def serve(host: str = "127.0.0.1", port: int = 8787, cold_start_seconds: float = 0.0, throttle_every: int = 0,
           import_delay_seconds: float = 1.0, model_quota: int = 3, region: str = "us-east-1",
-          role_delay_seconds: float = 0.0, local_root: str | None = None) -> None:
+          role_delay_seconds: float = 0.0, local_root: str | None = None, runtime: str = "auto") -> None:
     """Serve until interrupted (termtune serve)."""
     state = Bedrock(region=region, cold_start_seconds=cold_start_seconds, throttle_every=throttle_every,
                     import_delay_seconds=import_delay_seconds, model_quota=model_quota,
-                    role_delay_seconds=role_delay_seconds, local_root=local_root)
+                    role_delay_seconds=role_delay_seconds, local_root=local_root, runtime=runtime)
     server = BedrockServer((host, port), state)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"serve: warning: listening on {host} with no authentication; anyone who can reach it can "
               "import and invoke models", file=sys.stderr)
-    print(f"termtune serve: Bedrock (control plane + runtime, region {region}) on {server.url}\n"
+    print(f"termtune serve: a local stand-in for Amazon Bedrock (control plane + runtime, region {region}, not "
+          f"AWS) on {server.url}\n  models run under {state.runtime.label}\n"
           f"  export AWS_ENDPOINT_URL_BEDROCK={server.url} AWS_ENDPOINT_URL_BEDROCK_RUNTIME={server.url}",
           file=sys.stderr, flush=True)
     # `kill` (SIGTERM, what scripts send) ends it as cleanly as Ctrl-C: the work folder goes too.

@@ -45,6 +45,16 @@ def error_message(exc: BaseException) -> str:
     return str(exc)
 
 
+STAND_IN_HEADER = "x-termtune-stand-in"  # termtune serve's mark on each of its answers
+RUNTIME_HEADER = "x-termtune-runtime"  # and where it runs the model (Bedrock's transformers or not)
+
+
+def stand_in(response: dict, header: str = STAND_IN_HEADER) -> str | None:
+    """What termtune serve says of itself in a boto3 response ("local stand-in, not AWS: termtune
+    serve", or with RUNTIME_HEADER where it ran the model); None from AWS, which sends no such header."""
+    return ((response.get("ResponseMetadata") or {}).get("HTTPHeaders") or {}).get(header)
+
+
 def credentials_problem(exc: BaseException) -> UserError | None:
     """A clear UserError for missing credentials or unreachable endpoints, else None."""
     import botocore.exceptions

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from termtune.aws.clients import RUNTIME_HEADER, stand_in
 from termtune.config import CmuPrice
 
 
 def import_facts(model: dict[str, Any]) -> dict[str, Any]:
-    """The GetImportedModel members deploy records, under the response's own names."""
+    """The GetImportedModel members deploy records, under the response's own names; from termtune
+    serve, also what it says of itself (localStandIn, localRuntime): its CMU figure is a placeholder."""
     units = model.get("customModelUnits") or {}
-    return {"modelArchitecture": model.get("modelArchitecture"),
-            "instructSupported": model.get("instructSupported"),
-            "customModelUnits": {"customModelUnitsPerModelCopy": units.get("customModelUnitsPerModelCopy"),
-                                 "customModelUnitsVersion": units.get("customModelUnitsVersion")},
-            "modelKmsKeyArn": model.get("modelKmsKeyArn")}
+    facts = {"modelArchitecture": model.get("modelArchitecture"),
+             "instructSupported": model.get("instructSupported"),
+             "customModelUnits": {"customModelUnitsPerModelCopy": units.get("customModelUnitsPerModelCopy"),
+                                  "customModelUnitsVersion": units.get("customModelUnitsVersion")},
+             "modelKmsKeyArn": model.get("modelKmsKeyArn")}
+    if stand_in(model):
+        facts.update(localStandIn=stand_in(model), localRuntime=stand_in(model, RUNTIME_HEADER))
+    return facts
 
 
 def estimate(facts: dict[str, Any], region: str, prices: dict[str, dict[str, CmuPrice]]) -> dict[str, Any] | None:
@@ -43,9 +48,11 @@ def estimate(facts: dict[str, Any], region: str, prices: dict[str, dict[str, Cmu
 
 def describe(facts: dict[str, Any], cost: dict[str, Any] | None) -> str:
     units = facts["customModelUnits"]
+    local = facts.get("localStandIn")
     lines = [f"architecture {facts['modelArchitecture']}, Converse {'yes' if facts['instructSupported'] else 'no'}, "
-             f"{units['customModelUnitsPerModelCopy']} CMU per copy ({units['customModelUnitsVersion']}), "
-             f"model key {facts['modelKmsKeyArn'] or 'AWS owned'}"]
+             f"{units['customModelUnitsPerModelCopy']} CMU per copy ({units['customModelUnitsVersion']})"
+             + (" [the stand-in's placeholder figure: Bedrock sizes CMUs from the model]" if local else "")
+             + f", model key {facts['modelKmsKeyArn'] or 'AWS owned'}"]
     if cost is None:
         lines.append("cost: no price for this region and CMU version in aws.cmu_prices; see "
                      "https://aws.amazon.com/bedrock/pricing/ (Custom Model Import)")
@@ -54,5 +61,6 @@ def describe(facts: dict[str, Any], cost: dict[str, Any] | None) -> str:
         lines.append(f"cost per active copy: ${cost['usd_per_5_minute_window']:.4f} per 5-minute window, "
                      f"${cost['usd_per_hour']:.2f} per hour of use"
                      + (f"; storage ${storage:.2f} per month until termtune cleanup" if storage is not None else "")
-                     + f" (aws.cmu_prices: {cost['price_source']})")
+                     + f" (aws.cmu_prices: {cost['price_source']})"
+                     + (f"; priced from {local}'s placeholder CMU figure, not a forecast" if local else ""))
     return "\n".join(lines)

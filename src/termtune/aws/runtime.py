@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from termtune.aws.clients import client, error_code, error_message
+from termtune.aws.clients import RUNTIME_HEADER, client, error_code, error_message, stand_in
 from termtune.aws.stage import aws_errors, read_record
 from termtune.config import Config
 from termtune.errors import UserError
@@ -56,7 +56,8 @@ def response_text(body: dict[str, Any]) -> str:
 
 def invoke(cfg: Config, prompt: str, model_arn: str, stream: bool = False,
            on_text: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep) -> dict:
-    """One generation; returns {"text", "response"|"chunks", "cold_start_retries", "seconds"}."""
+    """One generation; returns {"text", "response"|"chunks", "cold_start_retries", "seconds"}, and
+    "local_stand_in" when termtune serve answered (what it says of itself and where the model ran)."""
     rt = client("bedrock-runtime", cfg.aws.region, cfg.aws.profile, read_timeout=300)
     body = json.dumps(request_body(cfg, prompt))
     budget = cfg.aws.cold_start_budget_minutes * 60
@@ -66,12 +67,14 @@ def invoke(cfg: Config, prompt: str, model_arn: str, stream: bool = False,
         try:
             with aws_errors():
                 if stream:
-                    out = _stream(rt, model_arn, body, on_text)
+                    out, resp = _stream(rt, model_arn, body, on_text)
                 else:
                     resp = rt.invoke_model(modelId=model_arn, body=body, contentType="application/json",
                                            accept="application/json")
                     raw = json.loads(resp["body"].read())
                     out = {"text": response_text(raw), "response": raw}
+                if stand_in(resp):  # termtune serve answered: say so wherever this answer is shown
+                    out["local_stand_in"] = f"{stand_in(resp)}; {stand_in(resp, RUNTIME_HEADER)}"
             break
         except Exception as e:
             code = error_code(e)
@@ -98,7 +101,7 @@ def invoke(cfg: Config, prompt: str, model_arn: str, stream: bool = False,
     return out
 
 
-def _stream(rt: Any, model_arn: str, body: str, on_text: Callable[[str], None] | None) -> dict:
+def _stream(rt: Any, model_arn: str, body: str, on_text: Callable[[str], None] | None) -> tuple[dict, dict]:
     resp = rt.invoke_model_with_response_stream(modelId=model_arn, body=body, contentType="application/json",
                                                 accept="application/json")
     pieces, chunks = [], []
@@ -113,7 +116,7 @@ def _stream(rt: Any, model_arn: str, body: str, on_text: Callable[[str], None] |
         pieces.append(piece)
         if on_text:
             on_text(piece)
-    return {"text": "".join(pieces), "chunks": chunks}
+    return {"text": "".join(pieces), "chunks": chunks}, resp
 
 
 def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, model_arn: str | None = None,
@@ -141,4 +144,6 @@ def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, mod
         print()
     else:
         print(result["text"])
+    if result.get("local_stand_in") and not as_json:
+        print(f"model arn {model_arn} ({result['local_stand_in']})", file=sys.stderr)
     return saved

@@ -58,10 +58,11 @@ class DeployResult(StageResult):
     def summary(self) -> str:
         if self.dry_run:
             return f"dry run: nothing uploaded or created (would import {self.s3_uri} as {self.model_name})"
+        local = f" ({self.facts['localStandIn']})" if self.facts.get("localStandIn") else ""
         if self.already_deployed:
-            return f"already imported: {self.model_arn}"
+            return f"already imported: {self.model_arn}{local}"
         return (f"uploaded {len(self.uploaded)} files, {len(self.skipped)} already in place -> {self.s3_uri}\n"
-                f"import job: {self.job_arn}\nimported model: {self.model_arn}\n"
+                f"import job: {self.job_arn}{local}\nimported model: {self.model_arn}{local}\n"
                 + (costs.describe(self.facts, self.cost) + "\n" if self.facts else "")
                 + "next: termtune invoke <config> --term \"...\"")
 
@@ -209,7 +210,7 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
             if bedrock.find_model(br, record["model_name"]):
                 return DeployResult(record["s3_uri"], record["model_name"], record["job_name"],
                                     record.get("role_arn"), record.get("job_arn"), record["model_arn"],
-                                    already_deployed=True)
+                                    already_deployed=True, facts=record.get("imported_model") or {})
         model_key = model_kms_key_arn(cfg) if cfg.aws.model_kms_key_id else None
         s3c = client("s3", cfg.aws.region, cfg.aws.profile)
 

@@ -1,0 +1,99 @@
+"""termtune serve's model runner: one imported model, generation requests as JSON lines.
+
+termtune serve runs this file as a long-lived process per imported model, with Bedrock's
+transformers (4.51.3: the interpreter in TERMTUNE_BEDROCK_PYTHON, or ./.venv-bedrock/bin/python),
+as Bedrock hosts each imported model apart from the service. termtune is not installed there, so
+this file imports only the standard library, torch and transformers. Without that interpreter,
+serve imports this module and calls the same load() and generate() in its own process.
+
+    python -I _bedrock_worker.py MODEL_FOLDER
+    out: {"ready": true, "transformers": "4.51.3", "torch": "2.x"}   (or {"ready": false, "error": ...}, exit 1)
+    in:  {"prompt": "...", "max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "max_time": 60.0,
+          "max_input_tokens": 512, "stream": false}
+    out: {"ids": [...], "text": "...", "pieces": [...] (stream only), "n_prompt": 7, "stopped": true}
+         or {"too_long": 600} when the prompt has more than max_input_tokens tokens,
+         or {"error": "..."} when generation failed
+
+It ends when its standard input closes. Its standard output carries only these lines: anything
+a library prints goes to standard error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+
+def load(folder: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from an imported model's folder: safetensors only, fp32 on the CPU
+    (bf16 matmuls are many times slower there; the weights are the same)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    dtype = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True, **{dtype: torch.float32}).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def generate(model: Any, tokenizer: Any, request: dict) -> dict:
+    """One generation, greedy unless temperature > 0, within max_time seconds (then it stops, "length")."""
+    import torch
+
+    enc = tokenizer(request["prompt"], return_tensors="pt")
+    n_prompt = int(enc["input_ids"].shape[1])
+    if n_prompt > request["max_input_tokens"]:
+        return {"too_long": n_prompt}
+    sample = request["temperature"] > 0
+    kwargs = {"max_new_tokens": request["max_new_tokens"], "do_sample": sample, "num_beams": 1,
+              "max_time": request["max_time"]}
+    if sample:
+        kwargs.update(temperature=request["temperature"], top_p=request["top_p"])
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)[0].tolist()
+    ids = out[1:]  # drop decoder_start_token_id
+    stopped = tokenizer.eos_token_id in ids
+    if stopped:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
+    answer = {"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "n_prompt": n_prompt,
+              "stopped": stopped}
+    if request.get("stream"):  # the text each token adds, as a stream sends it
+        pieces, sent = [], ""
+        for i in range(1, len(ids) + 1):
+            upto = tokenizer.decode(ids[:i], skip_special_tokens=True)
+            pieces.append(upto[len(sent):])
+            sent = upto
+        answer["pieces"] = pieces
+    return answer
+
+
+def main(folder: str) -> int:
+    channel = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the protocol's own copy of standard output
+    os.dup2(2, 1)  # what libraries print goes to standard error
+    sys.stdout = sys.stderr
+
+    def send(message: dict) -> None:
+        channel.write(json.dumps(message) + "\n")
+        channel.flush()
+
+    try:
+        import torch
+        import transformers
+
+        model, tokenizer = load(folder)
+    except Exception as e:
+        send({"ready": False, "error": f"{type(e).__name__}: {e}"})
+        return 1
+    send({"ready": True, "transformers": transformers.__version__, "torch": torch.__version__})
+    for line in sys.stdin:
+        try:
+            send(generate(model, tokenizer, json.loads(line)))
+        except Exception as e:  # this request's failure; the model stays loaded for the next
+            send({"error": f"{type(e).__name__}: {e}"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
