@@ -1,12 +1,16 @@
-"""`termtune plan`: the arithmetic against hand-computed cases and the real model, and the sources rule."""
+"""`termtune plan`: the arithmetic against hand-computed cases and the real model, the sources rule, and the
+settings it refuses (a shape or rank that cannot work, a run that does not fit)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 
 import pytest
-from test_cli import termtune
+from conftest import REPO
+from test_cli import TERMTUNE, termtune
 
 from termtune import plan as P
 
@@ -299,7 +303,9 @@ def test_run_refuses_to_train_what_its_plan_says_does_not_fit(tmp_path):
 
     source = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(24))
     run_dir = tmp_path / "run"
-    out = termtune("run", *tiny_overrides(run_dir, source), f"model.architecture_overrides={HUGE}", "aws.deploy=false")
+    out = subprocess.run([*TERMTUNE, "run", *tiny_overrides(run_dir, source), f"model.architecture_overrides={HUGE}",
+                          "aws.deploy=false"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})  # planned on the CPU
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("termtune: error: train: the planned training peak of ") and "does not fit this CPU" in line
@@ -314,8 +320,11 @@ def test_force_trains_past_a_plan_that_does_not_fit(tiny_cfg, monkeypatch):
 
     cfg = tiny_cfg(n_rows=24, extra={"model.architecture_overrides": HUGE})
     monkeypatch.setattr(P, "measure_cpu_peak", lambda **_: 1e11)
+    monkeypatch.setattr(P, "_gpu_name", lambda: None)  # planned on, and trained on, this CPU
     with pytest.raises(UserError, match="does not fit"):
         P.before_training(cfg)
     line = P.before_training(cfg, force=True)
     assert line.startswith("plan: ") and "does NOT fit this CPU" in line
     assert P.before_training(tiny_cfg(n_rows=24, run_name="small")).startswith("plan: ")  # the tiny model fits
+    monkeypatch.setattr(P, "_gpu_name", lambda: "nvidia b300")  # a GPU the plan has no figures for: it trains there
+    assert "does NOT fit this CPU" in P.before_training(cfg)

@@ -262,18 +262,14 @@ def model_shape(cfg: Config) -> Shape:
     else:
         raise UserError(f"model.source: {m.source} is neither a local folder with config.json nor a known Hub id "
                         f"({', '.join(KNOWN_SHAPES)}); the plan does not download anything")
-    return shape_of({**FLAN_DEFAULTS, **values}, origin, m.architecture_overrides if m.init == "random" else {})
-
-
-def shape_of(values: dict[str, Any], origin: str, overrides: dict[str, Any]) -> Shape:
-    """The Shape of a T5 config's values; sizes and dropout are checked (one line naming the key) by
-    termtune.modeling.check_shape. `overrides`: the keys model.architecture_overrides set."""
+    values = {**FLAN_DEFAULTS, **values}
     if values.get("num_decoder_layers") is None:  # T5's default: as many as the encoder
-        values = {**values, "num_decoder_layers": values.get("num_layers")}
-    missing = [key for key in [*SIZE_KEYS, "feed_forward_proj", "dropout_rate"] if key not in values]
+        values["num_decoder_layers"] = values.get("num_layers")
+    missing = [key for key in SIZE_KEYS if key not in values]
     if missing:
         raise UserError(f"{origin}: not a T5 config (no {', '.join(missing)})")
-    check_shape(values, origin, overrides)
+    # a size of 0 or -2, or 10**30, names its key here rather than planning a model that cannot exist
+    check_shape(values, origin, m.architecture_overrides if m.init == "random" else {})
     return Shape(d_model=values["d_model"], d_ff=values["d_ff"], d_kv=values["d_kv"], num_heads=values["num_heads"],
                  num_layers=values["num_layers"], num_decoder_layers=values["num_decoder_layers"],
                  vocab_size=values["vocab_size"], gated=str(values["feed_forward_proj"]).startswith("gated"),
@@ -859,13 +855,15 @@ def _duration(seconds: float) -> str:
 
 def before_training(cfg: Config, force: bool = False) -> str:
     """The plan in one line, for `termtune run` before training. Raises UserError when the training peak does
-    not fit this machine (its GPU, else its RAM), unless `force`; a plan that cannot be made (a Hub model of
-    unknown shape) says why and refuses nothing."""
+    not fit the device that trains (this machine's GPU, else its RAM), unless `force`; a plan that cannot be
+    made (a Hub model of unknown shape) says why and refuses nothing, and so does a plan of this CPU on a
+    machine whose GPU is not in GPUS (the training runs on a device the plan does not describe)."""
+    gpu = _this_gpu()
     try:
-        planned = plan(cfg, gpu=_this_gpu())
+        planned = plan(cfg, gpu=gpu)
     except UserError as e:
         return f"plan: not available ({e})"
-    if not planned.fits and not force:
+    if not planned.fits and not force and (gpu is not None or _gpu_name() is None):
         d = planned.device
         raise UserError(f"train: the planned training peak of {_gib(planned.memory['total'])} does not fit "
                         f"{d['name']} ({_gib(d['memory_bytes'])}); `termtune plan` shows where it goes. Lower "
@@ -876,15 +874,18 @@ def before_training(cfg: Config, force: bool = False) -> str:
 
 def _this_gpu() -> str | None:
     """The GPUS key of this machine's GPU, or None (CPU, or a GPU not in the table: planned as the CPU)."""
+    name = _gpu_name()
+    return next((key for key in GPUS if key in name.replace(" ", "")), None) if name else None
+
+
+def _gpu_name() -> str | None:
+    """This machine's CUDA GPU, lower case, or None."""
     try:
         import torch
 
-        if not torch.cuda.is_available():
-            return None
-        name = torch.cuda.get_device_name(0).lower()
+        return torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else None
     except Exception:  # a broken CUDA install must not stop a run over a one-line estimate
         return None
-    return next((key for key in GPUS if key in name.replace(" ", "")), None)
 
 
 def compare_with_measured(cfg: Config, planned: Plan | None = None) -> list[dict[str, Any]]:
