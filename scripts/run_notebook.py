@@ -2,9 +2,9 @@
 
     python scripts/run_notebook.py notebooks/walkthrough.ipynb --output runs/walkthrough.ipynb
 
-The notebook in the repository stays without outputs (tests/test_notebook.py checks it); the
-executed copy, with every table and plot, goes to --output. tests/test_notebook.py runs the
-same `execute` in CI.
+The kernel starts in the notebook's folder, as Jupyter and VS Code start it. The notebook in the
+repository stays without outputs (tests/test_notebook.py checks it); the executed copy, with every
+table and plot, goes to --output. tests/test_notebook.py runs the same `execute` in CI.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ from pathlib import Path
 CELL_TIMEOUT_S = 900
 
 
-def execute(notebook: Path, cwd: Path, output: Path | None = None) -> object:
-    """Run every cell in a python3 kernel started in `cwd`; raises nbclient's CellExecutionError
-    (with the cell and its traceback) at the first cell that fails."""
+def execute(notebook: Path, cwd: Path | None = None, output: Path | None = None, cells: int | None = None) -> object:
+    """Run every cell (or the first `cells`) in a python3 kernel started in `cwd` (default: the notebook's
+    folder, as Jupyter starts it); raises nbclient's CellExecutionError (with the cell and its traceback)
+    at the first cell that fails."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(notebook, as_version=4)
+    nb.cells = nb.cells[:cells]
+    cwd = notebook.resolve().parent if cwd is None else cwd
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     try:
@@ -42,7 +45,7 @@ def main() -> int:
     from nbclient.exceptions import CellExecutionError
 
     try:
-        execute(args.notebook, Path.cwd(), args.output)
+        execute(args.notebook, output=args.output)
     except CellExecutionError as e:
         print(f"{args.notebook}: a cell failed:\n{e}", file=sys.stderr)
         return 1

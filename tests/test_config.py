@@ -82,6 +82,37 @@ def test_fp16_can_be_forced():
     assert cfg.train.precision == "fp16"
 
 
+def test_assigning_a_setting_is_checked_like_loading_and_a_refusal_changes_nothing():
+    """The API's config object: a section or a single setting assigned after loading meets the same rules."""
+    from termtune.config import LoraConfig, TrainConfig
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    before = cfg.model_dump()
+    refused = [
+        (lambda: setattr(cfg, "train", TrainConfig(precision="fp16")), r"^train.precision=fp16 is refused for T5"),
+        (lambda: setattr(cfg.train, "precision", "fp16"), r"^train.precision=fp16 is refused for T5"),
+        (lambda: setattr(cfg.train, "epochs", 1e300), r"^train.epochs: Input should be less than or equal to 1000$"),
+        (lambda: setattr(cfg, "lora", {"r": 0}), r"^lora.r: Input should be greater than or equal to 1$"),
+        (lambda: setattr(cfg.lora, "target_modules", []), r"^lora.target_modules: no module names"),
+        (lambda: setattr(cfg.model, "init", "pretrained"), r"^model.architecture_overrides only applies"),
+        (lambda: setattr(cfg.data, "prompt_template", "Define it"), r"^data.prompt_template must contain \{term\}"),
+        (lambda: setattr(cfg, "export", 5), r"^export: Input should be a valid dictionary or instance"),
+    ]
+    for assign, message in refused:
+        with pytest.raises(UserError, match=message) as e:
+            assign()
+        assert "\n" not in str(e.value)
+        assert cfg.model_dump() == before  # the refused value is not left behind
+
+    cfg.train = TrainConfig(precision="fp16", allow_fp16=True)  # what the rules allow is kept
+    cfg.lora = LoraConfig(r=8)
+    cfg.train.epochs = 2
+    assert (cfg.train.precision, cfg.lora.r, cfg.train.epochs) == ("fp16", 8, 2)
+    with pytest.raises(UserError, match="train.precision=fp16 is refused"):
+        cfg.train.allow_fp16 = False  # a section assigned whole is checked as part of the config afterwards
+    assert load_config(REPO / "configs" / "demo.yaml") == load_config(REPO / "configs" / "demo.yaml")
+
+
 def test_random_init_needs_architecture():
     with pytest.raises(UserError, match="model.init=random needs model.architecture"):
         load_config(None, ["model.init=random"])

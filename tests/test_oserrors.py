@@ -1,7 +1,7 @@
 """OS failures: one line that names the path and the cause, found before a stage works, nothing half-written.
 
 Real failures where a test can make them: a file where a folder is expected, a name too long, a
-read-only folder (chmod, when not root), and a read-only or full file system (a tmpfs mounted in a
+read-only folder (chmod; root, as in CI, runs termtune without its powers to override it), and a read-only or full file system (a tmpfs mounted in a
 private user + mount namespace, when the kernel allows one). The full disk is also simulated
 in-process, always: `open()` of the weight file returns a file whose write fails with ENOSPC, as
 the kernel's write(2) does.
@@ -14,6 +14,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ TERMTUNE = [sys.executable, "-m", "termtune.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def termtune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*TERMTUNE, *args], cwd=REPO, capture_output=True, text=True, env=ENV, timeout=300)
+def termtune(*args: str, prefix: list[str] | tuple[()] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, *TERMTUNE, *args], cwd=REPO, capture_output=True, text=True, env=ENV,
+                          timeout=300)
 
 
 def error_line(out: subprocess.CompletedProcess) -> str:
@@ -96,12 +98,35 @@ def test_unusable_run_dir_is_one_line_naming_path_and_cause(tmp_path, source, ma
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["terms.jsonl", *(["notes"] * (make != _name_too_long))])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only (0555) folders anyway")
+def without_root_powers(workdir: Path) -> list[str]:
+    """A command prefix that runs a command without root's power to write where permissions say no: nothing for
+    a user; for root (as in CI) a user namespace, where root still reads its own files (the interpreter may live
+    under /root) but holds no capability over the host's; else the user nobody, for whom `workdir` and the
+    folders above it are opened (o+x). Fails the test when neither is possible: a skip would hide the case."""
+    if os.geteuid() != 0:
+        return []
+    probe = workdir / "probe"
+    probe.mkdir(mode=0o555)
+    for prefix in (["unshare", "--user"], ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]):
+        if prefix[0] == "setpriv":
+            for folder in [workdir, *workdir.parents]:
+                if folder == Path(tempfile.gettempdir()):
+                    break
+                folder.chmod(folder.stat().st_mode | 0o001)
+        out = subprocess.run([*prefix, sys.executable, "-c", "import os, sys, termtune; os.mkdir(sys.argv[1])",
+                              str(probe / "x")], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=60)
+        if out.returncode != 0 and "PermissionError" in out.stderr:  # it ran, and the permissions held
+            return prefix
+    pytest.fail("root cannot run termtune without its powers here (no user namespace, and the user nobody "
+                "cannot run the interpreter or read the checkout)")
+
+
 def test_read_only_run_dir_fails_before_any_work(tmp_path, source):
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o555)
     try:
-        line = error_line(termtune("data", "prepare", *tiny_overrides(run_dir, source)))
+        line = error_line(termtune("data", "prepare", *tiny_overrides(run_dir, source),
+                                   prefix=without_root_powers(tmp_path)))
     finally:
         run_dir.chmod(0o755)
     assert line.startswith(f"termtune: error: {run_dir}") and "Permission denied (no permission to write" in line

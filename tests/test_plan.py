@@ -1,12 +1,16 @@
-"""`termtune plan`: the arithmetic against hand-computed cases and the real model, and the sources rule."""
+"""`termtune plan`: the arithmetic against hand-computed cases and the real model, the sources rule, and the
+settings it refuses (a shape or rank that cannot work, a run that does not fit)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 
 import pytest
-from test_cli import termtune
+from conftest import REPO
+from test_cli import TERMTUNE, termtune
 
 from termtune import plan as P
 
@@ -203,7 +207,7 @@ def test_unknown_gpu_and_unknown_hub_source_are_user_errors(prepared_cfg):
     cfg = load_config(None, ["model.source=someone/unknown-model", f"run.dir={prepared_cfg.run_dir}x"])
     with pytest.raises(UserError, match="known Hub id"):
         P.plan(cfg, cpu_peak=1e9)
-    assert P.one_line(cfg).startswith("plan: not available (")
+    assert P.before_training(cfg).startswith("plan: not available (")
 
 
 def test_compare_with_measured(prepared_cfg):
@@ -242,3 +246,85 @@ def test_recorded_cmus_price_the_import(prepared_cfg):
         "customModelUnits": {"customModelUnitsPerModelCopy": 2, "customModelUnitsVersion": "v1.0"}}}))
     money = P.plan(cfg, cpu_peak=1e11).money
     assert money["cmus"] == 2 and money["cmu_version"] == "v1.0"
+
+
+# ----------------------------------------------------------------------------- settings that cannot work
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.architecture_overrides": {"d_model": 0}}, "model.architecture_overrides.d_model=0: a model size must "
+                                                       "be a whole number from 1 to 16,777,216"),
+    ({"model.architecture_overrides": {"num_heads": -2}}, "model.architecture_overrides.num_heads=-2: a model size"),
+    ({"model.architecture_overrides": {"num_decoder_layers": 0}}, "model.architecture_overrides.num_decoder_layers=0"),
+    ({"model.architecture_overrides": {"vocab_size": 2**30}}, "model.architecture_overrides.vocab_size=1073741824"),
+    ({"model.architecture_overrides": {"d_ff": 1.5}}, r"model.architecture_overrides.*d_ff.*1\.5"),
+    ({"model.architecture_overrides": {"dropout_rate": 2}}, "model.architecture_overrides.dropout_rate=2: a dropout"),
+    ({"lora.r": 10**29}, f"lora.r={10**29} is larger than the targeted layers allow: (.*\\.)?q is 64 -> 64"),
+    ({"lora.r": 65, "lora.target_modules": ["wi_0"]}, r"lora.r=65 is larger than .*wi_0 is 64 -> 128"),
+])
+def test_plan_and_the_model_check_refuse_a_shape_or_rank_that_cannot_work(tiny_cfg, override, message):
+    """One line naming the key, from `termtune plan` and from the check every training run makes first."""
+    from termtune.errors import UserError
+    from termtune.modeling import check_model_settings
+
+    cfg = tiny_cfg(n_rows=24)
+    cfg.model.architecture_overrides = {**cfg.model.architecture_overrides,
+                                        **override.get("model.architecture_overrides", {})}
+    if "lora.target_modules" in override:
+        cfg.lora.target_modules = override["lora.target_modules"]
+    cfg.lora.r = override.get("lora.r", cfg.lora.r)
+    for check in (lambda: P.plan(cfg, cpu_peak=1e9), lambda: check_model_settings(cfg)):
+        with pytest.raises(UserError, match=message) as e:
+            check()
+        assert "\n" not in str(e.value)
+
+
+def test_cli_plan_refuses_absurd_settings_in_one_line(tiny_cfg, tmp_path):
+    from termtune.config import dump_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text(dump_config(tiny_cfg(n_rows=24)))
+    for override, message in [("model.architecture_overrides.d_model=0", "model.architecture_overrides.d_model=0: "),
+                              ("lora.r=100000000000000000000000000000", "lora.r=100000000000000000000000000000 is "
+                                                                         "larger than the targeted layers allow"),
+                              ("train.epochs=1e300", "train.epochs: Input should be less than or equal to 1000")]:
+        out = termtune("plan", str(config), override)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert message in out.stderr.strip().splitlines()[-1]
+
+
+# A T5 no machine holds: 4 M-wide states and 16 M-wide feed-forward layers (petabytes of weights).
+HUGE = json.dumps({"num_layers": 2, "num_decoder_layers": 2, "d_model": 2**22, "d_ff": 2**24, "d_kv": 16,
+                   "num_heads": 4, "dropout_rate": 0.0})
+
+
+def test_run_refuses_to_train_what_its_plan_says_does_not_fit(tmp_path):
+    from conftest import medquad_rows, tiny_overrides, write_jsonl
+
+    source = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(24))
+    run_dir = tmp_path / "run"
+    out = subprocess.run([*TERMTUNE, "run", *tiny_overrides(run_dir, source), f"model.architecture_overrides={HUGE}",
+                          "aws.deploy=false"], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})  # planned on the CPU
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout[-2000:] + out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("termtune: error: train: the planned training peak of ") and "does not fit this CPU" in line
+    assert "--force" in line
+    assert (run_dir / "data" / "train.jsonl").is_file()  # the data stage ran; training never started
+    assert not (run_dir / "train").exists() and not (run_dir / "base-model").exists()
+    assert "--force" in termtune("run", "--help").stdout
+
+
+def test_force_trains_past_a_plan_that_does_not_fit(tiny_cfg, monkeypatch):
+    from termtune.errors import UserError
+
+    cfg = tiny_cfg(n_rows=24, extra={"model.architecture_overrides": HUGE})
+    monkeypatch.setattr(P, "measure_cpu_peak", lambda **_: 1e11)
+    monkeypatch.setattr(P, "_gpu_name", lambda: None)  # planned on, and trained on, this CPU
+    with pytest.raises(UserError, match="does not fit"):
+        P.before_training(cfg)
+    line = P.before_training(cfg, force=True)
+    assert line.startswith("plan: ") and "does NOT fit this CPU" in line
+    assert P.before_training(tiny_cfg(n_rows=24, run_name="small")).startswith("plan: ")  # the tiny model fits
+    monkeypatch.setattr(P, "_gpu_name", lambda: "nvidia b300")  # a GPU the plan has no figures for: it trains there
+    assert "does NOT fit this CPU" in P.before_training(cfg)

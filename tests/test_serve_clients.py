@@ -61,6 +61,15 @@ def exchange(port: int, data: bytes) -> tuple[int | None, dict[str, str], bytes]
     return int(lines[0].split()[1]), headers, body
 
 
+def ending(s: socket.socket) -> int | None:
+    """How the server ended a connection: the status it answered, or None when it closed without one. A
+    connection it keeps open fails the test through the socket's timeout."""
+    raw = b""
+    while chunk := s.recv(65536):
+        raw += chunk
+    return int(raw.split(b" ", 2)[1]) if raw else None
+
+
 def jobs(server) -> set[str]:
     return {j["jobName"] for j in server.state.jobs.values()}
 
@@ -171,7 +180,7 @@ def test_stalled_and_half_sent_requests_time_out_while_others_are_served(served)
         stalled.sendall(b"GET /imported-models HTTP/1.1\r\n")
         br, _ = clients(f"http://127.0.0.1:{port}")
         assert br.get_imported_model(modelIdentifier=arn)["modelArn"] == arn  # others are served meanwhile
-        assert stalled.recv(65536) is not None  # and the stalled one ends: closed, or a 400/408 answer
+        assert ending(stalled) in (None, 400, 408)  # and the stalled one ends: closed, or a 400/408 answer
     dripper.join(timeout=60)
     stop.set()
     assert not dripper.is_alive() and len(sent) < len(request(port, "GET", "/imported-models",
@@ -192,7 +201,7 @@ def test_workers_are_bounded_and_waiting_connections_queue(tmp_path):
         br, _ = clients(url)
         assert br.list_imported_models()["modelSummaries"] == []  # served once the stalled ones time out
         for s in stalled:
-            assert s.recv(65536) is not None
+            assert ending(s) in (None, 400, 408)  # each stalled one was ended: closed, or a 400/408 answer
             s.close()
         assert busiest == 1
     finally:

@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycles among termtune's modules; every run-directory path documented."""
+"""The shape of the code: no import cycles among termtune's modules; every run-directory path documented; every
+test runs."""
 
 from __future__ import annotations
 
@@ -87,3 +88,20 @@ def test_run_directory_page_names_every_layout_path():
         assert f"`{name}`" in page and shown.split("/")[-1] in page, name
     for stage in ("data", "train", "evaluate"):
         assert f"provenance/{stage}.json" in page or "provenance/<stage>.json" in page
+
+
+def test_every_test_runs_and_a_hung_test_fails():
+    """pyproject's pytest settings: no marker deselects tests by default, a marker must be registered and each
+    registered one is carried by a test, and pytest-timeout ends a test that hangs."""
+    import re
+    import tomllib
+
+    options = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["pytest"]["ini_options"]
+    addopts = options["addopts"].split()
+    assert "--strict-markers" in addopts and not any(o == "-m" or o.startswith("-m") for o in addopts)
+    assert options["timeout"] > 0
+    builtin = {"parametrize", "skipif", "skip", "xfail", "usefixtures", "filterwarnings", "timeout"}
+    carried = {name for path in (REPO / "tests").glob("*.py")
+               for name in re.findall(r"pytest\.mark\.(\w+)", path.read_text(encoding="utf-8"))} - builtin
+    registered = {line.split(":")[0].strip() for line in options.get("markers", [])}
+    assert carried == registered, f"markers carried by tests {carried}, registered {registered}"

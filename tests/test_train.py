@@ -224,10 +224,9 @@ def test_fp16_is_refused_for_t5_with_the_reason(tmp_path):
     assert "fp16" in out.stderr and "overflow" in out.stderr and "allow_fp16" in out.stderr
 
     # Also when a config object is changed after loading (the library path, not just the CLI).
-    cfg.train.precision = "fp16"
     with pytest.raises(UserError, match="overflow"):
-        train.train(cfg)
-    cfg.train.precision = "auto"
+        cfg.train.precision = "fp16"
+    assert cfg.train.precision == "auto"
     assert train.resolve_precision(cfg) == "fp32"  # no GPU here: fp32 (bf16 on a CPU is opt-in)
 
 

@@ -55,6 +55,8 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | S
     Overrides are a mapping of dotted keys to values (`{"train.epochs": 1}`), or keyword
     arguments naming a section (`train={"epochs": 1}`), or both; or the command line's
     `["train.epochs=1", ...]` strings (values parsed as YAML). Reads only the config file.
+    A setting assigned afterwards (`cfg.train.epochs = 2`, `cfg.lora = {"r": 8}`) is checked the
+    same way, cross-field rules included; a refused value raises UserError and changes nothing.
 
     Example:
         cfg = tt.load_config("configs/demo.yaml", {"run.dir": "runs/nb"}, train={"epochs": 1})
@@ -188,15 +190,17 @@ def cleanup(cfg: Config, yes: bool = False) -> Cleanup:
     return Cleanup(pipeline.cleanup(cfg, yes=yes))
 
 
-def run(cfg: Config) -> RunResult:
+def run(cfg: Config, force: bool = False) -> RunResult:
     """Every stage in order (data, train, evaluate, export, validate, then deploy and invoke unless
     aws.deploy is false), skipping each stage that is up to date and saying why the others run.
 
-    Reads and writes what the stages do; replaced results are kept in <run>/history.json.
+    Reads and writes what the stages do; replaced results are kept in <run>/history.json. Before
+    training it prints the plan (termtune.plan) and refuses when the planned training peak does not
+    fit this machine's memory, unless `force`.
     """
     from termtune import pipeline
 
-    outcomes = pipeline.run(cfg)
+    outcomes = pipeline.run(cfg, force=force)
     results: dict[str, Any] = {}
     for name, outcome in outcomes.items():
         if outcome is None:

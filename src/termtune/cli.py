@@ -335,18 +335,23 @@ def serve(
 
 @app.command()
 @friendly
-def run(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+def run(
+    args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+    force: bool = typer.Option(False, "--force", help="Train even when the plan says the training peak does not "
+                               "fit this machine's memory (the plan is an estimate: `termtune plan` shows it)."),
+) -> None:
     """Run every stage in order, skipping stages made from the same settings and inputs.
 
     data -> train -> evaluate -> export -> validate -> deploy -> invoke
 
     A changed setting re-runs exactly the stages that read it, and those after them; the
-    replaced results are kept in <run>/history.json.
+    replaced results are kept in <run>/history.json. Training is refused when the plan says it
+    does not fit this machine's memory, unless --force.
 
     Example:
         termtune run configs/demo.yaml
     """
-    api.run(resolve(args))
+    api.run(resolve(args), force=force)
 
 
 def _echo(result: Any) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from termtune.errors import UserError
 
@@ -33,11 +33,43 @@ MAX_YAML_VALUES = 10_000
 """Values a config may hold once YAML aliases are expanded (the demo has about 100): a 600-byte alias
 bomb otherwise expands to millions, which every later stage then copies, dumps and hashes."""
 PREFIX_PLACEHOLDERS = ("run_name",)
+MAX_EPOCHS = 1000
+"""Fine-tuning takes a few epochs; the bound refuses a typo such as 1e300, a run that would never end."""
 
 
 class Section(BaseModel):
+    """A config section. Assigning to a setting (`cfg.train.epochs = 2`, `cfg.lora = {"r": 8}`) is checked
+    as loading is: the value's type and range, then the whole config's cross-field rules; a refused value
+    raises UserError naming the key and leaves the config as it was."""
+
     # allow_inf_nan=False: an infinite learning rate or timeout is never meant, and trains a NaN model.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    _owner: Optional["Config"] = PrivateAttr(None)
+    """The Config holding this section, whose rules an assignment to this section must also pass."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in type(self).model_fields:  # private attributes
+            return super().__setattr__(name, value)
+        before = self.__dict__[name]
+        try:
+            super().__setattr__(name, value)  # the field's type and range (a Config: also its rules)
+            if self._owner is not None:
+                self._owner.check_rules()
+        except (ValidationError, ValueError) as e:
+            self.__dict__[name] = before  # pydantic has already stored the value when a model-level rule refuses it
+            # a cross-field rule's message names its keys; a field's error is named by its dotted key
+            raise UserError(_describe(e, self._prefix()) if isinstance(e, ValidationError) else str(e)) from None
+
+    def _prefix(self) -> str:
+        """'train.' for the Config's train section: how a config file spells this section's keys."""
+        owner = self._owner
+        if owner is None:
+            return ""
+        return next((f"{key}." for key in type(owner).model_fields if getattr(owner, key) is self), "")
+
+    def __eq__(self, other: object) -> bool:
+        # the settings only: pydantic would also compare _owner, and through it every other section
+        return type(self) is type(other) and self.__dict__ == other.__dict__  # type: ignore[union-attr]
 
     @field_validator("*")
     @classmethod
@@ -128,7 +160,8 @@ class LoraConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS)
+    """Passes over the training split (at most 1000)."""
     max_steps: int = Field(-1, ge=-1)
     """Stop after this many optimizer steps (-1: run `epochs`)."""
     batch_size: int = Field(4, ge=1)
@@ -280,6 +313,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Config":
+        self.check_rules()
+        for name in type(self).model_fields:  # assignments to a section are then checked against these rules
+            getattr(self, name)._owner = self
+        return self
+
+    def check_rules(self) -> None:
+        """Raise ValueError when settings of different sections cannot work together."""
         if self.train.precision == "fp16" and not self.train.allow_fp16:
             raise ValueError(
                 "train.precision=fp16 is refused for T5: its activations overflow to inf/NaN in fp16 "
@@ -298,7 +338,6 @@ class Config(Section):
             raise ValueError("data.test_size must be a share below 1 or a whole number of rows")
         if "{term}" not in self.data.prompt_template:
             raise ValueError("data.prompt_template must contain {term}")
-        return self
 
     @property
     def run_dir(self) -> Path:
@@ -470,9 +509,9 @@ def _check_keys(raw: dict[str, Any], model: type[BaseModel], prefix: str, where:
             _check_keys(value, annotation, prefix=f"{prefix}{key}.", where=where)
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, prefix: str = "") -> str:
     first = error.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"])
+    loc = prefix + ".".join(str(x) for x in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     return f"{loc}: {msg}" if loc else msg
 

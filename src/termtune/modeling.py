@@ -24,6 +24,12 @@ from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
 
+MAX_SIZE = 2**24
+"""The largest size a T5 shape may give: the widest T5 layer is t5-11b's d_ff of 65,536 and large vocabularies
+hold a few hundred thousand tokens; far above that is a typo, not a model."""
+SIZE_KEYS = ("d_model", "d_ff", "d_kv", "num_heads", "num_layers", "num_decoder_layers", "vocab_size",
+             "relative_attention_num_buckets")
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -185,7 +191,8 @@ def model_config(cfg: Config) -> "Any":
 
 
 def check_model_settings(cfg: Config) -> None:
-    """Check the LoRA settings against the model's real layers before any data or weights are touched.
+    """Check the model's sizes and the LoRA settings against its real layers before any data or weights are
+    touched.
 
     The model is built on the meta device (shapes only, no memory, well under a second for
     flan-t5-large) and PEFT's own matching decides which layers lora.target_modules selects.
@@ -195,6 +202,11 @@ def check_model_settings(cfg: Config) -> None:
     from transformers import AutoModelForSeq2SeqLM
 
     config = model_config(cfg)
+    # sizes such as d_model=0 or num_heads=-2 first: torch fails on them with a traceback or builds an empty model
+    check_shape(config.to_dict(), cfg.model.architecture or cfg.model.source,
+                cfg.model.architecture_overrides if cfg.model.init == "random" else {})
+    probe = lora_config(cfg)
+    probe.r = 1  # which layers LoRA wraps does not depend on the rank, and lora.r=10**29 would not even build
     with torch.device("meta"):
         try:
             model = AutoModelForSeq2SeqLM.from_config(config)
@@ -205,7 +217,7 @@ def check_model_settings(cfg: Config) -> None:
             from peft import get_peft_model
 
             layers = [(name, m.in_features, m.out_features) for name, m in
-                      get_peft_model(model, lora_config(cfg)).named_modules() if isinstance(m, LoraLayer)]
+                      get_peft_model(model, probe).named_modules() if isinstance(m, LoraLayer)]
         except ValueError as e:
             raise UserError(f"lora.target_modules={cfg.lora.target_modules}: {str(e).splitlines()[0]} "
                             "(T5's linear layers: q, k, v, o, wi_0, wi_1, wo, or all-linear)") from e
@@ -216,9 +228,31 @@ def check_model_settings(cfg: Config) -> None:
                 raise UserError(f"lora.target_modules: {wanted!r} matches no layer of the model "
                                 "(T5's linear layers: q, k, v, o, wi_0, wi_1, wo, or all-linear)")
     name, n_in, n_out = min(layers, key=lambda layer: min(layer[1:]))
-    if cfg.lora.r > min(n_in, n_out):
-        name = name.removeprefix("base_model.model.")
-        raise UserError(f"lora.r={cfg.lora.r} is larger than the targeted layers allow: {name} is {n_in} -> {n_out}, "
+    refuse_rank(cfg.lora.r, name.removeprefix("base_model.model."), n_in, n_out)
+
+
+def check_shape(values: dict[str, Any], origin: str, overrides: dict[str, Any]) -> None:
+    """Refuse (one line naming the key) a T5 size that is not a whole number from 1 to MAX_SIZE or a dropout
+    outside [0, 1). `origin`: where the values come from; `overrides`: the keys model.architecture_overrides set."""
+
+    def name(key: str) -> str:
+        return f"model.architecture_overrides.{key}" if key in overrides else f"{origin}: {key}"
+
+    for key in SIZE_KEYS:
+        size = values.get(key)
+        if key == "num_decoder_layers" and size is None:
+            continue  # T5's default: as many as the encoder
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
+            raise UserError(f"{name(key)}={size!r}: a model size must be a whole number from 1 to {MAX_SIZE:,}")
+    dropout = values.get("dropout_rate", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise UserError(f"{name('dropout_rate')}={dropout!r}: a dropout must be a share from 0 to below 1")
+
+
+def refuse_rank(r: int, layer: str, n_in: int, n_out: int) -> None:
+    """Refuse lora.r above the width of `layer` (n_in -> n_out): a higher rank adds parameters, not capacity."""
+    if r > min(n_in, n_out):
+        raise UserError(f"lora.r={r} is larger than the targeted layers allow: {layer} is {n_in} -> {n_out}, "
                         f"and a rank above {min(n_in, n_out)} adds parameters, not capacity; "
                         f"use lora.r <= {min(n_in, n_out)}")
 

@@ -450,16 +450,18 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     return done
 
 
-def _echo_plan(cfg: Config) -> None:
-    """The one-line plan, printed when training is about to start (after data: the real batches)."""
+def _echo_plan(cfg: Config, force: bool) -> None:
+    """The one-line plan, printed when training is about to start (after data: the real batches); a plan that
+    does not fit refuses to train unless `force`."""
     from termtune import plan
 
-    typer.echo(plan.one_line(cfg))
+    typer.echo(plan.before_training(cfg, force))
 
 
-def run(cfg: Config) -> dict[str, Outcome | None]:
+def run(cfg: Config, force: bool = False) -> dict[str, Outcome | None]:
     """`termtune run`: every stage in order; deploy and invoke only when aws.deploy is true.
-    Returns each stage's outcome by name (None for a stage that was up to date)."""
+    Returns each stage's outcome by name (None for a stage that was up to date).
+    `force`: train even when the plan says training does not fit this machine."""
     stages = [s for s in STAGES if cfg.aws.deploy or s.name not in ("deploy", "invoke")]
     layout = RunLayout.of(cfg)
     started = time.perf_counter()
@@ -473,7 +475,7 @@ def run(cfg: Config) -> dict[str, Outcome | None]:
         for stage in stages:
             typer.secho(f"== {stage.name}", bold=True)
             t0 = time.perf_counter()
-            before = (lambda: _echo_plan(cfg)) if stage.name == "train" else None
+            before = (lambda: _echo_plan(cfg, force)) if stage.name == "train" else None
             outcome = outcomes[stage.name] = _run_locked(cfg, stage, force=False, cache=cache, announce=True,
                                                          verify=True, before=before)
             if outcome is not None:

@@ -14,7 +14,8 @@ are known to be off; benchmarks/bench_plan.py checks them against measurement.
 
 Public entry points:
     plan(cfg, gpu=None) -> Plan               the estimate (Plan.summary(), Plan.one_line(), Plan.as_dict())
-    one_line(cfg) -> str                      the line `termtune run` prints before training; never raises
+    before_training(cfg, force) -> str        the line `termtune run` prints before training; refuses
+                                              a run that does not fit, unless force
     compare_with_measured(cfg) -> list[dict]  plan vs what the run measured, for the report
 """
 
@@ -29,6 +30,7 @@ from typing import Any, Callable
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
+from termtune.modeling import SIZE_KEYS, check_shape, refuse_rank
 from termtune.rundir import read_json
 
 GiB = 2**30
@@ -263,15 +265,30 @@ def model_shape(cfg: Config) -> Shape:
         raise UserError(f"model.source: {m.source} is neither a local folder with config.json nor a known Hub id "
                         f"({', '.join(KNOWN_SHAPES)}); the plan does not download anything")
     values = {**FLAN_DEFAULTS, **values}
-    try:
-        return Shape(d_model=int(values["d_model"]), d_ff=int(values["d_ff"]), d_kv=int(values["d_kv"]),
-                     num_heads=int(values["num_heads"]), num_layers=int(values["num_layers"]),
-                     num_decoder_layers=int(values.get("num_decoder_layers") or values["num_layers"]),
-                     vocab_size=int(values["vocab_size"]), gated=str(values["feed_forward_proj"]).startswith("gated"),
-                     buckets=int(values["relative_attention_num_buckets"]), dropout=float(values["dropout_rate"]),
-                     origin=origin)
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{origin}: not a T5 config ({e})") from e
+    if values.get("num_decoder_layers") is None:  # T5's default: as many as the encoder
+        values["num_decoder_layers"] = values.get("num_layers")
+    missing = [key for key in SIZE_KEYS if key not in values]
+    if missing:
+        raise UserError(f"{origin}: not a T5 config (no {', '.join(missing)})")
+    # a size of 0 or -2, or 10**30, names its key here rather than planning a model that cannot exist
+    check_shape(values, origin, m.architecture_overrides if m.init == "random" else {})
+    return Shape(d_model=values["d_model"], d_ff=values["d_ff"], d_kv=values["d_kv"], num_heads=values["num_heads"],
+                 num_layers=values["num_layers"], num_decoder_layers=values["num_decoder_layers"],
+                 vocab_size=values["vocab_size"], gated=str(values["feed_forward_proj"]).startswith("gated"),
+                 buckets=values["relative_attention_num_buckets"], dropout=float(values["dropout_rate"]),
+                 origin=origin)
+
+
+def check_lora_rank(s: Shape, r: int, targets: str | list[str]) -> None:
+    """Refuse a LoRA rank above the narrowest targeted layer's width: it adds parameters, not capacity.
+    Targets that name no T5 layer here (a PEFT suffix such as SelfAttention.q) are bounded by the widest layer;
+    termtune.modeling.check_model_settings matches them to the model's layers as PEFT does."""
+    layers = [(name, n_in, n_out) for name, n_in, n_out, _ in linear_layers(s)]
+    targeted = [layer for layer in layers if targets == "all-linear" or layer[0] in targets]
+    if targeted:
+        refuse_rank(r, *min(targeted, key=lambda layer: min(layer[1:])))
+    else:
+        refuse_rank(r, *max(layers, key=lambda layer: min(layer[1:])))
 
 
 def _read_json(path: Path, key: str) -> dict[str, Any]:
@@ -702,6 +719,7 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     if gpu is not None and gpu.lower() not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown GPU (known: {', '.join(GPUS)})")
     shape = model_shape(cfg)
+    check_lora_rank(shape, cfg.lora.r, cfg.lora.target_modules)
     params = parameter_counts(shape)
     trainable = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)
     # lora.modules_to_save trains a full copy of each named module beside the adapters
@@ -837,26 +855,39 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------- for `termtune run` and the report
 
 
-def one_line(cfg: Config) -> str:
-    """The plan in one line, for `termtune run` before training; a plan that cannot be made says why, never raises."""
+def before_training(cfg: Config, force: bool = False) -> str:
+    """The plan in one line, for `termtune run` before training. Raises UserError when the training peak does
+    not fit the device that trains (this machine's GPU, else its RAM), unless `force`; a plan that cannot be
+    made (a Hub model of unknown shape) says why and refuses nothing, and so does a plan of this CPU on a
+    machine whose GPU is not in GPUS (the training runs on a device the plan does not describe)."""
+    gpu = _this_gpu()
     try:
-        gpu = _this_gpu()
-        return plan(cfg, gpu=gpu).one_line()
+        planned = plan(cfg, gpu=gpu)
     except UserError as e:
         return f"plan: not available ({e})"
+    if not planned.fits and not force and (gpu is not None or _gpu_name() is None):
+        d = planned.device
+        raise UserError(f"train: the planned training peak of {_gib(planned.memory['total'])} does not fit "
+                        f"{d['name']} ({_gib(d['memory_bytes'])}); `termtune plan` shows where it goes. Lower "
+                        "train.batch_size, set train.gradient_checkpointing=true or model.quantization=4bit, "
+                        "or run with --force to train anyway")
+    return planned.one_line()
 
 
 def _this_gpu() -> str | None:
     """The GPUS key of this machine's GPU, or None (CPU, or a GPU not in the table: planned as the CPU)."""
+    name = _gpu_name()
+    return next((key for key in GPUS if key in name.replace(" ", "")), None) if name else None
+
+
+def _gpu_name() -> str | None:
+    """This machine's CUDA GPU, lower case, or None."""
     try:
         import torch
 
-        if not torch.cuda.is_available():
-            return None
-        name = torch.cuda.get_device_name(0).lower()
+        return torch.cuda.get_device_name(0).lower() if torch.cuda.is_available() else None
     except Exception:  # a broken CUDA install must not stop a run over a one-line estimate
         return None
-    return next((key for key in GPUS if key in name.replace(" ", "")), None)
 
 
 def compare_with_measured(cfg: Config, planned: Plan | None = None) -> list[dict[str, Any]]:
