@@ -206,14 +206,14 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 artifact, request, out = sys.argv[1:4]
 req = json.load(open(request))
 tok = AutoTokenizer.from_pretrained(artifact)
-model = AutoModelForSeq2SeqLM.from_pretrained(artifact).eval()
+model = AutoModelForSeq2SeqLM.from_pretrained(artifact, torch_dtype="auto").eval()  # config's dtype, as Bedrock
 batch = tok(req["prompts"], return_tensors="pt", padding=True)
 with torch.no_grad():
     tokens = model.generate(**batch, max_new_tokens=req["max_new_tokens"], min_new_tokens=req["max_new_tokens"],
                             do_sample=False, num_beams=1)
     logits = model(**batch, decoder_input_ids=torch.tensor(req["decoder_ids"])).logits
 save_file({"input_ids": batch["input_ids"], "tokens": tokens, "logits": logits.contiguous()}, out)
-print(json.dumps({"transformers": transformers.__version__, "tokenizer": type(tok).__name__,
+print(json.dumps({"transformers": transformers.__version__, "tokenizer": type(tok).__name__, "dtype": str(model.dtype),
                   "tied": model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()}))
 """
 
@@ -282,6 +282,52 @@ def test_trained_lm_head_is_merged_and_reads_identically_in_transformers_4_51_3(
     info, v4 = run_in_transformers_4(cfg.run_dir / "artifact", ref_tokens[:, :-1], tmp_path)
     assert info["tied"] is False
     assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens"
+    assert (v4["logits"] - ref_logits).abs().max().item() <= 1e-4
+
+
+# bf16 keeps 8 bits of mantissa: one rounding is off by up to 2^-9 relative, so a logit of size ~10 that
+# two implementations round differently once moves by ~0.02-0.04. 5e-2 admits that much and no more; a
+# wrong weight, a tied head or a lost config field moves logits by whole units. (Measured: 0, as both
+# sides run the same torch kernels in the same order.)
+BF16_LOGIT_TOLERANCE = 5e-2
+
+
+def test_bf16_export_computes_like_the_trained_model_in_transformers_4_51_3(exported, tmp_path):
+    """The default export dtype: 4.51.3 loads it as bf16 (config torch_dtype) and computes the greedy tokens and
+    logits of the trained model run in bf16 too, with the eager attention 4.51.3 runs T5 with."""
+    import torch
+
+    from termtune.export import export
+    from termtune.modeling import load_tokenizer
+
+    cfg = copy_run(exported[0], tmp_path, "export.dtype=bf16")
+    export(cfg)
+    merged = reference_model(cfg)
+    merged.set_attn_implementation("eager")
+    input_ids, ref_tokens, ref_logits = greedy_and_logits(merged.to(torch.bfloat16), load_tokenizer(cfg))
+    info, v4 = run_in_transformers_4(cfg.run_dir / "artifact", ref_tokens[:, :-1], tmp_path)
+    assert info["dtype"] == "torch.bfloat16" and info["tied"] is False
+    assert torch.equal(v4["input_ids"], input_ids)
+    assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens from the bf16 export"
+    diff = (v4["logits"].float() - ref_logits.float()).abs().max().item()
+    assert diff <= BF16_LOGIT_TOLERANCE, f"max |logit difference| {diff}"
+
+
+def test_sharded_export_reads_identically_in_transformers_4_51_3(exported, tmp_path):
+    """Large models are written in shards with an index: 4.51.3 must assemble them into the trained model."""
+    import torch
+
+    from termtune.export import export
+    from termtune.modeling import load_tokenizer
+
+    cfg = copy_run(exported[0], tmp_path, "export.max_shard_size=3MB")
+    artifact = export(cfg)
+    assert artifact.shards > 1 and (artifact.path / "model.safetensors.index.json").is_file()
+    input_ids, ref_tokens, ref_logits = greedy_and_logits(reference_model(cfg), load_tokenizer(cfg))
+    info, v4 = run_in_transformers_4(artifact.path, ref_tokens[:, :-1], tmp_path)
+    assert info["dtype"] == "torch.float32" and info["tied"] is False
+    assert torch.equal(v4["input_ids"], input_ids)
+    assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens from the shards"
     assert (v4["logits"] - ref_logits).abs().max().item() <= 1e-4
 
 

@@ -262,7 +262,8 @@ def _read_export(cfg: Config, layout: Any) -> Artifact:
     record = read_json(layout.record("export"), {}).get("result", {})
     return Artifact(path=layout.artifact, dtype=manifest.get("dtype", cfg.export.dtype),
                     base_model=manifest.get("base_model", ""), files=manifest.get("files", []), checks=checks,
-                    seconds=record.get("seconds", 0.0), shards=record.get("weight_files", 1))
+                    seconds=record.get("seconds", 0.0), shards=record.get("weight_files", 1),
+                    bedrock_check=manifest.get("bedrock_check") or {})
 
 
 def _read_deploy(cfg: Config, layout: Any) -> DeployResult:

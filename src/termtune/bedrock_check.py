@@ -1,0 +1,231 @@
+"""The Bedrock check: load an artifact under transformers 4.51.3 (the version Bedrock serves imported
+models with) in a subprocess, and compare what it computes with the trained model.
+
+    result = check_artifact(folder, reference=(model, tokenizer, prompts))   # export: the merged model
+    result = check_artifact(folder)                                          # validate: a folder alone
+    result["status"]    # "passed", "failed" or "not run"
+    result["message"]   # the sentence the manifest, model card and report print
+
+Bedrock's interpreter is the Python of a virtual environment with transformers==4.51.3
+(`make install` builds it as .venv-bedrock/). It is found, in this order:
+
+1. TERMTUNE_BEDROCK_PYTHON, when set (set it empty to turn the check off);
+2. .venv-bedrock/bin/python in the termtune checkout, then in the current directory.
+
+Not found, the check does not run and every output says so ("not checked"); it is never claimed.
+
+Compared, on a few probe prompts (data.prompt_template filled with fixed medical terms):
+- the token ids of the prompts (the artifact's tokenizer files read by 4.51.3 vs the trained tokenizer);
+- the greedy tokens, exactly: NEW_TOKENS new tokens per prompt, end-of-sequence not allowed early,
+  so every probe compares the same number of tokens;
+- the logits with the reference's tokens fed as decoder input (teacher forcing), within TOLERANCE.
+
+Both sides compute in the artifact's dtype (4.51.3 loads it with torch_dtype="auto", as Bedrock reads
+config.json's torch_dtype; the reference is the merged model cast to that dtype), so a bf16 export is
+compared with bf16 computation, not with the fp32 model it was rounded from.
+
+Without a trained model (`termtune validate DIR`) the check loads the folder and generates on the
+probes; when the folder's manifest.json holds the greedy tokens that export recorded, they must match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PYTHON_ENV = "TERMTUNE_BEDROCK_PYTHON"
+BEDROCK_TRANSFORMERS = "4.51.3"
+PROBE_TERMS = ("Hypertension", "Paget's disease of bone", "café-au-lait macules", "Asthma")
+NEW_TOKENS = 16
+TIMEOUT_SECONDS = 1800  # loading a multi-GB artifact on a busy CPU takes minutes, not hours
+
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-3}
+"""Max |logit difference| allowed, by the artifact's dtype. Both sides use the same torch kernels on the
+same weights, so the difference measures how differently the two transformers versions order their ops.
+fp32 (24-bit mantissa, ~6e-8 relative per op) keeps that far below 1e-4 for logits of size ~10-100.
+bf16 has an 8-bit mantissa: one rounding is up to 2^-9 = 0.2 % relative; a reordered sum or one extra
+rounding of a logit of size ~10 moves it by ~0.02-0.04, so 5e-2 admits one bf16 rounding step at that
+size and nothing more; a wrong weight, a tied head or a rescaled output moves logits by whole units."""
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def check_artifact(folder: Path, reference: tuple["PreTrainedModel", "PreTrainedTokenizerBase", Sequence[str]]
+                   | None = None) -> dict[str, Any]:
+    """Load `folder` under transformers 4.51.3 and compare it with `reference` (model, tokenizer, prompts),
+    or, without one, with the greedy tokens its manifest recorded (if any). Never raises for a failed or
+    impossible check: the result says what happened. The reference model is cast to the artifact's
+    dtype in place (export is done with it)."""
+    python, why_not = bedrock_python()
+    if python is None:
+        return {"status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: {why_not}"}
+    dtype = _artifact_dtype(folder)
+    if reference is not None:
+        model, tokenizer, prompts = reference
+        expected = _reference_outputs(model, tokenizer, list(prompts), dtype)
+    else:
+        expected = _recorded_outputs(folder)
+        prompts = expected["prompts"] if expected else probe_prompts()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="termtune-bedrock-check-") as tmp:
+        done, outputs = _run_bedrock(python, folder, list(prompts), expected, Path(tmp))
+    result: dict[str, Any] = {"python": str(python), "dtype": dtype, "probes": len(prompts), "new_tokens": NEW_TOKENS,
+                              "seconds": round(time.time() - started, 1)}
+    if done is None:
+        return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "
+                f"{python} did not finish within {TIMEOUT_SECONDS} s"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {**result, "status": "failed",
+                "message": f"does not load under transformers {BEDROCK_TRANSFORMERS}: {last}"}
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    result["transformers"] = info["transformers"]
+    if info["transformers"] != BEDROCK_TRANSFORMERS:
+        return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "
+                f"{python} has transformers {info['transformers']}"}
+    result.update(_compare(expected, outputs, dtype, has_logits=reference is not None))
+    if reference is not None:  # what `termtune validate` later compares the folder with
+        result["recorded"] = {"prompts": list(prompts), "tokens": expected["tokens"].tolist()}
+    return result
+
+
+def probe_prompts(template: str = "What is {term}?") -> list[str]:
+    """The probe prompts: the template (data.prompt_template) filled with PROBE_TERMS."""
+    return [template.replace("{term}", term) for term in PROBE_TERMS]
+
+
+def bedrock_python() -> tuple[Path | None, str]:
+    """(the transformers-4.51.3 interpreter, "") or (None, why it is not there)."""
+    if PYTHON_ENV in os.environ:
+        value = os.environ[PYTHON_ENV]
+        if not value:
+            return None, f"turned off ({PYTHON_ENV} is empty)"
+        path = Path(value).expanduser()
+        return (path, "") if path.is_file() else (None, f"{PYTHON_ENV}={value} is not a file")
+    checkout = Path(__file__).resolve().parents[2]
+    for folder in dict.fromkeys((checkout, Path.cwd())):
+        path = folder / ".venv-bedrock" / "bin" / "python"
+        if path.is_file():
+            return path, ""
+    return None, (f"Bedrock's interpreter was not found (set {PYTHON_ENV} to a Python with transformers=="
+                  f"{BEDROCK_TRANSFORMERS}, or run make install)")
+
+
+# ----------------------------------------------------------------------------- the two sides
+
+
+def _artifact_dtype(folder: Path) -> str:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    return str(config.get("torch_dtype") or "float32")
+
+
+def _reference_outputs(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", prompts: list[str],
+                       dtype: str) -> dict[str, Any]:
+    import torch
+
+    # As 4.51.3 computes T5: eager attention (it has no SDPA path for T5). In bf16 the two attention
+    # kernels alone move a random-init model's logits by ~0.7 and flip greedy tokens; in fp32 by ~3e-5.
+    model.set_attn_implementation("eager")
+    model.to(getattr(torch, dtype)).eval()
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        tokens = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                num_beams=1)
+        logits = model(**batch, decoder_input_ids=tokens[:, :-1]).logits
+    return {"prompts": prompts, "input_ids": batch["input_ids"], "tokens": tokens, "logits": logits}
+
+
+def _recorded_outputs(folder: Path) -> dict[str, Any] | None:
+    """The prompts and greedy tokens export recorded in the folder's manifest, if it holds them."""
+    import torch
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        recorded = manifest["bedrock_check"]["recorded"]
+        return {"prompts": [str(p) for p in recorded["prompts"]], "tokens": torch.tensor(recorded["tokens"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+BEDROCK_SCRIPT = r"""
+import json, sys
+import torch, transformers
+from safetensors.torch import save_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+folder, request, out = sys.argv[1:4]
+req = json.load(open(request, encoding="utf-8"))
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForSeq2SeqLM.from_pretrained(folder, torch_dtype="auto").eval()
+batch = tokenizer(req["prompts"], return_tensors="pt", padding=True)
+with torch.inference_mode():
+    tokens = model.generate(**batch, max_new_tokens=req["new_tokens"], min_new_tokens=req["new_tokens"],
+                            do_sample=False, num_beams=1)
+    decoder = torch.tensor(req["decoder_ids"]) if req["decoder_ids"] is not None else tokens[:, :-1]
+    logits = model(**batch, decoder_input_ids=decoder).logits
+save_file({"input_ids": batch["input_ids"], "tokens": tokens, "logits": logits.contiguous()}, out)
+print(json.dumps({"transformers": transformers.__version__, "dtype": str(model.dtype)}))
+"""
+
+
+def _run_bedrock(python: Path, folder: Path, prompts: list[str], expected: dict[str, Any] | None,
+                 tmp: Path) -> tuple[subprocess.CompletedProcess | None, dict[str, Any]]:
+    """Run BEDROCK_SCRIPT on `folder` in Bedrock's interpreter: (the finished process or None on timeout, outputs)."""
+    from safetensors.torch import load_file
+
+    request, out = tmp / "request.json", tmp / "out.safetensors"
+    decoder_ids = expected["tokens"][:, :-1].tolist() if expected and "logits" in expected else None
+    request.write_text(json.dumps({"prompts": prompts, "new_tokens": NEW_TOKENS, "decoder_ids": decoder_ids}),
+                       encoding="utf-8")
+    # -I: Bedrock's interpreter must import its own packages, never termtune's (PYTHONPATH, user site).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        done = subprocess.run([str(python), "-I", "-c", BEDROCK_SCRIPT, str(folder), str(request), str(out)],
+                              capture_output=True, text=True, env=env, timeout=TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        return None, {}
+    return done, (load_file(out) if done.returncode == 0 and out.is_file() else {})
+
+
+def _compare(expected: dict[str, Any] | None, got: dict[str, Any], dtype: str, has_logits: bool) -> dict[str, Any]:
+    """status and message from the two sides' outputs."""
+    n = len(got["tokens"])
+    probes = f"{n} probe{'s' if n != 1 else ''} × {NEW_TOKENS} tokens"
+    loaded = f"loaded under transformers {BEDROCK_TRANSFORMERS} ({dtype})"
+    if expected is None:
+        return {"status": "passed", "message": f"{loaded} and generated on {probes}; no trained model or recorded "
+                "tokens to compare with"}
+    if has_logits and not _equal(expected["input_ids"], got["input_ids"]):
+        return {"status": "failed", "message": f"{loaded}, but its tokenizer files give other token ids for the "
+                "probe prompts than the trained tokenizer"}
+    differ = sum(not _equal(a, b) for a, b in zip(expected["tokens"], got["tokens"]))
+    if not has_logits:  # recorded tokens only (validate on a folder)
+        if differ:
+            return {"status": "failed", "message": f"{loaded}, but greedy tokens differ from those recorded at "
+                    f"export on {differ} of {probes}"}
+        return {"status": "passed", "message": f"{loaded}: greedy tokens equal to those recorded at export on {probes}"}
+    diff = float((expected["logits"].float() - got["logits"].float()).abs().max())
+    tolerance = TOLERANCE.get(dtype, TOLERANCE["float32"])
+    figures = {"max_abs_logit_diff": diff, "tolerance": tolerance}
+    if differ or diff > tolerance:
+        tokens = f"greedy tokens differ on {differ} of {probes}" if differ else f"greedy tokens equal on {probes}"
+        return {**figures, "status": "failed", "message": f"{loaded}, but it differs from the trained model: "
+                f"{tokens}, max |Δlogit| {diff:.2g} (tolerance {tolerance:g})"}
+    return {**figures, "status": "passed", "message": f"{loaded}: greedy tokens equal the trained model's on "
+            f"{probes}, max |Δlogit| {diff:.2g} (tolerance {tolerance:g})"}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
