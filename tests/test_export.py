@@ -331,6 +331,97 @@ def test_sharded_export_reads_identically_in_transformers_4_51_3(exported, tmp_p
     assert (v4["logits"] - ref_logits).abs().max().item() <= 1e-4
 
 
+# ----------------------------------------------------------------------------- the product's own 4.51.3 check
+
+
+def test_export_records_the_4_51_3_check_and_the_card_states_the_measured_result(exported):
+    from termtune import pipeline
+    from termtune.headline import headline, terminal_block
+
+    bedrock_python()
+    cfg, artifact = exported
+    check = json.loads((artifact.path / "manifest.json").read_text())["bedrock_check"]
+    assert check["status"] == "passed" and check["transformers"] == "4.51.3" and check["dtype"] == "float32"
+    assert check["probes"] == 4 and len(check["recorded"]["tokens"]) == 4
+    assert 0 <= check["max_abs_logit_diff"] <= 1e-4
+    measured = f"max |Δlogit| {check['max_abs_logit_diff']:.2g}"
+    assert check["message"].startswith("loaded under transformers 4.51.3 (float32): greedy tokens equal the "
+                                       "trained model's on 4 probes × 16 tokens, " + measured)
+    assert check["message"] in artifact.summary()
+    pipeline.write_report(cfg)
+    for output in ((cfg.run_dir / "model-card.md").read_text(), (cfg.run_dir / "report.md").read_text(),
+                   terminal_block(headline(cfg))):
+        assert check["message"] in output
+
+
+def test_without_bedrocks_interpreter_nothing_claims_the_4_51_3_check(exported, tmp_path, monkeypatch):
+    from termtune import pipeline
+    from termtune.export import export
+    from termtune.headline import headline, terminal_block
+
+    monkeypatch.setenv("TERMTUNE_BEDROCK_PYTHON", str(tmp_path / "no-such-python"))
+    cfg = copy_run(exported[0], tmp_path)
+    artifact = export(cfg)
+    check = json.loads((artifact.path / "manifest.json").read_text())["bedrock_check"]
+    assert check == {"status": "not run", "message": "not checked under transformers 4.51.3: "
+                     f"TERMTUNE_BEDROCK_PYTHON={tmp_path / 'no-such-python'} is not a file"}
+    pipeline.write_report(cfg)
+    card = (cfg.run_dir / "model-card.md").read_text()
+    for output in (card, (cfg.run_dir / "report.md").read_text(), terminal_block(headline(cfg)), artifact.summary()):
+        assert "not checked under transformers 4.51.3" in output.replace("Not checked", "not checked")
+        assert "loaded under" not in output and "checked to load" not in output and "greedy tokens" not in output
+
+
+def test_export_refuses_an_artifact_that_4_51_3_computes_differently(exported, tmp_path, monkeypatch):
+    """A config field that the preflight does not judge (layer_norm_epsilon) changes every logit under 4.51.3:
+    the check catches it and nothing is published."""
+    import importlib
+
+    from termtune.errors import UserError
+
+    bedrock_python()
+    export_module = importlib.import_module("termtune.export")  # the module; termtune.export is the function
+    write_config = export_module.write_model_config
+
+    def with_another_epsilon(model, folder, dtype, tied):
+        write_config(model, folder, dtype, tied)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 0.5}))
+
+    monkeypatch.setattr(export_module, "write_model_config", with_another_epsilon)
+    cfg = copy_run(exported[0], tmp_path)
+    with pytest.raises(UserError, match=r"export: the artifact loaded under transformers 4.51.3 \(float32\), but it "
+                                        r"differs from the trained model: .*max \|Δlogit\| .*nothing was published"):
+        export_module.export(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir() if "artifact" in p.name) == []
+
+
+def test_validate_loads_a_folder_under_4_51_3_against_the_tokens_export_recorded(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from termtune.cli import app
+    from termtune.rundir import sha256_file
+
+    bedrock_python()
+    folder = tmp_path / "artifact"
+    shutil.copytree(exported[0].run_dir / "artifact", folder)
+    good = CliRunner().invoke(app, ["validate", str(folder)])
+    assert good.exit_code == 0, good.output
+    assert ("✓ [" in good.output and "loads and generates under transformers 4.51.3: loaded under transformers 4.51.3 "
+            "(float32): greedy tokens equal to those recorded at export on 4 probes × 16 tokens") in good.output
+    # Another layer_norm_epsilon (manifest updated, so every preflight rule still passes): other tokens.
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 0.5}))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "config.json":
+            entry.update(size=(folder / "config.json").stat().st_size, sha256=sha256_file(folder / "config.json"))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    bad = CliRunner().invoke(app, ["validate", str(folder)])
+    assert bad.exit_code == 1, bad.output
+    assert "✗ [" in bad.output and "greedy tokens differ from those recorded at export on" in bad.output
+
+
 def test_a_plain_5x_resave_would_not_read_identically(exported, tmp_path):
     """The hazard the export fixes is real (if this ever passes, the 4.51.3 test above may be
     checking nothing): a merged model loaded by transformers 5.x and re-saved with

@@ -24,8 +24,9 @@ Both sides compute in the artifact's dtype (4.51.3 loads it with torch_dtype="au
 config.json's torch_dtype; the reference is the merged model cast to that dtype), so a bf16 export is
 compared with bf16 computation, not with the fp32 model it was rounded from.
 
-Without a trained model (`termtune validate DIR`) the check loads the folder and generates on the
-probes; when the folder's manifest.json holds the greedy tokens that export recorded, they must match.
+Without a trained model (`termtune validate DIR`: as_validation_check) the check loads the folder and
+generates on the probes; when the folder's manifest.json holds the greedy tokens that export recorded,
+they must match.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from termtune.validate import Check
 
 PYTHON_ENV = "TERMTUNE_BEDROCK_PYTHON"
 BEDROCK_TRANSFORMERS = "4.51.3"
@@ -83,19 +86,35 @@ def check_artifact(folder: Path, reference: tuple["PreTrainedModel", "PreTrained
     if done is None:
         return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "
                 f"{python} did not finish within {TIMEOUT_SECONDS} s"}
-    if done.returncode != 0:
+    if done.returncode != 0:  # it could not even start (a broken interpreter, a crash)
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {**result, "status": "failed",
-                "message": f"does not load under transformers {BEDROCK_TRANSFORMERS}: {last}"}
+        return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "
+                f"{python} exited with {done.returncode}: {last}"}
     info = json.loads(done.stdout.strip().splitlines()[-1])
     result["transformers"] = info["transformers"]
     if info["transformers"] != BEDROCK_TRANSFORMERS:
         return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "
                 f"{python} has transformers {info['transformers']}"}
+    if "failed" in info:
+        error = " ".join(info["error"].split())[:300]
+        failed = ("does not load" if info["failed"] == "load" else "loads but cannot generate")
+        return {**result, "status": "failed", "message": f"{failed} under transformers {BEDROCK_TRANSFORMERS}: {error}"}
     result.update(_compare(expected, outputs, dtype, has_logits=reference is not None))
     if reference is not None:  # what `termtune validate` later compares the folder with
         result["recorded"] = {"prompts": list(prompts), "tokens": expected["tokens"].tolist()}
     return result
+
+
+def as_validation_check(folder: Path, earlier: list["Check"]) -> "Check":
+    """`termtune validate DIR`'s last check: check_artifact(folder) as one numbered Check (a warning when it
+    could not run; not tried on a folder that already fails a preflight rule)."""
+    from termtune.validate import Check
+
+    number, name = len(earlier) + 1, f"loads and generates under transformers {BEDROCK_TRANSFORMERS}"
+    if any(c.failed for c in earlier):
+        return Check(number, name, False, "not run: the folder fails the checks above", warning=True)
+    result = check_artifact(folder)
+    return Check(number, name, result["status"] == "passed", result["message"], warning=result["status"] == "not run")
 
 
 def probe_prompts(template: str = "What is {term}?") -> list[str]:
@@ -167,14 +186,20 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 folder, request, out = sys.argv[1:4]
 req = json.load(open(request, encoding="utf-8"))
-tokenizer = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForSeq2SeqLM.from_pretrained(folder, torch_dtype="auto").eval()
-batch = tokenizer(req["prompts"], return_tensors="pt", padding=True)
-with torch.inference_mode():
-    tokens = model.generate(**batch, max_new_tokens=req["new_tokens"], min_new_tokens=req["new_tokens"],
-                            do_sample=False, num_beams=1)
-    decoder = torch.tensor(req["decoder_ids"]) if req["decoder_ids"] is not None else tokens[:, :-1]
-    logits = model(**batch, decoder_input_ids=decoder).logits
+step = "load"
+try:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, torch_dtype="auto").eval()
+    step = "generate"
+    batch = tokenizer(req["prompts"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        tokens = model.generate(**batch, max_new_tokens=req["new_tokens"], min_new_tokens=req["new_tokens"],
+                                do_sample=False, num_beams=1)
+        decoder = torch.tensor(req["decoder_ids"]) if req["decoder_ids"] is not None else tokens[:, :-1]
+        logits = model(**batch, decoder_input_ids=decoder).logits
+except Exception as e:
+    print(json.dumps({"transformers": transformers.__version__, "failed": step, "error": f"{type(e).__name__}: {e}"}))
+    sys.exit(0)
 save_file({"input_ids": batch["input_ids"], "tokens": tokens, "logits": logits.contiguous()}, out)
 print(json.dumps({"transformers": transformers.__version__, "dtype": str(model.dtype)}))
 """
