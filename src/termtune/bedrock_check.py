@@ -71,6 +71,7 @@ def check_artifact(folder: Path, reference: tuple["PreTrainedModel", "PreTrained
     python, why_not = bedrock_python()
     if python is None:
         return {"status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: {why_not}"}
+    started = time.time()
     dtype = _artifact_dtype(folder)
     if reference is not None:
         model, tokenizer, prompts = reference
@@ -78,7 +79,6 @@ def check_artifact(folder: Path, reference: tuple["PreTrainedModel", "PreTrained
     else:
         expected = _recorded_outputs(folder)
         prompts = expected["prompts"] if expected else probe_prompts()
-    started = time.time()
     with tempfile.TemporaryDirectory(prefix="termtune-bedrock-check-") as tmp:
         done, outputs = _run_bedrock(python, folder, list(prompts), expected, Path(tmp))
     result: dict[str, Any] = {"python": str(python), "dtype": dtype, "probes": len(prompts), "new_tokens": NEW_TOKENS,
