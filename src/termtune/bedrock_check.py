@@ -50,7 +50,7 @@ PROBE_TERMS = ("Hypertension", "Paget's disease of bone", "café-au-lait macules
 NEW_TOKENS = 16
 TIMEOUT_SECONDS = 1800  # loading a multi-GB artifact on a busy CPU takes minutes, not hours
 
-TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-3}
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 """Max |logit difference| allowed, by the artifact's dtype. Both sides use the same torch kernels on the
 same weights, so the difference measures how differently the two transformers versions order their ops.
 fp32 (24-bit mantissa, ~6e-8 relative per op) keeps that far below 1e-4 for logits of size ~10-100.
@@ -86,11 +86,14 @@ def check_artifact(folder: Path, reference: tuple["PreTrainedModel", "PreTrained
     if done is None:
         return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "
                 f"{python} did not finish within {TIMEOUT_SECONDS} s"}
-    if done.returncode != 0:  # it could not even start (a broken interpreter, a crash)
+    try:
+        info = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (IndexError, ValueError):
+        info = None
+    if not isinstance(info, dict):  # it could not even start (a broken interpreter, a crash, a kill)
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "
                 f"{python} exited with {done.returncode}: {last}"}
-    info = json.loads(done.stdout.strip().splitlines()[-1])
     result["transformers"] = info["transformers"]
     if info["transformers"] != BEDROCK_TRANSFORMERS:
         return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "

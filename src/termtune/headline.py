@@ -16,6 +16,7 @@ from typing import Any
 from termtune.config import Config
 from termtune.evaluate import same_answer_note
 from termtune.layout import RunLayout
+from termtune.modelcard import bedrock_check_message
 from termtune.rundir import read_json
 
 MAIN_METRICS = (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("bleu", "BLEU"), ("chrf", "chrF"))
@@ -82,9 +83,7 @@ def headline(cfg: Config, samples: int = 3) -> Headline:
     if manifest:
         h.artifact = str(layout.artifact)
         h.artifact_bytes = sum(f.get("size", 0) for f in manifest.get("files", []) if isinstance(f, dict))
-        check = manifest.get("bedrock_check")
-        h.bedrock_check = str(check.get("message")) if isinstance(check, dict) and check.get("message") else \
-            "not checked under transformers 4.51.3: the export recorded no such check"
+        h.bedrock_check = bedrock_check_message(manifest)
     validation = _object(layout.validation)
     if isinstance(validation.get("checks"), list):
         h.checks = len(validation["checks"])

@@ -68,18 +68,22 @@ def _training_result(cfg: Config) -> str:
             f"{_fmt(result.get('train_loss'))}, held-out loss {_fmt(result.get('eval_loss'))}")
 
 
+def bedrock_check_message(manifest: dict[str, Any]) -> str:
+    """What an artifact's manifest records about its load under transformers 4.51.3 (termtune.bedrock_check),
+    and nothing more: a check that did not run, or that an older export did not record, is said not to have run."""
+    check = manifest.get("bedrock_check")
+    if isinstance(check, dict) and check.get("message"):
+        return str(check["message"])
+    return "not checked under transformers 4.51.3: the export recorded no such check"
+
+
 def bedrock_check_line(cfg: Config) -> str:
-    """What the artifact's manifest says about its load under transformers 4.51.3 (Bedrock's version),
-    and nothing more: a check that did not run is said not to have run."""
+    """The model card's sentence about the check under transformers 4.51.3, the version Bedrock serves with."""
     manifest = read_json(RunLayout.of(cfg).manifest)
     if not isinstance(manifest, dict):
         return "Not exported yet: no check under transformers 4.51.3 (the version Bedrock serves with) has run."
-    check = manifest.get("bedrock_check")
-    if not isinstance(check, dict) or not check.get("message"):
-        return "Not checked under transformers 4.51.3 (the version Bedrock serves with): the export recorded no such check."
-
-    message = str(check["message"])
-    if check.get("status") == "passed":
+    message, check = bedrock_check_message(manifest), manifest.get("bedrock_check")
+    if isinstance(check, dict) and check.get("status") == "passed":
         return f"Checked at export in the transformers version Bedrock serves with: {message}."
     return f"{message[0].upper()}{message[1:]}."
 
