@@ -396,6 +396,29 @@ def test_export_refuses_an_artifact_that_4_51_3_computes_differently(exported, t
     assert sorted(p.name for p in cfg.run_dir.iterdir() if "artifact" in p.name) == []
 
 
+def test_greedy_tokens_that_part_at_a_near_tie_are_told_apart_from_a_difference():
+    """Where a probe's tokens part, 4.51.3's logits there decide: two candidates within the tolerance are a
+    near-tie (reported, not counted as equal), further apart a difference (the check fails)."""
+    import torch
+
+    from termtune.bedrock_check import _compare
+
+    tokens = torch.tensor([[0, 5, 6, 7], [0, 5, 6, 7]])
+    parted = torch.tensor([[0, 5, 6, 7], [0, 5, 8, 9]])  # the second probe parts at its third token
+    logits = torch.zeros(2, 3, 10)
+    logits[:, :, 1] = 30.0  # the largest logit: bf16 steps of 0.125, so a tolerance of 0.5
+    expected = {"input_ids": torch.ones(2, 3), "tokens": tokens, "logits": logits}
+    for gap, status, said in ((0.25, "passed", "on 1 of 2 probes × 16 tokens; 1 part at a near-tie (two candidate "
+                                               "tokens within 0.25 of each other), max |Δlogit| 0"),
+                              (2.0, "failed", "on 1 of 2 probes × 16 tokens; 1 differs, max |Δlogit| 0")):
+        got_logits = logits.clone()
+        got_logits[1, 1, 6], got_logits[1, 1, 8] = 3.0, 3.0 + gap  # 4.51.3 rates both candidates at that step
+        got = {"input_ids": torch.ones(2, 3), "tokens": parted, "logits": got_logits}
+        result = _compare({**expected, "logits": got_logits}, got, "bfloat16", has_logits=True)
+        assert result["status"] == status and said in result["message"], result["message"]
+        assert result["tolerance"] == 0.5
+
+
 def test_validate_loads_a_folder_under_4_51_3_against_the_tokens_export_recorded(exported, tmp_path):
     from typer.testing import CliRunner
 
