@@ -1,6 +1,7 @@
 """Export memory and time: termtune export vs the plain recipe (merge + save_pretrained).
 
     .venv/bin/python benchmarks/bench_export.py [--workdir /tmp/bench-export] [--dtype fp32|bf16]
+    .venv/bin/python benchmarks/bench_export.py --dtype bf16 --bedrock-check   # time the 4.51.3 check
 
 A flan-t5-large-shaped model (random init, untied lm_head, ~3.1 GB in fp32) and an r=64
 all-linear LoRA adapter with non-zero B are built once. Then, each in its own process so
@@ -10,6 +11,10 @@ peak RSS is clean, from the same files:
 - termtune: termtune.export.export(cfg)  (merge, stream-write, 4.x fixes, validate, re-read check, manifest)
 
 Targets (issue 5): termtune peak RSS <= 1.5x the fp32 weight bytes; wall <= 2x the plain save.
+Both sides above run without export's check under transformers 4.51.3 (TERMTUNE_BEDROCK_PYTHON is set
+empty for them). --bedrock-check runs the termtune side alone with it (Bedrock's interpreter from
+TERMTUNE_BEDROCK_PYTHON or .venv-bedrock) and reports how long the check took, its result, and the peak
+RSS of the export process.
 Needs ~10 GB of disk in --workdir and ~5 GB of free memory.
 """
 
@@ -83,7 +88,9 @@ def termtune_export(workdir: Path, dtype: str) -> dict:
 
     started = time.time()
     artifact = export(make_config(workdir, dtype), force=True)
-    return {"wall_s": time.time() - started, "failed_checks": sum(c.failed for c in artifact.checks)}
+    check = {k: v for k, v in artifact.bedrock_check.items() if k != "recorded"}
+    return {"wall_s": time.time() - started, "failed_checks": sum(c.failed for c in artifact.checks),
+            "bedrock_check": check}
 
 
 ROLES = {"setup": setup, "plain": plain, "termtune": termtune_export}
@@ -97,10 +104,13 @@ def child(role: str, workdir: Path, dtype: str) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_child(role: str, workdir: Path, dtype: str) -> dict:
+def run_child(role: str, workdir: Path, dtype: str, bedrock_check: bool = False) -> dict:
+    import os
+
     started = time.time()
+    env = {**os.environ} if bedrock_check else {**os.environ, "TERMTUNE_BEDROCK_PYTHON": ""}
     done = subprocess.run([sys.executable, __file__, "--child", role, "--workdir", str(workdir), "--dtype", dtype],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"{role} failed:\n{done.stderr[-3000:]}")
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -113,6 +123,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--child", choices=list(ROLES))
     parser.add_argument("--keep", action="store_true", help="keep the workdir (base, adapter, outputs)")
+    parser.add_argument("--bedrock-check", action="store_true",
+                        help="time export's check under transformers 4.51.3 (the termtune side only)")
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.workdir, args.dtype)
@@ -120,6 +132,8 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     made = run_child("setup", args.workdir, args.dtype)
     print(f"setup: {made}")
+    if args.bedrock_check:
+        return time_bedrock_check(args)
     base_file = args.workdir / "run" / "base-model" / "model.safetensors"
     fp32_bytes = base_file.stat().st_size  # the base is saved in fp32
     results = {"plain": run_child("plain", args.workdir, args.dtype),
@@ -137,6 +151,33 @@ def main() -> None:
           f"wall {ours['wall_s'] / plain_r['wall_s']:.2f}x, CPU {ours['cpu_s'] / plain_r['cpu_s']:.2f}x  "
           f"(targets: RSS <= 1.5x fp32 bytes -> {ours['peak_rss_bytes'] / fp32_bytes:.2f}x; wall <= 2x plain)")
     (args.workdir / "results.json").write_text(json.dumps({"fp32_bytes": fp32_bytes, **results}, indent=2))
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+def time_bedrock_check(args: argparse.Namespace) -> None:
+    import os
+
+    from termtune.bedrock_check import bedrock_python
+
+    python, why_not = bedrock_python()
+    if python is None:
+        sys.exit(f"--bedrock-check: {why_not}")
+    load_before = os.getloadavg()
+    r = run_child("termtune", args.workdir, args.dtype, bedrock_check=True)
+    load_after = os.getloadavg()
+    check, gib = r["bedrock_check"], 2**30
+    print(f"\nflan-t5-large shape, export dtype {args.dtype}, with the check under transformers 4.51.3 ({python})")
+    print(f"export wall {r['wall_s']:.1f} s, of which the check {check.get('seconds', float('nan')):.1f} s "
+          f"(load + {check.get('probes')} probes x {check.get('new_tokens')} tokens in 4.51.3, after the reference "
+          f"in this process)")
+    # (the 4.51.3 process's own peak is not measured: RUSAGE_CHILDREN counts the pages it shared at fork)
+    print(f"peak RSS of the export process {r['peak_rss_bytes'] / gib:.2f} GiB; CPU {r['cpu_s']:.1f} s (export "
+          "process, without the 4.51.3 process)")
+    print(f"result: {check.get('status')}: {check.get('message')}")
+    print(f"load average (1/5/15 min) before {load_before}, after {load_after}; {os.cpu_count()} CPUs")
+    (args.workdir / "results-bedrock-check.json").write_text(json.dumps(
+        {**r, "load_before": load_before, "load_after": load_after}, indent=2))
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

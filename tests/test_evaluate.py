@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -63,6 +64,27 @@ def test_score_counts_lengths_empty_and_cut_outputs() -> None:
     assert s["median_length"] == pytest.approx(1.5)
     assert s["empty_share"] == pytest.approx(1 / 4)
     assert s["cut_share"] == pytest.approx(1 / 4)
+
+
+def test_score_counts_the_most_common_answer() -> None:
+    outputs = [Generation(text, 3, False) for text in ("X is a.", "Y is b.", "X is a.", "X is a.", "Z.")]
+    s = score(outputs, ["r"] * 5)
+    assert (s["most_common_answer"], s["most_common_answer_count"]) == ("X is a.", 3)
+    assert s["most_common_answer_share"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("answers,note", [
+    (["X is a disease."] * 29 + [f"answer {i}" for i in range(11)],
+     "72% of the 40 held-out answers (tuned) are word for word the same: 'X is a disease.'"),
+    ([f"answer {i}" for i in range(38)] + ["answer 0", "answer 1"], None),  # a few repeats among 40: not degenerate
+    (["same"] + [f"answer {i}" for i in range(2)], None),  # one of three is no repetition at all
+    ([""] * 3 + ["a"], "75% of the 4 held-out answers (tuned) are word for word the same: (empty)"),
+])
+def test_same_answer_note_above_a_quarter_of_the_answers(answers, note) -> None:
+    from termtune.evaluate import same_answer_note
+
+    metrics = {"n": len(answers), "tuned": score([Generation(a, 3, False) for a in answers], ["r"] * len(answers))}
+    assert same_answer_note(metrics) == note
 
 
 # ----------------------------------------------------------------------------- a memorised run
@@ -144,6 +166,10 @@ def test_tuned_model_beats_base_on_memorised_rows(memorised_cfg) -> None:
     assert exact >= 16, [(p["tuned"], p["reference"]) for p in predictions]
     assert not any("<pad>" in p["tuned"] or "</s>" in p["tuned"] for p in predictions)
     assert "ROUGE-L" in report.summary()
+    for model in ("base", "tuned"):  # metrics.json counts the answers predictions.jsonl holds
+        answer, count = collections.Counter(p[model] for p in predictions).most_common(1)[0]
+        assert m[model]["most_common_answer_count"] == count and m[model]["most_common_answer"] == answer
+    assert "(tuned) are word for word the same" not in report.summary()  # 20 distinct memorised answers
 
     # the report shows the metric table and the sample answers
     from termtune import pipeline

@@ -217,14 +217,14 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 artifact, request, out = sys.argv[1:4]
 req = json.load(open(request))
 tok = AutoTokenizer.from_pretrained(artifact)
-model = AutoModelForSeq2SeqLM.from_pretrained(artifact).eval()
+model = AutoModelForSeq2SeqLM.from_pretrained(artifact, torch_dtype="auto").eval()  # config's dtype, as Bedrock
 batch = tok(req["prompts"], return_tensors="pt", padding=True)
 with torch.no_grad():
     tokens = model.generate(**batch, max_new_tokens=req["max_new_tokens"], min_new_tokens=req["max_new_tokens"],
                             do_sample=False, num_beams=1)
     logits = model(**batch, decoder_input_ids=torch.tensor(req["decoder_ids"])).logits
 save_file({"input_ids": batch["input_ids"], "tokens": tokens, "logits": logits.contiguous()}, out)
-print(json.dumps({"transformers": transformers.__version__, "tokenizer": type(tok).__name__,
+print(json.dumps({"transformers": transformers.__version__, "tokenizer": type(tok).__name__, "dtype": str(model.dtype),
                   "tied": model.lm_head.weight.data_ptr() == model.shared.weight.data_ptr()}))
 """
 
@@ -294,6 +294,166 @@ def test_trained_lm_head_is_merged_and_reads_identically_in_transformers_4_51_3(
     assert info["tied"] is False
     assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens"
     assert (v4["logits"] - ref_logits).abs().max().item() <= 1e-4
+
+
+# bf16 keeps 8 bits of mantissa: one rounding is off by up to 2^-9 relative, so a logit of size ~10 that
+# two implementations round differently once moves by ~0.02-0.04. 5e-2 admits that much and no more; a
+# wrong weight, a tied head or a lost config field moves logits by whole units. (Measured: 0, as both
+# sides run the same torch kernels in the same order.)
+BF16_LOGIT_TOLERANCE = 5e-2
+
+
+def test_bf16_export_computes_like_the_trained_model_in_transformers_4_51_3(exported, tmp_path):
+    """The default export dtype: 4.51.3 loads it as bf16 (config torch_dtype) and computes the greedy tokens and
+    logits of the trained model run in bf16 too, with the eager attention 4.51.3 runs T5 with."""
+    import torch
+
+    from termtune.export import export
+    from termtune.modeling import load_tokenizer
+
+    cfg = copy_run(exported[0], tmp_path, "export.dtype=bf16")
+    export(cfg)
+    merged = reference_model(cfg)
+    merged.set_attn_implementation("eager")
+    input_ids, ref_tokens, ref_logits = greedy_and_logits(merged.to(torch.bfloat16), load_tokenizer(cfg))
+    info, v4 = run_in_transformers_4(cfg.run_dir / "artifact", ref_tokens[:, :-1], tmp_path)
+    assert info["dtype"] == "torch.bfloat16" and info["tied"] is False
+    assert torch.equal(v4["input_ids"], input_ids)
+    assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens from the bf16 export"
+    diff = (v4["logits"].float() - ref_logits.float()).abs().max().item()
+    assert diff <= BF16_LOGIT_TOLERANCE, f"max |logit difference| {diff}"
+
+
+def test_sharded_export_reads_identically_in_transformers_4_51_3(exported, tmp_path):
+    """Large models are written in shards with an index: 4.51.3 must assemble them into the trained model."""
+    import torch
+
+    from termtune.export import export
+    from termtune.modeling import load_tokenizer
+
+    cfg = copy_run(exported[0], tmp_path, "export.max_shard_size=3MB")
+    artifact = export(cfg)
+    assert artifact.shards > 1 and (artifact.path / "model.safetensors.index.json").is_file()
+    input_ids, ref_tokens, ref_logits = greedy_and_logits(reference_model(cfg), load_tokenizer(cfg))
+    info, v4 = run_in_transformers_4(artifact.path, ref_tokens[:, :-1], tmp_path)
+    assert info["dtype"] == "torch.float32" and info["tied"] is False
+    assert torch.equal(v4["input_ids"], input_ids)
+    assert torch.equal(v4["tokens"], ref_tokens), "4.51.3 generates different greedy tokens from the shards"
+    assert (v4["logits"] - ref_logits).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- the product's own 4.51.3 check
+
+
+def test_export_records_the_4_51_3_check_and_the_card_states_the_measured_result(exported):
+    from termtune import pipeline
+    from termtune.headline import headline, terminal_block
+
+    bedrock_python()
+    cfg, artifact = exported
+    check = json.loads((artifact.path / "manifest.json").read_text())["bedrock_check"]
+    assert check["status"] == "passed" and check["transformers"] == "4.51.3" and check["dtype"] == "float32"
+    assert check["probes"] == 4 and len(check["recorded"]["tokens"]) == 4
+    assert 0 <= check["max_abs_logit_diff"] <= 1e-4
+    measured = f"max |Δlogit| {check['max_abs_logit_diff']:.2g}"
+    assert check["message"].startswith("loaded under transformers 4.51.3 (float32): greedy tokens equal the "
+                                       "trained model's on 4 probes × 16 tokens, " + measured)
+    assert check["message"] in artifact.summary()
+    pipeline.write_report(cfg)
+    for output in ((cfg.run_dir / "model-card.md").read_text(), (cfg.run_dir / "report.md").read_text(),
+                   terminal_block(headline(cfg))):
+        assert check["message"] in output
+
+
+def test_without_bedrocks_interpreter_nothing_claims_the_4_51_3_check(exported, tmp_path, monkeypatch):
+    from termtune import pipeline
+    from termtune.export import export
+    from termtune.headline import headline, terminal_block
+
+    monkeypatch.setenv("TERMTUNE_BEDROCK_PYTHON", str(tmp_path / "no-such-python"))
+    cfg = copy_run(exported[0], tmp_path)
+    artifact = export(cfg)
+    check = json.loads((artifact.path / "manifest.json").read_text())["bedrock_check"]
+    assert check == {"status": "not run", "message": "not checked under transformers 4.51.3: "
+                     f"TERMTUNE_BEDROCK_PYTHON={tmp_path / 'no-such-python'} is not a file"}
+    pipeline.write_report(cfg)
+    card = (cfg.run_dir / "model-card.md").read_text()
+    for output in (card, (cfg.run_dir / "report.md").read_text(), terminal_block(headline(cfg)), artifact.summary()):
+        assert "not checked under transformers 4.51.3" in output.replace("Not checked", "not checked")
+        assert "loaded under" not in output and "checked to load" not in output and "greedy tokens" not in output
+
+
+def test_export_refuses_an_artifact_that_4_51_3_computes_differently(exported, tmp_path, monkeypatch):
+    """A config field that the preflight does not judge (layer_norm_epsilon) changes every logit under 4.51.3:
+    the check catches it and nothing is published."""
+    import importlib
+
+    from termtune.errors import UserError
+
+    bedrock_python()
+    export_module = importlib.import_module("termtune.export")  # the module; termtune.export is the function
+    write_config = export_module.write_model_config
+
+    def with_another_epsilon(model, folder, dtype, tied):
+        write_config(model, folder, dtype, tied)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 0.5}))
+
+    monkeypatch.setattr(export_module, "write_model_config", with_another_epsilon)
+    cfg = copy_run(exported[0], tmp_path)
+    with pytest.raises(UserError, match=r"export: the artifact loaded under transformers 4.51.3 \(float32\), but it "
+                                        r"differs: greedy tokens equal the trained model's on 0 of 4 probes .*max \|Δlogit\| .*nothing was published"):
+        export_module.export(cfg)
+    assert sorted(p.name for p in cfg.run_dir.iterdir() if "artifact" in p.name) == []
+
+
+def test_greedy_tokens_that_part_at_a_near_tie_are_told_apart_from_a_difference():
+    """Where a probe's tokens part, 4.51.3's logits there decide: two candidates within the tolerance are a
+    near-tie (reported, not counted as equal), further apart a difference (the check fails)."""
+    import torch
+
+    from termtune.bedrock_check import _compare
+
+    tokens = torch.tensor([[0, 5, 6, 7], [0, 5, 6, 7]])
+    parted = torch.tensor([[0, 5, 6, 7], [0, 5, 8, 9]])  # the second probe parts at its third token
+    logits = torch.zeros(2, 3, 10)
+    logits[:, :, 1] = 30.0  # the largest logit: bf16 steps of 0.125, so a tolerance of 0.5
+    expected = {"input_ids": torch.ones(2, 3), "tokens": tokens, "logits": logits}
+    for gap, status, said in ((0.25, "passed", "on 1 of 2 probes × 16 tokens; 1 part at a near-tie (two candidate "
+                                               "tokens within 0.25 of each other), max |Δlogit| 0"),
+                              (2.0, "failed", "on 1 of 2 probes × 16 tokens; 1 differs, max |Δlogit| 0")):
+        got_logits = logits.clone()
+        got_logits[1, 1, 6], got_logits[1, 1, 8] = 3.0, 3.0 + gap  # 4.51.3 rates both candidates at that step
+        got = {"input_ids": torch.ones(2, 3), "tokens": parted, "logits": got_logits}
+        result = _compare({**expected, "logits": got_logits}, got, "bfloat16", has_logits=True)
+        assert result["status"] == status and said in result["message"], result["message"]
+        assert result["tolerance"] == 0.5
+
+
+def test_validate_loads_a_folder_under_4_51_3_against_the_tokens_export_recorded(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from termtune.cli import app
+    from termtune.rundir import sha256_file
+
+    bedrock_python()
+    folder = tmp_path / "artifact"
+    shutil.copytree(exported[0].run_dir / "artifact", folder)
+    good = CliRunner().invoke(app, ["validate", str(folder)])
+    assert good.exit_code == 0, good.output
+    assert ("✓ [" in good.output and "loads and generates under transformers 4.51.3: loaded under transformers 4.51.3 "
+            "(float32): greedy tokens equal those recorded at export on 4 probes × 16 tokens") in good.output
+    # Another layer_norm_epsilon (manifest updated, so every preflight rule still passes): other tokens.
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 0.5}))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "config.json":
+            entry.update(size=(folder / "config.json").stat().st_size, sha256=sha256_file(folder / "config.json"))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    bad = CliRunner().invoke(app, ["validate", str(folder)])
+    assert bad.exit_code == 1, bad.output
+    assert "✗ [" in bad.output and "but it differs: greedy tokens equal those recorded at export on 0 of 4" in bad.output
 
 
 def test_a_plain_5x_resave_would_not_read_identically(exported, tmp_path):

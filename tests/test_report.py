@@ -115,7 +115,7 @@ def test_report_opens_with_the_result(tmp_path: Path) -> None:
     assert re.findall(r">([+\d.]+)<", row) == ["0.087", "0.350", "+0.263"]
     assert first.count("is a.</td>") == 3  # three sample answers, the first one's term escaped
     assert "&lt;script&gt;" in first and "<script>" not in first
-    assert "117.7 MB; 3 Bedrock checks, 1 failed" in first
+    assert "117.7 MB; 3 preflight checks, 1 failed" in first
     assert "deployed: arn:aws:bedrock:x" in first
     assert "High blood pressure.</td>" in first and "is a common condition. (training data)" in first
     md = (run / "report.md").read_text(encoding="utf-8")
@@ -133,8 +133,49 @@ def test_run_ends_with_a_short_block_of_the_same_facts(tmp_path: Path) -> None:
                          "reference   A held-out text.  (held-out data)"]
     assert "ROUGE-L     base 0.087 -> tuned 0.350 on 10 held-out terms; held-out loss 0.71" in block
     assert "imported    arn:aws:bedrock:x" in block
-    assert any(line.startswith("artifact    ") and "117.7 MB, 2/3 Bedrock checks passed" in line for line in block)
+    assert any(line.startswith("artifact    ") and "117.7 MB, 2/3 preflight checks passed" in line for line in block)
     assert len(block) <= 10
+
+
+def degenerate_metrics(run: Path, same: int, n: int = 40) -> None:
+    """eval/metrics.json as evaluate writes it when `same` of the `n` tuned answers are one text."""
+    path = run / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["n"] = n
+    metrics["tuned"].update(most_common_answer="X is a condition of the body.", most_common_answer_count=same,
+                            most_common_answer_share=same / n)
+    path.write_text(json.dumps(metrics))
+
+
+def test_a_degenerate_model_is_named_beside_its_rouge(tmp_path: Path) -> None:
+    """29 of 40 held-out answers the same text: the report's result, its evaluation and the closing block say so."""
+    from termtune.headline import headline, terminal_block
+
+    run = tmp_path / "run"
+    populate_run(run)
+    degenerate_metrics(run, same=29)
+    said = "72% of the 40 held-out answers (tuned) are word for word the same: 'X is a condition of the body.'"
+    write_report(make_cfg(run))
+    md = (run / "report.md").read_text(encoding="utf-8")
+    result = md[md.index("## Result"):md.index("## Configuration")]
+    assert result.index("| ROUGE-L |") < result.index(said)  # right under the score table
+    evaluation = md[md.index("## Evaluation"):md.index("## Sample answers")]
+    assert said in evaluation and "| most common answer (share) |  | 72.5% |" in evaluation
+    block = terminal_block(headline(make_cfg(run))).splitlines()
+    rouge = next(i for i, line in enumerate(block) if line.startswith("ROUGE-L     "))
+    assert block[rouge + 1] == " " * 12 + "but " + said
+
+
+def test_varied_answers_get_no_degenerate_note(tmp_path: Path) -> None:
+    from termtune.headline import headline, terminal_block
+
+    run = tmp_path / "run"
+    populate_run(run)
+    degenerate_metrics(run, same=3)  # 3 of 40: a few terms share a definition
+    write_report(make_cfg(run))
+    for text in ((run / "report.md").read_text(encoding="utf-8"), (run / "report.html").read_text(encoding="utf-8"),
+                 terminal_block(headline(make_cfg(run)))):
+        assert "word for word the same" not in text
 
 
 def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:

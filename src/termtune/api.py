@@ -132,18 +132,24 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     return _stage(cfg, "export", force)
 
 
-def validate(target: Config | str | Path) -> Validation:
+def validate(target: Config | str | Path, load: bool = True) -> Validation:
     """Preflight a folder against the Bedrock CMI rules (no GPU, no AWS).
 
     Given a config: the run's artifact, as a pipeline stage (it must come from the current export
-    settings; failing checks raise UserError). Given a folder: that folder, any folder; the result
+    settings; failing checks raise UserError; export already loaded it under transformers 4.51.3).
+    Given a folder: that folder, any folder, and with `load` a last check that loads it under
+    transformers 4.51.3 when Bedrock's interpreter is there (termtune.bedrock_check); the result
     says whether it `failed`. Reads the folder; writes only the run's report (given a config).
     """
+    from termtune.bedrock_check import as_validation_check
     from termtune.validate import Validation, validate as check
 
     if isinstance(target, Config):
         return _stage(target, "validate")
-    return Validation(Path(target), check(target))
+    checks = check(target)
+    if load:
+        checks.append(as_validation_check(Path(target), checks))
+    return Validation(Path(target), checks)
 
 
 def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
@@ -269,7 +275,8 @@ def _read_export(cfg: Config, layout: Any) -> Artifact:
     record = read_json(layout.record("export"), {}).get("result", {})
     return Artifact(path=layout.artifact, dtype=manifest.get("dtype", cfg.export.dtype),
                     base_model=manifest.get("base_model", ""), files=manifest.get("files", []), checks=checks,
-                    seconds=record.get("seconds", 0.0), shards=record.get("weight_files", 1))
+                    seconds=record.get("seconds", 0.0), shards=record.get("weight_files", 1),
+                    bedrock_check=manifest.get("bedrock_check") or {})
 
 
 def _read_deploy(cfg: Config, layout: Any) -> DeployResult:

@@ -216,15 +216,18 @@ def export(
 def validate(
     directory: Path = typer.Argument(..., help="A model folder to check against the Bedrock CMI rules."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    load: bool = typer.Option(True, "--load/--no-load",
+                              help="Last, load the folder under transformers 4.51.3 (Bedrock's) and generate."),
 ) -> None:
     """Preflight a folder for Bedrock Custom Model Import (no GPU, no AWS needed).
 
-    Exits non-zero if any check fails.
+    Exits non-zero if any check fails. With Bedrock's interpreter (TERMTUNE_BEDROCK_PYTHON, or
+    .venv-bedrock from make install) the last check loads the folder under transformers 4.51.3.
 
     Example:
         termtune validate runs/demo/artifact
     """
-    result = api.validate(directory)
+    result = api.validate(directory, load=load)
     typer.echo(json.dumps([c.as_dict() for c in result.checks], indent=2) if as_json else result.summary())
     if result.failed:
         raise typer.Exit(1)

@@ -5,7 +5,9 @@ base model and base + adapter answer the same held-out prompts with the same exp
 decoding settings (cfg.eval), and both are scored against the reference definitions:
 
     ROUGE-1/2/L (rouge-score, F-measure, 0..1), BLEU and chrF (sacrebleu, 0..100),
-    mean/median generated length (tokens), share of empty outputs, share cut at max_new_tokens.
+    mean/median generated length (tokens), share of empty outputs, share cut at max_new_tokens,
+    and the most common answer with its count and share: a model that answers most held-out terms
+    with the same sentence is degenerate whatever its ROUGE (same_answer_note says so).
 
 Generation is batched over length-sorted prompts (little padding, few forward passes),
 which is what makes it several times faster than a one-prompt-at-a-time `generate` loop
@@ -18,6 +20,7 @@ Outputs (the folder is written atomically: all of it or nothing):
 
 from __future__ import annotations
 
+import collections
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -35,6 +38,12 @@ if TYPE_CHECKING:
 
 METRIC_NAMES = ("rouge1", "rouge2", "rougeL", "bleu", "chrf")
 """Quality metrics, in report order. ROUGE is 0..1, BLEU and chrF are 0..100 (each library's own scale)."""
+
+SAME_ANSWER_SHARE = 0.25
+"""Above this share of held-out answers being one identical text, every place that shows ROUGE says so.
+Held-out terms are distinct, so a working model repeats an answer rarely; a quarter of them answered
+word for word alike means the model learned one sentence, and its ROUGE measures that sentence's
+overlap with the references, not definitions (the random-init demo: 58-100 %)."""
 
 
 # ----------------------------------------------------------------------------- result
@@ -72,6 +81,7 @@ class EvalReport(StageResult):
             cells = [format_metric(key, m[name].get(key)) for name in models]
             lines.append(f"  {label:<16}" + "".join(f"{c:>10}" for c in cells))
         lines += [f"  {note}" for note in self.notes]
+        lines += [f"  {note}" for note in (same_answer_note(m, name) for name in models) if note]
         lines.append(f"  predictions: {self.predictions_path}")
         lines.append(f"  metrics:     {self.directory / 'metrics.json'}")
         return "\n".join(lines)
@@ -107,6 +117,20 @@ def format_metric(key: str, value: Any, missing: str = "-") -> str:
     if key.endswith("_share"):
         return f"{value:.1%}"
     return f"{value:.2f}"
+
+
+def same_answer_note(metrics: dict[str, Any], model: str = "tuned") -> str | None:
+    """"71% of the 40 held-out answers (tuned) are word for word the same: '...'" when one answer covers more than
+    SAME_ANSWER_SHARE of them (and at least two), else None. `metrics` is the content of metrics.json."""
+    scores = metrics.get(model)
+    if not isinstance(scores, dict):
+        return None
+    count, n = scores.get("most_common_answer_count"), metrics.get("n")
+    if not isinstance(count, int) or not isinstance(n, int) or n <= 0 or count < 2 or count / n <= SAME_ANSWER_SHARE:
+        return None
+    text = " ".join(str(scores.get("most_common_answer", "")).split())
+    shown = "(empty)" if not text else f"'{text if len(text) <= 90 else text[:89].rstrip() + '…'}'"
+    return f"{count / n:.0%} of the {n} held-out answers ({model}) are word for word the same: {shown}"
 
 
 def _describe_decoding(d: dict[str, Any]) -> str:
@@ -325,4 +349,8 @@ def score(outputs: Sequence[Generation], references: Sequence[str]) -> dict[str,
         "empty_share": sum(1 for g in outputs if not g.text) / len(outputs) if outputs else 0.0,
         "cut_share": sum(1 for g in outputs if g.cut) / len(outputs) if outputs else 0.0,
     })
+    if outputs:
+        answer, count = collections.Counter(g.text for g in outputs).most_common(1)[0]
+        result.update({"most_common_answer": answer, "most_common_answer_count": count,
+                       "most_common_answer_share": count / len(outputs)})
     return result

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from termtune.bedrock_check import check_artifact, probe_prompts
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
@@ -65,6 +66,8 @@ class Artifact(StageResult):
     checks: list[Check]
     seconds: float
     shards: int = 1
+    bedrock_check: dict[str, Any] = field(default_factory=dict)
+    """termtune.bedrock_check's result: status ("passed", "not run"; a failure is never published) and message."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,7 +84,8 @@ class Artifact(StageResult):
         return (f"artifact: {self.path} ({len(self.files)} files, {self.total_bytes / 1e6:.1f} MB, {self.dtype}, "
                 f"{self.shards} weight file{'s' if self.shards != 1 else ''}) in {self.seconds:.1f}s\n"
                 f"validate: {len(self.checks)} checks, {failed} failed, {warnings} warnings "
-                f"(details: termtune validate {self.path})")
+                f"(details: termtune validate {self.path})\n"
+                f"bedrock:  {self.bedrock_check.get('message', 'not checked under transformers 4.51.3')}")
 
 
 def export(cfg: Config, force: bool = False) -> Artifact:
@@ -117,7 +121,11 @@ def export(cfg: Config, force: bool = False) -> Artifact:
         if any(c.failed for c in checks):
             raise UserError(f"export: the artifact fails the CMI preflight:\n{format_checks(checks)}")
         verify_weights(tmp, weights)
-        files = write_manifest(tmp, cfg, weights, tied=tied)
+        # The folder under Bedrock's transformers against the merged model (termtune.bedrock_check)
+        bedrock = check_artifact(tmp, reference=(model, tokenizer, probe_prompts(cfg.data.prompt_template)))
+        if bedrock["status"] == "failed":
+            raise UserError(f"export: the artifact {bedrock['message']}; nothing was published")
+        files = write_manifest(tmp, cfg, weights, tied=tied, bedrock_check=bedrock)
         _shareable_permissions(tmp)
     del model
 
@@ -126,7 +134,7 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     write_json(layout.validation, {
         "directory": str(final), "ok": not any(c.failed for c in checks), "checks": [c.as_dict() for c in checks]})
     return Artifact(path=final, dtype=cfg.export.dtype, base_model=base_name(cfg), files=files, checks=checks,
-                    seconds=time.time() - started, shards=len(weights))
+                    seconds=time.time() - started, shards=len(weights), bedrock_check=bedrock)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -441,8 +449,9 @@ def artifact_digest(files: list[dict[str, Any]]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def write_manifest(folder: Path, cfg: Config, weights: dict[str, dict[str, Any]], tied: bool) -> list[dict]:
-    """manifest.json (written last: its presence marks a complete artifact)."""
+def write_manifest(folder: Path, cfg: Config, weights: dict[str, dict[str, Any]], tied: bool,
+                   bedrock_check: dict[str, Any]) -> list[dict]:
+    """manifest.json (written last: its presence marks a complete artifact), with the Bedrock check's result."""
     files = []
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name == "manifest.json":
@@ -458,6 +467,7 @@ def write_manifest(folder: Path, cfg: Config, weights: dict[str, dict[str, Any]]
         "torch_dtype": TORCH_DTYPE_NAMES[cfg.export.dtype],
         "tie_word_embeddings": tied,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "bedrock_check": bedrock_check,
         "files": files,
     })
     return files

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from termtune.config import Config
+from termtune.evaluate import same_answer_note
 from termtune.layout import RunLayout
+from termtune.modelcard import bedrock_check_message
 from termtune.rundir import read_json
 
 MAIN_METRICS = (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("bleu", "BLEU"), ("chrf", "chrF"))
@@ -38,10 +40,14 @@ class Headline:
     scores: list[tuple[str, str, float | None, float | None]] = field(default_factory=list)
     """(key, label, base, tuned) for the main metrics present."""
     scored_on: int | None = None
+    same_answer: str | None = None
+    """evaluate.same_answer_note for the tuned model: set when most of its answers are one text."""
     samples: list[dict[str, str]] = field(default_factory=list)
     """Up to three held-out {term, reference, tuned}."""
     artifact: str | None = None
     artifact_bytes: int | None = None
+    bedrock_check: str | None = None
+    """What the export recorded about loading the artifact under transformers 4.51.3 (ran or not, and the result)."""
     checks: int | None = None
     checks_failed: int | None = None
     model_arn: str | None = None
@@ -72,12 +78,14 @@ def headline(cfg: Config, samples: int = 3) -> Headline:
     base, tuned = metrics.get("base") or {}, metrics.get("tuned") or {}
     h.scores = [(key, label, base.get(key), tuned.get(key)) for key, label in MAIN_METRICS if key in tuned or key in base]
     h.scored_on = metrics.get("n")
+    h.same_answer = same_answer_note(metrics)
     h.samples = [{k: str(row.get(k) or "") for k in ("term", "reference", "tuned")}
                  for row in _rows(layout.predictions)[:samples]]
     manifest = _object(layout.manifest)
     if manifest:
         h.artifact = str(layout.artifact)
         h.artifact_bytes = sum(f.get("size", 0) for f in manifest.get("files", []) if isinstance(f, dict))
+        h.bedrock_check = bedrock_check_message(manifest)
     validation = _object(layout.validation)
     if isinstance(validation.get("checks"), list):
         h.checks = len(validation["checks"])
@@ -105,12 +113,15 @@ def terminal_block(h: Headline) -> str:
     if rouge:
         lines.append(f"ROUGE-L     base {_score(rouge[0])} -> tuned {_score(rouge[1])} on {h.scored_on} held-out terms"
                      + (f"; held-out loss {h.eval_loss:.2f}" if h.eval_loss is not None else ""))
+        if h.same_answer:
+            lines.append(f"{'':12}but {h.same_answer}")
     if h.train_seconds is not None:
         lines.append(f"training    {h.train_seconds:.0f}s, {h.steps} steps on {h.train_rows} rows")
     if h.artifact:
         status = ("" if h.checks is None else
-                  f", {h.checks - (h.checks_failed or 0)}/{h.checks} Bedrock checks passed")
+                  f", {h.checks - (h.checks_failed or 0)}/{h.checks} preflight checks passed")
         lines.append(f"artifact    {h.artifact} ({human_size(h.artifact_bytes or 0)}{status})")
+        lines.append(f"{'':12}{h.bedrock_check}")
     if h.model_arn:
         lines.append(f"imported    {h.model_arn}" + (f" ({h.stand_in})" if h.stand_in else ""))
     if h.random_init:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from termtune.config import Config
+from termtune.evaluate import same_answer_note
 from termtune.layout import RunLayout
 from termtune.rundir import read_json
 
@@ -51,9 +52,12 @@ def _metrics_section(cfg: Config) -> str:
         return "See eval/metrics.json in the run directory."
     keys = [k for k, v in metrics[models[-1]].items() if _is_number(v)]
     rows = [f"| {k} | " + " | ".join(_fmt(metrics[m].get(k)) for m in models) + " |" for k in keys]
+    same_answer = same_answer_note(metrics)
     return (f"{metrics.get('n', '?')} held-out examples (`eval/metrics.json`; "
             f"base = the model before fine-tuning):\n\n| metric | {' | '.join(models)} |\n"
-            f"|---|{'---|' * len(models)}\n" + "\n".join(rows))
+            f"|---|{'---|' * len(models)}\n" + "\n".join(rows)
+            + (f"\n\nWarning: {same_answer}; the scores above measure that text's overlap with the references."
+               if same_answer else ""))
 
 
 def _training_result(cfg: Config) -> str:
@@ -62,6 +66,26 @@ def _training_result(cfg: Config) -> str:
         return ""
     return (f"\n- Result: {result.get('global_step', '?')} optimizer steps, training loss "
             f"{_fmt(result.get('train_loss'))}, held-out loss {_fmt(result.get('eval_loss'))}")
+
+
+def bedrock_check_message(manifest: dict[str, Any]) -> str:
+    """What an artifact's manifest records about its load under transformers 4.51.3 (termtune.bedrock_check),
+    and nothing more: a check that did not run, or that an older export did not record, is said not to have run."""
+    check = manifest.get("bedrock_check")
+    if isinstance(check, dict) and check.get("message"):
+        return str(check["message"])
+    return "not checked under transformers 4.51.3: the export recorded no such check"
+
+
+def bedrock_check_line(cfg: Config) -> str:
+    """The model card's sentence about the check under transformers 4.51.3, the version Bedrock serves with."""
+    manifest = read_json(RunLayout.of(cfg).manifest)
+    if not isinstance(manifest, dict):
+        return "Not exported yet: no check under transformers 4.51.3 (the version Bedrock serves with) has run."
+    message, check = bedrock_check_message(manifest), manifest.get("bedrock_check")
+    if isinstance(check, dict) and check.get("status") == "passed":
+        return f"Checked at export in the transformers version Bedrock serves with: {message}."
+    return f"{message[0].upper()}{message[1:]}."
 
 
 def _is_number(value: Any) -> bool:
@@ -87,7 +111,9 @@ tags: [t5, flan-t5, lora, medical, bedrock-custom-model-import]
 # {cfg.run_dir.name}: a Flan-T5 fine-tuned on medical terminology
 
 Full (merged) weights of `T5ForConditionalGeneration`, written by `termtune export` for
-Amazon Bedrock Custom Model Import and checked to load under transformers 4.51.3.
+Amazon Bedrock Custom Model Import.
+
+{bedrock_check_line(cfg)}
 
 ## Base model
 

@@ -132,7 +132,8 @@ def _export(cfg: Config, force: bool) -> Outcome:
         "artifact": str(artifact.path), "artifact_sha256": artifact.digest, "dtype": artifact.dtype,
         "seconds": round(artifact.seconds, 1),
         "total_bytes": artifact.total_bytes, "weight_files": artifact.shards,
-        "validation_failed": sum(c.failed for c in artifact.checks)})
+        "validation_failed": sum(c.failed for c in artifact.checks),
+        "bedrock_check": {k: artifact.bedrock_check.get(k) for k in ("status", "message")}})
 
 
 def _validate(cfg: Config, force: bool) -> Outcome:

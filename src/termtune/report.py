@@ -49,7 +49,8 @@ _STAGE_ORDER = ("data", "train", "evaluate", "export", "validate", "deploy", "in
 
 _METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF",
                   "mean_length": "mean length (tokens)", "median_length": "median length (tokens)",
-                  "empty_share": "empty outputs", "cut_share": "cut at max_new_tokens"}
+                  "empty_share": "empty outputs", "cut_share": "cut at max_new_tokens",
+                  "most_common_answer_share": "most common answer (share)"}
 
 
 @dataclass
@@ -145,14 +146,17 @@ def _headline_section(cfg: Config) -> Section | None:
         section.table([f"on {h.scored_on} held-out terms", "base", "tuned", "change"],
                       [(label, format_metric(key, base), format_metric(key, tuned), change(base, tuned))
                        for key, label, base, tuned in h.scores], cls="metrics")
+        if h.same_answer:
+            section.note(f"Beside these scores: {h.same_answer}.")
     if h.samples:
         section.table(["term", "reference", "tuned model"],
                       [(s["term"], _clip(s["reference"], 200), _clip(s["tuned"], 200)) for s in h.samples],
                       cls="samples")
     if h.artifact:
         status = "not validated yet" if h.checks is None else (
-            f"{h.checks} Bedrock checks, {h.checks_failed} failed")
+            f"{h.checks} preflight checks, {h.checks_failed} failed")
         section.text(f"artifact: {h.artifact} ({human_size(h.artifact_bytes or 0)}; {status})")
+        section.text(f"Bedrock's transformers: {h.bedrock_check}")
     if h.model_arn:
         section.text(f"deployed: {h.model_arn}")
     if h.answer is not None:
@@ -321,7 +325,7 @@ def _plan_section(cfg: Config) -> Section | None:
 
 def _evaluation_section(cfg: Config) -> Section | None:
     """Evaluation"""
-    from termtune.evaluate import format_metric
+    from termtune.evaluate import format_metric, same_answer_note
 
     metrics = _read_json(RunLayout.of(cfg).eval_metrics)
     if metrics is None:
@@ -343,6 +347,10 @@ def _evaluation_section(cfg: Config) -> Section | None:
         section.image(_metric_plot(quality, {m: metrics[m] for m in models}))
     section.text("ROUGE is the mean F-measure (0-1); BLEU and chrF are corpus scores (0-100, sacrebleu).")
     cut = metrics.get("tuned", {}).get("cut_share") if "tuned" in models else None
+    for model in models:
+        same_answer = same_answer_note(metrics, model)
+        if same_answer:
+            section.note(f"{same_answer}: ROUGE, BLEU and chrF then measure that text's overlap with the references.")
     if _is_number(cut) and cut > 0.5:
         section.note(f"{cut:.0%} of the tuned answers stopped at max_new_tokens without ending: raise "
                      "eval.max_new_tokens, or train longer so the model learns where a definition ends.")
@@ -375,6 +383,7 @@ def _samples_section(cfg: Config) -> Section | None:
 def _artifact_section(cfg: Config) -> Section | None:
     """Artifact"""
     from termtune.headline import human_size
+    from termtune.modelcard import bedrock_check_line
 
     layout = RunLayout.of(cfg)
     manifest = _read_json(layout.manifest)
@@ -382,6 +391,7 @@ def _artifact_section(cfg: Config) -> Section | None:
         return None
     section = Section("Artifact")
     section.text(f"folder: {layout.artifact}")
+    section.text(bedrock_check_line(cfg))
     files = manifest.get("files") if isinstance(manifest, dict) else manifest
     if isinstance(manifest, dict):
         section.table(["", "value"], [(k, v) for k, v in manifest.items() if not isinstance(v, (dict, list))])
