@@ -11,16 +11,19 @@ from pathlib import Path
 import pytest
 
 from aws_fixtures import artifact_template, aws_env, boto, bucket, moto_server, moto_url  # noqa: F401
+from termtune import ownership
 from termtune.config import load_config
 from termtune.errors import UserError
+from termtune.layout import RunLayout
 
 ROLE = "arn:aws:iam::123456789012:role/existing-import-role"
 
 
 def make_cfg(tmp_path: Path, artifact: Path, name: str = "run", **extra):
-    """A run directory holding a copy of the tiny artifact, and its config."""
+    """A termtune run directory (marked as one) holding a copy of the tiny artifact, and its config."""
     run = tmp_path / name
     shutil.copytree(artifact, run / "artifact")
+    ownership.mark(RunLayout(root=run, artifact=run / "artifact"))
     overrides = {"run.dir": run, "aws.bucket": "termtune-test", "aws.poll_seconds": 0.1,
                  "aws.invoke_max_tokens": 8, "aws.role_arn": ROLE, **extra}
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])

@@ -130,7 +130,7 @@ def test_prefixes_with_empty_or_dot_segments_are_refused(tmp_path, prefix):
 
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "aws.bucket=b-1", f"aws.prefix={prefix}"])
     with pytest.raises(UserError, match="aws.prefix"):
-        names(cfg)
+        names(cfg, "0123456789ab")
 
 
 def test_checkpoint_seals_naming_files_outside_are_not_complete(tmp_path):
