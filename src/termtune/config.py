@@ -43,7 +43,10 @@ class Section(BaseModel):
     raises UserError naming the key and leaves the config as it was."""
 
     # allow_inf_nan=False: an infinite learning rate or timeout is never meant, and trains a NaN model.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # use_attribute_docstrings: the string under each setting is its description (Field.description,
+    # the JSON schema, docs/config-reference.md), written once.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
     _owner: Optional["Config"] = PrivateAttr(None)
     """The Config holding this section, whose rules an assignment to this section must also pass."""
 
@@ -533,18 +536,41 @@ def attribute_docs(cls: type) -> dict[str, str]:
 
 
 def field_docs() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, description) for every config key, for the README reference."""
+    """(key, type, default, description) for every config key, for docs/config-reference.md. The settings
+    of a mapping of sections (aws.cmu_prices) follow it with a `*` per mapping level."""
     rows: list[tuple[str, str, str, str]] = []
     for name, field in Config.model_fields.items():
-        section = field.annotation
-        docs = attribute_docs(section)
-        for key, sub in section.model_fields.items():
-            default = sub.default if sub.default_factory is None else sub.default_factory()
-            annotation = sub.annotation
-            type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-            type_name = type_name.replace("typing.", "").replace("pathlib.", "").replace("Path", "path")
-            from pydantic_core import to_jsonable_python
-
-            shown = json.dumps(str(default) if isinstance(default, Path) else to_jsonable_python(default))
-            rows.append((f"{name}.{key}", type_name, shown, docs.get(key, "")))
+        rows += _section_docs(field.annotation, f"{name}.")
     return rows
+
+
+def _section_docs(section: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    from pydantic_core import to_jsonable_python
+
+    rows: list[tuple[str, str, str, str]] = []
+    for key, field in section.model_fields.items():
+        annotation = field.annotation
+        type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        type_name = type_name.replace("typing.", "").replace("pathlib.", "").replace(f"{__name__}.", "")
+        type_name = type_name.replace("Path", "path")
+        if field.is_required():
+            shown = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            shown = json.dumps(str(default) if isinstance(default, Path) else to_jsonable_python(default))
+        rows.append((f"{prefix}{key}", type_name, shown, " ".join((field.description or "").split())))
+        levels, inner = _mapping_levels(annotation)
+        if levels and isinstance(inner, type) and issubclass(inner, Section):
+            rows += _section_docs(inner, f"{prefix}{key}." + "*." * levels)
+    return rows
+
+
+def _mapping_levels(annotation: Any) -> tuple[int, Any]:
+    """dict[str, dict[str, X]] -> (2, X): how many mappings wrap the value type, and the value type."""
+    import typing
+
+    levels = 0
+    while typing.get_origin(annotation) is dict:
+        annotation = typing.get_args(annotation)[1]
+        levels += 1
+    return levels, annotation
