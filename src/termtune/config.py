@@ -43,7 +43,10 @@ class Section(BaseModel):
     raises UserError naming the key and leaves the config as it was."""
 
     # allow_inf_nan=False: an infinite learning rate or timeout is never meant, and trains a NaN model.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # use_attribute_docstrings: the string under each setting is its description (Field.description,
+    # the JSON schema, docs/config-reference.md), written once.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
     _owner: Optional["Config"] = PrivateAttr(None)
     """The Config holding this section, whose rules an assignment to this section must also pass."""
 
@@ -135,18 +138,29 @@ class DataConfig(Section):
     test_size: float = Field(0.1, gt=0)
     """Held-out share (0 < x < 1) or number of held-out rows (x >= 1)."""
     max_source_length: int = Field(128, ge=8)
-    """Input token limit (truncation)."""
+    """Tokens kept of each prompt; longer prompts are cut (still ending in eos). Raise it when `termtune data
+    prepare` reports many prompts truncated; memory and time per batch grow with it."""
     max_target_length: int = Field(512, ge=8)
-    """Target token limit (truncation)."""
+    """Tokens kept of each definition; longer ones are cut (still ending in eos), so the model never sees their
+    end. Raise it when data prepare reports many targets truncated, or shorten them with `target`."""
 
 
 class LoraConfig(Section):
     r: int = Field(64, ge=1)
+    """Rank of each adapter (PEFT LoRA): trainable parameters per adapted layer are r x (inputs + outputs).
+    Lower it (8-16) for small data or tight memory, raise it for more capacity; at most the narrowest
+    targeted layer's width (a larger r is refused)."""
     alpha: int = Field(16, ge=1)
+    """Scale of the adapters' update: it is multiplied by alpha / r (16/64 = 0.25 by default). When you change
+    `r`, change alpha with it to keep the same scale, or retune train.learning_rate."""
     dropout: float = Field(0.1, ge=0, lt=1)
+    """Probability (0 to below 1) that each input to an adapter is zeroed during training; 0 turns it off. Raise
+    it when the held-out loss rises while the training loss falls (overfitting), lower it on large data."""
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     """'all-linear' or a list of module names such as [q, v]."""
     bias: Literal["none", "all", "lora_only"] = "none"
+    """Bias vectors trained beside the adapters (PEFT): none, all (every bias in the model) or lora_only (those
+    of the adapted layers). T5 has no bias vectors, so for T5 the three are the same."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full beside the adapters, e.g. [lm_head] (PEFT's modules_to_save); export merges
     them. A pretrained base needs none; a random-init one learns little through frozen random output weights."""
@@ -161,20 +175,35 @@ class LoraConfig(Section):
 
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS)
-    """Passes over the training split (at most 1000)."""
+    """Passes over the training split, fractions allowed (0.5: half of it; at most 1000). Raise it while the
+    held-out loss still falls at the end of training; lower it when it rises again (overfitting)."""
     max_steps: int = Field(-1, ge=-1)
-    """Stop after this many optimizer steps (-1: run `epochs`)."""
+    """Stop after this many optimizer steps, overriding `epochs` (-1: run `epochs`). For a quick trial run."""
     batch_size: int = Field(4, ge=1)
     """Examples per device per step (ignored when max_tokens_per_batch is set). 4 is fastest per token on
     CPU (larger batches spill out of cache); raise it on GPUs."""
     max_tokens_per_batch: int | None = Field(None, ge=1)
-    """Token budget per batch (padded source + target tokens) instead of a fixed batch size."""
+    """Token budget per batch (padded source + target tokens) instead of a fixed batch size. Set it when
+    lengths vary widely: short rows then share large batches and long rows small ones, under one memory bound."""
     gradient_accumulation_steps: int = Field(1, ge=1)
+    """Batches whose gradients add up to one optimizer step: the effective batch is batch_size x this x the
+    number of GPUs. Raise it for a larger batch than memory holds; max_steps, save_steps, eval_steps and
+    logging_steps count optimizer steps."""
     learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate of the AdamW optimizer (no unit), reached after the warmup. Lower it (e.g. 3e-4)
+    when training diverges or the loss jumps about; raise it when the loss falls too slowly."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """How the learning rate moves after the warmup: linear or cosine decay to 0 at the last step, or constant.
+    `constant` ignores warmup_ratio; use constant_with_warmup to warm up and then hold."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Share of all optimizer steps (0 to below 1) over which the learning rate rises from 0 to learning_rate.
+    Set 0.03-0.1 when the first steps' loss spikes or diverges."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay: each step shrinks the trained weights (not biases or norms) by
+    learning_rate x this. 0 (off) suits LoRA; try 0.01 against overfitting on small data."""
     max_grad_norm: float = Field(1.0, ge=0)
+    """Gradients are scaled down before each step so that their combined L2 norm is at most this (0: no
+    clipping). Lower it when the loss spikes; raise it only if clipping slows learning."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, fp32 on CPU. bf16 on a CPU with bf16 instructions (AVX512-BF16,
     AMX) is ~7 % faster but needs up to 1.6x the memory (BENCHMARKS.md)."""
@@ -191,7 +220,11 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1)
     """Keep at most N checkpoints."""
     logging_steps: int = Field(10, ge=1)
+    """Log the loss (its mean since the last log) and throughput every N optimizer steps, to the progress
+    display and <run>/train/metrics.jsonl, which the report's loss curve draws. Lower it on short runs."""
     dataloader_workers: int = Field(0, ge=0)
+    """Worker processes that collate training batches in the background (0: in the training process). The
+    data is tokenized beforehand, so 0 is enough unless a fast GPU waits for batches."""
 
     @field_validator("max_steps")
     @classmethod
@@ -203,22 +236,33 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     max_new_tokens: int = Field(128, ge=1)
-    """Generation length limit (never the 20-token library default)."""
+    """Most new tokens per evaluated answer (never the library's 20-token default). Raise it when the report
+    says many answers stopped at it."""
     num_beams: int = Field(1, ge=1)
-    """1 = greedy."""
+    """Beam search width for the evaluated answers (1: greedy decoding). Each beam is one more candidate answer
+    kept per prompt, at about that many times the generation cost."""
     no_repeat_ngram_size: int = Field(0, ge=0)
     """An integer n (0 = off); the seed recipe's `True` silently meant 1."""
     batch_size: int = Field(16, ge=1)
+    """Prompts generated together during evaluation (train.batch_size sets the held-out loss's). Lower it when
+    evaluation runs out of memory, raise it on a large GPU to evaluate faster."""
     max_examples: int | None = Field(None, ge=1)
     """Evaluate on at most N held-out rows."""
     compare_base: bool = True
     """Also generate with the base model on the same prompts."""
     samples_in_report: int = Field(10, ge=0)
+    """Held-out predictions shown in the report's Samples section (0: none). Changing it does not
+    re-run evaluation."""
 
 
 class ExportConfig(Section):
     dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    """Number format of the exported weights, and config.json's torch_dtype, which Bedrock loads them in. The
+    merge runs in fp32 and is rounded once: bf16 is half fp32's size; fp32 keeps the merged weights exact at
+    twice the upload and storage. fp16 is refused for T5 (see allow_fp16)."""
     allow_fp16: bool = False
+    """Permit export.dtype=fp16, refused by default because T5 overflows to inf/NaN in fp16 at inference.
+    Set it only for a checkpoint you know survives fp16."""
     max_shard_size: str = "5GB"
     """Shard the safetensors weights above this size (e.g. 2GB, 500MB)."""
     dir: Path | None = None
@@ -249,13 +293,19 @@ DEFAULT_CMU_PRICES = {
 
 class AwsConfig(Section):
     region: str = "us-east-1"
+    """AWS region of every call (S3 upload, IAM, import, invoke). Custom Model Import runs in us-east-1,
+    us-east-2, us-west-2 and eu-central-1; others are refused. Use your bucket's region."""
     profile: str | None = None
     """AWS profile name (None: the default credential chain)."""
     bucket: str | None = None
+    """Name of an existing S3 bucket you can write to (no s3://), where deploy uploads the artifact. Required
+    by deploy and by `termtune run` unless aws.deploy is false."""
     prefix: str = "termtune/{run_name}"
     """S3 key prefix for the artifact; {run_name} is the run directory's name. deploy appends
     -<run id> (<run>/deploy-id), so no two run directories share a prefix."""
     sse: Literal["AES256", "aws:kms"] = "AES256"
+    """Server-side encryption of the uploaded objects: AES256 (S3-managed keys) or aws:kms (the key in
+    aws.kms_key_id; without one, S3's AWS managed key). Use aws:kms when your bucket policy requires KMS."""
     kms_key_id: str | None = None
     """KMS key (id, alias or ARN) for S3 SSE-KMS; the import role gets kms:Decrypt on its key ARN."""
     model_kms_key_id: str | None = None
@@ -264,16 +314,27 @@ class AwsConfig(Section):
     role_arn: str | None = None
     """Existing CMI service role; None: create or reuse `role_name`."""
     role_name: str = "termtune-bedrock-import"
+    """IAM role deploy creates or reuses when aws.role_arn is unset; each run adds its own inline policy, and
+    cleanup deletes the role (if termtune created it) once no run uses it. Change it to follow your
+    account's role naming rules."""
     job_name: str | None = None
     """Import job name (default: <model_name>-<timestamp>)."""
     model_name: str | None = None
     """Imported model name (default: derived from the run directory)."""
     import_timeout_minutes: float = Field(120, gt=0)
+    """Minutes deploy (and cleanup, for a running job) waits for the import job before it stops with an error;
+    the job keeps running in Bedrock and a later deploy resumes waiting. An import takes minutes, up to an hour."""
     poll_seconds: float = Field(30, gt=0)
+    """Longest pause, in seconds, between two status checks of the import job (the first come every 2 s, then
+    further apart). Raise it to make fewer API calls on long imports."""
     invoke_schema: Literal["max_tokens", "max_gen_len"] = "max_tokens"
     """Request body: OpenAI completion (max_tokens) or Bedrock completion (max_gen_len)."""
     invoke_max_tokens: int = Field(128, ge=1)
+    """Most tokens the imported model generates per `termtune invoke` (and `run`'s test call), sent as the
+    invoke_schema field. Raise it when answers stop mid-sentence."""
     invoke_temperature: float = Field(0.0, ge=0)
+    """Sampling temperature sent with each invoke: 0 is greedy (the same answer every time); above 0 gives
+    varied answers, more so the higher it is."""
     cold_start_budget_minutes: float = Field(10, ge=0)
     """How long invoke keeps retrying ModelNotReadyException (a cold start)."""
     invoke_prompt: str = "Hypertension"
@@ -283,7 +344,8 @@ class AwsConfig(Section):
     role_retry_minutes: float = Field(2, ge=0)
     """How long deploy retries a role error from Bedrock while a role it just created propagates."""
     cmu_prices: dict[str, dict[str, CmuPrice]] = Field(default_factory=lambda: dict(DEFAULT_CMU_PRICES))
-    """Custom Model Unit prices per region and CMU version, for the cost deploy prints."""
+    """Custom Model Unit prices by region, then CMU version (customModelUnitsVersion), e.g. {us-east-1: {v1.0:
+    {per_minute: ...}}}, for the cost deploy prints. Add your region's prices from AWS's pricing page."""
     deploy: bool = True
     """`termtune run` deploys and invokes after export; false stops at validate."""
 
@@ -303,13 +365,21 @@ class AwsConfig(Section):
 
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
+    """Where the run lives and its seed."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The base model and tokenizer."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Terms and definitions: their source, cleaning, split and token limits (termtune data prepare)."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    """The LoRA adapters trained on the frozen base."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """The optimisation (termtune train)."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Generation and scoring on the held-out split (termtune evaluate)."""
     export: ExportConfig = Field(default_factory=ExportConfig)
+    """The merged model folder Bedrock imports (termtune export)."""
     aws: AwsConfig = Field(default_factory=AwsConfig)
+    """Upload, import, invoke and cost on Amazon Bedrock (termtune deploy, invoke, cleanup)."""
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> "Config":
@@ -533,18 +603,41 @@ def attribute_docs(cls: type) -> dict[str, str]:
 
 
 def field_docs() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, description) for every config key, for the README reference."""
+    """(key, type, default, description) for every config key, for docs/config-reference.md. The settings
+    of a mapping of sections (aws.cmu_prices) follow it with a `*` per mapping level."""
     rows: list[tuple[str, str, str, str]] = []
     for name, field in Config.model_fields.items():
-        section = field.annotation
-        docs = attribute_docs(section)
-        for key, sub in section.model_fields.items():
-            default = sub.default if sub.default_factory is None else sub.default_factory()
-            annotation = sub.annotation
-            type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-            type_name = type_name.replace("typing.", "").replace("pathlib.", "").replace("Path", "path")
-            from pydantic_core import to_jsonable_python
-
-            shown = json.dumps(str(default) if isinstance(default, Path) else to_jsonable_python(default))
-            rows.append((f"{name}.{key}", type_name, shown, docs.get(key, "")))
+        rows += _section_docs(field.annotation, f"{name}.")
     return rows
+
+
+def _section_docs(section: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    from pydantic_core import to_jsonable_python
+
+    rows: list[tuple[str, str, str, str]] = []
+    for key, field in section.model_fields.items():
+        annotation = field.annotation
+        type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        type_name = type_name.replace("typing.", "").replace("pathlib.", "").replace(f"{__name__}.", "")
+        type_name = type_name.replace("Path", "path")
+        if field.is_required():
+            shown = "required"
+        else:
+            default = field.get_default(call_default_factory=True)
+            shown = json.dumps(str(default) if isinstance(default, Path) else to_jsonable_python(default))
+        rows.append((f"{prefix}{key}", type_name, shown, " ".join((field.description or "").split())))
+        levels, inner = _mapping_levels(annotation)
+        if levels and isinstance(inner, type) and issubclass(inner, Section):
+            rows += _section_docs(inner, f"{prefix}{key}." + "*." * levels)
+    return rows
+
+
+def _mapping_levels(annotation: Any) -> tuple[int, Any]:
+    """dict[str, dict[str, X]] -> (2, X): how many mappings wrap the value type, and the value type."""
+    import typing
+
+    levels = 0
+    while typing.get_origin(annotation) is dict:
+        annotation = typing.get_args(annotation)[1]
+        levels += 1
+    return levels, annotation
