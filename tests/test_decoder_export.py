@@ -333,3 +333,54 @@ def test_sentencepiece_tokenizer_without_its_model_file_is_refused(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(UserError, match="SentencePiece-based.*tokenizer.model"):
         write_decoder(model, reloaded, tmp_path / "out")
+
+
+def test_end_of_turn_of_a_chatml_template_is_im_end_not_the_eos_token():
+    """SmolLM2-135M-Instruct's template (as published): its turns end with <|im_end|>, while its GGUF names
+    <|endoftext|> as end of sequence."""
+    from termtune.decoder_export import end_of_turn_token
+
+    smollm2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+               "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+               "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+               "{% endif %}")
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert end_of_turn_token(smollm2, special, eos_token="<|endoftext|>") == "<|im_end|>"
+    assert end_of_turn_token(None, special, eos_token="<|endoftext|>") == "<|endoftext|>"
+
+
+def test_warnings_name_bedrocks_llama3_rope_override_and_a_context_above_128k(folders, tmp_path):
+    """Llama 3.2 ships llama3 RoPE scaling with factor 32; Bedrock serves it with factor 8. Qwen's settings
+    raise nothing; a context above 128K and a missing chat template are named."""
+    import shutil
+
+    from termtune.decoder_export import decoder_warnings
+
+    (llama,) = decoder_warnings(folders["llama"]["export"])
+    assert "Bedrock overrides llama3 RoPE scaling" in llama and "'factor': 32.0" in llama
+    assert decoder_warnings(folders["qwen2"]["export"]) == []
+    folder = tmp_path / "qwen2"
+    shutil.copytree(folders["qwen2"]["export"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 262144}))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    del tokenizer_config["chat_template"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    context, template = decoder_warnings(folder)
+    assert "max_position_embeddings 262144 is above Bedrock's 128K" in context
+    assert "no chat_template" in template
+
+
+def test_tokens_beyond_the_embedding_rows_are_flagged(folders, tmp_path):
+    import shutil
+
+    from termtune.decoder_export import decoder_problems
+
+    folder = tmp_path / "qwen3"
+    shutil.copytree(folders["qwen3"]["export"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 151665}))
+    assert decoder_problems(folder) == [
+        "the tokenizer has token ids up to 151668 but config.json's vocab_size is 151665: those tokens have no "
+        "embedding row"]

@@ -61,6 +61,10 @@ TOP_LEVEL_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
 CHAT_TEMPLATE_FILE, CHAT_TEMPLATE_DIR = "chat_template.jinja", "additional_chat_templates"
 # Rendered as one user and one assistant turn to see which token the template closes a turn with.
 PROBE_ANSWER = "termtune-end-of-turn-probe"
+# Bedrock "overrides llama3 rope_scaling" with these values (AWS's import documentation).
+BEDROCK_LLAMA3_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+MAX_CONTEXT = 131072  # "should be less than 128K"; Llama 3.1-3.3 declare exactly 128Ki and import fine
 MAX_SHARD_SIZE = "5GB"
 
 
@@ -232,9 +236,38 @@ def decoder_problems(folder: Path) -> list[str]:
     if tokenizer_json is not None and is_sentencepiece(tokenizer_json) and not (folder / "tokenizer.model").is_file():
         problems.append("tokenizer.json is SentencePiece-based but tokenizer.model is missing (Bedrock's import "
                         "lists it; copy the base model's)")
+    if config is not None and tokenizer_json is not None:
+        problems += _vocabulary_problems(config, tokenizer_json)
     if tokenizer_config is not None and tokenizer_json is not None and generation is not None:
         problems += _end_of_turn_problems(folder, tokenizer_config, tokenizer_json, generation)
     return problems
+
+
+def decoder_warnings(folder: Path) -> list[str]:
+    """What Bedrock may serve differently from what was trained, without 4.51.3 misreading anything: one
+    line per warning. Reads config.json and tokenizer_config.json; missing or unreadable files are
+    decoder_problems' to report."""
+    folder = Path(folder)
+    config = _json_or_problem(folder / "config.json", []) or {}
+    tokenizer_config = _json_or_problem(folder / "tokenizer_config.json", []) or {}
+    warnings = []
+    context = config.get("max_position_embeddings")
+    if isinstance(context, int) and context > MAX_CONTEXT:
+        warnings.append(f"max_position_embeddings {context} is above Bedrock's 128K ({MAX_CONTEXT}); the import may "
+                        "refuse it or serve a shorter context")
+    scaling = _scaling(config.get("rope_scaling"))
+    if scaling and scaling["rope_type"] == "llama3":
+        differ = {k: scaling.get(k) for k, v in BEDROCK_LLAMA3_ROPE.items() if scaling.get(k) != v}
+        if differ:
+            warnings.append(f"rope_scaling llama3 {differ}: Bedrock overrides llama3 RoPE scaling with "
+                            f"{BEDROCK_LLAMA3_ROPE}, so it serves this model with other RoPE frequencies than it "
+                            "was trained with (long inputs are affected most)")
+    elif scaling:
+        warnings.append(f"rope_scaling {scaling['rope_type']!r}: whether Bedrock honours it is not documented")
+    if not tokenizer_config.get("chat_template"):
+        warnings.append("no chat_template in tokenizer_config.json: Bedrock's messages format and Converse need "
+                        "one (prompt formats still work)")
+    return warnings
 
 
 def _json_or_problem(path: Path, problems: list[str]) -> dict[str, Any] | None:
@@ -300,6 +333,18 @@ def _tokenizer_config_problems(folder: Path, config: dict[str, Any], tokenizer_j
         problems.append(f"{CHAT_TEMPLATE_FILE} is present besides the chat_template in tokenizer_config.json; "
                         "Bedrock prefers the separate file: ship one")
     return problems
+
+
+def _vocabulary_problems(config: dict[str, Any], tokenizer_json: dict[str, Any]) -> list[str]:
+    try:
+        largest = max(tokenizer_json_vocabulary(tokenizer_json).values())
+    except ValueError as e:
+        return [str(e)]
+    rows = config.get("vocab_size")
+    if isinstance(rows, int) and largest >= rows:
+        return [f"the tokenizer has token ids up to {largest} but config.json's vocab_size is {rows}: those tokens "
+                "have no embedding row"]
+    return []
 
 
 def _end_of_turn_problems(folder: Path, tokenizer_config: dict[str, Any], tokenizer_json: dict[str, Any],
