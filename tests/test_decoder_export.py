@@ -333,6 +333,18 @@ def test_sentencepiece_tokenizer_without_its_model_file_is_refused(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(UserError, match="SentencePiece-based.*tokenizer.model"):
         write_decoder(model, reloaded, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.safetensors")), "refused before the weights were written"
+
+
+def test_export_refuses_a_folder_that_holds_anything(tmp_path):
+    from termtune.decoder_export import write_decoder
+    from termtune.errors import UserError
+
+    model, tokenizer = tiny_model("qwen3")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty"):
+        write_decoder(model, tokenizer, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_end_of_turn_of_a_chatml_template_is_im_end_not_the_eos_token():

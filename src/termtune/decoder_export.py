@@ -74,7 +74,7 @@ MAX_SHARD_SIZE = "5GB"
 def write_decoder(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", folder: Path, *,
                   dtype: str = "bf16", max_shard_size: str = MAX_SHARD_SIZE,
                   sentencepiece_model: Path | None = None) -> dict[str, Any]:
-    """Write `model` (merged, unquantized) and `tokenizer` into `folder` (existing and empty) as 4.51.3 reads
+    """Write `model` (merged, unquantized) and `tokenizer` into `folder` (new or empty) as 4.51.3 reads
     them. `dtype` is "bf16", "fp16" or "fp32"; the model is cast to it in place. `sentencepiece_model` is the
     base's tokenizer.model for a SentencePiece tokenizer (default: the file the tokenizer was loaded from).
 
@@ -84,20 +84,19 @@ def write_decoder(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase"
     import torch
 
     folder = Path(folder)
+    if dtype not in TORCH_DTYPE_NAMES:
+        raise UserError(f"decoder export: dtype {dtype!r}; expected one of {', '.join(TORCH_DTYPE_NAMES)}")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise UserError(f"decoder export: {folder} is not empty; the export writes into a folder of its own")
     if getattr(model.config, "quantization_config", None):
         raise UserError("decoder export: the model holds quantized weights; merge the adapter into the "
                         "unquantized base first (Bedrock imports full bf16/fp16/fp32 weights only)")
     spiece = sentencepiece_model or _loaded_sentencepiece_model(tokenizer)
-    end_of_turn = end_of_turn_token(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else
-                                    (tokenizer.chat_template or {}).get("default"),
-                                    tokenizer.all_special_tokens + [str(t) for t in tokenizer.added_tokens_decoder.values()],
-                                    tokenizer.eos_token, tokenizer.bos_token)
+    special = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    end_of_turn = end_of_turn_token(default_template(tokenizer.chat_template), special, tokenizer.eos_token,
+                                    tokenizer.bos_token)
 
-    model.to(getattr(torch, TORCH_DTYPE_NAMES[dtype]))
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    config = patch_config(_read(folder / "config.json"), TORCH_DTYPE_NAMES[dtype])
-    write_json(folder / "config.json", config)
-
+    # The tokenizer first: it is quick, and a tokenizer that cannot be shipped stops the export before the weights.
     tokenizer.save_pretrained(folder)
     tokenizer_json = _read(folder / "tokenizer.json")
     sentencepiece = is_sentencepiece(tokenizer_json)
@@ -111,6 +110,11 @@ def write_decoder(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase"
     write_json(folder / "tokenizer_config.json", tokenizer_config)
     (folder / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)  # now inside tokenizer_config.json
     shutil.rmtree(folder / CHAT_TEMPLATE_DIR, ignore_errors=True)
+
+    model.to(getattr(torch, TORCH_DTYPE_NAMES[dtype]))
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    config = patch_config(_read(folder / "config.json"), TORCH_DTYPE_NAMES[dtype])
+    write_json(folder / "config.json", config)
 
     eos = _eos_ids(model.generation_config.eos_token_id if model.generation_config else None) \
         or _eos_ids(config.get("eos_token_id"))
@@ -186,6 +190,16 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- shared by write and check
+
+
+def default_template(chat_template: Any) -> str | None:
+    """The template Bedrock applies: the only one, or the one named "default" among named templates (5.x
+    holds them as {name: template}, tokenizer_config.json as [{"name", "template"}])."""
+    if isinstance(chat_template, list):
+        chat_template = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
+    if isinstance(chat_template, dict):
+        chat_template = chat_template.get("default")
+    return chat_template if isinstance(chat_template, str) and chat_template else None
 
 
 def end_of_turn_token(chat_template: str | None, special_tokens: list[str], eos_token: str | None,
@@ -349,10 +363,7 @@ def _vocabulary_problems(config: dict[str, Any], tokenizer_json: dict[str, Any])
 
 def _end_of_turn_problems(folder: Path, tokenizer_config: dict[str, Any], tokenizer_json: dict[str, Any],
                           generation: dict[str, Any]) -> list[str]:
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
+    template = default_template(tokenizer_config.get("chat_template"))
     if not template and (folder / CHAT_TEMPLATE_FILE).is_file():
         template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     try:
@@ -361,7 +372,7 @@ def _end_of_turn_problems(folder: Path, tokenizer_config: dict[str, Any], tokeni
         return [str(e)]
     special = [t["content"] for t in tokenizer_json.get("added_tokens") or []
                if isinstance(t, dict) and t.get("special") and isinstance(t.get("content"), str)]
-    token = end_of_turn_token(template if isinstance(template, str) else None, special,
+    token = end_of_turn_token(template, special,
                               special_token(tokenizer_config.get("eos_token")),
                               special_token(tokenizer_config.get("bos_token")))
     if token is None:
