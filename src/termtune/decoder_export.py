@@ -216,6 +216,8 @@ def end_of_turn_token(chat_template: str | None, special_tokens: list[str], eos_
                                             eos_token=eos_token or "")
     except Exception:  # a template that rejects this exchange (jinja raise_exception) tells nothing
         return eos_token
+    if PROBE_ANSWER not in rendered[0]:  # a template that drops the assistant's words tells nothing either
+        return eos_token
     after = rendered[0].rpartition(PROBE_ANSWER)[2].lstrip()
     closing = [t for t in special_tokens if t and after.startswith(t)]
     return max(closing, key=len) if closing else eos_token
@@ -236,7 +238,8 @@ def is_sentencepiece(tokenizer_json: dict[str, Any]) -> bool:
 
 def decoder_problems(folder: Path) -> list[str]:
     """What keeps transformers 4.51.3 (Bedrock's) from reading `folder` as the model it was saved from, and
-    what Bedrock's chat formats need: one line per problem, [] when none. Reads JSON files only."""
+    what Bedrock's chat formats need: one line per problem, [] when none. Reads the JSON files and renders the
+    chat template; loads no weights."""
     folder = Path(folder)
     problems: list[str] = []
     config = _json_or_problem(folder / "config.json", problems)
@@ -246,7 +249,7 @@ def decoder_problems(folder: Path) -> list[str]:
     if config is not None:
         problems += _config_problems(config)
     if tokenizer_config is not None:
-        problems += _tokenizer_config_problems(folder, tokenizer_config, tokenizer_json)
+        problems += _tokenizer_config_problems(folder, tokenizer_config)
     if tokenizer_json is not None and is_sentencepiece(tokenizer_json) and not (folder / "tokenizer.model").is_file():
         problems.append("tokenizer.json is SentencePiece-based but tokenizer.model is missing (Bedrock's import "
                         "lists it; copy the base model's)")
@@ -329,7 +332,7 @@ def _scaling(rope: Any) -> dict[str, Any] | None:
     return None if kind == "default" else {"rope_type": kind, **rest}
 
 
-def _tokenizer_config_problems(folder: Path, config: dict[str, Any], tokenizer_json: dict[str, Any] | None) -> list[str]:
+def _tokenizer_config_problems(folder: Path, config: dict[str, Any]) -> list[str]:
     problems = []
     cls = config.get("tokenizer_class")
     if cls not in BEDROCK_TOKENIZER_CLASSES:
