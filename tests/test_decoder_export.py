@@ -29,6 +29,8 @@ FAMILIES = {
     "qwen3_moe": ("qwen3-0.6b", "qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                                              "decoder_sparse_step": 1, "mlp_only_layers": []}, "<|im_end|>"),
     "mixtral": ("mistral-7b-instruct-v0.3", "mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, "</s>"),
+    # GPTBigCode's own (StarCoder) tokenizer is not at hand: Qwen2.5's stands in for it.
+    "gpt_bigcode": ("qwen2.5-0.5b-instruct", "gpt_bigcode", {"multi_query": True, "n_inner": 128}, "<|im_end|>"),
 }
 DENSE = ("llama", "qwen2", "qwen3", "mistral")
 TEXTS = ["Hello world, 12345 tokens! 你好", "Paget's disease of bone: café-au-lait macules ... (rare)"]
@@ -49,7 +51,7 @@ info, tensors = {"transformers": transformers.__version__}, {}
 for name, job in req["folders"].items():
     folder, got = job["folder"], {}
     config = AutoConfig.from_pretrained(folder)
-    got["config"] = {"rope_theta": config.rope_theta, "rope_scaling": getattr(config, "rope_scaling", None),
+    got["config"] = {"rope_theta": getattr(config, "rope_theta", None), "rope_scaling": getattr(config, "rope_scaling", None),
                      "torch_dtype": str(config.torch_dtype), "num_experts": getattr(config, "num_experts", None)}
     try:
         tok = AutoTokenizer.from_pretrained(folder)
@@ -100,7 +102,12 @@ def tiny_model(family: str, seed: int = 0):
     base, model_type, extra, _ = FAMILIES[family]
     config = json.loads((MODELS / base / "config.json").read_text())
     config.pop("layer_types", None)  # recomputed for the tiny layer count
-    config.update(TINY, model_type=model_type, architectures=None, **extra)
+    if model_type == "gpt_bigcode":  # no RoPE and its own key names: only the vocabulary comes from the base
+        config = {"vocab_size": config["vocab_size"], **{k: TINY[k] for k in ("num_hidden_layers", "hidden_size",
+                                                                             "num_attention_heads")}}
+    else:
+        config.update(TINY)
+    config.update(model_type=model_type, architectures=None, **extra)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**config), dtype=torch.float32).eval()
     with torch.no_grad():  # spread the logits, so that greedy tokens are decided by clear margins
@@ -132,6 +139,7 @@ def reference(model, tokenizer) -> dict:
 def folders(tmp_path_factory):
     """Per family: the 5.x reference, the write_decoder folder and a plain save_pretrained folder, all read
     under 4.51.3 in one subprocess -> {family: {"ref", "summary", "export", "plain", "v4": {...}}}."""
+    import torch
     from safetensors.torch import load_file
 
     from termtune.decoder_export import write_decoder
@@ -151,6 +159,13 @@ def folders(tmp_path_factory):
         teacher = [t[0, :-1].tolist() for t in ref["tokens"]]
         for kind, folder in (("export", export), ("plain", plain)):
             jobs[f"{family}.{kind}"] = {"folder": str(folder), "prompts": ref["prompts"], "teacher": teacher}
+        if family == "qwen3":  # the default dtype too: written in bf16, computed in bf16 on both sides
+            (root / family / "bf16").mkdir()
+            write_decoder(model, tokenizer, root / family / "bf16", dtype="bf16")
+            with torch.inference_mode():
+                ref["bf16_logits"] = [model(t[:, :-1]).logits for t in ref["tokens"]]
+            jobs[f"{family}.bf16"] = {"folder": str(root / family / "bf16"), "prompts": ref["prompts"],
+                                      "teacher": teacher}
     request, out = root / "request.json", root / "out.safetensors"
     request.write_text(json.dumps({"folders": jobs, "texts": TEXTS, "chat": CHAT, "exchange": EXCHANGE,
                                    "template_kwargs": TEMPLATE_KWARGS, "new_tokens": NEW_TOKENS}))
@@ -236,8 +251,26 @@ def test_exported_files_are_what_bedrock_reads(folders, family):
     assert decoder_problems(export) == []
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_moe_export_loads_with_its_expert_count_and_computes_identically(folders, family):
+def test_bf16_export_is_read_as_bf16_and_computes_like_the_bf16_model(folders):
+    """The default dtype: 4.51.3 reads torch_dtype bfloat16, and computes what 5.x computes with the bf16 model."""
+    import torch
+
+    from termtune.bedrock_check import logit_tolerance
+
+    case = folders["qwen3"]
+    got = case["v4"]["bf16"]
+    assert got["config"]["torch_dtype"] == "torch.bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in got["logits"])
+    for ref_tokens, tokens in zip(case["ref"]["tokens"], got["tokens"]):
+        assert torch.equal(tokens, ref_tokens)
+    for ref_logits, logits in zip(case["ref"]["bf16_logits"], got["logits"]):
+        diff = (ref_logits.float() - logits.float()).abs().max().item()
+        assert diff <= logit_tolerance("bfloat16", ref_logits), diff
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_bigcode"])
+def test_other_accepted_architectures_compute_identically(folders, family):
+    """Qwen3-MoE (with its expert count under 4.51.3's key), Mixtral and GPTBigCode."""
     import torch
 
     case = folders[family]

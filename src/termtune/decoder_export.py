@@ -1,4 +1,4 @@
-"""Decoder-only export: write a merged Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE model and its
+"""Decoder-only export: write a merged Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE / GPTBigCode model and its
 tokenizer (transformers 5.x, in memory) into a folder that Bedrock's transformers 4.51.3 reads as the
 same model, and name what a folder gets wrong in that respect.
 
