@@ -1,6 +1,6 @@
-"""Decoder-only export: write a merged Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE / GPTBigCode model and its
-tokenizer (transformers 5.x, in memory) into a folder that Bedrock's transformers 4.51.3 reads as the
-same model, and name what a folder gets wrong in that respect.
+"""Decoder-only export: write a merged Llama / Mistral / Mixtral / Qwen2 / Qwen3 / Qwen3-MoE / GPTBigCode
+model and its tokenizer (transformers 5.x, in memory) into a folder that Bedrock's transformers 4.51.3
+reads as the same model, and name what a folder gets wrong in that respect.
 
     summary = write_decoder(model, tokenizer, folder, dtype="bf16")   # folder: an existing, empty folder
     summary["end_of_turn"], summary["eos_token_id"]                    # '<|eot_id|>', [128001, 128008, 128009]
