@@ -125,9 +125,12 @@ def _load_dequantized(path: Path, dtype: str):  # -> (model, tokenizer)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from termtune.modeling import library_bars_on_terminal_only
+    from transformers.utils import logging as hf_logging
 
-    library_bars_on_terminal_only()
+    from termtune.progress import interactive
+
+    if not interactive():  # transformers' "de-quantizing" bar only adds redraws to a log
+        hf_logging.disable_progress_bar()
     # An empty folder beside the absolute file name: nothing in the GGUF's own folder (another model's
     # config.json or tokenizer files) can be mixed into what is read.
     with tempfile.TemporaryDirectory(prefix="termtune-gguf-") as nothing:
