@@ -74,17 +74,17 @@ def base_folder_from_gguf(path: Path, cache: Path, dtype: str) -> Path:
     from termtune.oserrors import writing
     from termtune.rundir import atomic_dir, read_json, sha256_file, write_json
 
-    path = Path(path)
+    path, cache = Path(path), Path(cache)
     if dtype not in TORCH_DTYPES:
         raise UserError(f"{path}: cannot convert to dtype {dtype!r} (choose one of {', '.join(TORCH_DTYPES)})")
     check_gguf_file(path)
     where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-    target = Path(cache) / f"{path.stem}-{dtype}-{where}"
+    target = cache / f"{path.stem}-{dtype}-{where}"
     with writing(cache):
-        Path(cache).mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
     # Processes that load the same base at once (the ranks of a multi-GPU run) wait for one conversion
     # instead of each dequantizing the whole model into memory.
-    with _locked(Path(cache) / f".{target.name}.lock"):
+    with _locked(cache / f".{target.name}.lock"):
         record = {"gguf": {"file": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)},
                   "dtype": dtype}
         found = read_json(target / RECORD, {})
@@ -124,7 +124,6 @@ def check_gguf_complete(path: Path) -> None:
 def _load_dequantized(path: Path, dtype: str):  # -> (model, tokenizer)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     from transformers.utils import logging as hf_logging
 
     from termtune.progress import interactive
