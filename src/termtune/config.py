@@ -92,7 +92,8 @@ class RunConfig(Section):
 
 class ModelConfig(Section):
     source: str = "google/flan-t5-large"
-    """Hub id or local directory of the base model (weights + config + tokenizer)."""
+    """Hub id or local directory of the base model (weights + config + tokenizer), or a .gguf file: converted
+    once into an ordinary folder in export.dtype, kept in termtune's cache (docs/gguf.md)."""
     init: Literal["pretrained", "random"] = "pretrained"
     """'pretrained' loads weights from `source`; 'random' builds a randomly initialised model
     from `architecture` (for offline demos and tests; no weights needed)."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.gguf import model_source
 from termtune.layout import RunLayout
 
 MAX_SIZE = 2**24
@@ -50,7 +51,7 @@ def load_tokenizer(cfg: Config) -> "PreTrainedTokenizerBase":
     """
     from transformers import AutoTokenizer
 
-    source = cfg.tokenizer_source
+    source = cfg.model.tokenizer or model_source(cfg)
     _check_local_or_hub(source, "model.tokenizer" if cfg.model.tokenizer else "model.source")
     try:
         tok = AutoTokenizer.from_pretrained(source)
@@ -71,10 +72,10 @@ def _check_local_or_hub(source: str, key: str) -> None:
 
 
 def base_model_dir(cfg: Config) -> str:
-    """The folder or Hub id the base weights are loaded from."""
+    """The folder or Hub id the base weights are loaded from (for a .gguf model.source: its converted folder)."""
     if cfg.model.init == "random":
         return str(RunLayout.of(cfg).base_model)
-    return cfg.model.source
+    return model_source(cfg)
 
 
 def load_base(cfg: Config, quantization: str | None = None, dtype: "torch.dtype | None" = None) -> "PreTrainedModel":
@@ -183,11 +184,12 @@ def model_config(cfg: Config) -> "Any":
 
     if cfg.model.init == "random":
         return architecture_config(cfg)
-    _check_local_or_hub(cfg.model.source, "model.source")
+    source = base_model_dir(cfg)
+    _check_local_or_hub(source, "model.source")
     try:
-        return AutoConfig.from_pretrained(cfg.model.source)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise UserError(f"{cfg.model.source}: cannot read the model config: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{source}: cannot read the model config: {str(e).splitlines()[0]}") from e
 
 
 def check_model_settings(cfg: Config) -> None:
