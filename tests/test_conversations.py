@@ -73,6 +73,7 @@ def masked(row: dict) -> list[int]:
 # ----------------------------------------------------------------------------- reading and bad rows
 
 GOOD = {"messages": chat("What is gout?", "A disease of the joints.")}
+GOOD_TOO = {"messages": chat("What is asthma?", "A disease of the airways.", system="Answer briefly.")}
 # reason -> a bad messages row (or raw line) of that kind
 BAD_ROWS = {
     "messages_not_list": [{"messages": "What is gout?"}, {"messages": None}, {"text": "no messages key"},
@@ -105,7 +106,7 @@ def test_each_bad_row_is_counted_by_reason(tmp_path):
     rows = [GOOD]
     for reason, bad in BAD_ROWS.items():
         rows += bad
-    path = write_lines(tmp_path / "chat.jsonl", rows + [GOOD])
+    path = write_lines(tmp_path / "chat.jsonl", rows + [GOOD_TOO])
     (tmp_path / "chat.jsonl").write_bytes(path.read_bytes() + b'{"messages": "\xff"}\n')
     read = cv.read_conversations(str(path), max_chars=60)
     expected = {reason: len(bad) for reason, bad in BAD_ROWS.items()} | {"invalid_utf8": 1}
@@ -121,7 +122,7 @@ def test_each_bad_row_is_counted_by_reason(tmp_path):
 @pytest.mark.parametrize("reason", sorted(BAD_ROWS))
 def test_strict_names_file_and_line_of_each_bad_row(tmp_path, reason):
     for bad in BAD_ROWS[reason]:
-        path = write_lines(tmp_path / "chat.jsonl", [GOOD, GOOD, bad, GOOD])
+        path = write_lines(tmp_path / "chat.jsonl", [GOOD, GOOD_TOO, bad, {"messages": chat("Q?", "A.")}])
         with pytest.raises(UserError) as e:
             cv.read_conversations(str(path), strict=True, max_chars=60)
         message = str(e.value)
@@ -152,6 +153,19 @@ def test_prompt_completion_rows_text_and_conversational(tmp_path):
     assert read.skipped == {"empty_content": 2, "wrong_type": 3, "no_assistant_turn": 1}
     with pytest.raises(UserError, match=rf"^{path}:3: prompt is empty or whitespace only"):
         cv.read_conversations(str(path), strict=True)
+
+
+def test_a_repeated_conversation_is_dropped_or_refused(tmp_path):
+    path = write_lines(tmp_path / "chat.jsonl", [
+        GOOD, {"messages": chat("What is asthma?", "A disease of the airways.")},
+        {"messages": chat("  what is GOUT?", "A disease of the joints. ")},  # GOOD again, spelled differently
+        {"messages": chat("What is gout?", "A disease of the joints.", "Is it common?", "Yes.")}])  # continued
+    read = cv.read_conversations(str(path))
+    assert read.skipped == {"duplicate_conversation": 1}
+    assert [c.where for c in read.items] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+    assert read.skip_examples["duplicate_conversation"] == f"{path}:3: duplicate conversation (first at {path}:1)"
+    with pytest.raises(UserError, match=rf"^{path}:3: duplicate conversation \(first at {path}:1\); remove it"):
+        cv.read_conversations(str(path), duplicates="error")
 
 
 def test_a_source_of_term_rows_is_not_read_as_conversations(tmp_path):

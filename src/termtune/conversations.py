@@ -101,10 +101,13 @@ def source_kind(columns: Iterable[str]) -> str | None:
 
 
 def read_conversations(source: str, hub_split: str = "train", revision: str | None = None, *, strict: bool = False,
-                       max_chars: int = 20_000, max_rows: int | None = None) -> Conversations:
+                       max_chars: int = 100_000, max_rows: int | None = None,
+                       duplicates: str = "keep_first") -> Conversations:
     """Read a chat (`messages`) or prompt/completion source: a .jsonl/.json/.parquet file, a folder laid out like a
-    Hub dataset, or a Hub id, as the data stage reads term rows. Each turn is checked (max_chars applies to each
-    turn's text); a bad row is skipped and counted, or with `strict` an error naming the row."""
+    Hub dataset, or a Hub id, as the data stage reads term rows (the arguments are the data settings of the same
+    names). Each turn is checked (max_chars applies to each turn's text); a bad row is skipped and counted, or with
+    `strict` an error naming the row. A conversation repeated turn for turn (by data.text_key) is dropped and
+    counted, or with duplicates="error" an error."""
     label, columns, rows = data._open_source(source, hub_split, revision)
     kind = source_kind(columns)
     if kind is None:
@@ -112,6 +115,7 @@ def read_conversations(source: str, hub_split: str = "train", revision: str | No
                         f"(columns: {', '.join(columns) or 'none'})")
     findings = data._Findings(strict=strict)
     items: list[Conversation] = []
+    seen: dict[tuple, str] = {}  # the turns' keys -> where the conversation was first
     rows_read = 0
     for row in rows:
         rows_read += 1
@@ -126,6 +130,14 @@ def read_conversations(source: str, hub_split: str = "train", revision: str | No
             messages = _prompt_completion_messages(row.values, row.where, max_chars, findings)
         if messages is None:
             continue
+        key = tuple((m["role"], data.text_key(m["content"])) for m in messages)
+        if key in seen:
+            duplicate = f"duplicate conversation (first at {seen[key]})"
+            if duplicates == "error":
+                raise UserError(f"{row.where}: {duplicate}; remove it or set data.duplicates=keep_first")
+            findings.add("duplicate_conversation", row.where, duplicate)
+            continue
+        seen[key] = row.where
         first_user = next(m["content"] for m in messages if m["role"] == "user")
         items.append(Conversation(row.where, first_user, messages))
         if max_rows and len(items) >= max_rows:
