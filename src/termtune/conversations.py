@@ -16,7 +16,7 @@ are part of the prompt; the loss is on the last answer only (a conversation that
 written as several rows, one ending at each answer; they share the first user turn and so one side of the split).
 The prompt's token ids must be the start of the whole conversation's ids, or training would see other ids than the
 server sends; a row where they are not (the template joins prompt and answer inside one token) is skipped and
-counted, and a template that does it to every conversation is an error before any row is read.
+counted, and a template that does it to every conversation is an error before any row is rendered.
 
 A bad row is skipped and counted by reason, or with data.strict an error naming the file and line, as the data
 stage does for term rows; the split is the data stage's own (`data.split_rows`), keyed by the term or the first user
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from termtune import data
@@ -266,8 +266,9 @@ class _Template:
 
     tokenizer: Any
     name: str
-    special_ids: set[int] = field(default_factory=set)
-    special_text: re.Pattern | None = None
+    special_ids: set[int]
+    special_text: re.Pattern | None
+    """Any special token's text, to find it inside a turn."""
 
     @classmethod
     def of(cls, tokenizer: Any) -> "_Template":
