@@ -103,11 +103,9 @@ def write_lines(path: Path, rows: list) -> Path:
 
 
 def test_each_bad_row_is_counted_by_reason(tmp_path):
-    rows = [GOOD]
-    for reason, bad in BAD_ROWS.items():
-        rows += bad
+    rows = [GOOD] + [bad for bad_rows in BAD_ROWS.values() for bad in bad_rows]
     path = write_lines(tmp_path / "chat.jsonl", rows + [GOOD_TOO])
-    (tmp_path / "chat.jsonl").write_bytes(path.read_bytes() + b'{"messages": "\xff"}\n')
+    path.write_bytes(path.read_bytes() + b'{"messages": "\xff"}\n')
     read = cv.read_conversations(str(path), max_chars=60)
     expected = {reason: len(bad) for reason, bad in BAD_ROWS.items()} | {"invalid_utf8": 1}
     assert dict(read.skipped) == expected
