@@ -1,0 +1,388 @@
+"""Training data for decoder-only models: conversations in, prompt/completion token ids with a loss mask out.
+
+Three sources become one shape, a conversation that ends with the assistant's answer:
+
+- chat data: a `messages` column in the OpenAI shape, `[{"role": "system" | "user" | "assistant", "content": ...}]`,
+  an optional system turn first, as many turns as wanted, the last one the assistant's;
+- prompt/completion data: `prompt` and `completion` columns, each text (one user turn, one assistant turn) or, as
+  TRL writes conversational prompt/completion data, a list of messages;
+- the data stage's term → definition rows: the user asks data.prompt_template filled with the term (the prompt the
+  data stage already made), the assistant answers with the shaped definition.
+
+Each conversation is rendered through the model's own chat template. The prompt is everything up to and including
+the generation prompt of the last assistant turn: exactly what Bedrock's server renders for a `messages` request
+before the model answers. The completion is the rest: the answer and the end-of-turn token. Earlier assistant turns
+are part of the prompt; the loss is on the last answer only (a conversation that should teach every answer is
+written as several rows, one ending at each answer; they share the first user turn and so one side of the split).
+The prompt's token ids must be the start of the whole conversation's ids, or training would see other ids than the
+server sends; a row where they are not (the template joins prompt and answer inside one token) is skipped and
+counted, and a template that does it to every conversation is an error before any row is rendered.
+
+A bad row is skipped and counted by reason, or with data.strict an error naming the file and line, as the data
+stage does for term rows; the split is the data stage's own (`data.split_rows`), keyed by the term or the first user
+turn, so a conversation never has a near-copy on the other side.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from termtune import data
+from termtune.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+# Llama 3.x templates write "Today Date: <the day it was rendered>" into every system header. A fixed day keeps
+# prepared data (and so every fingerprint after it) the same tomorrow; it is the template's own fallback date.
+TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024"}
+# What a rendered conversation can lack, by bad-row reason.
+PROBLEMS = {"token_boundary": "the chat template joins the prompt and the answer inside one token",
+            "no_end_of_turn": "no special token ends the assistant's answer"}
+_PROBE = [{"role": "user", "content": "What is asthma?"}, {"role": "assistant", "content": "A disease of the airways."}]
+
+
+@dataclass
+class Conversation:
+    """One usable row as a conversation that ends with the assistant's answer."""
+
+    where: str
+    """The row, for messages: `file:line` for JSON Lines."""
+    term: str
+    """What the split keeps on one side: the term of a term row, the first user turn of a conversation."""
+    messages: list[dict[str, str]]
+    """role and content (trimmed) of each turn; other keys of the source messages are not kept."""
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class Conversations:
+    """The usable conversations of a chat or prompt/completion source."""
+
+    label: str
+    kind: str
+    """"messages" or "prompt_completion"."""
+    rows_read: int
+    items: list[Conversation]
+    skipped: Counter
+    skip_examples: dict[str, str]
+
+
+@dataclass
+class PreparedConversations:
+    """The rendered, tokenized and split conversations, and what the data stage adds to its stats file."""
+
+    train: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    """Each row: term, target (the answer), messages, prompt and completion (rendered text), input_ids (the whole
+    rendered conversation, truncated) and completion_mask (1 on the answer and its end-of-turn token, else 0).
+    input_ids + completion_mask is the pre-tokenized form TRL's SFTTrainer trains on with completion_only_loss; a
+    plain collator makes labels = input_ids where the mask is 1, else -100."""
+    stats: dict[str, Any]
+    """rows_used, rows_skipped / skip_examples (rendering only), train_rows, test_rows, split_merged, and
+    prompt_tokens / completion_tokens (min, p50, p95, max, truncated, ... of the untruncated lengths)."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def source_kind(columns: Iterable[str]) -> str | None:
+    """"messages", "prompt_completion", or None for anything else (term rows: the data stage's own reader)."""
+    columns = set(columns)
+    if "messages" in columns:
+        return "messages"
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    return None
+
+
+def read_conversations(source: str, hub_split: str = "train", revision: str | None = None, *, strict: bool = False,
+                       max_chars: int = 100_000, max_rows: int | None = None,
+                       duplicates: str = "keep_first") -> Conversations:
+    """Read a chat (`messages`) or prompt/completion source: a .jsonl/.json/.parquet file, a folder laid out like a
+    Hub dataset, or a Hub id, as the data stage reads term rows (the arguments are the data settings of the same
+    names). Each turn is checked (max_chars applies to each turn's text); a bad row is skipped and counted, or with
+    `strict` an error naming the row. A conversation repeated turn for turn (by data.text_key) is dropped and
+    counted, or with duplicates="error" an error."""
+    label, columns, rows = data._open_source(source, hub_split, revision)
+    kind = source_kind(columns)
+    if kind is None:
+        raise UserError(f"{label}: neither a messages column nor prompt and completion columns "
+                        f"(columns: {', '.join(columns) or 'none'})")
+    findings = data._Findings(strict=strict)
+    items: list[Conversation] = []
+    seen: dict[tuple, str] = {}  # the turns' keys -> where the conversation was first
+    rows_read = 0
+    for row in rows:
+        rows_read += 1
+        if row.problem:
+            reason, _, detail = row.problem.partition(":")
+            findings.add(reason, row.where, detail)
+            continue
+        assert row.values is not None
+        if kind == "messages":
+            messages = _check_messages(row.values.get("messages"), "messages", row.where, max_chars, findings)
+        else:
+            messages = _prompt_completion_messages(row.values, row.where, max_chars, findings)
+        if messages is None:
+            continue
+        key = tuple((m["role"], data.text_key(m["content"])) for m in messages)
+        if key in seen:
+            duplicate = f"duplicate conversation (first at {seen[key]})"
+            if duplicates == "error":
+                raise UserError(f"{row.where}: {duplicate}; remove it or set data.duplicates=keep_first")
+            findings.add("duplicate_conversation", row.where, duplicate)
+            continue
+        seen[key] = row.where
+        first_user = next(m["content"] for m in messages if m["role"] == "user")
+        items.append(Conversation(row.where, first_user, messages))
+        if max_rows and len(items) >= max_rows:
+            break
+    if not items:
+        reasons = ", ".join(f"{k}: {v}" for k, v in findings.skipped.items()) or "no rows"
+        raise UserError(f"{label}: no usable rows ({reasons})")
+    return Conversations(label, kind, rows_read, items, findings.skipped, findings.examples)
+
+
+def term_conversations(examples: list[dict[str, str]], label: str) -> list[Conversation]:
+    """The data stage's usable term rows (term, prompt, target) as one-question conversations. The question is the
+    row's prompt, made by the data stage from data.prompt_template; the answer is the shaped definition."""
+    return [Conversation(f"{label}: term {ex['term']!r}", ex["term"],
+                         [{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": ex["target"]}])
+            for ex in examples]
+
+
+def _prompt_completion_messages(values: dict[str, Any], where: str, max_chars: int,
+                                findings: data._Findings) -> list[dict[str, str]] | None:
+    prompt, completion = values.get("prompt"), values.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational prompt/completion
+        for name, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, list):
+                findings.add("wrong_type", where, f"{name} is a {type(value).__name__} and the other side a list "
+                             "of messages; give both as text or both as lists")
+                return None
+        if len(completion) != 1:
+            findings.add("wrong_type", where, f"completion holds {len(completion)} messages, expected the one "
+                         "assistant answer (earlier turns belong in prompt)")
+            return None
+        return _check_messages(prompt + completion, "prompt + completion", where, max_chars, findings)
+    texts = []
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        text = _check_text(value, name, where, max_chars, findings)
+        if text is None:
+            return None
+        texts.append(text)
+    return [{"role": "user", "content": texts[0]}, {"role": "assistant", "content": texts[1]}]
+
+
+def _check_messages(messages: Any, name: str, where: str, max_chars: int,
+                    findings: data._Findings) -> list[dict[str, str]] | None:
+    """The conversation with each turn checked and trimmed, or None (the finding is counted or raised)."""
+    if not isinstance(messages, list):
+        what = "missing or null" if messages is None else f"a {type(messages).__name__}"
+        findings.add("messages_not_list", where, f"{name} is {what}, expected a list of {{role, content}} objects")
+        return None
+    out = []
+    for n, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            findings.add("messages_not_list", where, f"{name} item {n} is a {type(message).__name__}, "
+                         "expected a {role, content} object")
+            return None
+        role = message.get("role")
+        if role not in ROLES:
+            findings.add("unknown_role", where, f"{name} item {n} has role {role!r}; expected system, user or "
+                         "assistant")
+            return None
+        if role == "system" and n > 1:
+            findings.add("misplaced_system", where, f"{name} item {n} is a system turn; only the first turn may be")
+            return None
+        content = _check_text(message.get("content"), f"{name} item {n} content", where, max_chars, findings)
+        if content is None:
+            return None
+        out.append({"role": role, "content": content})
+    roles = [m["role"] for m in out]
+    if "assistant" not in roles:
+        findings.add("no_assistant_turn", where, f"{name} has no assistant turn" + ("" if out else " (it is empty)"))
+        return None
+    if roles[-1] != "assistant":
+        findings.add("last_turn_not_assistant", where, f"the last turn of {name} is the {roles[-1]}'s; "
+                     "the last turn is the answer trained on and must be the assistant's")
+        return None
+    if "user" not in roles:
+        findings.add("no_user_turn", where, f"{name} has no user turn")
+        return None
+    return out
+
+
+def _check_text(value: Any, name: str, where: str, max_chars: int, findings: data._Findings) -> str | None:
+    """`value` trimmed, or None when it is missing, not text, empty, too long or has control characters.
+
+    Trimmed because the Llama 3 and Qwen3 templates trim turns themselves: the ids must not depend on whether a
+    row's text ends in a newline."""
+    if value is None:
+        findings.add("empty_content", where, f"{name} is missing or null")
+        return None
+    if not isinstance(value, str):
+        findings.add("wrong_type", where, f"{name} is a {type(value).__name__}, expected text")
+        return None
+    if data._has_control_chars(value):
+        findings.add("control_characters", where, f"{name} contains control characters")
+        return None
+    text = value.strip()
+    if not text:
+        findings.add("empty_content", where, f"{name} is empty or whitespace only")
+        return None
+    if len(text) > max_chars:
+        findings.add("overlong", where, f"{name} has {len(text)} characters (limit {max_chars})")
+        return None
+    return text
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class _Rendered:
+    problem: str
+    """"" when usable, else the bad-row reason: token_boundary or no_end_of_turn."""
+    prompt: str
+    """The rendered prompt, up to and including the generation prompt."""
+    whole: str
+    """The rendered conversation."""
+    ids: list[int]
+    start: int
+    """Where the completion starts in ids."""
+    end: int
+    """Where the completion's end-of-turn token ends in ids."""
+
+
+@dataclass
+class _Template:
+    """The model's chat template and the special tokens that matter to the boundary between prompt and answer."""
+
+    tokenizer: Any
+    name: str
+    special_ids: set[int]
+    special_text: re.Pattern | None
+    """Any special token's text, to find it inside a turn."""
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> "_Template":
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"{name}: the tokenizer has no chat template; conversations cannot be rendered "
+                            "(use an instruct model, or add chat_template to its tokenizer_config.json)")
+        special = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        special.update(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+        text = re.compile("|".join(map(re.escape, sorted(special, key=len, reverse=True)))) if special else None
+        return cls(tokenizer, name, set(special.values()), text)
+
+    def render(self, messages: list[dict[str, str]]) -> "_Rendered":
+        """The conversation rendered and tokenized. Raises ValueError with the template's own message when the
+        template refuses the turns (a Mistral template, for one, wants user and assistant to alternate)."""
+        from jinja2 import TemplateError
+
+        try:
+            prompt = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False,
+                                                        **TEMPLATE_VARIABLES)
+            whole = self.tokenizer.apply_chat_template(messages, tokenize=False, **TEMPLATE_VARIABLES)
+        except TemplateError as e:
+            raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(whole, add_special_tokens=False)["input_ids"]
+        start = len(prompt_ids)
+        if not whole.startswith(prompt) or ids[:start] != prompt_ids:
+            return _Rendered("token_boundary", prompt, whole, ids, start, len(ids))
+        # The answer ends at the last special token the template writes after it (<|eot_id|>, <|im_end|>, </s>);
+        # what follows it (Qwen's newline) stays in the ids as the template wrote them, but carries no loss.
+        end = next((i + 1 for i in range(len(ids) - 1, start - 1, -1) if ids[i] in self.special_ids), None)
+        if end is None:
+            return _Rendered("no_end_of_turn", prompt, whole, ids, start, len(ids))
+        return _Rendered("", prompt, whole, ids, start, end)
+
+    def check(self) -> None:
+        """An error when this template cannot give a clean prompt/answer boundary for any conversation."""
+        try:
+            problem = self.render(_PROBE).problem
+        except ValueError as e:
+            raise UserError(f"{self.name}: the chat template refuses a plain user/assistant exchange ({e})") from e
+        if problem:
+            raise UserError(f"{self.name}: {PROBLEMS[problem]} even for a plain user/assistant exchange, so it "
+                            "cannot be trained on as prompt and completion")
+
+
+def check_template(tokenizer: Any) -> None:
+    """Refuse a tokenizer whose chat template cannot be trained on as prompt/completion (one-line UserError)."""
+    _Template.of(tokenizer).check()
+
+
+def prepare_conversations(conversations: list[Conversation], tokenizer: Any, *, test_size: float, seed: int,
+                          max_prompt_tokens: int, max_completion_tokens: int,
+                          strict: bool = False) -> PreparedConversations:
+    """Render each conversation through the tokenizer's chat template, tokenize it with its completion mask, and
+    split the rows seeded by term / first user turn (data.split_rows: near-duplicates stay on one side).
+
+    A prompt over max_prompt_tokens keeps its last tokens (the latest turns and the generation prompt); a
+    completion over max_completion_tokens is cut and ends with its end-of-turn token, as the T5 path ends a cut
+    target with eos. The token stats are of the lengths before truncation."""
+    template = _Template.of(tokenizer)
+    template.check()
+    findings = data._Findings(strict=strict)
+    rows: list[dict[str, Any]] = []
+    lengths: dict[str, list[int]] = {"prompt": [], "completion": []}
+    for conv in conversations:
+        found = template.special_text and next(
+            (m for m in map(template.special_text.search, (t["content"] for t in conv.messages)) if m), None)
+        if found:
+            findings.add("special_token_in_content", conv.where, f"the text holds the tokenizer's special token "
+                         f"{found.group()!r}, which would end or open a turn inside it")
+            continue
+        try:
+            rendered = template.render(conv.messages)
+        except ValueError as e:
+            findings.add("template_rejected", conv.where, f"the chat template refuses this conversation ({e})")
+            continue
+        if rendered.problem:
+            findings.add(rendered.problem, conv.where, PROBLEMS[rendered.problem])
+            continue
+        ids, start, end = rendered.ids, rendered.start, rendered.end
+        lengths["prompt"].append(start)
+        lengths["completion"].append(end - start)
+        prompt_ids, completion_ids, after = ids[:start], ids[start:end], ids[end:]
+        if len(prompt_ids) > max_prompt_tokens:
+            prompt_ids = prompt_ids[-max_prompt_tokens:]
+        if len(completion_ids) > max_completion_tokens:
+            completion_ids, after = completion_ids[:max_completion_tokens - 1] + completion_ids[-1:], []
+        rows.append({
+            "term": conv.term, "target": conv.answer, "messages": conv.messages,
+            "prompt": rendered.prompt, "completion": rendered.whole[len(rendered.prompt):],
+            "input_ids": prompt_ids + completion_ids + after,
+            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids) + [0] * len(after),
+        })
+    if not rows:
+        reasons = ", ".join(f"{k}: {v}" for k, v in findings.skipped.items())
+        raise UserError(f"{template.name}: no conversation could be rendered ({reasons})")
+
+    split = data.split_rows(rows, test_size, seed)
+    stats = {
+        "rows_used": len(rows),
+        "rows_skipped": dict(findings.skipped),
+        "skip_examples": findings.examples,
+        "train_rows": len(split.train),
+        "test_rows": len(split.test),
+        "split_merged": {"term": split.merged["term"], "definition": split.merged["definition"]},
+        "template_variables": TEMPLATE_VARIABLES,
+        "prompt_tokens": length_stats(lengths["prompt"], max_prompt_tokens),
+        "completion_tokens": length_stats(lengths["completion"], max_completion_tokens),
+    }
+    return PreparedConversations(split.train, split.test, stats)
+
+
+def length_stats(lengths: list[int], limit: int) -> dict[str, Any]:
+    """The data stage's token-length stats (p50 is the median) with the shortest and the count over `limit`."""
+    return {**data._length_stats(lengths, limit), "min": min(lengths),
+            "truncated": sum(1 for n in lengths if n > limit)}
