@@ -10,7 +10,8 @@ Three recipes, each in its own subprocess, on the same data, model and batch siz
 (q) the same with model.quantization: 4bit (QLoRA: NF4 base, bf16 compute);
 (p) the peer: benchmarks/bench_train.py's hand-written recipe as the transformers docs lead an expert to write it
     (no padding at tokenisation, DataCollatorForSeq2Seq(label_pad_token_id=-100), pad_to_multiple_of=8 on a GPU as
-    the docs advise for tensor cores, train_sampling_strategy="group_by_length", the standard loss, termtune's
+    the docs advise for tensor cores, train_sampling_strategy="group_by_length" fed a `length` column of source +
+    target tokens, the standard loss, termtune's
     defaults for prompt, learning rate, schedule and seed), with bf16=True on the GPU.
 Model: the flan-t5-large architecture (../shared/models/flan-t5-large/config.json), randomly initialised once
 by termtune (seeded) and saved; every recipe loads that folder in fp32 (bf16 autocast on the GPU, as both
@@ -268,18 +269,27 @@ def run_peer(work: Path, out: Path, setup: dict, side: str) -> str:
                                  truncation=True)
         model_inputs["labels"] = tokenizer(text_target=batch["page_text"], max_length=setup["max_target"],
                                            truncation=True)["input_ids"]
+        # what the length grouping sorts by: the whole example, not only its prompt (as in bench_train.py)
+        model_inputs["length"] = [len(s) + len(t) for s, t in zip(model_inputs["input_ids"], model_inputs["labels"])]
         return model_inputs
 
     rows = json.loads((work / "peer-train.json").read_text())
     train_ds = Dataset.from_list(rows).map(preprocess, batched=True, remove_columns=["page_title", "page_text"])
     model = AutoModelForSeq2SeqLM.from_pretrained(setup["base"], dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(**LORA, bias="none", task_type=TaskType.SEQ_2_SEQ_LM))
-    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100,
-                                      pad_to_multiple_of=8 if cuda else None)
+    pad = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100,
+                                 pad_to_multiple_of=8 if cuda else None)
+
+    def collator(features: list) -> dict:
+        return pad([{k: v for k, v in f.items() if k != "length"} for f in features])
+
+    # transformers 5.x replaced group_by_length=True with train_sampling_strategy; the device image may be older
+    grouping = ({"train_sampling_strategy": "group_by_length"}
+                if "train_sampling_strategy" in Seq2SeqTrainingArguments.__dataclass_fields__ else {"group_by_length": True})
     args = Seq2SeqTrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=setup["batch_size"],
                                     learning_rate=1e-3, lr_scheduler_type="linear", max_steps=setup["steps"],
-                                    train_sampling_strategy="group_by_length", seed=42, bf16=cuda, use_cpu=not cuda,
-                                    report_to=[])
+                                    **grouping, length_column_name="length", remove_unused_columns=False,
+                                    seed=42, bf16=cuda, use_cpu=not cuda, report_to=[])
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
     add_meter(trainer, out, setup)
     trainer.train()

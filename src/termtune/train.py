@@ -357,6 +357,10 @@ def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval:
     from transformers import Seq2SeqTrainingArguments
 
     t = cfg.train
+    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing; pyproject allows releases
+    # on either side of the rename
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in Seq2SeqTrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
     if has_eval:
         eval_strategy, eval_steps = ("steps", t.eval_steps) if t.eval_steps else ("epoch", None)
     else:
@@ -376,8 +380,8 @@ def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **{checkpointing: t.gradient_checkpointing,
+           f"{checkpointing}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None},
         eval_strategy=eval_strategy,
         eval_steps=eval_steps,
         prediction_loss_only=True,
