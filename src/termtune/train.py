@@ -1,16 +1,15 @@
-"""Training stage: LoRA / QLoRA fine-tuning of a seq2seq model on the prepared data.
+"""Training stage: LoRA / QLoRA fine-tuning of the base model on the prepared data.
 
     termtune train configs/demo.yaml                 # one process (CPU or one GPU)
     torchrun --nproc_per_node 2 -m termtune.cli train configs/demo.yaml
     accelerate launch --config_file configs/accelerate/ddp.yaml -m termtune.cli train configs/demo.yaml
 
-Built on transformers' `Seq2SeqTrainer` with `DataCollatorForSeq2Seq(label_pad_token_id=-100)`
-(TRL's SFTTrainer cannot train encoder-decoder models; it fails on the first step). What this
-module adds is the glue the seed recipe got wrong or left out:
+Built on the trainer and collator of the model's family (termtune.families; labels padded with
+-100). What this module adds is the glue the seed recipe got wrong or left out:
 
 - batching: dynamic padding per batch, labels padded with -100 (never trained on), batches of
   similar-length examples, and optionally a token budget per batch instead of a fixed size;
-- precision: bf16 on GPUs that support it, fp32 on CPU, fp16 refused for T5;
+- precision: bf16 on GPUs that support it, fp32 on CPU, fp16 refused where the family overflows in it;
 - speed: the training loss over the non-pad target tokens without the full logits tensor
   (termtune.lm_loss), the same value as the standard loss;
 - checkpoints that are sealed only once every file is on disk, so a run killed at any moment
@@ -37,12 +36,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import typer
 
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.families import family_for, family_of_model
+from termtune.families.base import padded_separately
 from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
 from termtune.oserrors import probe_writable, writing
@@ -161,7 +162,10 @@ def train(cfg: Config) -> TrainResult:
         lengths = [(len(t), len(s)) for t, s in zip(eval_ds["labels"], eval_ds["input_ids"])]
         eval_ds = eval_ds.select(sorted(range(len(lengths)), key=lengths.__getitem__))
 
-    args = _training_arguments(cfg, precision, checkpoints_dir, has_eval=eval_ds is not None)
+    family = family_for(cfg)
+    trainer_base, arguments_class = family.trainer_classes()
+    args = _training_arguments(cfg, precision, checkpoints_dir, has_eval=eval_ds is not None,
+                               arguments_class=arguments_class)
     with args.main_process_first(desc="load the base model"):
         # rank 0 materialises a random-init base once; the other ranks then load that same folder
         model = attach_lora(cfg, load_base(cfg))
@@ -170,8 +174,8 @@ def train(cfg: Config) -> TrainResult:
         source_lengths=[len(x) for x in train_ds["input_ids"]],
         target_lengths=[len(x) for x in train_ds["labels"]],
         batch_size=cfg.train.batch_size, max_tokens=cfg.train.max_tokens_per_batch,
-        group_by_length=cfg.train.group_by_length, seed=cfg.run.seed)
-    trainer = _trainer_class()(
+        group_by_length=cfg.train.group_by_length, seed=cfg.run.seed, padded_tokens=family.padded_tokens)
+    trainer = _trainer_class(trainer_base)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, batch_sampler=batch_sampler)
     _install_callbacks(trainer, cfg, layout, rank, data_sha256)
@@ -227,10 +231,9 @@ def resolve_precision(cfg: Config) -> str:
     wanted = cfg.train.precision
     cuda = torch.cuda.is_available()
     if wanted == "fp16":
-        if not cfg.train.allow_fp16:
-            raise UserError("train.precision=fp16 is refused for T5: its activations overflow to inf/NaN in fp16 "
-                            "(T5 was trained in bf16). Use bf16 on a GPU or fp32, or set train.allow_fp16=true "
-                            "to force it.")
+        refusal = family_for(cfg).refuse_precision("train.precision", wanted)
+        if refusal and not cfg.train.allow_fp16:
+            raise UserError(refusal)
         if not cuda:
             raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use fp32 (or auto)")
         return "fp16"
@@ -258,8 +261,10 @@ class LengthGroupedBatchSampler:
     batch_size = None  # batches vary in size; tells accelerate's per-rank sharding not to assume one
 
     def __init__(self, source_lengths: list[int], target_lengths: list[int], batch_size: int,
-                 max_tokens: int | None, group_by_length: bool, seed: int) -> None:
+                 max_tokens: int | None, group_by_length: bool, seed: int,
+                 padded_tokens: Callable[[list[int], list[int]], int] = padded_separately) -> None:
         self.source_lengths = source_lengths
+        self.padded_tokens = padded_tokens
         self.target_lengths = target_lengths
         self.fixed_size = batch_size
         self.max_tokens = max_tokens
@@ -278,8 +283,8 @@ class LengthGroupedBatchSampler:
         return iter(self._batches(self.epoch))
 
     def cost(self, batch: list[int]) -> int:
-        """Padded token slots of a batch: every row is padded to the longest source and target."""
-        return len(batch) * (max(self.source_lengths[i] for i in batch) + max(self.target_lengths[i] for i in batch))
+        """Padded token slots of a batch (the model family's padding rule)."""
+        return self.padded_tokens([self.source_lengths[i] for i in batch], [self.target_lengths[i] for i in batch])
 
     def _batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
@@ -316,29 +321,19 @@ class LengthGroupedBatchSampler:
         order = sorted(range(len(ties)), key=lambda i: (*self._length_key(i), ties[i]))
         batches: list[list[int]] = []
         current: list[int] = []
-        max_src = max_tgt = 0
         for i in order:
-            src, tgt = max(max_src, self.source_lengths[i]), max(max_tgt, self.target_lengths[i])
-            if current and (len(current) + 1) * (src + tgt) > self.max_tokens:
+            if current and self.cost(current + [i]) > self.max_tokens:
                 batches.append(current)
-                current, src, tgt = [], self.source_lengths[i], self.target_lengths[i]
+                current = []
             current.append(i)
-            max_src, max_tgt = src, tgt
         if current:
             batches.append(current)
         return batches
 
 
-def make_collator(tokenizer: Any, model: Any = None) -> Any:
-    """Pad each batch to its own longest row; labels are padded with -100 so the loss skips them.
-
-    (The seed recipe padded labels with the pad id, so it trained the model to emit padding.)
-    """
-    import torch
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, padding="longest",
-                                  pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+def make_collator(tokenizer: Any, model: Any) -> Any:
+    """The model family's collator: each batch padded to its own longest row, labels padded with -100."""
+    return family_of_model(model).collator(tokenizer, model)
 
 
 def _model_columns(ds: Any) -> Any:
@@ -352,16 +347,16 @@ def _model_columns(ds: Any) -> Any:
 # ----------------------------------------------------------------------------- trainer
 
 
-def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval: bool) -> Any:
+def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval: bool,
+                        arguments_class: type) -> Any:
     import torch
-    from transformers import Seq2SeqTrainingArguments
 
     t = cfg.train
     if has_eval:
         eval_strategy, eval_steps = ("steps", t.eval_steps) if t.eval_steps else ("epoch", None)
     else:
         eval_strategy, eval_steps = "no", None
-    return Seq2SeqTrainingArguments(
+    return arguments_class(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -397,11 +392,13 @@ def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval:
     )
 
 
-def _trainer_class() -> type:
-    from transformers import Seq2SeqTrainer
+def _trainer_class(base: type | None = None) -> type:
+    """`base` (the model family's transformers.Trainer subclass; Trainer itself by default) with termtune's
+    batch sampler and padding / throughput accounting."""
+    if base is None:
+        from transformers import Trainer as base
 
-    class Trainer(Seq2SeqTrainer):
-        """Seq2SeqTrainer with our batch sampler and padding / throughput accounting."""
+    class Trainer(base):  # type: ignore[valid-type,misc]
 
         def __init__(self, *args: Any, batch_sampler: LengthGroupedBatchSampler, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -436,7 +433,7 @@ def _trainer_class() -> type:
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            # The lm_head and its softmax are most of a T5's work per target token; termtune.lm_loss computes
+            # The lm_head and its softmax are most of the work per target token; termtune.lm_loss computes
             # the same loss over the non-pad tokens only, without the full logits tensor (~10-15 % faster
             # steps on CPU). It stands in for the model call inside the Trainer's compute_loss, so the
             # Trainer's own handling of num_items_in_batch, gradient accumulation and DDP scaling applies as is.
