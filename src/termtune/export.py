@@ -99,6 +99,9 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     _check_replaceable(final, layout.root, force)
     max_shard = parse_size(cfg.export.max_shard_size)
     family = family_for(cfg)
+    refusal = family.refuse_precision("export.dtype", cfg.export.dtype)
+    if refusal and not cfg.export.allow_fp16:
+        raise UserError(refusal)
     tokenizer_files = family.export_tokenizer_files(cfg.tokenizer_source)
     probe_writable(layout.root)
     probe_writable(final.resolve().parent)

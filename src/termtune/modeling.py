@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from termtune.config import Config
 from termtune.families import base, family_for
-from termtune.families.base import base_model_dir, library_bars_on_terminal_only, load_tokenizer, refuse_rank
+from termtune.families.base import base_model_dir, load_tokenizer
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-__all__ = ["attach_lora", "base_model_dir", "check_model_settings", "library_bars_on_terminal_only", "load_base",
-           "load_tokenizer", "lora_config", "materialize_random_base", "model_config", "refuse_rank"]
+__all__ = ["attach_lora", "base_model_dir", "check_model_settings", "load_base", "load_tokenizer", "lora_config",
+           "materialize_random_base"]
 
 
 def load_base(cfg: Config, quantization: str | None = None, dtype: "torch.dtype | None" = None) -> "PreTrainedModel":
@@ -41,10 +41,6 @@ def load_base(cfg: Config, quantization: str | None = None, dtype: "torch.dtype 
 
 def materialize_random_base(cfg: Config) -> Path:
     return base.materialize_random_base(family_for(cfg), cfg)
-
-
-def model_config(cfg: Config) -> Any:
-    return base.model_config(family_for(cfg), cfg)
 
 
 def check_model_settings(cfg: Config) -> None:

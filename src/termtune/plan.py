@@ -63,7 +63,7 @@ CONSTANTS: dict[str, Constant] = {
     "cpu_framework_bytes": Constant(610 * 2**20, "B",
                                     "measured 2026-11-29 on this project's CPU machine: ru_maxrss after importing "
                                     "torch, transformers, peft, datasets, accelerate, matplotlib and loading the "
-                                    "Flan-T5 tokenizer (609 MiB)"),
+                                    "default base model's tokenizer (609 MiB)"),
     "cuda_context_bytes": Constant(0.5 * GiB, "B",
                                    "assumption (no GPU measured here): CUDA context + cuBLAS workspace, 300-600 MiB "
                                    "on Ampere/Hopper; not counted by torch.cuda.max_memory_allocated (PyTorch CUDA "
@@ -77,7 +77,7 @@ CONSTANTS: dict[str, Constant] = {
                                "GFLOP/s counted as 6 x weights, i.e. 101-107 counted as 4 x (frozen base), of a "
                                "measured 190.3 GFLOP/s fp32 peak = 0.53-0.56; 0.50 leaves room for shorter batches"),
     "gpu_efficiency": Constant(0.35, "of dense bf16 peak",
-                               "assumption (no GPU measured here): LoRA fine-tuning of a <1B seq2seq model on one "
+                               "assumption (no GPU measured here): LoRA fine-tuning of a <1B model on one "
                                "GPU; the PaLM paper (Chowdhery et al. 2022, arXiv:2204.02311, table 3) reports 46 % "
                                "MFU at 540B scale, small models with short sequences reach less"),
     "cpu_bf16_efficiency": Constant(0.30, "of measured bf16 matmul peak",
@@ -95,7 +95,7 @@ CONSTANTS: dict[str, Constant] = {
                              "gradient checkpointing re-runs each layer's forward (2 of the 4 FLOP/param/token "
                              "of frozen-base training) in the backward pass"),
     # Data and money.
-    "loss_chunk_rows": Constant(1024, "target tokens", "termtune.train.LM_LOSS_CHUNK_ROWS"),
+    "loss_chunk_rows": Constant(1024, "target tokens", "termtune.trainer_additions.LM_LOSS_CHUNK_ROWS"),
     "s3_usd_per_gb_month": Constant(0.023, "USD/GB-month",
                                     "https://aws.amazon.com/s3/pricing/ S3 Standard, first 50 TB, us-east-1 "
                                     "(looked up 2026-11-29)"),
@@ -103,8 +103,8 @@ CONSTANTS: dict[str, Constant] = {
                                    "https://docs.aws.amazon.com/bedrock/latest/userguide/import-model-calculate-cost"
                                    ".html: 'Billing is charged over 5-minute billing windows from the first "
                                    "successful inference call'"),
-    "tokenizer_bytes": Constant(2.4e6, "B", "../shared/models/flan-t5-large: spiece.model (792 kB) + tokenizer.json "
-                                            "(2.4 MB) + configs, rounded"),
+    "tokenizer_bytes": Constant(2.4e6, "B", "the default base model's tokenizer files: its SentencePiece model "
+                                            "(792 kB) + tokenizer.json (2.4 MB) + configs, rounded"),
 }
 
 
@@ -306,9 +306,10 @@ def _sample_source(cfg: Config, sample_rows: int) -> DataEstimate:
     train, test = data.split_by_term(examples, d.test_size, cfg.run.seed)
     step = max(1, len(train) // sample_rows)
     sample = train[::step][:sample_rows] + test[:sample_rows]
-    tok = load_tokenizer(cfg)
-    src = [min(len(x), d.max_source_length) for x in tok([r["prompt"] for r in sample])["input_ids"]]
-    tgt = [min(len(x), d.max_target_length) for x in tok(text_target=[r["target"] for r in sample])["input_ids"]]
+    sources, targets = family_for(cfg, download=False).encode(load_tokenizer(cfg), [r["prompt"] for r in sample],
+                                                              [r["target"] for r in sample])
+    src = [min(len(x), d.max_source_length) for x in sources]
+    tgt = [min(len(x), d.max_target_length) for x in targets]
     n_sample = len(train[::step][:sample_rows])
     # The training rows take the sampled lengths in turn, so the batch simulation sees their spread.
     src_train = [src[i % n_sample] for i in range(len(train))]

@@ -1,4 +1,4 @@
-"""Preflight a model folder against the Bedrock Custom Model Import rules for Flan-T5.
+"""Preflight a model folder against the Bedrock Custom Model Import rules for its model family.
 
     checks = validate("runs/demo/artifact")
     print(format_checks(checks))          # ✓ [1/22] merged model, not an adapter: ...   ✗ ...   ! ...

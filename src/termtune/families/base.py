@@ -26,7 +26,7 @@ BUILT_FROM = "termtune-built-from.json"
 
 
 class Family:
-    """One kind of model (T5, ...): everything termtune does differently for it. Subclasses fill in every
+    """One kind of model: everything termtune does differently for it. Subclasses fill in every
     attribute and method that raises NotImplementedError here; the stages call nothing else of theirs."""
 
     name: str = ""
@@ -41,6 +41,8 @@ class Family:
     """peft.TaskType name for its LoRA config."""
     tokenizer_class: str | None = None
     """tokenizer_config.json's tokenizer_class in an export, where the tokenizer does not say."""
+    bedrock_attention: str = "sdpa"
+    """The attention implementation transformers 4.51.3 (Bedrock's) runs this family with."""
 
     # -- model
     def architecture_config(self, cfg: Config) -> Any:
@@ -145,6 +147,18 @@ class Family:
         """name -> source of every measured or looked-up number plan_shape's counts use."""
         raise NotImplementedError
 
+    # -- the report and the model card
+    display_name: str = ""
+    """What a model card calls the base model."""
+    card_tags: tuple[str, ...] = ()
+    """Hugging Face model card tags that name the family."""
+    pipeline_tag: str = ""
+    """Hugging Face model card pipeline_tag."""
+
+    def describe_config(self, config: dict[str, Any]) -> str:
+        """A model of this family in a few words, from its config.json values (for the report's headline)."""
+        raise NotImplementedError
+
 
 # ----------------------------------------------------------------------------- shared by every family
 
@@ -160,6 +174,53 @@ def check_local_or_hub(source: str, key: str) -> None:
         raise UserError(f"{key}: {source} does not exist")
 
 
+def base_config_json(cfg: Config) -> tuple[Any, str]:
+    """(the base model's config.json values, where they were read)."""
+    m = cfg.model
+    if m.init == "random":
+        arch = Path(m.architecture or "")
+        path = arch / "config.json" if arch.is_dir() else arch
+        if not path.is_file():
+            raise UserError(f"model.architecture: {path} not found")
+    else:
+        check_local_or_hub(m.source, "model.source")
+        local = Path(m.source).expanduser()
+        if local.is_dir():
+            path = local / "config.json"
+            if not path.is_file():
+                raise UserError(f"{m.source}: no config.json; a base model folder holds one")
+        else:
+            path = _hub_config(m.source)
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+
+
+def cached_hub_config(repo: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id=repo, filename="config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _hub_config(repo: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    cached = cached_hub_config(repo)
+    if cached is not None:
+        return cached
+
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename="config.json"))
+    except Exception as e:  # offline, unknown repo: both user-fixable
+        raise UserError(f"model.source: cannot read {repo}'s config.json from the Hugging Face Hub "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+
 def load_tokenizer(cfg: Config) -> "PreTrainedTokenizerBase":
     """Load the tokenizer with `from_pretrained` (a folder or Hub id: a tokenizer built from a vocabulary
     file alone can silently map every word to <unk> in transformers 5.x)."""
@@ -172,7 +233,8 @@ def load_tokenizer(cfg: Config) -> "PreTrainedTokenizerBase":
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot load a tokenizer: {str(e).splitlines()[0]}") from e
     if tok.pad_token_id is None or tok.eos_token_id is None:
-        raise UserError(f"{source}: tokenizer has no pad or eos token; a T5 tokenizer is expected")
+        raise UserError(f"{source}: tokenizer has no pad or eos token; termtune pads batches and ends answers "
+                        "with them")
     return tok
 
 
@@ -344,7 +406,7 @@ def special_token(value: Any) -> str | None:
 
 def sentencepiece_problem(path: Path, vocabulary: dict[str, int]) -> str | None:
     """Why the SentencePiece model at `path` cannot stand for tokenizer.json's vocabulary (it does
-    not load, or a piece has another id there), or None. The slow T5Tokenizer reads spiece.model,
+    not load, or a piece has another id there), or None. A slow tokenizer reads the SentencePiece model,
     the fast one tokenizer.json: both must give every piece the same id."""
     import sentencepiece
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.families.base import (FAIL, OK, WARN, Family, lora_config, model_config, refuse_rank,
-                                    sentencepiece_problem, special_token)
+from termtune.families.base import (FAIL, OK, WARN, Family, base_config_json, lora_config, model_config,
+                                    refuse_rank, sentencepiece_problem, special_token)
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +41,14 @@ class T5Family(Family):
     auto_class = "AutoModelForSeq2SeqLM"
     lora_task_type = "SEQ_2_SEQ_LM"
     tokenizer_class = "T5Tokenizer"
+    bedrock_attention = "eager"  # 4.51.3 has no SDPA path for T5
+    display_name = "Flan-T5"
+    card_tags = ("t5", "flan-t5")
+    pipeline_tag = "text2text-generation"
+
+    def describe_config(self, config: dict[str, Any]) -> str:
+        return (f"T5 ({config.get('num_layers', '?')}+{config.get('num_decoder_layers', '?')} layers, "
+                f"d_model {config.get('d_model', '?')})")
 
     # ------------------------------------------------------------------------- model
 
@@ -91,6 +99,8 @@ class T5Family(Family):
                 "Use bf16 or fp32, or set export.allow_fp16=true to force it.")
 
     def takes_chunked_loss(self, base: Any) -> bool:
+        # The model's private _shift_right builds the decoder inputs exactly as its own loss does; without it the
+        # standard loss runs (tests/test_train.py's chunked-loss test fails if transformers renames it).
         return callable(getattr(base, "_shift_right", None)) and getattr(base.config, "is_encoder_decoder", False)
 
     def chunked_loss_inputs(self, base: Any, labels: "torch.Tensor", inputs: dict[str, Any]) -> "torch.Tensor":
@@ -540,7 +550,7 @@ def t5_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, 
     return required, aliases
 
 
-# ----------------------------------------------------------------------------- shape and FLOP counts for `termtune plan`
+# ----------------------------------------------------------------------------- shape and FLOPs for `termtune plan`
 
 # Shapes of the Hub checkpoints termtune is made for, so a Hub id plans without a download.
 # From each google/flan-t5-* config.json on the Hub (small, base, large also in ../shared/models).
@@ -623,22 +633,21 @@ class Shape:
         rows.append(("wo", self.d_ff, self.d_model, enc + dec))
         return rows
 
-
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters by part for an untied T5 (Flan-T5): embeddings, linear layers, norms and position biases, lm_head."""
+        """Parameters by part for an untied T5 (Flan-T5): embeddings, linear layers, norms and position biases,
+        lm_head."""
         linear = sum(i * o * n for _, i, o, n in self.linear_layers())
-        norms = self.d_model * (2 * self.num_layers + 3 * self.num_decoder_layers + 2)  # one per sublayer + each stack's final
-        biases = self.buckets * self.num_heads * (int(self.num_layers > 0) + int(self.num_decoder_layers > 0))  # first layer only
+        # one norm per sublayer + each stack's final; position biases in each stack's first layer only
+        norms = self.d_model * (2 * self.num_layers + 3 * self.num_decoder_layers + 2)
+        biases = self.buckets * self.num_heads * (int(self.num_layers > 0) + int(self.num_decoder_layers > 0))
         embedding = lm_head = self.vocab_size * self.d_model
         return {"embedding": embedding, "linear": linear, "norms_and_biases": norms + biases, "lm_head": lm_head,
                 "total": embedding + linear + norms + biases + lm_head}
-
 
     def lora_parameters(self, r: int, targets: str | list[str]) -> int:
         """r * (in + out) per adapted nn.Linear; 'all-linear' is every Linear but the output layer (peft's rule)."""
         wanted = None if targets == "all-linear" else set(targets)
         return sum(r * (i + o) * n for name, i, o, n in self.linear_layers() if wanted is None or name in wanted)
-
 
     def lora_per_side(self, r: int, targets: str | list[str]) -> tuple[int, int]:
         """LoRA parameters applied to each source token and to each target token."""
@@ -678,7 +687,8 @@ class Shape:
             return int(kept + max(enc_layer, dec_layer))
         return int(self.num_layers * enc_layer + self.num_decoder_layers * dec_layer)
 
-    def training_flops(self, b: Any, r: int, targets: str | list[str], head_trained: bool = False) -> tuple[float, float]:
+    def training_flops(self, b: Any, r: int, targets: str | list[str],
+                       head_trained: bool = False) -> tuple[float, float]:
         """(training FLOPs of one epoch, the forward work gradient checkpointing recomputes) for `b`, one epoch's
         termtune.plan.Batching.
 
@@ -708,18 +718,12 @@ class Shape:
 def plan_shape(cfg: Config) -> Shape:
     """The T5 shape the run will train: the architecture file (+ overrides), the local config, or a known Hub id."""
     m = cfg.model
-    if m.init == "random":
-        arch = Path(m.architecture or "")
-        path = arch / "config.json" if arch.is_dir() else arch
-        values, origin = _read_config(path, "model.architecture"), str(path)
-        values.update(m.architecture_overrides)
-    elif (Path(m.source) / "config.json").is_file():
-        values, origin = _read_config(Path(m.source) / "config.json", "model.source"), m.source
-    elif m.source in KNOWN_SHAPES:
+    if m.init != "random" and m.source in KNOWN_SHAPES and not Path(m.source).expanduser().exists():
         values, origin = {**FLAN_DEFAULTS, **KNOWN_SHAPES[m.source]}, f"{m.source} (known shape)"
     else:
-        raise UserError(f"model.source: {m.source} is neither a local folder with config.json nor a known Hub id "
-                        f"({', '.join(KNOWN_SHAPES)}); the plan does not download anything")
+        values, origin = base_config_json(cfg)
+        values.update(m.architecture_overrides if m.init == "random" else {})
+        origin = origin if m.init == "random" else m.source
     values = {**FLAN_DEFAULTS, **values}
     if values.get("num_decoder_layers") is None:  # T5's default: as many as the encoder
         values["num_decoder_layers"] = values.get("num_layers")
@@ -733,13 +737,3 @@ def plan_shape(cfg: Config) -> Shape:
                  vocab_size=values["vocab_size"], gated=str(values["feed_forward_proj"]).startswith("gated"),
                  buckets=values["relative_attention_num_buckets"], dropout=float(values["dropout_rate"]),
                  origin=origin)
-
-
-
-def _read_config(path: Path, key: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{key}: {path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
