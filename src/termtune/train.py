@@ -264,8 +264,8 @@ class LengthGroupedBatchSampler:
                  max_tokens: int | None, group_by_length: bool, seed: int,
                  padded_tokens: Callable[[list[int], list[int]], int] = padded_separately) -> None:
         self.source_lengths = source_lengths
-        self.padded_tokens = padded_tokens
         self.target_lengths = target_lengths
+        self.padded_tokens = padded_tokens
         self.fixed_size = batch_size
         self.max_tokens = max_tokens
         self.group_by_length = group_by_length or max_tokens is not None

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from termtune.families import FAMILIES, family_of
-from termtune.families.base import FAIL, OK, WARN, sentencepiece_problem, special_token  # noqa: F401 (re-exported)
+from termtune.families.base import FAIL, OK, WARN
 from termtune.results import StageResult, html_table
 from termtune.rundir import sha256_file
 

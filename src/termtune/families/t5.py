@@ -8,7 +8,6 @@ Bedrock import rules and tensor table, and its shape and FLOP counts for `termtu
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -197,14 +196,7 @@ def architecture_config(cfg: Config) -> "Any":
     """The T5Config for model.init=random: the architecture file plus overrides."""
     from transformers import AutoConfig
 
-    arch = Path(cfg.model.architecture or "")
-    config_file = arch / "config.json" if arch.is_dir() else arch
-    if not config_file.is_file():
-        raise UserError(f"model.architecture: {config_file} not found")
-    try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    values, config_file = base_config_json(cfg)  # model.init=random: the architecture file
     model_type = values.get("model_type")
     if model_type != "t5":
         raise UserError(f"{config_file}: model_type is {model_type!r}; termtune trains T5 (Flan-T5) models")
