@@ -58,7 +58,6 @@ FLOAT_BITS = {"F64": ("<u8", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
 SCAN_CHUNK_BYTES = 8 * 2**20
 
 
-
 @dataclass
 class Check:
     """One numbered rule and its outcome. A warning never fails the folder."""
