@@ -52,7 +52,7 @@ def build_model():
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from termtune.modeling import untie_lm_head
+    from termtune.families.t5 import untie_lm_head
 
     values = json.loads(SMALL_CONFIG.read_text(encoding="utf-8"))
     values.update(num_layers=2, num_decoder_layers=2)

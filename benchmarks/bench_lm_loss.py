@@ -24,7 +24,7 @@ def benchmark_base() -> torch.nn.Module:
     """The training benchmark's model: flan-t5-small's architecture cut to 2 + 2 layers, random init (seed 0)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from termtune.modeling import untie_lm_head
+    from termtune.families.t5 import untie_lm_head
 
     torch.manual_seed(0)
     config = T5Config.from_pretrained(str(CONFIG))

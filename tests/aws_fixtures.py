@@ -31,7 +31,7 @@ def build_artifact(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from termtune.modeling import untie_lm_head
+    from termtune.families.t5 import untie_lm_head
 
     values = json.loads(SMALL_CONFIG.read_text())
     values.update(TINY_ARCH, tie_word_embeddings=False)

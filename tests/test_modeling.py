@@ -106,3 +106,27 @@ def test_model_settings_are_checked_against_the_model_shape(tiny_cfg, extra, mes
 
 def test_model_settings_that_fit_pass(tiny_cfg):
     modeling.check_model_settings(tiny_cfg(extra={"lora.r": 64, "lora.target_modules": "[q, v, wo]"}))
+
+
+# ----------------------------------------------------------------------------- the model family registry
+
+
+def test_the_family_comes_from_the_base_config_and_an_unknown_one_is_a_one_line_error(tmp_path, tiny_cfg):
+    from termtune.families import family_for, family_of
+    from termtune.families.t5 import T5
+
+    assert family_for(tiny_cfg()) is T5  # model.init=random: the architecture file's model_type
+    assert family_of({"architectures": ["T5ForConditionalGeneration"]}) is T5  # no model_type: by architecture
+    assert family_of({"model_type": "llama"}) is None and family_of(None) is None
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    cfg = tiny_cfg(run_name="l", extra={"model.init": "pretrained", "model.architecture_overrides": "{}",
+                                        "model.source": str(llama)})
+    with pytest.raises(UserError, match=r"llama/config.json: model_type is 'llama', not a model family termtune "
+                                        r"trains \(termtune knows t5\)$") as e:
+        family_for(cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="model_type is 'llama'"):  # a stage asks the registry before any work
+        modeling.check_model_settings(cfg)

@@ -13,9 +13,10 @@ from conftest import REPO
 from test_cli import TERMTUNE, termtune
 
 from termtune import plan as P
+from termtune.families import t5
 
 # A shape small enough to count by hand: d_model 4, d_ff 8, 2 heads of 2 (inner 4), 1+1 layers, vocab 10, 4 buckets.
-HAND = P.Shape(d_model=4, d_ff=8, d_kv=2, num_heads=2, num_layers=1, num_decoder_layers=1, vocab_size=10,
+HAND = t5.Shape(d_model=4, d_ff=8, d_kv=2, num_heads=2, num_layers=1, num_decoder_layers=1, vocab_size=10,
                gated=True, buckets=4, dropout=0.0)
 
 
@@ -48,7 +49,7 @@ def test_lora_parameters_by_hand():
     # all-linear: r * (in + out) over q,k,v,o (3 each: enc, dec self, dec cross), wi_0, wi_1, wo (2 each)
     assert P.lora_parameters(HAND, r=2, targets="all-linear") == 2 * (4 * 3 * 8 + 2 * 2 * 12 + 2 * 12)
     assert P.lora_parameters(HAND, r=2, targets=["q", "v"]) == 2 * (2 * 3 * 8)
-    src, tgt = P._lora_per_side(HAND, 2, "all-linear")
+    src, tgt = HAND.lora_per_side(2, "all-linear")
     # source tokens: the encoder's 7 adapters + the cross-attention k, v; target: the rest of the decoder's
     assert (src, tgt) == (2 * (4 * 8 + 3 * 12) + 2 * (2 * 8), 2 * (6 * 8 + 3 * 12))
 
@@ -84,7 +85,7 @@ def test_memory_terms_by_hand():
     assert P.loss_bytes(HAND, rows=2, tgt=10, real_tgt=15, bf16=False) == 15 * 10 * 4 + 2 * 15 * 4 * 4
     assert P.loss_bytes(HAND, rows=2, tgt=10, real_tgt=15, bf16=True) == 15 * 10 * 6 + 2 * 15 * 4 * 4
     assert P.eval_bytes(HAND, rows=3, tgt=7) == 3 * 7 * 10 * 8
-    k = P.ACTIVATION_COUNTS["off"]
+    k = t5.ACTIVATION_COUNTS["off"]
     enc_tok = 4 * (k["e_d"] * 4 + k["e_inner"] * 4 + k["e_ff"] * 8 + k["e_r"] * 2 + k["e_HS"] * 2 * 5)
     dec_tok = 4 * (k["t_d"] * 4 + k["t_inner"] * 4 + k["t_ff"] * 8 + k["t_r"] * 2 + k["t_HT"] * 2 * 10
                    + k["t_HS"] * 2 * 5)
@@ -107,7 +108,8 @@ def test_counts_match_the_real_model(tiny_cfg):
     from peft import get_peft_model
     from transformers import T5ForConditionalGeneration
 
-    from termtune.modeling import architecture_config, lora_config, untie_lm_head
+    from termtune.families.t5 import architecture_config, untie_lm_head
+    from termtune.modeling import lora_config
 
     for dropout in (0.0, 0.1):
         cfg = tiny_cfg(extra={"lora.dropout": dropout, "model.architecture_overrides":

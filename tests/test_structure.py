@@ -4,6 +4,7 @@ test runs."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
@@ -105,3 +106,44 @@ def test_every_test_runs_and_a_hung_test_fails():
                for name in re.findall(r"pytest\.mark\.(\w+)", path.read_text(encoding="utf-8"))} - builtin
     registered = {line.split(":")[0].strip() for line in options.get("markers", [])}
     assert carried == registered, f"markers carried by tests {carried}, registered {registered}"
+
+
+# What names one model family: outside its module, only the registry and the config's defaults may.
+FAMILY_WORDS = re.compile(r"(?<![A-Za-z0-9])t5(?![0-9])|seq2seq|spiece|decoder[_ ]start", re.IGNORECASE)
+FAMILY_NAMES_ALLOWED = {
+    "families/__init__.py": ["from termtune.families.t5 import", "FAMILIES: tuple"],  # the registry
+    # The default base model, and the default family's fp16 refusal, checked when a config loads: config.py
+    # sits below the registry (every family imports it), so it cannot ask the family.
+    "config.py": ['source: str = "google/flan-t5-large"', "fp16"],
+    # The Bedrock stand-in's copy of AWS's documented lists (architectures, tokenizers, tokenizer.model's names).
+    "serve_rules.py": ['"T5ForConditionalGeneration": (', '("T5Tokenizer", "LlamaTokenizer"', 'SENTENCEPIECE = ('],
+}
+SHIPPED_CONFIG = re.compile(r"configs/flan-t5-[\w-]+\.yaml")  # an example naming a config file in configs/
+
+
+def family_names_outside_their_module(src: Path) -> list[str]:
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        relative = path.relative_to(src).as_posix()
+        if relative.startswith("families/") and relative != "families/__init__.py":
+            continue  # a family's own module (families/base.py names none: the test below shows it)
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            text = SHIPPED_CONFIG.sub("", line)
+            if FAMILY_WORDS.search(text) and not any(ok in line for ok in FAMILY_NAMES_ALLOWED.get(relative, [])):
+                found.append(f"{relative}:{number}: {line.strip()}")
+    return found
+
+
+def test_no_stage_names_a_model_family():
+    """Stages ask the family (termtune.families) for what differs between models; only families/t5.py names T5."""
+    assert family_names_outside_their_module(SRC) == []
+    assert not FAMILY_WORDS.search((SRC / "families" / "base.py").read_text(encoding="utf-8"))
+
+
+def test_the_family_name_check_finds_a_mention(tmp_path):
+    (tmp_path / "families").mkdir()
+    (tmp_path / "families" / "t5.py").write_text("T5 = 1\n")
+    (tmp_path / "stage.py").write_text("x = 1\nfrom transformers import AutoModelForSeq2SeqLM\n# a Flan-T5 note\n")
+    (tmp_path / "cli.py").write_text('"""termtune plan configs/flan-t5-large-medical.yaml"""\n')
+    assert family_names_outside_their_module(tmp_path) == [
+        "stage.py:2: from transformers import AutoModelForSeq2SeqLM", "stage.py:3: # a Flan-T5 note"]

@@ -144,6 +144,7 @@ def test_chunked_loss_and_its_lora_gradients_equal_the_standard_loss(tmp_path):
 
     from termtune.lm_loss import chunked_lm_loss, supports_chunked_loss
     from termtune.modeling import attach_lora, load_base, load_tokenizer
+    from termtune.trainer_additions import trainer_class
 
     _, cfg = _prepared(tmp_path)
     tokenizer, model = load_tokenizer(cfg), attach_lora(cfg, load_base(cfg))
@@ -175,7 +176,7 @@ def test_chunked_loss_and_its_lora_gradients_equal_the_standard_loss(tmp_path):
     # Through termtune's Trainer, as training runs it, against transformers' own compute_loss
     # (same num_items_in_batch handling).
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
-    trainer = train._trainer_class()(model=model, args=args, batch_sampler=None)
+    trainer = trainer_class(Seq2SeqTrainer)(model=model, args=args, batch_sampler=None)
     assert trainer.chunked_loss
     n = (batch["labels"] != -100).sum()
     assert_equal(loss_and_grads(lambda: trainer.compute_loss(model, dict(batch), num_items_in_batch=n)),
@@ -186,6 +187,40 @@ def test_chunked_loss_and_its_lora_gradients_equal_the_standard_loss(tmp_path):
     # Anything unusual about the lm_head (here: trainable) keeps the standard path.
     model.get_base_model().lm_head.weight.requires_grad_(True)
     assert not supports_chunked_loss(model)
+
+
+def test_the_additions_attach_to_any_trainer_subclass_and_keep_its_compute_loss(tmp_path, monkeypatch):
+    """A family may train on another Trainer subclass with its own compute_loss (as TRL's SFTTrainer has):
+    termtune's sampler, accounting, sealed checkpoints and logs attach to it through public hooks only."""
+    from transformers import Trainer, TrainingArguments
+
+    from termtune.families.t5 import T5Family
+    from termtune.trainer_additions import TrainerAdditions
+
+    calls = []
+
+    class OwnLoss(Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            calls.append(type(self))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(T5Family, "trainer_classes", lambda self: (OwnLoss, TrainingArguments))
+    _, cfg = _prepared(tmp_path, {"train.save_steps": 3})
+    result = train.train(cfg)
+
+    assert calls and all(issubclass(t, OwnLoss) and issubclass(t, TrainerAdditions) for t in calls)
+    rows = [r for r in _metrics(cfg) if "loss" in r]
+    assert rows and all(r["target_tokens_per_s"] > 0 and 0 <= r["padding_fraction"] < 1 for r in rows)
+    assert result.target_tokens_per_s > 0 and result.examples_per_s > 0 and result.global_step == 7
+    checkpoints = sorted((cfg.run_dir / "train" / "checkpoints").iterdir())
+    assert checkpoints and all(train.checkpoint_is_complete(c) for c in checkpoints)
+    # No private Trainer method is overridden; every callback is a module-level class.
+    assert [name for name in vars(TrainerAdditions) if name.startswith("_") and not name.startswith("__")] == []
+    from termtune import trainer_additions
+
+    callbacks = [c for c in vars(trainer_additions).values() if isinstance(c, type) and c.__module__ ==
+                 trainer_additions.__name__]
+    assert len(callbacks) >= 8 and all("." not in c.__qualname__ for c in callbacks)
 
 
 def test_token_budget_batches_are_deterministic_per_epoch_and_cover_every_row():

@@ -17,8 +17,9 @@ import pytest
 from conftest import MEDQUAD, SHARED, medquad_rows, tiny_overrides, write_jsonl
 from safetensors.numpy import load_file, save_file
 
+from termtune.families.t5 import t5_tensors
 from termtune.rundir import sha256_file
-from termtune.validate import format_checks, read_safetensors_header, t5_tensors, validate
+from termtune.validate import format_checks, read_safetensors_header, validate
 
 # Small enough that every copy is cheap, with a real 32,128-row embedding beside the real tokenizer,
 # and a decoder with fewer blocks than the encoder (num_decoder_layers is read, not assumed).

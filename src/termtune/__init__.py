@@ -1,4 +1,4 @@
-"""termtune: teach Flan-T5 a field's terminology and ship it to Amazon Bedrock Custom Model Import.
+"""termtune: teach a language model a field's terminology and ship it to Amazon Bedrock Custom Model Import.
 
     import termtune as tt
 

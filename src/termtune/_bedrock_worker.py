@@ -27,14 +27,17 @@ from typing import Any
 
 
 def load(folder: str) -> tuple[Any, Any]:
-    """(model, tokenizer) from an imported model's folder: safetensors only, fp32 on the CPU
-    (bf16 matmuls are many times slower there; the weights are the same)."""
+    """(model, tokenizer) from an imported model's folder: the class its config.json names, safetensors only,
+    fp32 on the CPU (bf16 matmuls are many times slower there; the weights are the same)."""
     import torch
     import transformers
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        architecture = json.load(f)["architectures"][0]
     dtype = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True, **{dtype: torch.float32}).eval()
+    model = getattr(transformers, architecture).from_pretrained(folder, use_safetensors=True,
+                                                                 **{dtype: torch.float32}).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -53,7 +56,8 @@ def generate(model: Any, tokenizer: Any, request: dict) -> dict:
         kwargs.update(temperature=request["temperature"], top_p=request["top_p"])
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)[0].tolist()
-    ids = out[1:]  # drop decoder_start_token_id
+    # an encoder-decoder's output opens with its start token; a decoder-only model's repeats the prompt
+    ids = out[1:] if model.config.is_encoder_decoder else out[n_prompt:]
     stopped = tokenizer.eos_token_id in ids
     if stopped:
         ids = ids[:ids.index(tokenizer.eos_token_id)]

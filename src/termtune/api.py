@@ -103,7 +103,7 @@ def inspect_data(cfg: Config, rows: int = 3) -> DataPreview:
 
 
 def train(cfg: Config, force: bool = False) -> TrainResult:
-    """Fine-tune LoRA adapters with transformers' Seq2SeqTrainer (labels padded with -100).
+    """Fine-tune LoRA adapters with the model family's transformers Trainer (labels padded with -100).
 
     Reads <run>/data and the base model. Writes <run>/train: sealed checkpoints (a crashed run
     resumes from the last one trained on the same data), adapter/, metrics.jsonl (the loss curve)

@@ -60,8 +60,8 @@ bits (~6e-8 relative per op), which keeps logits of size ~10-100 far within 1e-4
 BF16_STEPS = 4
 """For bf16 the tolerance is this many bf16 steps (ulps) of the largest |logit|. bf16 keeps 8 significant
 bits, so a logit in [2^e, 2^(e+1)) is only known to 2^(e-7), and the logits themselves come out in bf16:
-one op rounded differently upstream moves a logit by a step or two. Measured on a flan-t5-large-shaped
-random model: 0.19 with logits up to ~40 (one step is 0.25); on the test models: 0. A wrong weight, a tied
+one op rounded differently upstream moves a logit by a step or two. Measured on a random model of the
+default base model's shape: 0.19 with logits up to ~40 (one step is 0.25); on the test models: 0. A wrong weight, a tied
 or rescaled head moves logits by far more than 4 steps."""
 
 
@@ -163,9 +163,11 @@ def _reference_outputs(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizer
                        dtype: str) -> dict[str, Any]:
     import torch
 
-    # As 4.51.3 computes T5: eager attention (it has no SDPA path for T5). In bf16 the two attention
-    # kernels alone move a random-init model's logits by ~0.7 and flip greedy tokens; in fp32 by ~3e-5.
-    model.set_attn_implementation("eager")
+    from termtune.families import family_of_model
+
+    # As 4.51.3 computes this family (its attention implementation there): in bf16 two attention kernels
+    # alone move a random-init model's logits by ~0.7 and flip greedy tokens; in fp32 by ~3e-5.
+    model.set_attn_implementation(family_of_model(model).bedrock_attention)
     model.to(getattr(torch, dtype)).eval()
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
@@ -191,14 +193,16 @@ BEDROCK_SCRIPT = r"""
 import json, sys
 import torch, transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 folder, request, out = sys.argv[1:4]
 req = json.load(open(request, encoding="utf-8"))
 step = "load"
 try:
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSeq2SeqLM.from_pretrained(folder, torch_dtype="auto").eval()
+    # the class config.json names, as Bedrock loads it
+    architecture = json.load(open(folder + "/config.json", encoding="utf-8"))["architectures"][0]
+    model = getattr(transformers, architecture).from_pretrained(folder, torch_dtype="auto").eval()
     step = "generate"
     batch = tokenizer(req["prompts"], return_tensors="pt", padding=True)
     with torch.inference_mode():

@@ -22,7 +22,7 @@ from termtune.config import Config
 from termtune.errors import UserError
 
 app = typer.Typer(
-    help="Teach Flan-T5 a field's terminology and ship it to Amazon Bedrock Custom Model Import.",
+    help="Teach a language model a field's terminology and ship it to Amazon Bedrock Custom Model Import.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -131,12 +131,14 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
         raise UserError(f"{label}: {len(examples)} usable rows cannot be split with data.test_size={d.test_size}")
 
     # --- tokenize
+    from termtune.families import family_for
     from termtune.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
+    family = family_for(cfg)
     lengths: dict[str, list[int]] = {"source": [], "target": []}
     for side in (train_rows, test_rows):
-        _tokenize(tokenizer, side, d.max_source_length, d.max_target_length, lengths)
+        _tokenize(family, tokenizer, side, d.max_source_length, d.max_target_length, lengths)
 
     # --- save
     stats = {
@@ -582,11 +584,11 @@ def split_by_term(examples: list[dict], test_size: float, seed: int) -> tuple[li
     return split.train, split.test
 
 
-def _tokenize(tokenizer: Any, rows: list[dict], max_source: int, max_target: int,
+def _tokenize(family: Any, tokenizer: Any, rows: list[dict], max_source: int, max_target: int,
               lengths: dict[str, list[int]]) -> None:
-    """Add input_ids / labels (truncated, eos kept) and record the untruncated lengths."""
-    sources = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    targets = tokenizer(text_target=[r["target"] for r in rows])["input_ids"]
+    """Add input_ids / labels (as the model family encodes a row; truncated, eos kept) and record the
+    untruncated lengths."""
+    sources, targets = family.encode(tokenizer, [r["prompt"] for r in rows], [r["target"] for r in rows])
     for row, src, tgt in zip(rows, sources, targets):
         lengths["source"].append(len(src))
         lengths["target"].append(len(tgt))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from termtune.config import Config, EvalConfig
 from termtune.errors import UserError
+from termtune.families import family_of_model
 from termtune.layout import RunLayout
 from termtune.results import StageResult, html_table
 
@@ -271,13 +272,14 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", inp
     from transformers import GenerationConfig
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    family = family_of_model(model)
     pad_id = tokenizer.pad_token_id
     eos_id = tokenizer.eos_token_id
     gen_config = GenerationConfig(
         max_new_tokens=ecfg.max_new_tokens, min_new_tokens=min_new_tokens, num_beams=ecfg.num_beams,
         do_sample=False, no_repeat_ngram_size=ecfg.no_repeat_ngram_size,
         early_stopping=ecfg.num_beams > 1, pad_token_id=pad_id, eos_token_id=eos_id,
-        decoder_start_token_id=model.config.decoder_start_token_id,
+        **family.generation_settings(model),
     )
     # Longest first: the first batch shows at once whether memory suffices, and neighbours
     # in length share a batch, so padding stays small.
@@ -295,7 +297,7 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", inp
                 mask[row, :len(input_ids[i])] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=gen_config)
-            new = out[:, 1:].tolist()  # drop the decoder start token
+            new = family.answer_ids(out, width).tolist()
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for row, i in enumerate(batch):
                 n_tokens, ended = _count_new_tokens(new[row], eos_id, pad_id)

@@ -11,10 +11,11 @@ folder -> verify it (the preflight rules, then every weight file re-read and com
 the bytes that were written) -> write manifest.json last -> rename into place ->
 <run>/validation.json. (The model card is rendered with the report: termtune.modelcard.)
 
-Why not `save_pretrained` alone: transformers 5.x writes T5 with `tie_word_embeddings: true`
-and a `tokenizer_config.json` that 4.x cannot read, and it writes no `spiece.model` or
-`special_tokens_map.json` (reference/cpu-findings.md §4b). The folder it writes loads in
-4.51.3 with a tied, rescaled output layer: different logits, different text. The weights are
+Why not `save_pretrained` alone: transformers 5.x writes a `tokenizer_config.json` that 4.x cannot
+read and no `special_tokens_map.json`, and the model family adds its own fix-ups (termtune.families:
+for the demo's model, the tie flag 5.x gets wrong and the SentencePiece file Bedrock lists;
+reference/cpu-findings.md §4b). Without them the folder loads in 4.51.3 as a different model:
+different logits, different text. The weights are
 also written here by a streaming safetensors writer: one tensor at a time, cast on the fly and
 hashed on the way, so peak memory stays near the fp32 model itself (no second, cast copy of
 the model) and the manifest needs no extra pass over the files.
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from termtune.bedrock_check import check_artifact, probe_prompts
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.families import family_for, family_of_model
 from termtune.layout import RunLayout
 from termtune.modelcard import TORCH_DTYPE_NAMES, base_name
 from termtune.oserrors import probe_writable, writing
@@ -49,9 +51,6 @@ if TYPE_CHECKING:
 
 SAFETENSORS_DTYPES = {"bf16": "BF16", "fp32": "F32", "fp16": "F16"}
 ARTIFACT_FORMAT = "termtune-cmi-artifact/1"
-# T5 keeps its token embeddings once (shared.weight); encoder/decoder embed_tokens are views of it
-# that every transformers version re-ties on load, so they are not written twice.
-TIED_TO_SHARED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 PAUSE_ENV = "TERMTUNE_EXPORT_TEST_PAUSE"  # seconds to sleep mid-export (crash tests only)
 
 
@@ -99,14 +98,18 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     final = layout.artifact
     _check_replaceable(final, layout.root, force)
     max_shard = parse_size(cfg.export.max_shard_size)
-    spiece = spiece_model_path(cfg.tokenizer_source)
+    family = family_for(cfg)
+    refusal = family.refuse_precision("export.dtype", cfg.export.dtype)
+    if refusal and not cfg.export.allow_fp16:
+        raise UserError(refusal)
+    tokenizer_files = family.export_tokenizer_files(cfg.tokenizer_source)
     probe_writable(layout.root)
     probe_writable(final.resolve().parent)
     _remove_stale_partials(final.resolve())
 
     # ---- set up: the base unquantized, whatever training used, with the adapter merged in
     model = merged_model(cfg, adapter_dir)
-    tied = bool(getattr(model.config, "scale_decoder_outputs", model.config.tie_word_embeddings))
+    tied = family.is_tied(model)
     from termtune.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
@@ -115,7 +118,7 @@ def export(cfg: Config, force: bool = False) -> Artifact:
     with writing(final), atomic_dir(final, force=force) as tmp:
         weights = write_weights(model, tmp, cfg.export.dtype, max_shard, tied=tied)
         write_model_config(model, tmp, cfg.export.dtype, tied=tied)
-        write_tokenizer(tokenizer, tmp, spiece)
+        write_tokenizer(tokenizer, tmp, tokenizer_files, family.tokenizer_class)
         _pause_for_crash_tests()
         checks = validate(tmp)
         if any(c.failed for c in checks):
@@ -223,24 +226,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-def spiece_model_path(source: str) -> Path:
-    """The SentencePiece model of the tokenizer source: a local folder, or the Hub (cached)."""
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        path = folder / "spiece.model"
-        if not path.is_file():
-            raise UserError(f"{source}: no spiece.model in the tokenizer folder; Bedrock lists it for T5. "
-                            "Point model.tokenizer at a Flan-T5 tokenizer folder that has it")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(repo_id=source, filename="spiece.model"))
-    except Exception as e:  # offline, unknown repo, no such file: all user-fixable
-        raise UserError(f"{source}: cannot get spiece.model from the Hugging Face Hub "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
-
-
 def _remove_stale_partials(final: Path) -> None:
     """Temporary folders left by an export that was killed (atomic_dir names them .<name>.partial-*)."""
     for stale in final.parent.glob(f".{final.name}.partial-*"):
@@ -292,9 +277,10 @@ def merged_model(cfg: Config, adapter_dir: Path) -> "PreTrainedModel":
 
 def _tensors_to_write(model: "PreTrainedModel", tied: bool) -> list[tuple[str, "torch.Tensor"]]:
     state = model.state_dict()
+    views = family_of_model(model).shared_views(state)  # names transformers re-ties on load: not written twice
     out = []
     for name, tensor in state.items():
-        if name in TIED_TO_SHARED and tensor.data_ptr() == state["shared.weight"].data_ptr():
+        if name in views:
             continue
         if name == "lm_head.weight" and tied:
             continue  # a tied model is written without an lm_head; the reader ties it back
@@ -399,24 +385,22 @@ def write_model_config(model: "PreTrainedModel", folder: Path, dtype: str, tied:
     """config.json and generation_config.json as transformers 4.51.3 must read them."""
     model.config.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    # 5.x always writes tie_word_embeddings: true for T5; 4.x then ignores lm_head.weight, ties it to
-    # the input embeddings and rescales the decoder output. Say what the written weights are.
+    # Say what the written weights are: a reader that believes them tied ignores lm_head.weight.
     config["tie_word_embeddings"] = tied
-    config.pop("scale_decoder_outputs", None)  # 5.x-only spelling of the same fact
     config.pop("quantization_config", None)    # merged into full weights: nothing is quantized
     config["torch_dtype"] = TORCH_DTYPE_NAMES[dtype]  # 4.x reads torch_dtype; 5.x reads dtype
     config["dtype"] = TORCH_DTYPE_NAMES[dtype]
-    config["architectures"] = ["T5ForConditionalGeneration"]
     config["use_cache"] = True  # training turns the cache off; inference wants it on
+    family_of_model(model).fix_model_config(config)
     write_json(folder / "config.json", config)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(folder)
 
 
-def write_tokenizer(tokenizer: Any, folder: Path, spiece: Path) -> None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and the SentencePiece model,
-    all 4.x-readable. The SentencePiece model goes under both names: spiece.model is what
-    T5Tokenizer loads, tokenizer.model is what AWS's list of minimum import files names."""
+def write_tokenizer(tokenizer: Any, folder: Path, extra_files: dict[str, Path],
+                    tokenizer_class: str | None = None) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and the family's extra tokenizer
+    files (name in the artifact -> source file), all 4.x-readable."""
     tokenizer.save_pretrained(folder)
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -429,14 +413,15 @@ def write_tokenizer(tokenizer: Any, folder: Path, spiece: Path) -> None:
         config["additional_special_tokens"] = [str(t) for t in extra]
     for key in ("backend", "is_local", "local_files_only"):  # 5.x loader bookkeeping, not tokenizer settings
         config.pop(key, None)
-    config.setdefault("tokenizer_class", "T5Tokenizer")
+    if tokenizer_class:
+        config.setdefault("tokenizer_class", tokenizer_class)
     write_json(path, config)
     special = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
     if config.get("additional_special_tokens"):
         special["additional_special_tokens"] = config["additional_special_tokens"]
     write_json(folder / "special_tokens_map.json", special)
-    shutil.copyfile(spiece, folder / "spiece.model")
-    shutil.copyfile(spiece, folder / "tokenizer.model")
+    for name, source in extra_files.items():
+        shutil.copyfile(source, folder / name)
 
 
 # ----------------------------------------------------------------------------- manifest + card

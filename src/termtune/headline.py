@@ -15,6 +15,7 @@ from typing import Any
 
 from termtune.config import Config
 from termtune.evaluate import same_answer_note
+from termtune.families import family_of
 from termtune.layout import RunLayout
 from termtune.modelcard import bedrock_check_message
 from termtune.rundir import read_json
@@ -68,8 +69,9 @@ def headline(cfg: Config, samples: int = 3) -> Headline:
     h = Headline(model=cfg.model.source, random_init=cfg.model.init == "random", data=cfg.data.source)
     if h.random_init:
         shape = _object(layout.base_model / "config.json")
-        h.model = (f"A random-init T5 ({shape.get('num_layers', '?')}+{shape.get('num_decoder_layers', '?')} layers, "
-                   f"d_model {shape.get('d_model', '?')}) with the {Path(cfg.tokenizer_source).name} tokenizer")
+        family = family_of(shape)
+        model = family.describe_config(shape) if family else f"{shape.get('model_type', '?')} model"
+        h.model = f"A random-init {model} with the {Path(cfg.tokenizer_source).name} tokenizer"
     stats = _object(layout.stats)
     h.train_rows, h.test_rows = stats.get("train_rows"), stats.get("test_rows")
     result = _object(layout.train_result)

@@ -1,6 +1,6 @@
-"""The training loss of a seq2seq LM without materialising its full logits ("cut" cross-entropy).
+"""The training loss of a language model without materialising its full logits ("cut" cross-entropy).
 
-For a T5 the lm_head (vocab x d_model, 32128 x 512 for Flan-T5) and the softmax over its output
+The lm_head (vocab x d_model, 32128 x 512 for the demo's model) and the softmax over its output
 are most of the work per target token. The standard forward writes a batch x target_len x vocab
 fp32 logits tensor (~130 MB for 4 x 256 tokens), reads it back for the softmax, and writes its
 gradient: memory-bound passes that miss the cache on a CPU. Here the model runs without its
@@ -18,11 +18,14 @@ from typing import Any
 
 import torch
 
+from termtune.families import family_of, family_of_model
+
 IGNORE = -100
 
 
 def supports_chunked_loss(model: Any) -> bool:
-    """True for a (PEFT-wrapped) T5-style seq2seq model whose lm_head is a plain, frozen nn.Linear.
+    """True for a (PEFT-wrapped) model whose lm_head is a plain, frozen nn.Linear and whose family can line its
+    outputs up with the labels (Family.takes_chunked_loss).
 
     Anything else (a quantized or LoRA-wrapped head, a trainable head, a bias, hooks) keeps the
     standard path: this is an optimisation, never a change of behaviour.
@@ -31,8 +34,7 @@ def supports_chunked_loss(model: Any) -> bool:
     head = getattr(base, "lm_head", None)
     return (type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
             and head.weight.is_floating_point() and not head._forward_hooks and not head._forward_pre_hooks
-            and callable(getattr(base, "_shift_right", None))
-            and getattr(base.config, "is_encoder_decoder", False))
+            and (family := family_of(base.config.to_dict())) is not None and family.takes_chunked_loss(base))
 
 
 def chunked_lm_loss(model: Any, labels: torch.Tensor, chunk_size: int, **inputs: Any) -> dict[str, Any]:
@@ -41,9 +43,7 @@ def chunked_lm_loss(model: Any, labels: torch.Tensor, chunk_size: int, **inputs:
     `model` may be wrapped (DDP, PEFT): it is called as a whole, so the wrappers' forward logic runs.
     """
     base = _base_model(model)
-    inputs.pop("num_items_in_batch", None)  # the standard T5 loss ignores it too (a per-batch mean)
-    if inputs.get("decoder_input_ids") is None:
-        inputs["decoder_input_ids"] = base._shift_right(labels)
+    labels = family_of_model(base).chunked_loss_inputs(base, labels, inputs)
     head = base.lm_head
     base.lm_head = torch.nn.Identity()  # the model's "logits" are then its (scaled) last hidden states
     try:

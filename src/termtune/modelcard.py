@@ -10,6 +10,7 @@ from typing import Any
 
 from termtune.config import Config
 from termtune.evaluate import same_answer_note
+from termtune.families import family_for
 from termtune.layout import RunLayout
 from termtune.rundir import read_json
 
@@ -102,15 +103,16 @@ def model_card(cfg: Config) -> str:
     lora, train = cfg.lora, cfg.train
     targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
     steps = f"max_steps {train.max_steps}" if train.max_steps > 0 else f"epochs: {train.epochs:g}"
+    family = family_for(cfg, download=False)
     return f"""---
 library_name: transformers
-pipeline_tag: text2text-generation
-tags: [t5, flan-t5, lora, medical, bedrock-custom-model-import]
+pipeline_tag: {family.pipeline_tag}
+tags: [{", ".join(family.card_tags)}, lora, medical, bedrock-custom-model-import]
 ---
 
-# {cfg.run_dir.name}: a Flan-T5 fine-tuned on medical terminology
+# {cfg.run_dir.name}: a {family.display_name} fine-tuned on medical terminology
 
-Full (merged) weights of `T5ForConditionalGeneration`, written by `termtune export` for
+Full (merged) weights of `{family.architectures[0]}`, written by `termtune export` for
 Amazon Bedrock Custom Model Import.
 
 {bedrock_check_line(cfg)}

@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.families import FAMILIES, family_for
 from termtune.layout import RunLayout
-from termtune.modeling import SIZE_KEYS, check_shape, refuse_rank
 from termtune.rundir import read_json
 
 GiB = 2**30
@@ -63,7 +63,7 @@ CONSTANTS: dict[str, Constant] = {
     "cpu_framework_bytes": Constant(610 * 2**20, "B",
                                     "measured 2026-11-29 on this project's CPU machine: ru_maxrss after importing "
                                     "torch, transformers, peft, datasets, accelerate, matplotlib and loading the "
-                                    "Flan-T5 tokenizer (609 MiB)"),
+                                    "default base model's tokenizer (609 MiB)"),
     "cuda_context_bytes": Constant(0.5 * GiB, "B",
                                    "assumption (no GPU measured here): CUDA context + cuBLAS workspace, 300-600 MiB "
                                    "on Ampere/Hopper; not counted by torch.cuda.max_memory_allocated (PyTorch CUDA "
@@ -77,7 +77,7 @@ CONSTANTS: dict[str, Constant] = {
                                "GFLOP/s counted as 6 x weights, i.e. 101-107 counted as 4 x (frozen base), of a "
                                "measured 190.3 GFLOP/s fp32 peak = 0.53-0.56; 0.50 leaves room for shorter batches"),
     "gpu_efficiency": Constant(0.35, "of dense bf16 peak",
-                               "assumption (no GPU measured here): LoRA fine-tuning of a <1B seq2seq model on one "
+                               "assumption (no GPU measured here): LoRA fine-tuning of a <1B model on one "
                                "GPU; the PaLM paper (Chowdhery et al. 2022, arXiv:2204.02311, table 3) reports 46 % "
                                "MFU at 540B scale, small models with short sequences reach less"),
     "cpu_bf16_efficiency": Constant(0.30, "of measured bf16 matmul peak",
@@ -95,7 +95,7 @@ CONSTANTS: dict[str, Constant] = {
                              "gradient checkpointing re-runs each layer's forward (2 of the 4 FLOP/param/token "
                              "of frozen-base training) in the backward pass"),
     # Data and money.
-    "loss_chunk_rows": Constant(1024, "target tokens", "termtune.train.LM_LOSS_CHUNK_ROWS"),
+    "loss_chunk_rows": Constant(1024, "target tokens", "termtune.trainer_additions.LM_LOSS_CHUNK_ROWS"),
     "s3_usd_per_gb_month": Constant(0.023, "USD/GB-month",
                                     "https://aws.amazon.com/s3/pricing/ S3 Standard, first 50 TB, us-east-1 "
                                     "(looked up 2026-11-29)"),
@@ -103,8 +103,8 @@ CONSTANTS: dict[str, Constant] = {
                                    "https://docs.aws.amazon.com/bedrock/latest/userguide/import-model-calculate-cost"
                                    ".html: 'Billing is charged over 5-minute billing windows from the first "
                                    "successful inference call'"),
-    "tokenizer_bytes": Constant(2.4e6, "B", "../shared/models/flan-t5-large: spiece.model (792 kB) + tokenizer.json "
-                                            "(2.4 MB) + configs, rounded"),
+    "tokenizer_bytes": Constant(2.4e6, "B", "the default base model's tokenizer files: its SentencePiece model "
+                                            "(792 kB) + tokenizer.json (2.4 MB) + configs, rounded"),
 }
 
 
@@ -177,49 +177,14 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
 }
 
 
-# Shapes of the Hub checkpoints termtune is made for, so a Hub id plans without a download.
-# From each google/flan-t5-* config.json on the Hub (small, base, large also in ../shared/models).
-KNOWN_SHAPES: dict[str, dict[str, Any]] = {
-    "google/flan-t5-small": {"d_model": 512, "d_ff": 1024, "d_kv": 64, "num_heads": 6, "num_layers": 8,
-                             "num_decoder_layers": 8},
-    "google/flan-t5-base": {"d_model": 768, "d_ff": 2048, "d_kv": 64, "num_heads": 12, "num_layers": 12,
-                            "num_decoder_layers": 12},
-    "google/flan-t5-large": {"d_model": 1024, "d_ff": 2816, "d_kv": 64, "num_heads": 16, "num_layers": 24,
-                             "num_decoder_layers": 24},
-    "google/flan-t5-xl": {"d_model": 2048, "d_ff": 5120, "d_kv": 64, "num_heads": 32, "num_layers": 24,
-                          "num_decoder_layers": 24},
-    "google/flan-t5-xxl": {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
-                           "num_decoder_layers": 24},
-}
-KNOWN_SHAPES_SOURCE = "config.json of each google/flan-t5-* repository on the Hugging Face Hub (read 2026-11-29)"
-FLAN_DEFAULTS = {"vocab_size": 32128, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
-                 "dropout_rate": 0.1, "tie_word_embeddings": False}
-
-# Saved activations per token per layer, in tensors of each width, counted from the autograd graph
-# (torch.autograd.graph.saved_tensors_hooks) of transformers 5.24's T5 (sdpa attention) under peft 0.21 LoRA on all
-# linear layers, torch 2.13: 42 layer/shape combinations fitted to within 7 % (a one-off count of 2026-11-29, not kept
-# as a script; benchmarks/bench_plan.py checks the memory plan these counts make against the measured peak RSS).
-# "on": LoRA dropout and model dropout both > 0; "off": both 0.
-#   e_*: per encoder token per encoder layer; t_*: per decoder token per decoder layer;
-#   s_*: per encoder token per decoder layer (the cross-attention keys and values); *_HS: per (query, key) per head.
-ACTIVATION_COUNTS = {
-    "on": dict(e_d=14, e_inner=5, e_ff=9, e_r=7, e_HS=3, t_d=18, t_inner=8, t_ff=9, t_r=9, t_HT=3, t_HS=3,
-               s_d=4, s_inner=2, s_r=2),
-    "off": dict(e_d=4, e_inner=4, e_ff=7, e_r=7, e_HS=1, t_d=6, t_inner=6, t_ff=7, t_r=9, t_HT=1, t_HS=2,
-                s_d=0, s_inner=2, s_r=2),
-}
-ACTIVATION_COUNTS_SOURCE = ("counted 2026-11-29 with saved-tensor hooks on tiny T5s (transformers 5.24.0, peft 0.21.2, "
-                            "torch 2.13.0): see docs/plan.md")
-
-
 def all_sourced_rows() -> dict[str, str]:
     """name -> source of every constant the plan uses (a test checks none is empty)."""
     rows = {f"CONSTANTS[{k}]": c.source for k, c in CONSTANTS.items()}
     rows |= {f"GPUS[{k}]": g.source for k, g in GPUS.items()}
     rows |= {f"CMI_PRICES[{r}/{v}]": p.source for (r, v), p in CMI_PRICES.items()}
     rows |= {f"KNOWN_DATASETS[{k}]": d.source for k, d in KNOWN_DATASETS.items()}
-    rows |= {f"KNOWN_SHAPES[{k}]": KNOWN_SHAPES_SOURCE for k in KNOWN_SHAPES}
-    rows["ACTIVATION_COUNTS"] = ACTIVATION_COUNTS_SOURCE
+    for family in FAMILIES:
+        rows |= family.plan_sources()
     return rows
 
 
@@ -228,133 +193,40 @@ def _c(name: str) -> float:
 
 
 # ----------------------------------------------------------------------------- the model
+# The shape is the model family's (termtune.families): it counts its parameters, LoRA weights, activations
+# and FLOPs; what follows turns those counts into bytes and seconds.
 
 
-@dataclass(frozen=True)
-class Shape:
-    d_model: int
-    d_ff: int
-    d_kv: int
-    num_heads: int
-    num_layers: int
-    num_decoder_layers: int
-    vocab_size: int = 32128
-    gated: bool = True
-    buckets: int = 32
-    dropout: float = 0.1
-    origin: str = ""
-
-    @property
-    def inner(self) -> int:
-        return self.num_heads * self.d_kv
+def model_shape(cfg: Config) -> Any:
+    """The shape the run will train: the architecture file (+ overrides), the local config, or a known Hub id."""
+    return family_for(cfg, download=False).plan_shape(cfg)
 
 
-def model_shape(cfg: Config) -> Shape:
-    """The T5 shape the run will train: the architecture file (+ overrides), the local config, or a known Hub id."""
-    m = cfg.model
-    if m.init == "random":
-        arch = Path(m.architecture or "")
-        path = arch / "config.json" if arch.is_dir() else arch
-        values, origin = _read_json(path, "model.architecture"), str(path)
-        values.update(m.architecture_overrides)
-    elif (Path(m.source) / "config.json").is_file():
-        values, origin = _read_json(Path(m.source) / "config.json", "model.source"), m.source
-    elif m.source in KNOWN_SHAPES:
-        values, origin = {**FLAN_DEFAULTS, **KNOWN_SHAPES[m.source]}, f"{m.source} (known shape)"
-    else:
-        raise UserError(f"model.source: {m.source} is neither a local folder with config.json nor a known Hub id "
-                        f"({', '.join(KNOWN_SHAPES)}); the plan does not download anything")
-    values = {**FLAN_DEFAULTS, **values}
-    if values.get("num_decoder_layers") is None:  # T5's default: as many as the encoder
-        values["num_decoder_layers"] = values.get("num_layers")
-    missing = [key for key in SIZE_KEYS if key not in values]
-    if missing:
-        raise UserError(f"{origin}: not a T5 config (no {', '.join(missing)})")
-    # a size of 0 or -2, or 10**30, names its key here rather than planning a model that cannot exist
-    check_shape(values, origin, m.architecture_overrides if m.init == "random" else {})
-    return Shape(d_model=values["d_model"], d_ff=values["d_ff"], d_kv=values["d_kv"], num_heads=values["num_heads"],
-                 num_layers=values["num_layers"], num_decoder_layers=values["num_decoder_layers"],
-                 vocab_size=values["vocab_size"], gated=str(values["feed_forward_proj"]).startswith("gated"),
-                 buckets=values["relative_attention_num_buckets"], dropout=float(values["dropout_rate"]),
-                 origin=origin)
+def parameter_counts(s: Any) -> dict[str, int]:
+    return s.parameter_counts()
 
 
-def check_lora_rank(s: Shape, r: int, targets: str | list[str]) -> None:
-    """Refuse a LoRA rank above the narrowest targeted layer's width: it adds parameters, not capacity.
-    Targets that name no T5 layer here (a PEFT suffix such as SelfAttention.q) are bounded by the widest layer;
-    termtune.modeling.check_model_settings matches them to the model's layers as PEFT does."""
-    layers = [(name, n_in, n_out) for name, n_in, n_out, _ in linear_layers(s)]
-    targeted = [layer for layer in layers if targets == "all-linear" or layer[0] in targets]
-    if targeted:
-        refuse_rank(r, *min(targeted, key=lambda layer: min(layer[1:])))
-    else:
-        refuse_rank(r, *max(layers, key=lambda layer: min(layer[1:])))
+def lora_parameters(s: Any, r: int, targets: str | list[str]) -> int:
+    return s.lora_parameters(r, targets)
 
 
-def _read_json(path: Path, key: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{key}: {path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+def activation_bytes(s: Any, rows: int, src: int, tgt: int, r: int, dropout_on: bool, bf16: bool,
+                     checkpointing: bool) -> int:
+    return s.activation_bytes(rows, src, tgt, r, dropout_on, bf16, checkpointing)
 
 
-def linear_layers(s: Shape) -> list[tuple[str, int, int, int]]:
-    """(module name, in_features, out_features, how many) for every nn.Linear of the T5 except lm_head."""
-    ff_in = ["wi_0", "wi_1"] if s.gated else ["wi"]
-    enc, dec = s.num_layers, s.num_decoder_layers
-    rows = [(n, s.d_model, s.inner, enc + 2 * dec) for n in ("q", "k", "v")]
-    rows.append(("o", s.inner, s.d_model, enc + 2 * dec))
-    rows += [(n, s.d_model, s.d_ff, enc + dec) for n in ff_in]
-    rows.append(("wo", s.d_ff, s.d_model, enc + dec))
-    return rows
-
-
-def parameter_counts(s: Shape) -> dict[str, int]:
-    """Parameters by part for an untied T5 (Flan-T5): embeddings, linear layers, norms and position biases, lm_head."""
-    linear = sum(i * o * n for _, i, o, n in linear_layers(s))
-    norms = s.d_model * (2 * s.num_layers + 3 * s.num_decoder_layers + 2)  # one per sublayer + each stack's final
-    biases = s.buckets * s.num_heads * (int(s.num_layers > 0) + int(s.num_decoder_layers > 0))  # first layer only
-    embedding = lm_head = s.vocab_size * s.d_model
-    return {"embedding": embedding, "linear": linear, "norms_and_biases": norms + biases, "lm_head": lm_head,
-            "total": embedding + linear + norms + biases + lm_head}
-
-
-def lora_parameters(s: Shape, r: int, targets: str | list[str]) -> int:
-    """r * (in + out) per adapted nn.Linear; 'all-linear' is every Linear but the output layer (peft's rule)."""
-    wanted = None if targets == "all-linear" else set(targets)
-    return sum(r * (i + o) * n for name, i, o, n in linear_layers(s) if wanted is None or name in wanted)
-
-
-def _lora_per_side(s: Shape, r: int, targets: str | list[str]) -> tuple[int, int]:
-    """LoRA parameters applied to each source token and to each target token."""
-    wanted = None if targets == "all-linear" else set(targets)
-    src = tgt = 0
-    for name, i, o, _ in linear_layers(s):
-        if wanted is not None and name not in wanted:
-            continue
-        per = r * (i + o)
-        if name in ("q", "k", "v", "o"):
-            src += per * s.num_layers + per * s.num_decoder_layers * (name in ("k", "v"))  # enc + cross k, v
-            tgt += per * s.num_decoder_layers * (1 + (name in ("q", "o")))  # self + cross q, o
-        else:
-            src, tgt = src + per * s.num_layers, tgt + per * s.num_decoder_layers
-    return src, tgt
-
-
-def base_bytes(s: Shape, quantization: str) -> int:
+def base_bytes(s: Any, quantization: str) -> int:
     """Resident bytes of the frozen base as termtune loads it (fp32 weights; linears quantized under QLoRA).
 
     bitsandbytes quantizes the Linear layers only: embeddings, norms, biases and the lm_head (left out by
     transformers as the output layer) stay fp32.
     """
-    p = parameter_counts(s)
+    p = s.parameter_counts()
     rest = (p["total"] - p["linear"]) * _c("fp32_bytes")
     if quantization == "4bit":
         return int(rest + p["linear"] * _c("nf4_bytes"))
     if quantization == "8bit":
-        scales = sum(o * n for _, _, o, n in linear_layers(s)) * _c("fp32_bytes")
+        scales = sum(o * n for _, _, o, n in s.linear_layers()) * _c("fp32_bytes")
         return int(rest + p["linear"] * _c("int8_bytes") + scales)
     return int(p["total"] * _c("fp32_bytes"))
 
@@ -434,9 +306,10 @@ def _sample_source(cfg: Config, sample_rows: int) -> DataEstimate:
     train, test = data.split_by_term(examples, d.test_size, cfg.run.seed)
     step = max(1, len(train) // sample_rows)
     sample = train[::step][:sample_rows] + test[:sample_rows]
-    tok = load_tokenizer(cfg)
-    src = [min(len(x), d.max_source_length) for x in tok([r["prompt"] for r in sample])["input_ids"]]
-    tgt = [min(len(x), d.max_target_length) for x in tok(text_target=[r["target"] for r in sample])["input_ids"]]
+    sources, targets = family_for(cfg, download=False).encode(load_tokenizer(cfg), [r["prompt"] for r in sample],
+                                                              [r["target"] for r in sample])
+    src = [min(len(x), d.max_source_length) for x in sources]
+    tgt = [min(len(x), d.max_target_length) for x in targets]
     n_sample = len(train[::step][:sample_rows])
     # The training rows take the sampled lengths in turn, so the batch simulation sees their spread.
     src_train = [src[i % n_sample] for i in range(len(train))]
@@ -471,7 +344,7 @@ def batching(cfg: Config, data: DataEstimate) -> Batching:
     t = cfg.train
     sampler = LengthGroupedBatchSampler(data.source_lengths, data.target_lengths, batch_size=t.batch_size,
                                         max_tokens=t.max_tokens_per_batch, group_by_length=t.group_by_length,
-                                        seed=cfg.run.seed)
+                                        seed=cfg.run.seed, padded_tokens=family_for(cfg, download=False).padded_tokens)
     batches = list(sampler)
     pad_s = pad_t = real_s = real_t = ss = tt = st = 0
     for b in batches:
@@ -490,31 +363,7 @@ def batching(cfg: Config, data: DataEstimate) -> Batching:
 # ----------------------------------------------------------------------------- memory
 
 
-def activation_bytes(s: Shape, rows: int, src: int, tgt: int, r: int, dropout_on: bool, bf16: bool,
-                     checkpointing: bool) -> int:
-    """Bytes the autograd graph holds for one batch (rows x src source, rows x tgt target tokens).
-
-    d_model-wide tensors (residual stream, normed inputs, dropout copies) stay fp32 under bf16 autocast (T5's
-    weights are fp32 here); matmul outputs (q/k/v, feed-forward, LoRA, attention) are bf16 under autocast.
-    """
-    k = ACTIVATION_COUNTS["on" if dropout_on else "off"]
-    wide, narrow = 4, (2 if bf16 else 4)
-    h = s.num_heads
-    enc_tok = k["e_d"] * s.d_model * wide + (k["e_inner"] * s.inner + k["e_ff"] * s.d_ff + k["e_r"] * r
-                                             + k["e_HS"] * h * src) * narrow
-    dec_tok = k["t_d"] * s.d_model * wide + (k["t_inner"] * s.inner + k["t_ff"] * s.d_ff + k["t_r"] * r
-                                             + k["t_HT"] * h * tgt + k["t_HS"] * h * src) * narrow
-    cross_tok = k["s_d"] * s.d_model * wide + (k["s_inner"] * s.inner + k["s_r"] * r) * narrow
-    enc_layer = rows * src * enc_tok
-    dec_layer = rows * (tgt * dec_tok + src * cross_tok)
-    if checkpointing:
-        # Each layer keeps only its input; one layer's graph is rebuilt at a time in the backward pass.
-        kept = rows * (src * s.num_layers + tgt * s.num_decoder_layers) * s.d_model * wide
-        return int(kept + max(enc_layer, dec_layer))
-    return int(s.num_layers * enc_layer + s.num_decoder_layers * dec_layer)
-
-
-def loss_bytes(s: Shape, rows: int, tgt: int, real_tgt: int, bf16: bool, chunked: bool = True) -> int:
+def loss_bytes(s: Any, rows: int, tgt: int, real_tgt: int, bf16: bool, chunked: bool = True) -> int:
     """The lm_head and loss working memory: termtune's chunked loss keeps one chunk of logits, never the batch's."""
     if chunked:
         chunk = min(int(_c("loss_chunk_rows")), real_tgt)
@@ -523,7 +372,7 @@ def loss_bytes(s: Shape, rows: int, tgt: int, real_tgt: int, bf16: bool, chunked
     return int(rows * tgt * s.vocab_size * 4 * 3)  # logits, log-softmax, gradient
 
 
-def eval_bytes(s: Shape, rows: int, tgt: int) -> int:
+def eval_bytes(s: Any, rows: int, tgt: int) -> int:
     """The held-out loss pass (standard path, no gradient): full logits and their log-softmax, fp32."""
     return int(rows * tgt * s.vocab_size * 4 * 2)
 
@@ -531,36 +380,16 @@ def eval_bytes(s: Shape, rows: int, tgt: int) -> int:
 # ----------------------------------------------------------------------------- time
 
 
-def flops_per_epoch(s: Shape, b: Batching, r: int, targets: str | list[str], checkpointing: bool,
+def flops_per_epoch(s: Any, b: Batching, r: int, targets: str | list[str], checkpointing: bool,
                     head_trained: bool = False) -> float:
-    """Training FLOPs of one epoch.
-
-    Frozen base: forward 2 FLOP/weight/token plus the backward's input gradient, 2 more; no weight gradient
-    (the saving LoRA brings: 4 instead of 6). Encoder weights see the padded source tokens, decoder weights the
-    padded target tokens, the cross-attention k/v the source tokens once per decoder layer, the lm_head only the
-    real target tokens (termtune's loss drops padding before the lm_head). LoRA: 6 per adapter weight per token.
-    Attention scores and mixing: 2 x 2 x length x inner per token per attention, x3 for training.
-    A trained lm_head (lora.modules_to_save) also gets its weight gradient, 6 in all, and runs on the standard
-    loss path, which makes logits for the padded target tokens too.
-    """
-    d, inner, ff = s.d_model, s.inner, s.d_ff
-    ffn = (3 if s.gated else 2) * d * ff
-    enc_w = s.num_layers * (4 * d * inner + ffn)
-    dec_w = s.num_decoder_layers * (4 * d * inner + 2 * d * inner + ffn)
-    cross_kv = s.num_decoder_layers * 2 * d * inner
-    base_pass = 2 * ((enc_w + cross_kv) * b.padded_source + dec_w * b.padded_target)
-    head_pass = 2 * s.vocab_size * d * (b.padded_target if head_trained else b.real_target)
-    lora_src, lora_tgt = _lora_per_side(s, r, targets)
-    lora = 6 * (lora_src * b.padded_source + lora_tgt * b.padded_target)
-    ss, tt, st = b.attention_pairs
-    attention = 3 * 4 * inner * (s.num_layers * ss + s.num_decoder_layers * (tt + st))
-    total = 2 * base_pass + (3 if head_trained else 2) * head_pass + lora + attention
+    """Training FLOPs of one epoch (the family's count), plus the forward work gradient checkpointing repeats."""
+    total, recomputed = s.training_flops(b, r, targets, head_trained)
     if checkpointing:
-        total += _c("gc_recompute") * 2 * (base_pass + attention / 3)
+        total += _c("gc_recompute") * recomputed
     return float(total)
 
 
-def standard_loss_bytes(s: Shape, b: Batching, head_trained: bool) -> float:
+def standard_loss_bytes(s: Any, b: Batching, head_trained: bool) -> float:
     """Memory traffic per epoch of the full logits on the standard loss path (only a trained lm_head takes it).
 
     Memory-bound, so it is timed at the memory bandwidth, not in FLOPs. termtune's chunked loss (the default,
@@ -640,6 +469,8 @@ class Plan:
     """Modules trained in full beside LoRA (lora.modules_to_save); counted in `trainable`."""
     cpu_bf16: bool = False
     """train.precision=bf16 on this CPU (bf16 autocast, opt-in): its time is planned at the bf16 peak."""
+    model: str = ""
+    """The model in one line (its family's description of the shape)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -657,8 +488,7 @@ class Plan:
         s = self.shape
         lines = [
             f"plan for the run in {self.config}",
-            f"model: T5 {s['num_layers']}+{s['num_decoder_layers']} layers, d_model {s['d_model']}, d_ff {s['d_ff']}, "
-            f"{s['num_heads']} heads ({s['origin']})",
+            f"model: {self.model}",
             f"  parameters {p['total']:,} (embedding {p['embedding']:,}, linear {p['linear']:,}, lm_head "
             f"{p['lm_head']:,}); trainable {self.trainable:,} ({self.trainable / p['total']:.2%}): LoRA"
             + (f" and {', '.join(self.modules_to_save)} in full" if self.modules_to_save else ", no other modules"),
@@ -719,9 +549,9 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     if gpu is not None and gpu.lower() not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown GPU (known: {', '.join(GPUS)})")
     shape = model_shape(cfg)
-    check_lora_rank(shape, cfg.lora.r, cfg.lora.target_modules)
-    params = parameter_counts(shape)
-    trainable = lora_parameters(shape, cfg.lora.r, cfg.lora.target_modules)
+    shape.check_lora_rank(cfg.lora.r, cfg.lora.target_modules)
+    params = shape.parameter_counts()
+    trainable = shape.lora_parameters(cfg.lora.r, cfg.lora.target_modules)
     # lora.modules_to_save trains a full copy of each named module beside the adapters
     trainable += sum({"lm_head": params["lm_head"], "shared": params["embedding"]}.get(name, 0)
                      for name in cfg.lora.modules_to_save)
@@ -735,7 +565,7 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     gc = cfg.train.gradient_checkpointing
     dropout_on = cfg.lora.dropout > 0 or shape.dropout > 0
     rows, src, tgt, real_tgt = batches.worst
-    act = {flag: activation_bytes(shape, rows, src, tgt, cfg.lora.r, dropout_on, device.bf16, flag)
+    act = {flag: shape.activation_bytes(rows, src, tgt, cfg.lora.r, dropout_on, device.bf16, flag)
            for flag in (False, True)}
     base = base_bytes(shape, cfg.model.quantization)
     eval_rows = min(cfg.train.batch_size, max(1, data.test_rows))
@@ -787,7 +617,7 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
         memory=memory, fits=fits, device={**asdict(device), "headroom": _c("gpu_headroom") if gpu else 0.0},
         epochs=epochs, steps=int(steps), train_flops=flops, train_seconds=seconds, cpu_seconds=cpu_seconds,
         cpu_peak_flops=cpu_peak, money=_money(cfg, params["total"], device, seconds), notes=notes,
-        modules_to_save=list(cfg.lora.modules_to_save), cpu_bf16=cpu_bf16)
+        modules_to_save=list(cfg.lora.modules_to_save), cpu_bf16=cpu_bf16, model=shape.describe())
 
 
 def _cpu_efficiency(bf16: bool) -> float:

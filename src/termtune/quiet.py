@@ -26,8 +26,8 @@ from termtune.rundir import open_plain
 KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
     # peft reads transformers' deprecated `is_gradient_checkpointing` while wrapping the model
     (FutureWarning, "transformers/modeling_utils.py", r"`is_gradient_checkpointing` is deprecated"),
-    # peft sees lm_head in modules_to_save and T5's config claiming tied embeddings (transformers 5.x's
-    # T5Config always says tied); the loaded model is untied, which is what termtune wants
+    # peft sees lm_head in modules_to_save and a config claiming tied embeddings (transformers 5.x's config for
+    # the default base model always says tied); the loaded model is untied, which is what termtune wants
     (UserWarning, "peft/tuners/tuners_utils.py", r"Model has `tie_word_embeddings=True`"),
     # ... and, merging that head at export, that the (already untied) embeddings are untied
     (UserWarning, "peft/tuners/tuners_utils.py", r"Input and output embeddings are no longer tied after merging"),
@@ -37,9 +37,9 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
 KNOWN_LOGS: tuple[tuple[str, str], ...] = (
     # bitsandbytes' optional CPU kernel package ("pip install kernels") is absent: it uses its fallback
     ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward"),
-    # transformers 5.x's T5Config always claims tied embeddings, so loading an untied T5 (Flan-T5, and
-    # termtune's random-init base) announces it will not tie them. Setting tie_word_embeddings=False
-    # instead would also untie the encoder's and decoder's embed_tokens from `shared`: wrong weights.
+    # transformers 5.x's config for the default base model always claims tied embeddings, so loading an
+    # untied one (the pretrained base and termtune's random-init base) announces it will not tie them. Setting
+    # tie_word_embeddings=False instead would also untie the encoder's and decoder's embed_tokens from `shared`: wrong weights.
     ("transformers.modeling_utils", r"^The tied weights mapping and config for this model specifies to tie "
                                     r"shared\.weight to lm_head\.weight"),
 )

@@ -81,7 +81,7 @@ from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS
 from termtune.safepath import UnsafeName, inside
 
 MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit
-MAX_INPUT_TOKENS = 512  # Flan-T5's training input length
+MAX_INPUT_TOKENS = 512  # the default base model's training input length
 MAX_PROMPT_CHARS = 32 * MAX_INPUT_TOKENS  # checked before tokenizing: no 512-token prompt is longer in practice
 MAX_NEW_TOKENS = 4096  # the most max_tokens may ask of a model that states no limit (n_positions)
 MIN_TEMPERATURE = 1e-5  # below it, logits / temperature overflow float32 (vLLM treats the same bound as greedy)

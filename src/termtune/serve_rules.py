@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from termtune.families import FAMILIES
+
 # config.json's architectures[0] -> (its model_type, AWS's name for it, multimodal).
 ARCHITECTURES = {
     "T5ForConditionalGeneration": ("t5", "Flan", False),
@@ -34,13 +36,14 @@ TOKENIZERS = {f"{name}{fast}" for name in ("T5Tokenizer", "LlamaTokenizer", "Cod
               for fast in ("", "Fast")}
 # "you minimally need": config.json, tokenizer_config.json, tokenizer.json, tokenizer.model, .safetensors.
 REQUIRED = ("config.json", "tokenizer_config.json", "tokenizer.json")
-SENTENCEPIECE = ("tokenizer.model", "spiece.model")  # serve's reading: T5's save_pretrained names it spiece.model
+# serve's reading: a slow SentencePiece tokenizer's save_pretrained may give it its own name instead
+SENTENCEPIECE = ("tokenizer.model", "spiece.model")
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")  # "Hugging Face weights format"
 MAX_TEXT_BYTES = 200 * 10**9  # "less than 100GB for multimodal models and 200GB for text models"
 MAX_MULTIMODAL_BYTES = 100 * 10**9
 MAX_CONTEXT = 128 * 1024  # "should be less than 128K"; serve's reading: Llama 3.1's 131,072 imports
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-SERVED_HERE = ("T5ForConditionalGeneration",)  # what the stand-in itself can run (a seq2seq generator)
+SERVED_HERE = tuple(family.architectures[0] for family in FAMILIES)  # what the stand-in runs: what termtune trains
 
 
 def problems(folder: Path, region: str) -> list[str]:
@@ -48,7 +51,7 @@ def problems(folder: Path, region: str) -> list[str]:
     files = {p.name: p for p in folder.iterdir() if p.is_file()}
     found = [f"{name} is missing" for name in REQUIRED if name not in files]
     if not any(name in files for name in SENTENCEPIECE):
-        found.append("tokenizer.model is missing (or spiece.model, as T5 names it)")
+        found.append(f"tokenizer.model is missing (or {' or '.join(SENTENCEPIECE[1:])}, its other name)")
     found += _weight_problems(files)
     if "adapter_config.json" in files:  # "LoRA adapters must be merged into the base weights"
         found.append("adapter_config.json: unmerged adapters are not importable; merge them into the model's weights")

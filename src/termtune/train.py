@@ -1,16 +1,15 @@
-"""Training stage: LoRA / QLoRA fine-tuning of a seq2seq model on the prepared data.
+"""Training stage: LoRA / QLoRA fine-tuning of the base model on the prepared data.
 
     termtune train configs/demo.yaml                 # one process (CPU or one GPU)
     torchrun --nproc_per_node 2 -m termtune.cli train configs/demo.yaml
     accelerate launch --config_file configs/accelerate/ddp.yaml -m termtune.cli train configs/demo.yaml
 
-Built on transformers' `Seq2SeqTrainer` with `DataCollatorForSeq2Seq(label_pad_token_id=-100)`
-(TRL's SFTTrainer cannot train encoder-decoder models; it fails on the first step). What this
-module adds is the glue the seed recipe got wrong or left out:
+Built on the trainer and collator of the model's family (termtune.families; labels padded with
+-100). What this module adds is the glue the seed recipe got wrong or left out:
 
 - batching: dynamic padding per batch, labels padded with -100 (never trained on), batches of
   similar-length examples, and optionally a token budget per batch instead of a fixed size;
-- precision: bf16 on GPUs that support it, fp32 on CPU, fp16 refused for T5;
+- precision: bf16 on GPUs that support it, fp32 on CPU, fp16 refused where the family overflows in it;
 - speed: the training loss over the non-pad target tokens without the full logits tensor
   (termtune.lm_loss), the same value as the standard loss;
 - checkpoints that are sealed only once every file is on disk, so a run killed at any moment
@@ -27,22 +26,22 @@ Only rank 0 writes (each rank saves its own RNG state inside a checkpoint, as tr
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import typer
 
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.families import family_for, family_of_model
+from termtune.families.base import padded_separately
 from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
 from termtune.oserrors import probe_writable, writing
@@ -161,7 +160,10 @@ def train(cfg: Config) -> TrainResult:
         lengths = [(len(t), len(s)) for t, s in zip(eval_ds["labels"], eval_ds["input_ids"])]
         eval_ds = eval_ds.select(sorted(range(len(lengths)), key=lengths.__getitem__))
 
-    args = _training_arguments(cfg, precision, checkpoints_dir, has_eval=eval_ds is not None)
+    family = family_for(cfg)
+    trainer_base, arguments_class = family.trainer_classes()
+    args = _training_arguments(cfg, precision, checkpoints_dir, has_eval=eval_ds is not None,
+                               arguments_class=arguments_class)
     with args.main_process_first(desc="load the base model"):
         # rank 0 materialises a random-init base once; the other ranks then load that same folder
         model = attach_lora(cfg, load_base(cfg))
@@ -170,8 +172,10 @@ def train(cfg: Config) -> TrainResult:
         source_lengths=[len(x) for x in train_ds["input_ids"]],
         target_lengths=[len(x) for x in train_ds["labels"]],
         batch_size=cfg.train.batch_size, max_tokens=cfg.train.max_tokens_per_batch,
-        group_by_length=cfg.train.group_by_length, seed=cfg.run.seed)
-    trainer = _trainer_class()(
+        group_by_length=cfg.train.group_by_length, seed=cfg.run.seed, padded_tokens=family.padded_tokens)
+    from termtune.trainer_additions import trainer_class
+
+    trainer = trainer_class(trainer_base)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, batch_sampler=batch_sampler)
     _install_callbacks(trainer, cfg, layout, rank, data_sha256)
@@ -179,7 +183,7 @@ def train(cfg: Config) -> TrainResult:
     # -- do
     with writing(checkpoints_dir):  # a full disk while saving a checkpoint: one line naming the folder
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.flush_throughput()  # steps after the last log still count in the totals (a collective: all ranks)
+    trainer.throughput.flush()  # steps after the last log still count in the totals (a collective: all ranks)
     last_eval_step = max((h["step"] for h in trainer.state.log_history if "eval_loss" in h), default=None)
     if eval_ds is not None and last_eval_step != trainer.state.global_step:
         trainer.evaluate()  # the result always carries the held-out loss of the final weights
@@ -227,10 +231,9 @@ def resolve_precision(cfg: Config) -> str:
     wanted = cfg.train.precision
     cuda = torch.cuda.is_available()
     if wanted == "fp16":
-        if not cfg.train.allow_fp16:
-            raise UserError("train.precision=fp16 is refused for T5: its activations overflow to inf/NaN in fp16 "
-                            "(T5 was trained in bf16). Use bf16 on a GPU or fp32, or set train.allow_fp16=true "
-                            "to force it.")
+        refusal = family_for(cfg).refuse_precision("train.precision", wanted)
+        if refusal and not cfg.train.allow_fp16:
+            raise UserError(refusal)
         if not cuda:
             raise UserError("train.precision=fp16 needs a CUDA GPU; on CPU use fp32 (or auto)")
         return "fp16"
@@ -258,9 +261,11 @@ class LengthGroupedBatchSampler:
     batch_size = None  # batches vary in size; tells accelerate's per-rank sharding not to assume one
 
     def __init__(self, source_lengths: list[int], target_lengths: list[int], batch_size: int,
-                 max_tokens: int | None, group_by_length: bool, seed: int) -> None:
+                 max_tokens: int | None, group_by_length: bool, seed: int,
+                 padded_tokens: Callable[[list[int], list[int]], int] = padded_separately) -> None:
         self.source_lengths = source_lengths
         self.target_lengths = target_lengths
+        self.padded_tokens = padded_tokens
         self.fixed_size = batch_size
         self.max_tokens = max_tokens
         self.group_by_length = group_by_length or max_tokens is not None
@@ -278,8 +283,8 @@ class LengthGroupedBatchSampler:
         return iter(self._batches(self.epoch))
 
     def cost(self, batch: list[int]) -> int:
-        """Padded token slots of a batch: every row is padded to the longest source and target."""
-        return len(batch) * (max(self.source_lengths[i] for i in batch) + max(self.target_lengths[i] for i in batch))
+        """Padded token slots of a batch (the model family's padding rule)."""
+        return self.padded_tokens([self.source_lengths[i] for i in batch], [self.target_lengths[i] for i in batch])
 
     def _batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
@@ -316,29 +321,19 @@ class LengthGroupedBatchSampler:
         order = sorted(range(len(ties)), key=lambda i: (*self._length_key(i), ties[i]))
         batches: list[list[int]] = []
         current: list[int] = []
-        max_src = max_tgt = 0
         for i in order:
-            src, tgt = max(max_src, self.source_lengths[i]), max(max_tgt, self.target_lengths[i])
-            if current and (len(current) + 1) * (src + tgt) > self.max_tokens:
+            if current and self.cost(current + [i]) > self.max_tokens:
                 batches.append(current)
-                current, src, tgt = [], self.source_lengths[i], self.target_lengths[i]
+                current = []
             current.append(i)
-            max_src, max_tgt = src, tgt
         if current:
             batches.append(current)
         return batches
 
 
-def make_collator(tokenizer: Any, model: Any = None) -> Any:
-    """Pad each batch to its own longest row; labels are padded with -100 so the loss skips them.
-
-    (The seed recipe padded labels with the pad id, so it trained the model to emit padding.)
-    """
-    import torch
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100, padding="longest",
-                                  pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+def make_collator(tokenizer: Any, model: Any) -> Any:
+    """The model family's collator: each batch padded to its own longest row, labels padded with -100."""
+    return family_of_model(model).collator(tokenizer, model)
 
 
 def _model_columns(ds: Any) -> Any:
@@ -352,9 +347,9 @@ def _model_columns(ds: Any) -> Any:
 # ----------------------------------------------------------------------------- trainer
 
 
-def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval: bool) -> Any:
+def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval: bool,
+                        arguments_class: type) -> Any:
     import torch
-    from transformers import Seq2SeqTrainingArguments
 
     t = cfg.train
     # transformers 5.x renamed gradient_checkpointing to activation_checkpointing; pyproject allows releases
@@ -365,7 +360,7 @@ def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval:
         eval_strategy, eval_steps = ("steps", t.eval_steps) if t.eval_steps else ("epoch", None)
     else:
         eval_strategy, eval_steps = "no", None
-    return Seq2SeqTrainingArguments(
+    return arguments_class(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -401,203 +396,27 @@ def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval:
     )
 
 
-def _trainer_class() -> type:
-    from transformers import Seq2SeqTrainer
-
-    class Trainer(Seq2SeqTrainer):
-        """Seq2SeqTrainer with our batch sampler and padding / throughput accounting."""
-
-        def __init__(self, *args: Any, batch_sampler: LengthGroupedBatchSampler, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.batch_sampler = batch_sampler
-            # [real source, padded source, real target, padded target, examples] since the last log
-            self.window = [0, 0, 0, 0, 0]
-            self.totals = [0, 0, 0, 0, 0]
-            self.window_start = time.perf_counter()
-            self.excluded = 0.0  # evaluation / checkpoint seconds inside the current window
-            self.train_seconds = 0.0
-            self.chunked_loss = _chunked_loss_applies(self)
-            self.nonfinite_loss: float | None = None  # the first NaN/inf loss this rank saw (see DivergenceGuard)
-
-        def get_train_dataloader(self) -> Any:
-            from torch.utils.data import DataLoader
-
-            loader = DataLoader(self.train_dataset, batch_sampler=self.batch_sampler, collate_fn=self.data_collator,
-                                num_workers=self.args.dataloader_num_workers,
-                                pin_memory=self.args.dataloader_pin_memory)
-            # accelerate shards the batches across ranks (every Nth batch per rank).
-            return self.accelerator.prepare(loader)
-
-        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
-            mask, labels = inputs["attention_mask"], inputs["labels"]
-            counts = [int(mask.sum()), mask.numel(), int((labels != -100).sum()), labels.numel(), labels.shape[0]]
-            self.window = [a + b for a, b in zip(self.window, counts)]
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            # One device sync per step, as the Trainer's own NaN log filter already does.
-            if self.nonfinite_loss is None and not bool(loss.isfinite()):
-                self.nonfinite_loss = float(loss)
-            return loss
-
-        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            # The lm_head and its softmax are most of a T5's work per target token; termtune.lm_loss computes
-            # the same loss over the non-pad tokens only, without the full logits tensor (~10-15 % faster
-            # steps on CPU). It stands in for the model call inside the Trainer's compute_loss, so the
-            # Trainer's own handling of num_items_in_batch, gradient accumulation and DDP scaling applies as is.
-            if return_outputs or not model.training or not self.chunked_loss:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            from termtune.lm_loss import chunked_lm_loss
-
-            loss_fn = functools.partial(chunked_lm_loss, model, chunk_size=LM_LOSS_CHUNK_ROWS)
-            return super().compute_loss(loss_fn, inputs, num_items_in_batch=num_items_in_batch)
-
-        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return super().evaluate(*args, **kwargs)
-            finally:
-                self.excluded += time.perf_counter() - start
-
-        def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-            start = time.perf_counter()
-            try:
-                super()._save_checkpoint(*args, **kwargs)
-            finally:
-                self.excluded += time.perf_counter() - start
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs:  # a training log: every rank gets here at the same step
-                logs.update(self._throughput())
-            super().log(logs, start_time)
-
-        def flush_throughput(self) -> None:
-            self._throughput()
-
-        def _throughput(self) -> dict[str, float]:
-            import torch
-
-            now = time.perf_counter()
-            seconds = max(now - self.window_start - self.excluded, 1e-9)
-            counts = torch.tensor(self.window, dtype=torch.float64)
-            if self.args.world_size > 1:
-                counts = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").cpu()
-            src, src_slots, tgt, tgt_slots, examples = counts.tolist()
-            self.totals = [a + b for a, b in zip(self.totals, (src, src_slots, tgt, tgt_slots, examples))]
-            self.train_seconds += seconds
-            self.window, self.window_start, self.excluded = [0, 0, 0, 0, 0], now, 0.0
-            slots = src_slots + tgt_slots
-            return {"examples_per_s": examples / seconds, "target_tokens_per_s": tgt / seconds,
-                    "padding_fraction": 1 - (src + tgt) / slots if slots else 0.0}
-
-    return Trainer
-
-
-LM_LOSS_CHUNK_ROWS = 1024
-"""Target tokens per lm_head chunk (a 1024 x 32128 fp32 logits buffer is 128 MB). On the benchmark model (2-core
-CPU, benchmarks/bench_lm_loss.py) one step is 9-18 % faster than with the standard loss for chunks from 512
-tokens to the whole batch; smaller chunks are slower, as each one re-reads the 66 MB lm_head weight."""
-
-
-def _chunked_loss_applies(trainer: Any) -> bool:
-    """Chunked loss for a plain frozen lm_head under no or plain data parallelism; the standard path otherwise."""
-    from accelerate.utils import DistributedType
-
-    from termtune.lm_loss import supports_chunked_loss
-
-    return (trainer.label_smoother is None and trainer.compute_loss_func is None
-            and trainer.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU,
-                                                         DistributedType.MULTI_GPU)
-            and supports_chunked_loss(trainer.model))
-
-
 # ----------------------------------------------------------------------------- callbacks
 
 
 def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int, data_sha256: str) -> None:
-    from transformers import ProgressCallback, TrainerCallback
+    from transformers import ProgressCallback
 
-    from termtune.progress import Lines, interactive
+    from termtune.progress import interactive
+    from termtune.trainer_additions import (Checkpoints, DivergenceGuard, MetricsLog, ProgressBar, ProgressLines,
+                                            StepDelay)
 
-    class ProgressBar(ProgressCallback):
-        """tqdm bar with loss and throughput in its postfix instead of a dict printed per log."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if not (state.is_world_process_zero and self.training_bar is not None and logs):
-                return
-            if "loss" in logs:
-                self.postfix = {"loss": f"{logs['loss']:.3f}", "tok/s": f"{logs.get('target_tokens_per_s', 0):.0f}",
-                                "ex/s": f"{logs.get('examples_per_s', 0):.1f}"}
-            if "eval_loss" in logs:
-                self.postfix = {**getattr(self, "postfix", {}), "eval": f"{logs['eval_loss']:.3f}"}
-            self.training_bar.set_postfix(getattr(self, "postfix", {}), refresh=True)
-
-    class ProgressLines(TrainerCallback):
-        """Off a terminal (a log file, CI): one line every ~10 % of the steps or ~30 s, not a redrawn bar."""
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.lines = Lines("train: step", state.max_steps) if state.is_world_process_zero else None
-            self.detail: dict[str, str] = {}
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            for key, name in (("loss", "loss"), ("eval_loss", "held-out loss")):
-                if logs and key in logs:
-                    self.detail[name] = f"{logs[key]:.3f}"
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if self.lines is not None:
-                self.lines.update(state.global_step, ", ".join(f"{k} {v}" for k, v in self.detail.items()))
-
-    class MetricsLog(TrainerCallback):
-        """One JSON object per log event in <run>/train/metrics.jsonl (rank 0)."""
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if state.is_world_process_zero and logs:
-                row = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
-                with layout.train_metrics.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-
-    class Checkpoints(TrainerCallback):
-        """Seal each checkpoint once all ranks have written it, then rotate old ones."""
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            trainer.window_start, trainer.excluded = time.perf_counter(), 0.0  # setup time is not training time
-
-        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            trainer.accelerator.wait_for_everyone()  # every rank's rng_state_<i>.pth is on disk
-            if state.is_world_process_zero:
-                seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", cfg, args.world_size,
-                                data_sha256)
-                rotate_checkpoints(Path(args.output_dir), cfg.train.save_total_limit)
-
-    class DivergenceGuard(TrainerCallback):
-        """Stop at the first optimizer step whose loss is NaN or inf, before that step's weights are saved
-        (on_step_end runs before the checkpoint), so no checkpoint, adapter or result.json holds them."""
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            import torch
-
-            seen = trainer.nonfinite_loss
-            stop = seen is not None
-            if args.world_size > 1:  # every rank stops at the same step, or the others would wait forever
-                flag = torch.tensor([float(stop)], device=args.device)
-                stop = bool(trainer.accelerator.reduce(flag, reduction="sum").item())
-            if stop:
-                loss = seen if seen is not None else "NaN or inf"
-                raise diverged(cfg, layout.train, f"the loss became {loss} at step {state.global_step} of {state.max_steps}")
-
-    class StepDelay(TrainerCallback):
-        """Test hook: TERMTUNE_TEST_STEP_DELAY=<seconds> slows each step so a test can kill a run mid-way."""
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            time.sleep(float(os.environ["TERMTUNE_TEST_STEP_DELAY"]))
+    def seal(folder: Path, world_size: int) -> None:
+        seal_checkpoint(folder, cfg, world_size, data_sha256)
+        rotate_checkpoints(folder.parent, cfg.train.save_total_limit)
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar() if interactive() else ProgressLines())
-    trainer.add_callback(DivergenceGuard())
-    trainer.add_callback(Checkpoints())
+    trainer.add_callback(DivergenceGuard(trainer, lambda what: diverged(cfg, layout.train, what)))
+    trainer.add_callback(Checkpoints(trainer, seal))
     if rank == 0:
         layout.train.mkdir(parents=True, exist_ok=True)
-        trainer.add_callback(MetricsLog())
+        trainer.add_callback(MetricsLog(layout.train_metrics))
         tensorboard = _tensorboard_callback(layout.tensorboard)
         if tensorboard is not None:
             trainer.add_callback(tensorboard)
@@ -775,8 +594,8 @@ def _result(cfg: Config, trainer: Any, precision: str, resume: Path | None) -> T
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    src, src_slots, tgt, tgt_slots, examples = trainer.totals
-    seconds = trainer.train_seconds
+    src, src_slots, tgt, tgt_slots, examples = trainer.throughput.totals
+    seconds = trainer.throughput.seconds
     model = trainer.model
     return TrainResult(
         run_dir=str(cfg.run_dir),

@@ -1,4 +1,4 @@
-"""Preflight a model folder against the Bedrock Custom Model Import rules for Flan-T5.
+"""Preflight a model folder against the Bedrock Custom Model Import rules for its model family.
 
     checks = validate("runs/demo/artifact")
     print(format_checks(checks))          # ✓ [1/22] merged model, not an adapter: ...   ✗ ...   ! ...
@@ -30,21 +30,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from termtune.families import FAMILIES, family_of
+from termtune.families.base import FAIL, OK, WARN
 from termtune.results import StageResult, html_table
 from termtune.rundir import sha256_file
 
 MAX_TOTAL_BYTES = 200 * 10**9  # CMI text-model size limit
 INDEX_FILE = "model.safetensors.index.json"
-# AWS's minimum import files name tokenizer.model; T5Tokenizer loads spiece.model: ship both, identical.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
-                   "tokenizer.model")
-T5_TOKENIZERS = ("T5Tokenizer", "T5TokenizerFast")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".gguf", ".onnx")
 TRAINER_FILES = ("trainer_state.json", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
 # What Bedrock reads as the model: each must be in an export's manifest.json.
-MODEL_FILES = {"config.json", "generation_config.json", INDEX_FILE, "added_tokens.json", *TOKENIZER_FILES}
+MODEL_FILES = {"config.json", "generation_config.json", INDEX_FILE, "added_tokens.json",
+               *(name for family in FAMILIES for name in family.tokenizer_files)}
 KNOWN_FILES = {*MODEL_FILES, "manifest.json", "README.md", ".gitattributes"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -57,8 +56,6 @@ FLOAT_BITS = {"F64": ("<u8", 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
               "F16": ("<u2", 0x7FFF, 0x7C00),
               "BF16": ("<u2", 0x7FFF, 0x7F80)}
 SCAN_CHUNK_BYTES = 8 * 2**20
-
-OK, FAIL, WARN = "ok", "fail", "warn"
 
 
 @dataclass
@@ -284,82 +281,7 @@ def nonfinite_tensors(path: Path) -> tuple[list[str], int]:
     return bad, scanned
 
 
-# ----------------------------------------------------------------------------- expected tensors
-# model_type -> function(config.json) -> (required, aliases), each {tensor name: shape}. Required
-# tensors must all be in the weights; aliases are names transformers ties to another tensor on load
-# (a file may hold them, as older saves did, but need not). A new model family adds its function.
-
-
-def _config_int(config: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = config.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"config.json has no non-negative integer {key} (found {value!r})")
-    return value
-
-
-def t5_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """T5ForConditionalGeneration as transformers 4.51.3 saves it: shared.weight holds the token
-    embeddings (encoder/decoder.embed_tokens are the same tensor), relative position biases in
-    block 0 of each stack only, a gated (wi_0, wi_1) or plain (wi) feed-forward as feed_forward_proj
-    says (or is_gated_act, where saved), and lm_head.weight unless tie_word_embeddings (T5's default:
-    true) ties it to shared."""
-    vocab, d_model = _config_int(config, "vocab_size"), _config_int(config, "d_model")
-    inner = _config_int(config, "num_heads") * _config_int(config, "d_kv")
-    d_ff, heads = _config_int(config, "d_ff"), _config_int(config, "num_heads")
-    buckets = _config_int(config, "relative_attention_num_buckets", 32)
-    encoder_layers = _config_int(config, "num_layers")
-    decoder_layers = encoder_layers if config.get("num_decoder_layers") is None \
-        else _config_int(config, "num_decoder_layers")
-    # transformers reads a saved is_gated_act over the one feed_forward_proj implies (4.51.3 and 5.x alike)
-    gated = bool(config.get("is_gated_act", str(config.get("feed_forward_proj", "relu")).split("-")[0] == "gated"))
-
-    def attention(prefix: str) -> dict[str, list[int]]:
-        return {f"{prefix}.q.weight": [inner, d_model], f"{prefix}.k.weight": [inner, d_model],
-                f"{prefix}.v.weight": [inner, d_model], f"{prefix}.o.weight": [d_model, inner]}
-
-    def feed_forward(prefix: str) -> dict[str, list[int]]:
-        up = {f"{prefix}.wi_0.weight": [d_ff, d_model], f"{prefix}.wi_1.weight": [d_ff, d_model]} if gated \
-            else {f"{prefix}.wi.weight": [d_ff, d_model]}
-        return {**up, f"{prefix}.wo.weight": [d_model, d_ff]}
-
-    required = {"shared.weight": [vocab, d_model]}
-    for stack, layers in (("encoder", encoder_layers), ("decoder", decoder_layers)):
-        for i in range(layers):
-            block = f"{stack}.block.{i}.layer"
-            required.update(attention(f"{block}.0.SelfAttention"))
-            required[f"{block}.0.layer_norm.weight"] = [d_model]
-            if i == 0:
-                required[f"{block}.0.SelfAttention.relative_attention_bias.weight"] = [buckets, heads]
-            last = 1
-            if stack == "decoder":
-                required.update(attention(f"{block}.1.EncDecAttention"))
-                required[f"{block}.1.layer_norm.weight"] = [d_model]
-                last = 2
-            required.update(feed_forward(f"{block}.{last}.DenseReluDense"))
-            required[f"{block}.{last}.layer_norm.weight"] = [d_model]
-        required[f"{stack}.final_layer_norm.weight"] = [d_model]
-    aliases = {"encoder.embed_tokens.weight": [vocab, d_model], "decoder.embed_tokens.weight": [vocab, d_model]}
-    if config.get("tie_word_embeddings", True) is False:
-        required["lm_head.weight"] = [vocab, d_model]
-    else:
-        aliases["lm_head.weight"] = [vocab, d_model]
-    return required, aliases
-
-
-TENSOR_TABLES: dict[str, Callable[[dict[str, Any]], tuple[dict[str, list[int]], dict[str, list[int]]]]] = {
-    "t5": t5_tensors,
-}
-
-
 # ----------------------------------------------------------------------------- tokenizer facts
-
-
-def special_token(value: Any) -> str | None:
-    """A special token as tokenizer_config.json or special_tokens_map.json write it: a string or
-    {"content": ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def tokenizer_json_vocabulary(tokenizer: Any) -> dict[str, int]:
@@ -388,6 +310,20 @@ def tokenizer_json_vocabulary(tokenizer: Any) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- rules
 # Each rule returns (status, one-line reason). Order matters: it is the numbering users see.
+# A family rule is the folder's model family's (termtune.families, picked by config.json).
+
+
+def _family_rule(name: str) -> Callable[[_Folder], tuple[str, str]]:
+    def rule(f: _Folder) -> tuple[str, str]:
+        family = family_of(f.config)
+        if family is None:
+            if f.config is None:
+                return FAIL, "no readable config.json"
+            return FAIL, (f"model_type is {f.config.get('model_type')!r}: no model family termtune knows "
+                          f"({', '.join(fam.name for fam in FAMILIES)})")
+        return family.cmi_rules()[name](f)
+
+    return rule
 
 
 def _adapter(f: _Folder) -> tuple[str, str]:
@@ -421,38 +357,6 @@ def _config_present(f: _Folder) -> tuple[str, str]:
     return OK, "config.json readable"
 
 
-def _architecture(f: _Folder) -> tuple[str, str]:
-    c = f.config
-    if c is None:
-        return FAIL, "no readable config.json"
-    if c.get("model_type") != "t5":
-        return FAIL, f"model_type is {c.get('model_type')!r}; expected 't5' (Flan-T5)"
-    if c.get("architectures") != ["T5ForConditionalGeneration"]:
-        return FAIL, f"architectures is {c.get('architectures')!r}; expected ['T5ForConditionalGeneration']"
-    return OK, "t5 / T5ForConditionalGeneration"
-
-
-def _attention_shape(f: _Folder) -> tuple[str, str]:
-    c = f.config or {}
-    try:
-        d_model, heads, d_kv = int(c["d_model"]), int(c["num_heads"]), int(c["d_kv"])
-    except (KeyError, TypeError, ValueError):
-        return FAIL, "config.json lacks integer d_model, num_heads or d_kv"
-    if d_model != heads * d_kv:
-        return FAIL, f"d_model {d_model} != num_heads {heads} * d_kv {d_kv}"
-    return OK, f"d_model {d_model} = {heads} heads * d_kv {d_kv}"
-
-
-def _head_count(f: _Folder) -> tuple[str, str]:
-    heads = (f.config or {}).get("num_heads")
-    if not isinstance(heads, int):
-        return FAIL, "config.json has no integer num_heads"
-    if heads % 4:
-        return WARN, (f"num_heads {heads} is not a multiple of 4: CMI once required it (lifted in 2024-10, "
-                      "flan-t5-small imports now); an import may still fail")
-    return OK, f"num_heads {heads} is a multiple of 4"
-
-
 def _not_quantized(f: _Folder) -> tuple[str, str]:
     c = f.config or {}
     if "quantization_config" in c:
@@ -460,16 +364,6 @@ def _not_quantized(f: _Folder) -> tuple[str, str]:
         return FAIL, (f"config.json has quantization_config ({method}): Bedrock imports full weights; "
                       "merge into the unquantized base (termtune export does)")
     return OK, "no quantization_config"
-
-
-def _torch_dtype(f: _Folder) -> tuple[str, str]:
-    c = f.config or {}
-    value = c.get("torch_dtype")
-    if value is None:
-        return FAIL, "config.json has no torch_dtype (transformers 5.x writes only 'dtype'; 4.51.3 reads torch_dtype)"
-    if value not in ("float32", "bfloat16"):
-        return FAIL, f"torch_dtype is {value!r}; use float32 or bfloat16 for T5"
-    return OK, f"torch_dtype {value}"
 
 
 def _shards(f: _Folder) -> tuple[str, str]:
@@ -515,30 +409,18 @@ def _headers(f: _Folder) -> tuple[str, str]:
     return OK, f"{len(f.tensors)} tensors, metadata format pt, sizes consistent"
 
 
-def _weight_dtype(f: _Folder) -> tuple[str, str]:
-    dtypes = sorted({dtype for dtype, _, _ in f.tensors.values()})
-    if not dtypes:
-        return FAIL, "no tensors found"
-    if "F16" in dtypes:
-        return FAIL, "F16 weights: T5 overflows to inf/NaN in fp16; export in bf16 or fp32"
-    bad = [d for d in dtypes if d not in ("F32", "BF16")]
-    if bad:
-        return FAIL, f"{', '.join(bad)} weights (quantized or unsupported): export full-precision F32 or BF16"
-    return OK, f"weights in {', '.join(dtypes)}"
-
-
 def _tensor_set(f: _Folder) -> tuple[str, str]:
     c = f.config
     if c is None:
         return FAIL, "no readable config.json to derive the tensors from"
-    table = TENSOR_TABLES.get(c.get("model_type"))
-    if table is None:
-        known = ", ".join(TENSOR_TABLES)
+    family = family_of(c)
+    if family is None:
+        known = ", ".join(f.name for f in FAMILIES)
         return FAIL, f"no tensor table for model_type {c.get('model_type')!r} (termtune knows {known})"
     if not f.tensors:
         return FAIL, "no readable tensors to compare with config.json"
     try:
-        required, aliases = table(c)
+        required, aliases = family.tensor_table(c)
     except ValueError as e:
         return FAIL, str(e)
     expected = {**aliases, **required}
@@ -579,151 +461,6 @@ def _finite_weights(f: _Folder) -> tuple[str, str]:
         return FAIL, (f"{len(bad)} of {scanned} tensors hold NaN or inf (e.g. {bad[0][0]} in {bad[0][1]}): "
                       "the model diverged in training; do not ship it")
     return OK, f"{scanned} tensors scanned, no NaN or inf"
-
-
-def _tie_flag(f: _Folder) -> tuple[str, str]:
-    if "shared.weight" not in f.tensors:
-        return FAIL, "shared.weight (the token embeddings) is not in the weights"
-    has_head = "lm_head.weight" in f.tensors
-    # T5Config defaults tie_word_embeddings to true, so a missing flag means tied.
-    tied = (f.config or {}).get("tie_word_embeddings", True)
-    if has_head and tied is not False:
-        return FAIL, ("lm_head.weight is in the weights but tie_word_embeddings is not false: transformers 4.51.3 "
-                      "would ignore it, tie lm_head to shared.weight and rescale the output (wrong logits)")
-    if not has_head and tied is False:
-        return FAIL, "tie_word_embeddings is false but lm_head.weight is missing: the output layer would be random"
-    if not has_head:
-        return WARN, "tied embeddings without lm_head.weight (original T5 layout); Flan-T5 is untied"
-    return OK, "untied lm_head.weight present and tie_word_embeddings false"
-
-
-def _tokenizer_files(f: _Folder) -> tuple[str, str]:
-    missing = [n for n in TOKENIZER_FILES if n not in f.files]
-    if missing:
-        return FAIL, f"missing {', '.join(missing)} (Bedrock lists every one of {', '.join(TOKENIZER_FILES)} for T5)"
-    if (f.path / "spiece.model").read_bytes() != (f.path / "tokenizer.model").read_bytes():
-        return FAIL, "tokenizer.model differs from spiece.model; both must be the same SentencePiece model"
-    value, error = f.json("special_tokens_map.json")
-    if error or not isinstance(value, dict):
-        return FAIL, error or "special_tokens_map.json is not a JSON object"
-    vocabulary, error = f.vocabulary
-    if error:
-        return FAIL, error
-    problem = sentencepiece_problem(f.path / "spiece.model", vocabulary)
-    if problem:
-        return FAIL, problem
-    return OK, (f"{', '.join(TOKENIZER_FILES)}; tokenizer.json ({len(vocabulary)} tokens) and spiece.model "
-                "parse and agree")
-
-
-def sentencepiece_problem(path: Path, vocabulary: dict[str, int]) -> str | None:
-    """Why the SentencePiece model at `path` cannot stand for tokenizer.json's vocabulary (it does
-    not load, or a piece has another id there), or None. The slow T5Tokenizer reads spiece.model,
-    the fast one tokenizer.json: both must give every piece the same id."""
-    import sentencepiece
-
-    try:
-        model = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as e:
-        return f"{path.name} is not a loadable SentencePiece model ({str(e).splitlines()[0]})"
-    for i in range(model.get_piece_size()):
-        piece = model.id_to_piece(i)
-        if vocabulary.get(piece) != i:
-            return (f"{path.name} and tokenizer.json disagree: {piece!r} is id {i} in {path.name}, "
-                    f"{vocabulary.get(piece)} in tokenizer.json")
-    return None
-
-
-def _tokenizer_config(f: _Folder) -> tuple[str, str]:
-    value, error = f.json("tokenizer_config.json")
-    if error:
-        return FAIL, error
-    if not isinstance(value, dict):
-        return FAIL, "tokenizer_config.json is not a JSON object"
-    if isinstance(value.get("extra_special_tokens"), list):
-        return FAIL, ("extra_special_tokens is a list (transformers 5.x form): 4.51.3 fails with "
-                      "\"'list' object has no attribute 'keys'\"; use additional_special_tokens")
-    cls = value.get("tokenizer_class")
-    if cls is None:
-        return WARN, "no tokenizer_class; transformers falls back to the model type (T5TokenizerFast)"
-    if cls not in T5_TOKENIZERS:
-        return FAIL, f"tokenizer_class {cls!r}; expected one of {', '.join(T5_TOKENIZERS)}"
-    return OK, f"{cls}, readable by transformers 4.x"
-
-
-def _generation_config(f: _Folder) -> tuple[str, str]:
-    if "generation_config.json" not in f.files:
-        return WARN, "no generation_config.json (recommended: decoder_start_token_id 0, eos 1, pad 0)"
-    value, error = f.json("generation_config.json")
-    if error or not isinstance(value, dict):
-        return FAIL, error or "generation_config.json is not a JSON object"
-    return OK, "generation_config.json readable"
-
-
-def _vocabulary_fits_embeddings(f: _Folder) -> tuple[str, str]:
-    vocabulary, error = f.vocabulary
-    if error:
-        return FAIL, error
-    if "shared.weight" not in f.tensors:
-        return FAIL, "no shared.weight (the token embeddings) to hold tokenizer.json's tokens"
-    _, shape, file = f.tensors["shared.weight"]
-    rows, size = shape[0], max(vocabulary.values()) + 1
-    if rows < size:
-        return FAIL, (f"tokenizer.json has token ids up to {size - 1} but shared.weight in {file} has {rows} rows: "
-                      f"ids {rows} and up have no embedding")
-    return OK, f"shared.weight's {rows} rows hold every tokenizer.json id (0-{size - 1})"
-
-
-SPECIAL_IDS = {"pad_token_id": "pad", "eos_token_id": "eos", "decoder_start_token_id": "decoder start"}
-
-
-def _special_token_ids(f: _Folder) -> tuple[str, str]:
-    vocabulary, error = f.vocabulary
-    if error:
-        return FAIL, error
-    size = max(vocabulary.values()) + 1
-    sources = [("config.json", f.config or {})]
-    generation, _ = f.json("generation_config.json")
-    if isinstance(generation, dict):
-        sources.append(("generation_config.json", generation))
-    problems = []
-    first: dict[str, tuple[str, set[int], Any]] = {}  # key -> (the file that set it first, its ids, as written)
-    for file, values in sources:
-        for key in SPECIAL_IDS:
-            value = values.get(key)
-            if value is None:
-                continue
-            ids = value if isinstance(value, list) else [value]  # generation_config may list several eos ids
-            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                problems.append(f"{file}: {key} is {value!r}, not a token id")
-                continue
-            outside = [i for i in ids if not 0 <= i < size]
-            if outside:
-                problems.append(f"{file}: {key} {outside[0]} is outside tokenizer.json's ids 0-{size - 1}")
-            if key in first and set(ids) != first[key][1]:
-                problems.append(f"{file}: {key} is {value!r} but {first[key][0]} says {first[key][2]!r}")
-            first.setdefault(key, (file, set(ids), value))
-    problems += [f"neither config.json nor generation_config.json sets {key}"
-                 + (" (transformers 4.51.3 cannot start generating)" if key == "decoder_start_token_id" else "")
-                 for key in SPECIAL_IDS if key not in first]
-    # The tokenizer's pad and eos tokens (where its files name them; T5's tokenizer defaults otherwise)
-    # must be the ids the model pads with and stops at.
-    for key, token_key in (("pad_token_id", "pad_token"), ("eos_token_id", "eos_token")):
-        for file in ("special_tokens_map.json", "tokenizer_config.json"):
-            value, _ = f.json(file)
-            token = special_token(value.get(token_key)) if isinstance(value, dict) else None
-            if token is None:
-                continue
-            if token not in vocabulary:
-                problems.append(f"{file}: {token_key} {token!r} is not in tokenizer.json")
-            elif key in first and vocabulary[token] not in first[key][1]:
-                problems.append(f"{file}: {token_key} {token!r} is id {vocabulary[token]} in tokenizer.json but "
-                                f"{first[key][0]} has {key} {first[key][2]!r}")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        return FAIL, problems[0] + more
-    found = ", ".join(f"{label} {first[key][2]}" for key, label in SPECIAL_IDS.items())
-    return OK, f"{found}: inside tokenizer.json's ids and the same in every file that sets them"
 
 
 def _total_size(f: _Folder) -> tuple[str, str]:
@@ -786,22 +523,22 @@ RULES: list[tuple[str, Callable[[_Folder], tuple[str, str]]]] = [
     ("merged model, not an adapter", _adapter),
     ("no pickle or trainer files", _pickle_and_trainer),
     ("config.json", _config_present),
-    ("architecture", _architecture),
-    ("attention shape", _attention_shape),
-    ("head count", _head_count),
+    ("architecture", _family_rule("architecture")),
+    ("attention shape", _family_rule("attention shape")),
+    ("head count", _family_rule("head count")),
     ("not quantized", _not_quantized),
-    ("torch_dtype (transformers 4.51.3)", _torch_dtype),
+    ("torch_dtype (transformers 4.51.3)", _family_rule("torch_dtype")),
     ("safetensors shards and index", _shards),
     ("safetensors headers", _headers),
-    ("weight dtype", _weight_dtype),
+    ("weight dtype", _family_rule("weight dtype")),
     ("tensor set and shapes", _tensor_set),
     ("finite weights", _finite_weights),
-    ("embeddings and tie flag (transformers 4.51.3)", _tie_flag),
-    ("tokenizer files", _tokenizer_files),
-    ("tokenizer_config.json (transformers 4.51.3)", _tokenizer_config),
-    ("generation_config.json", _generation_config),
-    ("tokenizer vocabulary vs embeddings", _vocabulary_fits_embeddings),
-    ("special token ids", _special_token_ids),
+    ("embeddings and tie flag (transformers 4.51.3)", _family_rule("tie flag")),
+    ("tokenizer files", _family_rule("tokenizer files")),
+    ("tokenizer_config.json (transformers 4.51.3)", _family_rule("tokenizer_config.json")),
+    ("generation_config.json", _family_rule("generation_config.json")),
+    ("tokenizer vocabulary vs embeddings", _family_rule("vocabulary vs embeddings")),
+    ("special token ids", _family_rule("special token ids")),
     ("total size", _total_size),
     ("manifest", _manifest),
     ("other files", _other_files),
