@@ -142,7 +142,7 @@ def folders(tmp_path_factory):
     import torch
     from safetensors.torch import load_file
 
-    from termtune.decoder_export import write_decoder
+    from termtune.families.decoder_export import write_decoder
 
     python = bedrock_python()
     root = tmp_path_factory.mktemp("decoders")
@@ -234,7 +234,7 @@ def test_generation_stops_at_the_end_of_turn_token(folders, family):
 def test_exported_files_are_what_bedrock_reads(folders, family):
     """The chat template inside tokenizer_config.json and no .jinja; tokenizer.model exactly where the base
     tokenizer is SentencePiece (Mistral, Mixtral); a tokenizer class Bedrock lists; nothing decoder_problems flags."""
-    from termtune.decoder_export import BEDROCK_TOKENIZER_CLASSES, decoder_problems
+    from termtune.families.decoder_export import BEDROCK_TOKENIZER_CLASSES, decoder_problems
 
     export = folders[family]["export"]
     tokenizer_config = json.loads((export / "tokenizer_config.json").read_text())
@@ -293,7 +293,7 @@ def test_a_plain_5x_save_is_read_differently_by_4_51_3_and_flagged(folders, fami
     """The hazard is real (else the tests above might check nothing): a plain 5.x save_pretrained of the same
     model loads in 4.51.3 with rope_theta 10000, no torch_dtype and other logits (and for most families a
     tokenizer that does not load); decoder_problems names each of these."""
-    from termtune.decoder_export import decoder_problems
+    from termtune.families.decoder_export import decoder_problems
 
     case = folders[family]
     got = case["v4"]["plain"]
@@ -318,7 +318,7 @@ def test_a_plain_5x_save_is_read_differently_by_4_51_3_and_flagged(folders, fami
 
 
 def test_plain_qwen3_moe_save_is_flagged_for_its_expert_count(folders):
-    from termtune.decoder_export import decoder_problems
+    from termtune.families.decoder_export import decoder_problems
 
     assert "model_error" in folders["qwen3_moe"]["v4"]["plain"]  # 128 experts expected, 4 saved
     assert any("num_experts" in p and "num_local_experts" in p for p in decoder_problems(folders["qwen3_moe"]["plain"]))
@@ -328,7 +328,7 @@ def test_eos_without_the_end_of_turn_token_is_flagged(folders, tmp_path):
     """A Qwen base model's generation config stops only at <|endoftext|>; chat turns end with <|im_end|>."""
     import shutil
 
-    from termtune.decoder_export import decoder_problems
+    from termtune.families.decoder_export import decoder_problems
 
     folder = tmp_path / "qwen2"
     shutil.copytree(folders["qwen2"]["export"], folder)
@@ -342,7 +342,7 @@ def test_base_model_eos_gains_the_end_of_turn_token(tmp_path):
     """Exporting a model whose generation config lacks the end-of-turn token adds it."""
     from transformers import GenerationConfig
 
-    from termtune.decoder_export import write_decoder
+    from termtune.families.decoder_export import write_decoder
 
     model, tokenizer = tiny_model("qwen2")
     model.generation_config = GenerationConfig(eos_token_id=151643)
@@ -357,7 +357,7 @@ def test_sentencepiece_tokenizer_without_its_model_file_is_refused(tmp_path):
     """Mistral's tokenizer re-loaded from a folder without tokenizer.model: export says what is missing."""
     from transformers import AutoTokenizer
 
-    from termtune.decoder_export import write_decoder
+    from termtune.families.decoder_export import write_decoder
     from termtune.errors import UserError
 
     model, tokenizer = tiny_model("mistral")
@@ -370,7 +370,7 @@ def test_sentencepiece_tokenizer_without_its_model_file_is_refused(tmp_path):
 
 
 def test_export_refuses_a_folder_that_holds_anything(tmp_path):
-    from termtune.decoder_export import write_decoder
+    from termtune.families.decoder_export import write_decoder
     from termtune.errors import UserError
 
     model, tokenizer = tiny_model("qwen3")
@@ -383,7 +383,7 @@ def test_export_refuses_a_folder_that_holds_anything(tmp_path):
 def test_end_of_turn_of_a_chatml_template_is_im_end_not_the_eos_token():
     """SmolLM2-135M-Instruct's template (as published): its turns end with <|im_end|>, while its GGUF names
     <|endoftext|> as end of sequence."""
-    from termtune.decoder_export import end_of_turn_token
+    from termtune.families.decoder_export import end_of_turn_token
 
     smollm2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
                "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -400,7 +400,7 @@ def test_warnings_name_bedrocks_llama3_rope_override_and_a_context_above_128k(fo
     raise nothing; a context above 128K and a missing chat template are named."""
     import shutil
 
-    from termtune.decoder_export import decoder_warnings
+    from termtune.families.decoder_export import decoder_warnings
 
     (llama,) = decoder_warnings(folders["llama"]["export"])
     assert "Bedrock overrides llama3 RoPE scaling" in llama and "'factor': 32.0" in llama
@@ -420,7 +420,7 @@ def test_warnings_name_bedrocks_llama3_rope_override_and_a_context_above_128k(fo
 def test_tokens_beyond_the_embedding_rows_are_flagged(folders, tmp_path):
     import shutil
 
-    from termtune.decoder_export import decoder_problems
+    from termtune.families.decoder_export import decoder_problems
 
     folder = tmp_path / "qwen3"
     shutil.copytree(folders["qwen3"]["export"], folder)

@@ -106,13 +106,14 @@ def test_reuses_the_folder_while_the_sha256_matches(gguf_copy: Path, cache: Path
 def test_a_model_source_naming_a_gguf_file_loads_its_converted_folder(gguf_copy: Path, cache: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from termtune.config import load_config
-    from termtune.modeling import base_model_dir, load_tokenizer, model_config
+    from termtune.families.base import base_config_json, base_model_dir, load_tokenizer
 
     folder = converted(gguf_copy, cache)
     monkeypatch.setenv("TERMTUNE_CACHE", str(cache.parent))  # the folder made above: no second conversion
     cfg = load_config(overrides={"model.source": str(gguf_copy), "export.dtype": "bf16"})
     assert base_model_dir(cfg) == str(folder)
-    assert model_config(cfg).architectures == ["LlamaForCausalLM"]
+    values, path = base_config_json(cfg)  # what the family registry reads
+    assert values["architectures"] == ["LlamaForCausalLM"] and path == str(folder / "config.json")
     assert load_tokenizer(cfg)("Hello world").input_ids == [19556, 905]
 
 

@@ -161,7 +161,7 @@ class LoraConfig(Section):
     """'all-linear' or a list of module names such as [q, v]."""
     bias: Literal["none", "all", "lora_only"] = "none"
     """Bias vectors trained beside the adapters (PEFT): none, all (every bias in the model) or lora_only (those
-    of the adapted layers). T5 has no bias vectors, so for T5 the three are the same."""
+    of the adapted layers). In a model without bias vectors the three train the same."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full beside the adapters, e.g. [lm_head] (PEFT's modules_to_save); export merges
     them. A pretrained base needs none; a random-init one learns little through frozen random output weights."""

@@ -327,8 +327,8 @@ def prepare_conversations(conversations: list[Conversation], tokenizer: Any, *, 
     split the rows seeded by term / first user turn (data.split_rows: near-duplicates stay on one side).
 
     A prompt over max_prompt_tokens keeps its last tokens (the latest turns and the generation prompt); a
-    completion over max_completion_tokens is cut and ends with its end-of-turn token, as the T5 path ends a cut
-    target with eos. The token stats are of the lengths before truncation."""
+    completion over max_completion_tokens is cut and ends with its end-of-turn token, as a cut term
+    definition ends with eos. The token stats are of the lengths before truncation."""
     template = _Template.of(tokenizer)
     template.check()
     findings = data._Findings(strict=strict)

@@ -354,7 +354,7 @@ def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval:
     t = cfg.train
     # transformers 5.x renamed gradient_checkpointing to activation_checkpointing; pyproject allows releases
     # on either side of the rename
-    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in Seq2SeqTrainingArguments.__dataclass_fields__
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in arguments_class.__dataclass_fields__
                      else "gradient_checkpointing")
     if has_eval:
         eval_strategy, eval_steps = ("steps", t.eval_steps) if t.eval_steps else ("epoch", None)

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 from termtune.errors import UserError
 from termtune.modelcard import TORCH_DTYPE_NAMES
 from termtune.rundir import write_json
-from termtune.validate import special_token, tokenizer_json_vocabulary
+from termtune.families.base import special_token
+from termtune.validate import tokenizer_json_vocabulary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
