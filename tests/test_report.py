@@ -195,6 +195,35 @@ def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     assert "90% of the tuned answers stopped at max_new_tokens" in page
 
 
+@pytest.mark.parametrize("value, figure", [(0, True), (0.35, True), (-2, True), (float("nan"), False),
+                                           (float("inf"), False), (float("-inf"), False), (True, False),
+                                           ("0.35", False), (None, False)])
+def test_a_figure_is_a_finite_number_not_a_bool(value, figure):
+    from termtune.results import is_number
+
+    assert is_number(value) is figure
+
+
+def test_a_metric_that_failed_as_nan_shows_as_na_in_report_and_model_card(tmp_path: Path) -> None:
+    """json writes a library's NaN score as NaN; report and model card both show n/a, never 'nan'."""
+    from termtune.modelcard import model_card
+
+    run = tmp_path / "run"
+    populate_run(run)
+    metrics_file = run / "eval" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["tuned"]["bleu"] = float("nan")
+    metrics["base"]["chrf"] = float("inf")
+    metrics_file.write_text(json.dumps(metrics))
+    card = model_card(make_cfg(run))
+    assert re.search(r"\| bleu \| 3\.075 \| n/a \|", card) and re.search(r"\| chrf \| n/a \| 38 \|", card)
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    table = page[page.index('<table class="metrics">'):]
+    table = table[:table.index("</table>")]
+    for shown in (card, table, page[:page.index("</section>")]):  # the card, the metric table, the headline
+        assert not re.search(r"\b[+-]?(nan|inf)\b", shown, re.IGNORECASE), shown
+
+
 # A results folder also brings the "Result" headline: train, eval, artifact and deploy.json each add one section.
 @pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["data"], 1), (["train"], 2),
                                             (["eval"], 3), (["artifact"], 2), (["deploy.json"], 2)])

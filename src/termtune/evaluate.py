@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from termtune.config import Config, EvalConfig
 from termtune.errors import UserError
 from termtune.layout import RunLayout
-from termtune.results import StageResult, html_table
+from termtune.results import StageResult, html_table, is_number
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +110,7 @@ _SUMMARY_ROWS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE
 
 def format_metric(key: str, value: Any, missing: str = "-") -> str:
     """One metric as shown in summaries and the report: ROUGE 0.123, shares 12.5%, others 12.34."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+    if not is_number(value):
         return missing
     if key.startswith("rouge"):
         return f"{value:.3f}"

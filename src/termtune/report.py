@@ -37,6 +37,7 @@ import yaml
 from termtune import history
 from termtune.config import Config
 from termtune.layout import RunLayout
+from termtune.results import is_number
 from termtune.rundir import read_json
 
 PROBLEM_NOTE = "could not read"
@@ -241,7 +242,7 @@ def _attempt_figures(stage: Any, result: dict[str, Any], entry: dict[str, Any]) 
 
 
 def _num(value: Any) -> str:
-    return f"{value:.4f}" if _is_number(value) else "n/a"
+    return f"{value:.4f}" if is_number(value) else "n/a"
 
 
 def _data_section(cfg: Config) -> Section | None:
@@ -263,7 +264,7 @@ def _data_section(cfg: Config) -> Section | None:
     # Objects of numbers (token length stats per side) share one table, one row each; other
     # objects of plain values (the column mapping) get a small table of their own.
     numeric = {k: v for k, v in stats.items()
-               if k != "rows_skipped" and isinstance(v, dict) and v and all(_is_number(x) for x in v.values())}
+               if k != "rows_skipped" and isinstance(v, dict) and v and all(is_number(x) for x in v.values())}
     if numeric:
         columns: list[str] = []
         for value in numeric.values():
@@ -294,11 +295,11 @@ def _training_section(cfg: Config) -> Section | None:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-            if not isinstance(event, dict) or not _is_number(event.get("step")):
+            if not isinstance(event, dict) or not is_number(event.get("step")):
                 continue
-            if _is_number(event.get("loss")):
+            if is_number(event.get("loss")):
                 train.append((event["step"], event["loss"]))
-            if _is_number(event.get("eval_loss")):
+            if is_number(event.get("eval_loss")):
                 held_out.append((event["step"], event["eval_loss"]))
         if train or held_out:
             section.image(_loss_plot(train, held_out))
@@ -351,7 +352,7 @@ def _evaluation_section(cfg: Config) -> Section | None:
         same_answer = same_answer_note(metrics, model)
         if same_answer:
             section.note(f"{same_answer}: ROUGE, BLEU and chrF then measure that text's overlap with the references.")
-    if _is_number(cut) and cut > 0.5:
+    if is_number(cut) and cut > 0.5:
         section.note(f"{cut:.0%} of the tuned answers stopped at max_new_tokens without ending: raise "
                      "eval.max_new_tokens, or train longer so the model learns where a definition ends.")
     return section
@@ -402,7 +403,7 @@ def _artifact_section(cfg: Config) -> Section | None:
         for item in files:
             if isinstance(item, dict):
                 size = item.get("size", item.get("bytes"))
-                rows.append((item.get("path", item.get("name", "")), human_size(size) if _is_number(size) else "",
+                rows.append((item.get("path", item.get("name", "")), human_size(size) if is_number(size) else "",
                              str(item.get("sha256", ""))[:16]))
             else:
                 rows.append((item, "", ""))
@@ -508,7 +509,7 @@ def _metric_plot(keys: list[str], by_model: dict[str, dict[str, Any]]) -> Image:
 
 
 def _as_percent(key: str, value: Any) -> float:
-    if not _is_number(value):
+    if not is_number(value):
         return 0.0
     return float(value) * 100 if key.startswith("rouge") else float(value)
 
@@ -637,10 +638,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 def _clip(value: Any, chars: int = SAMPLE_CHARS) -> str:
     text = "" if value is None else str(value)
     return text if len(text) <= chars else text[:chars].rstrip() + " …"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _cell(value: Any) -> str:
