@@ -105,3 +105,43 @@ def test_every_test_runs_and_a_hung_test_fails():
                for name in re.findall(r"pytest\.mark\.(\w+)", path.read_text(encoding="utf-8"))} - builtin
     registered = {line.split(":")[0].strip() for line in options.get("markers", [])}
     assert carried == registered, f"markers carried by tests {carried}, registered {registered}"
+
+
+# ----------------------------------------------------------------------------- one place for each fact
+
+
+def private_names_used_across_modules() -> list[str]:
+    """`from termtune.x import _name` and `x._name` on an imported termtune module, where _name is not a module."""
+    modules = {module_name(p) for p in SRC.rglob("*.py")}
+    found = []
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("termtune"):
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    imported[alias.asname or alias.name] = target
+                    if alias.name.startswith("_") and target not in modules:
+                        found.append(f"{path.name}: {target}")
+            elif isinstance(node, ast.Import):
+                imported.update({a.asname or a.name: a.name for a in node.names if a.name.startswith("termtune")})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and imported.get(node.value.id) in modules:
+                found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reads_another_modules_private_names():
+    """The plan reads the data through the data stage's public functions (read_examples), not its internals."""
+    assert private_names_used_across_modules() == []
+
+
+def test_the_prompt_template_is_filled_in_one_place():
+    """Training, the plan, the export's check and invoke all ask data.prompt_for for a term's prompt."""
+    fills = [f"{path.relative_to(SRC)}:{node.lineno}" for path in SRC.rglob("*.py")
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "replace"
+             and any(isinstance(a, ast.Constant) and a.value == "{term}" for a in node.args)]
+    assert len(fills) == 1 and fills[0].startswith("data.py"), fills

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from termtune import data
 from termtune.aws.clients import RUNTIME_HEADER, client, error_code, error_message, stand_in
 from termtune.aws.stage import aws_errors, read_record
 from termtune.config import Config
@@ -129,7 +130,7 @@ def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, mod
     if not model_arn:
         raise UserError(f"{RunLayout.of(cfg).deploy}: no imported model recorded; run termtune deploy, "
                         "or pass --model <imported model ARN>")
-    prompt = raw if raw is not None else cfg.data.prompt_template.replace("{term}", term or cfg.aws.invoke_prompt)
+    prompt = raw if raw is not None else data.prompt_for(cfg.data.prompt_template, term or cfg.aws.invoke_prompt)
 
     def echo(piece: str) -> None:
         print(piece, end="", flush=True)
