@@ -275,6 +275,34 @@ def test_odd_files_become_notes_not_exceptions(tmp_path: Path) -> None:
     assert "metrics.jsonl holds no loss values yet" in page
 
 
+def test_a_json_file_that_is_not_json_is_one_error_wherever_it_is_read(tmp_path: Path) -> None:
+    """One reader, one rule: missing is 'not there yet'; there but broken is an error naming the file and the
+    place, from the runner, the deploy record, the plan and the report alike (before: read as missing by the
+    runner, a different message from each of the others)."""
+    from termtune import pipeline
+    from termtune import plan as P
+    from termtune.aws.stage import read_record
+    from termtune.errors import UserError
+
+    run = tmp_path / "run"
+    populate_run(run)
+    broken = '{"stage": "data",\n "finished_at": }'
+    why = r": not valid JSON \(Expecting value at line 2 column 17\)$"
+    for name in ("provenance/data.json", "deploy.json", "architecture.json", "data/stats.json"):
+        (run / name).write_text(broken)
+    cfg = make_cfg(run)
+    with pytest.raises(UserError, match=re.escape(str(run / "provenance/data.json")) + why):
+        pipeline.state(cfg, pipeline.BY_NAME["data"])
+    with pytest.raises(UserError, match=re.escape(str(run / "deploy.json")) + why):
+        read_record(cfg)
+    cfg = load_config(None, [f"run.dir={run}", "model.init=random", f"model.architecture={run / 'architecture.json'}"])
+    with pytest.raises(UserError, match=re.escape(str(run / "architecture.json")) + why):
+        P.plan(cfg)
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    assert re.search(f"{PROBLEM_NOTE} .*stats.json: not valid JSON \\(Expecting value at line 2 column 17\\)", page)
+    assert pipeline.state(make_cfg(tmp_path / "new"), pipeline.BY_NAME["data"]).reasons == ["not run yet"]
+
+
 # ----------------------------------------------------------------------------- in a browser
 
 

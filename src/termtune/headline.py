@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from termtune.config import Config
+from termtune.errors import UserError
 from termtune.evaluate import same_answer_note
 from termtune.layout import RunLayout
 from termtune.modelcard import bedrock_check_message
@@ -173,7 +174,12 @@ def _reference(layout: RunLayout, term: str | None) -> tuple[str | None, str | N
 
 
 def _object(path: Path) -> dict[str, Any]:
-    value = read_json(path, {})
+    """The file's object; {} when there is none, or when it is not JSON: the headline only gathers facts, and
+    the report's section for that file names the problem."""
+    try:
+        value = read_json(path, {})
+    except UserError:
+        return {}
     return value if isinstance(value, dict) else {}
 
 

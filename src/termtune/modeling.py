@@ -149,14 +149,13 @@ def architecture_config(cfg: Config) -> "Any":
     """The T5Config for model.init=random: the architecture file plus overrides."""
     from transformers import AutoConfig
 
+    from termtune.rundir import read_json
+
     arch = Path(cfg.model.architecture or "")
     config_file = arch / "config.json" if arch.is_dir() else arch
     if not config_file.is_file():
         raise UserError(f"model.architecture: {config_file} not found")
-    try:
-        values = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    values = read_json(config_file)
     model_type = values.get("model_type")
     if model_type != "t5":
         raise UserError(f"{config_file}: model_type is {model_type!r}; termtune trains T5 (Flan-T5) models")

@@ -292,12 +292,10 @@ def check_lora_rank(s: Shape, r: int, targets: str | list[str]) -> None:
 
 
 def _read_json(path: Path, key: str) -> dict[str, Any]:
+    """The file `key` names, which must be there."""
     if not path.is_file():
         raise UserError(f"{key}: {path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    return read_json(path)
 
 
 def linear_layers(s: Shape) -> list[tuple[str, int, int, int]]:

@@ -36,6 +36,7 @@ import yaml
 
 from termtune import history
 from termtune.config import Config
+from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.results import is_number
 from termtune.rundir import read_json
@@ -119,7 +120,11 @@ def write_report(cfg: Config) -> Path:
                 write_bytes(layout.report_assets / f"{value.name}.png", value.png)
     write_text(layout.report_md, _render_md(title, generated, run, sections))
     write_text(layout.report_html, _render_html(title, generated, run, sections))
-    write_text(layout.model_card, model_card(cfg))
+    try:
+        card = model_card(cfg)
+    except UserError as e:  # a run file that is not what termtune wrote: the report notes it too
+        card = f"# {run.name}\n\nThe model card could not be written: {e}\n"
+    write_text(layout.model_card, card)
     return layout.report_html
 
 
@@ -200,7 +205,7 @@ def _stages_done(layout: RunLayout) -> list[tuple[str, str, str]]:
         return rows
     found = {p.stem: p for p in folder.glob("*.json")}
     for stage in sorted(found, key=lambda s: (_STAGE_ORDER.index(s) if s in _STAGE_ORDER else 99, s)):
-        record = _read_json(found[stage])
+        record = read_json(found[stage])
         if isinstance(record, dict):
             rows.append((stage, str(record.get("finished_at", "")), str(record.get("git_commit") or "")))
     return rows
@@ -247,7 +252,7 @@ def _num(value: Any) -> str:
 
 def _data_section(cfg: Config) -> Section | None:
     """Data"""
-    stats = _read_json(RunLayout.of(cfg).stats)
+    stats = read_json(RunLayout.of(cfg).stats)
     if stats is None:
         return None
     section = Section("Data")
@@ -282,7 +287,7 @@ def _training_section(cfg: Config) -> Section | None:
     """Training"""
     layout = RunLayout.of(cfg)
     metrics_path = layout.train_metrics
-    result = _read_json(layout.train_result)
+    result = read_json(layout.train_result)
     if not metrics_path.is_file() and result is None:
         return None
     section = Section("Training")
@@ -313,7 +318,7 @@ def _training_section(cfg: Config) -> Section | None:
 
 def _plan_section(cfg: Config) -> Section | None:
     """Plan vs measured"""
-    record = _read_json(RunLayout.of(cfg).record("train"))
+    record = read_json(RunLayout.of(cfg).record("train"))
     rows = record.get("result", {}).get("plan_vs_measured") if isinstance(record, dict) else None
     if not rows:
         return None
@@ -328,7 +333,7 @@ def _evaluation_section(cfg: Config) -> Section | None:
     """Evaluation"""
     from termtune.evaluate import format_metric, same_answer_note
 
-    metrics = _read_json(RunLayout.of(cfg).eval_metrics)
+    metrics = read_json(RunLayout.of(cfg).eval_metrics)
     if metrics is None:
         return None
     section = Section("Evaluation: base vs tuned")
@@ -387,7 +392,7 @@ def _artifact_section(cfg: Config) -> Section | None:
     from termtune.modelcard import bedrock_check_line
 
     layout = RunLayout.of(cfg)
-    manifest = _read_json(layout.manifest)
+    manifest = read_json(layout.manifest)
     if manifest is None:
         return None
     section = Section("Artifact")
@@ -413,7 +418,7 @@ def _artifact_section(cfg: Config) -> Section | None:
 
 def _validation_section(cfg: Config) -> Section | None:
     """Validation"""
-    checks = _read_json(RunLayout.of(cfg).validation)
+    checks = read_json(RunLayout.of(cfg).validation)
     if checks is None:
         return None
     section = Section("Bedrock CMI validation")
@@ -441,8 +446,8 @@ def _validation_section(cfg: Config) -> Section | None:
 
 def _deploy_section(cfg: Config) -> Section | None:
     """Deployment"""
-    deploy = _read_json(RunLayout.of(cfg).deploy)
-    invoke = _read_json(RunLayout.of(cfg).invoke)
+    deploy = read_json(RunLayout.of(cfg).deploy)
+    invoke = read_json(RunLayout.of(cfg).invoke)
     if deploy is None and invoke is None:
         return None
     section = Section("Deployment")
@@ -612,19 +617,6 @@ def _md_cell(text: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _read_json(path: Path) -> Any:
-    """The parsed file, or None when it does not exist. Unreadable JSON raises (shown as a note)."""
-    if not path.is_file():
-        return None
-    value = read_json(path, _UNREADABLE)
-    if value is _UNREADABLE:
-        raise ValueError(f"{path.name} is not valid JSON")
-    return value
-
-
-_UNREADABLE = object()
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:

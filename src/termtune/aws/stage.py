@@ -129,13 +129,7 @@ def names(cfg: Config, rid: str, artifact_sha256: str | None = None, taken: set[
 
 
 def read_record(cfg: Config) -> dict[str, Any]:
-    path = RunLayout.of(cfg).deploy
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}); delete it if no deployment is in flight") from e
+    return read_json(RunLayout.of(cfg).deploy, {})
 
 
 def _save(cfg: Config, record: dict[str, Any]) -> None:
