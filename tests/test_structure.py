@@ -145,3 +145,29 @@ def test_the_prompt_template_is_filled_in_one_place():
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "replace"
              and any(isinstance(a, ast.Constant) and a.value == "{term}" for a in node.args)]
     assert len(fills) == 1 and fills[0].startswith("data.py"), fills
+
+
+def stage_name_lists() -> list[str]:
+    """Tuples, lists, sets and dict keys in the source made of three or more stage names."""
+    from termtune.stages import ORDER
+
+    found = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None) \
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else None
+            names = [i for i in items or [] if isinstance(i, ast.Constant) and i.value in ORDER]
+            if len(names) >= 3 and len(names) == len(items):
+                found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    return found
+
+
+def test_the_stages_are_named_in_one_table():
+    """termtune.stages holds the stage order; the runner's stages follow it, and the report and the API's read-back
+    use it (before: a copy of the order in report.py, a table of stage names in api.py)."""
+    from termtune import pipeline
+    from termtune.stages import ORDER
+
+    assert tuple(s.name for s in pipeline.STAGES) == ORDER and set(pipeline.BY_NAME) == set(ORDER)
+    assert stage_name_lists() == ["stages.py:9"]
+    assert all(s.read_back is not None for s in pipeline.STAGES if not s.always)

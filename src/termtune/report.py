@@ -40,14 +40,13 @@ from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.results import is_number
 from termtune.rundir import read_json
+from termtune.stages import ORDER
 
 PROBLEM_NOTE = "could not read"
 """Prefix of the note shown where a file could not be turned into a section."""
 
 SAMPLE_CHARS = 400
 """Sample answers longer than this are cut in the report (the full text is in predictions.jsonl)."""
-
-_STAGE_ORDER = ("data", "train", "evaluate", "export", "validate", "deploy", "invoke")
 
 _METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF",
                   "mean_length": "mean length (tokens)", "median_length": "median length (tokens)",
@@ -204,7 +203,7 @@ def _stages_done(layout: RunLayout) -> list[tuple[str, str, str]]:
     if not folder.is_dir():
         return rows
     found = {p.stem: p for p in folder.glob("*.json")}
-    for stage in sorted(found, key=lambda s: (_STAGE_ORDER.index(s) if s in _STAGE_ORDER else 99, s)):
+    for stage in sorted(found, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), s)):
         record = read_json(found[stage])
         if isinstance(record, dict):
             rows.append((stage, str(record.get("finished_at", "")), str(record.get("git_commit") or "")))

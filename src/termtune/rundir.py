@@ -2,7 +2,7 @@
 
 Each stage writes into a temporary sibling and renames it into place only when complete, so
 a crash never leaves output that looks finished. This module knows nothing about stages or
-the report: the runner (termtune.stages) decides what is complete and what to refresh.
+the report: the runner (termtune.pipeline) decides what is complete and what to refresh.
 """
 
 from __future__ import annotations
