@@ -171,3 +171,40 @@ def test_the_stages_are_named_in_one_table():
     assert tuple(s.name for s in pipeline.STAGES) == ORDER and set(pipeline.BY_NAME) == set(ORDER)
     assert stage_name_lists() == ["stages.py:9"]
     assert all(s.read_back is not None for s in pipeline.STAGES if not s.always)
+
+
+# ----------------------------------------------------------------------------- who prints
+
+SHOWS_OUTPUT = {"cli.py", "events.py"}
+"""The command line, and the event sink that shows what library code reports (termtune.events)."""
+
+
+def printing_calls(path: Path) -> list[str]:
+    """Imports of typer/click, print() calls and writes to sys.stdout / sys.stderr in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in ("typer", "click") for a in node.names) \
+                or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("typer", "click"):
+            found.append(f"{path.name}:{node.lineno}: imports typer/click")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            found.append(f"{path.name}:{node.lineno}: print()")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("write") \
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr in ("stdout", "stderr") \
+                and isinstance(node.func.value.value, ast.Name) and node.func.value.value.id == "sys":
+            found.append(f"{path.name}:{node.lineno}: sys.{node.func.value.attr}.{node.func.attr}()")
+    return found
+
+
+def test_only_the_command_line_and_the_event_sink_print():
+    """Library code (the runner, the stages, the AWS code, serve) reports through termtune.events.emit, so a
+    notebook can show it its own way; the scan sees a print written inside a function, not one in a docstring."""
+    found = [hit for path in sorted(SRC.rglob("*.py")) if path.name not in SHOWS_OUTPUT for hit in printing_calls(path)]
+    assert found == []
+    assert printing_calls(SRC / "cli.py") and printing_calls(SRC / "events.py")  # the scan sees them
+
+
+def test_the_scan_sees_each_way_of_printing(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('"""print(x) in a docstring."""\nimport sys\n\n\ndef f():\n    from typer import echo\n'
+                      '    print(1)\n    sys.stderr.write("x")\n    s = "print(2)"\n')
+    assert printing_calls(module) == ["m.py:6: imports typer/click", "m.py:7: print()", "m.py:8: sys.stderr.write()"]

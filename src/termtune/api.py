@@ -21,6 +21,15 @@ replaced results are kept in <run>/history.json, and the report is refreshed aft
 A result's repr is what the command prints; in a notebook, evaluation metrics and validation
 checks show as tables. A mistake the user can fix (a missing file, a bad setting, outputs made
 from other settings) raises termtune.errors.UserError with a one-line message.
+
+What a stage says while it runs (a stage starting or skipped and why, the wait for Bedrock, the
+answer `invoke` gets) goes through termtune.events: by default as the lines the command prints,
+on standard output and standard error. To show it another way, give it a function of your own:
+
+    from termtune import events
+
+    with events.showing(lambda kind, message: my_log.append((kind, message))):
+        tt.run(cfg)
 """
 
 from __future__ import annotations

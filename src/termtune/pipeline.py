@@ -30,11 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import typer
-
 from termtune import ownership
 from termtune.config import Config, dump_config
 from termtune.errors import UserError
+from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.quiet import quiet
 from termtune.rundir import exclusive, provenance, read_json, remove, sha256_file, write_json, write_text
@@ -146,7 +145,7 @@ def _validate(cfg: Config, force: bool) -> Outcome:
     folder = RunLayout.of(cfg).artifact
     result = Validation(folder, validate(folder))
     if result.failed:
-        typer.echo(result.summary())
+        emit("result", result.summary())
         raise UserError(f"{folder}: the artifact fails the Bedrock preflight (see the checks above)")
     return Outcome(result, result.summary())
 
@@ -427,7 +426,7 @@ def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, Any], a
             st = State(False, [gone], st.record)
     if st.complete and not force:
         if announce:
-            typer.secho(f"{stage.name}: up to date in {cfg.run_dir} (same settings and inputs), skipped", fg="green")
+            emit("skipped", f"{stage.name}: up to date in {cfg.run_dir} (same settings and inputs), skipped")
         return None
     # Everything that can refuse runs before any output is touched.
     if stage.check is not None:
@@ -436,7 +435,7 @@ def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, Any], a
     ownership.check_replaceable(layout, outputs, stage.name)
     why = st.reasons if not st.complete else ["--force"]
     if st.record is not None:
-        typer.secho(f"{stage.name}: re-running: {', '.join(why)}", fg="yellow")
+        emit("rerun", f"{stage.name}: re-running: {', '.join(why)}")
         if os.environ.get("WORLD_SIZE", "1") != "1" and stage.name == "train":
             raise UserError(f"train: {layout.train} was made with other settings; under torchrun/accelerate "
                             "start over in a new run.dir (or run once without them to replace it)")
@@ -505,7 +504,7 @@ def _echo_plan(cfg: Config, force: bool) -> None:
     does not fit refuses to train unless `force`."""
     from termtune import plan
 
-    typer.echo(plan.before_training(cfg, force))
+    emit("result", plan.before_training(cfg, force))
 
 
 def run(cfg: Config, force: bool = False) -> dict[str, Outcome | None]:
@@ -523,18 +522,18 @@ def run(cfg: Config, force: bool = False) -> dict[str, Outcome | None]:
         if not state(cfg, BY_NAME["train"], cache).complete:
             check_model_settings(cfg)  # the model's shape against lora.* fails before the data stage
         for stage in stages:
-            typer.secho(f"== {stage.name}", bold=True)
+            emit("stage", f"== {stage.name}")
             t0 = time.perf_counter()
             before = (lambda: _echo_plan(cfg, force)) if stage.name == "train" else None
             outcome = outcomes[stage.name] = _run_locked(cfg, stage, force=False, cache=cache, announce=True,
                                                          verify=True, before=before)
             if outcome is not None:
                 if outcome.summary:
-                    typer.echo(outcome.summary)
-                typer.echo(f"   ({stage.name} took {time.perf_counter() - t0:.1f}s)")
+                    emit("result", outcome.summary)
+                emit("result", f"   ({stage.name} took {time.perf_counter() - t0:.1f}s)")
     from termtune.headline import headline, terminal_block
 
-    typer.secho(f"== result (done in {time.perf_counter() - started:.0f}s)", fg="green", bold=True)
-    typer.echo(terminal_block(headline(cfg)))
-    typer.echo(f"report      {layout.report_html}")
+    emit("finished", f"== result (done in {time.perf_counter() - started:.0f}s)")
+    emit("result", terminal_block(headline(cfg)))
+    emit("result", f"report      {layout.report_html}")
     return outcomes
