@@ -29,7 +29,7 @@ from __future__ import annotations
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator, TextIO
+from typing import Callable, Iterator
 
 import typer
 
@@ -66,10 +66,9 @@ def terminal(kind: str, message: str) -> None:
             typer.echo(message, err=kind in _TO_STDERR, nl=kind != "text")
 
 
-def interactive(stream: TextIO | None = None) -> bool:
-    """True when `stream` (standard error) is a terminal: progress redraws in place there."""
-    stream = stream or sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)())
+def interactive() -> bool:
+    """True when standard error is a terminal: progress redraws in place there (bars, the import's wait)."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 def install(sink: Sink) -> Sink:
