@@ -185,6 +185,23 @@ def test_a_stage_that_fails_part_way_puts_the_old_result_back(run_copy, monkeypa
     assert attempts(run_dir) == []
 
 
+def test_a_history_that_is_not_json_stops_the_rerun_instead_of_being_replaced(run_copy):
+    """history.json lists imports earlier attempts left live (cleanup deletes them from it): a hand edit that
+    broke it is an error naming it, not an empty history that the re-run would write over."""
+    from termtune import pipeline
+    from termtune.config import load_config
+    from termtune.errors import UserError
+
+    run_dir, source = run_copy
+    edited = json.dumps([{"stage": "deploy", "live": True, "deploy": {"model_arn": "arn:earlier"}}])[:-1] + ",]"
+    (run_dir / "history.json").write_text(edited)
+    before = snapshot(run_dir)
+    cfg = load_config(None, args_for(run_dir, source, "eval.max_new_tokens=8"))
+    with pytest.raises(UserError, match=r"history\.json: not valid JSON \(Expecting value at line 1 column \d+\)$"):
+        pipeline.run_stage(cfg, "evaluate")
+    assert snapshot(run_dir) == before
+
+
 def test_a_failed_redeploy_keeps_what_it_recorded_of_the_new_import(run_copy, monkeypatch):
     """deploy.json tracks what a deploy created in AWS: never put an old one back over it (cleanup needs it)."""
     from termtune import aws, pipeline

@@ -200,6 +200,25 @@ def test_plan_from_the_source_before_the_data_stage(tiny_cfg):
     assert not (cfg.run_dir / "data").exists()  # planning writes nothing
 
 
+def test_the_plan_keeps_the_rows_the_data_stage_keeps(tmp_path):
+    """The plan reads the source through the data stage's own reader: a term repeated in another Unicode form
+    (decomposed 'Cafe\u0301', full-width 'ＡＩＤＳ') is one term to both, and both split the same rows."""
+    from conftest import medquad_rows, tiny_overrides, write_jsonl
+
+    from termtune import data
+    from termtune.config import load_config
+
+    rows = medquad_rows(40)
+    for first, again in (("Café", "Cafe\u0301"), ("AIDS", "ＡＩＤＳ"), ("Tinnitus", "tinnitus ")):
+        rows += [{"term": first, "definition": f"{first} is a term. It has a definition."},
+                 {"term": again, "definition": f"{again} is the same term written otherwise. Twice."}]
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", write_jsonl(tmp_path / "terms.jsonl", rows)))
+    p = P.plan(cfg, cpu_peak=100e9)
+    prepared = data.prepare(cfg)
+    assert prepared.stats["rows_skipped"] == {"duplicate_term": 3}
+    assert (p.data["train_rows"], p.data["test_rows"]) == (prepared.stats["train_rows"], prepared.stats["test_rows"])
+
+
 def test_unknown_gpu_and_unknown_hub_source_are_user_errors(prepared_cfg):
     from termtune.config import load_config
     from termtune.errors import UserError

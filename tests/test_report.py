@@ -195,6 +195,35 @@ def test_metric_table_shows_base_and_tuned_values(tmp_path: Path) -> None:
     assert "90% of the tuned answers stopped at max_new_tokens" in page
 
 
+@pytest.mark.parametrize("value, figure", [(0, True), (0.35, True), (-2, True), (float("nan"), False),
+                                           (float("inf"), False), (float("-inf"), False), (True, False),
+                                           ("0.35", False), (None, False)])
+def test_a_figure_is_a_finite_number_not_a_bool(value, figure):
+    from termtune.results import is_number
+
+    assert is_number(value) is figure
+
+
+def test_a_metric_that_failed_as_nan_shows_as_na_in_report_and_model_card(tmp_path: Path) -> None:
+    """json writes a library's NaN score as NaN; report and model card both show n/a, never 'nan'."""
+    from termtune.modelcard import model_card
+
+    run = tmp_path / "run"
+    populate_run(run)
+    metrics_file = run / "eval" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["tuned"]["bleu"] = float("nan")
+    metrics["base"]["chrf"] = float("inf")
+    metrics_file.write_text(json.dumps(metrics))
+    card = model_card(make_cfg(run))
+    assert re.search(r"\| bleu \| 3\.075 \| n/a \|", card) and re.search(r"\| chrf \| n/a \| 38 \|", card)
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    table = page[page.index('<table class="metrics">'):]
+    table = table[:table.index("</table>")]
+    for shown in (card, table, page[:page.index("</section>")]):  # the card, the metric table, the headline
+        assert not re.search(r"\b[+-]?(nan|inf)\b", shown, re.IGNORECASE), shown
+
+
 # A results folder also brings the "Result" headline: train, eval, artifact and deploy.json each add one section.
 @pytest.mark.parametrize("keep, sections", [([], 1), (["config.yaml"], 1), (["data"], 1), (["train"], 2),
                                             (["eval"], 3), (["artifact"], 2), (["deploy.json"], 2)])
@@ -244,6 +273,34 @@ def test_odd_files_become_notes_not_exceptions(tmp_path: Path) -> None:
     page = write_report(make_cfg(run)).read_text(encoding="utf-8")
     assert page.count(PROBLEM_NOTE) == 2  # stats.json (not JSON) and deploy.json (not an object)
     assert "metrics.jsonl holds no loss values yet" in page
+
+
+def test_a_json_file_that_is_not_json_is_one_error_wherever_it_is_read(tmp_path: Path) -> None:
+    """One reader, one rule: missing is 'not there yet'; there but broken is an error naming the file and the
+    place, from the runner, the deploy record, the plan and the report alike (before: read as missing by the
+    runner, a different message from each of the others)."""
+    from termtune import pipeline
+    from termtune import plan as P
+    from termtune.aws.stage import read_record
+    from termtune.errors import UserError
+
+    run = tmp_path / "run"
+    populate_run(run)
+    broken = '{"stage": "data",\n "finished_at": }'
+    why = r": not valid JSON \(Expecting value at line 2 column 17\)$"
+    for name in ("provenance/data.json", "deploy.json", "architecture.json", "data/stats.json"):
+        (run / name).write_text(broken)
+    cfg = make_cfg(run)
+    with pytest.raises(UserError, match=re.escape(str(run / "provenance/data.json")) + why):
+        pipeline.state(cfg, pipeline.BY_NAME["data"])
+    with pytest.raises(UserError, match=re.escape(str(run / "deploy.json")) + why):
+        read_record(cfg)
+    cfg = load_config(None, [f"run.dir={run}", "model.init=random", f"model.architecture={run / 'architecture.json'}"])
+    with pytest.raises(UserError, match=re.escape(str(run / "architecture.json")) + why):
+        P.plan(cfg)
+    page = write_report(make_cfg(run)).read_text(encoding="utf-8")
+    assert re.search(f"{PROBLEM_NOTE} .*stats.json: not valid JSON \\(Expecting value at line 2 column 17\\)", page)
+    assert pipeline.state(make_cfg(tmp_path / "new"), pipeline.BY_NAME["data"]).reasons == ["not run yet"]
 
 
 # ----------------------------------------------------------------------------- in a browser

@@ -147,3 +147,106 @@ def test_the_family_name_check_finds_a_mention(tmp_path):
     (tmp_path / "cli.py").write_text('"""termtune plan configs/flan-t5-large-medical.yaml"""\n')
     assert family_names_outside_their_module(tmp_path) == [
         "stage.py:2: from transformers import AutoModelForSeq2SeqLM", "stage.py:3: # a Flan-T5 note"]
+
+
+# ----------------------------------------------------------------------------- one place for each fact
+
+
+def private_names_used_across_modules() -> list[str]:
+    """`from termtune.x import _name` and `x._name` on an imported termtune module, where _name is not a module."""
+    modules = {module_name(p) for p in SRC.rglob("*.py")}
+    found = []
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("termtune"):
+                for alias in node.names:
+                    target = f"{node.module}.{alias.name}"
+                    imported[alias.asname or alias.name] = target
+                    if alias.name.startswith("_") and target not in modules:
+                        found.append(f"{path.name}: {target}")
+            elif isinstance(node, ast.Import):
+                imported.update({a.asname or a.name: a.name for a in node.names if a.name.startswith("termtune")})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and imported.get(node.value.id) in modules:
+                found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_reads_another_modules_private_names():
+    """The plan reads the data through the data stage's public functions (read_examples), not its internals."""
+    assert private_names_used_across_modules() == []
+
+
+def test_the_prompt_template_is_filled_in_one_place():
+    """Training, the plan, the export's check and invoke all ask data.prompt_for for a term's prompt."""
+    fills = [f"{path.relative_to(SRC)}:{node.lineno}" for path in SRC.rglob("*.py")
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "replace"
+             and any(isinstance(a, ast.Constant) and a.value == "{term}" for a in node.args)]
+    assert len(fills) == 1 and fills[0].startswith("data.py"), fills
+
+
+def stage_name_lists() -> list[str]:
+    """Tuples, lists, sets and dict keys in the source made of three or more stage names."""
+    from termtune.stages import ORDER
+
+    found = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None) \
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else None
+            names = [i for i in items or [] if isinstance(i, ast.Constant) and i.value in ORDER]
+            if len(names) >= 3 and len(names) == len(items):
+                found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    return found
+
+
+def test_the_stages_are_named_in_one_table():
+    """termtune.stages holds the stage order; the runner's stages follow it, and the report and the API's read-back
+    use it (before: a copy of the order in report.py, a table of stage names in api.py)."""
+    from termtune import pipeline
+    from termtune.stages import ORDER
+
+    assert tuple(s.name for s in pipeline.STAGES) == ORDER and set(pipeline.BY_NAME) == set(ORDER)
+    assert stage_name_lists() == ["stages.py:9"]
+    assert all(s.read_back is not None for s in pipeline.STAGES if not s.always)
+
+
+# ----------------------------------------------------------------------------- who prints
+
+SHOWS_OUTPUT = {"cli.py", "events.py"}
+"""The command line, and the event sink that shows what library code reports (termtune.events)."""
+
+
+def printing_calls(path: Path) -> list[str]:
+    """Imports of typer/click, print() calls and writes to sys.stdout / sys.stderr in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in ("typer", "click") for a in node.names) \
+                or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("typer", "click"):
+            found.append(f"{path.name}:{node.lineno}: imports typer/click")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            found.append(f"{path.name}:{node.lineno}: print()")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("write") \
+                and isinstance(node.func.value, ast.Attribute) and node.func.value.attr in ("stdout", "stderr") \
+                and isinstance(node.func.value.value, ast.Name) and node.func.value.value.id == "sys":
+            found.append(f"{path.name}:{node.lineno}: sys.{node.func.value.attr}.{node.func.attr}()")
+    return found
+
+
+def test_only_the_command_line_and_the_event_sink_print():
+    """Library code (the runner, the stages, the AWS code, serve) reports through termtune.events.emit, so a
+    notebook can show it its own way; the scan sees a print written inside a function, not one in a docstring."""
+    found = [hit for path in sorted(SRC.rglob("*.py")) if path.name not in SHOWS_OUTPUT for hit in printing_calls(path)]
+    assert found == []
+    assert printing_calls(SRC / "cli.py") and printing_calls(SRC / "events.py")  # the scan sees them
+
+
+def test_the_scan_sees_each_way_of_printing(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('"""print(x) in a docstring."""\nimport sys\n\n\ndef f():\n    from typer import echo\n'
+                      '    print(1)\n    sys.stderr.write("x")\n    s = "print(2)"\n')
+    assert printing_calls(module) == ["m.py:6: imports typer/click", "m.py:7: print()", "m.py:8: sys.stderr.write()"]

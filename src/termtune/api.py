@@ -21,13 +21,22 @@ replaced results are kept in <run>/history.json, and the report is refreshed aft
 A result's repr is what the command prints; in a notebook, evaluation metrics and validation
 checks show as tables. A mistake the user can fix (a missing file, a bad setting, outputs made
 from other settings) raises termtune.errors.UserError with a one-line message.
+
+What a stage says while it runs (a stage starting or skipped and why, the wait for Bedrock, the
+answer `invoke` gets) goes through termtune.events: by default as the lines the command prints,
+on standard output and standard error. To show it another way, give it a function of your own:
+
+    from termtune import events
+
+    with events.showing(lambda kind, message: my_log.append((kind, message))):
+        tt.run(cfg)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from termtune.config import Config
 from termtune.results import StageResult
@@ -237,61 +246,12 @@ def _stage(cfg: Config, name: str, force: bool = False) -> Any:
 
 def _read_back(cfg: Config, name: str) -> StageResult:
     """The result of a stage the runner found up to date, from the files it wrote."""
+    from termtune import pipeline
     from termtune.layout import RunLayout
 
-    result = _READERS[name](cfg, RunLayout.of(cfg))
+    result = pipeline.BY_NAME[name].read_back(cfg, RunLayout.of(cfg))
     result.up_to_date = True
     return result
-
-
-def _read_data(cfg: Config, layout: Any) -> PreparedData:
-    from termtune.data import PreparedData
-    from termtune.rundir import read_json
-
-    return PreparedData(layout.split("train"), layout.split("test"), read_json(layout.stats))
-
-
-def _read_train(cfg: Config, layout: Any) -> TrainResult:
-    from termtune.train import TrainResult
-
-    return TrainResult.load(layout.train_result)
-
-
-def _read_evaluate(cfg: Config, layout: Any) -> EvalReport:
-    from termtune.evaluate import EvalReport
-    from termtune.rundir import read_json
-
-    return EvalReport(layout.eval, read_json(layout.eval_metrics))
-
-
-def _read_export(cfg: Config, layout: Any) -> Artifact:
-    from termtune.export import Artifact
-    from termtune.rundir import read_json
-    from termtune.validate import Check
-
-    manifest = read_json(layout.manifest, {})
-    checks = [Check(**{k: v for k, v in c.items() if k != "failed"})
-              for c in read_json(layout.validation, {}).get("checks", [])]
-    record = read_json(layout.record("export"), {}).get("result", {})
-    return Artifact(path=layout.artifact, dtype=manifest.get("dtype", cfg.export.dtype),
-                    base_model=manifest.get("base_model", ""), files=manifest.get("files", []), checks=checks,
-                    seconds=record.get("seconds", 0.0), shards=record.get("weight_files", 1),
-                    bedrock_check=manifest.get("bedrock_check") or {})
-
-
-def _read_deploy(cfg: Config, layout: Any) -> DeployResult:
-    from termtune.aws import DeployResult
-    from termtune.aws.stage import read_record
-
-    r = read_record(cfg)
-    return DeployResult(r["s3_uri"], r["model_name"], r["job_name"], r.get("role_arn"), r.get("job_arn"),
-                        r.get("model_arn"), facts=r.get("imported_model") or {}, cost=r.get("cost_estimate"),
-                        already_deployed=True)
-
-
-_READERS: dict[str, Callable[[Config, Any], Any]] = {
-    "data": _read_data, "train": _read_train, "evaluate": _read_evaluate, "export": _read_export,
-    "deploy": _read_deploy}
 
 
 # ----------------------------------------------------------------------------- result types of their own

@@ -128,7 +128,9 @@ def as_validation_check(folder: Path, earlier: list["Check"]) -> "Check":
 
 def probe_prompts(template: str = "What is {term}?") -> list[str]:
     """The probe prompts: the template (data.prompt_template) filled with PROBE_TERMS."""
-    return [template.replace("{term}", term) for term in PROBE_TERMS]
+    from termtune.data import prompt_for
+
+    return [prompt_for(template, term) for term in PROBE_TERMS]
 
 
 def bedrock_python() -> tuple[Path | None, str]:

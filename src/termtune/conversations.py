@@ -108,12 +108,12 @@ def read_conversations(source: str, hub_split: str = "train", revision: str | No
     names). Each turn is checked (max_chars applies to each turn's text); a bad row is skipped and counted, or with
     `strict` an error naming the row. A conversation repeated turn for turn (by data.text_key) is dropped and
     counted, or with duplicates="error" an error."""
-    label, columns, rows = data._open_source(source, hub_split, revision)
+    label, columns, rows = data.open_source(source, hub_split, revision)
     kind = source_kind(columns)
     if kind is None:
         raise UserError(f"{label}: neither a messages column nor prompt and completion columns "
                         f"(columns: {', '.join(columns) or 'none'})")
-    findings = data._Findings(strict=strict)
+    findings = data.Findings(strict=strict)
     items: list[Conversation] = []
     seen: dict[tuple, str] = {}  # the turns' keys -> where the conversation was first
     rows_read = 0
@@ -157,7 +157,7 @@ def term_conversations(examples: list[dict[str, str]], label: str) -> list[Conve
 
 
 def _prompt_completion_messages(values: dict[str, Any], where: str, max_chars: int,
-                                findings: data._Findings) -> list[dict[str, str]] | None:
+                                findings: data.Findings) -> list[dict[str, str]] | None:
     prompt, completion = values.get("prompt"), values.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational prompt/completion
         for name, value in (("prompt", prompt), ("completion", completion)):
@@ -180,7 +180,7 @@ def _prompt_completion_messages(values: dict[str, Any], where: str, max_chars: i
 
 
 def _check_messages(messages: Any, name: str, where: str, max_chars: int,
-                    findings: data._Findings) -> list[dict[str, str]] | None:
+                    findings: data.Findings) -> list[dict[str, str]] | None:
     """The conversation with each turn checked and trimmed, or None (the finding is counted or raised)."""
     if not isinstance(messages, list):
         what = "missing or null" if messages is None else f"a {type(messages).__name__}"
@@ -218,7 +218,7 @@ def _check_messages(messages: Any, name: str, where: str, max_chars: int,
     return out
 
 
-def _check_text(value: Any, name: str, where: str, max_chars: int, findings: data._Findings) -> str | None:
+def _check_text(value: Any, name: str, where: str, max_chars: int, findings: data.Findings) -> str | None:
     """`value` trimmed, or None when it is missing, not text, empty, too long or has control characters.
 
     Trimmed because the Llama 3 and Qwen3 templates trim turns themselves: the ids must not depend on whether a
@@ -229,7 +229,7 @@ def _check_text(value: Any, name: str, where: str, max_chars: int, findings: dat
     if not isinstance(value, str):
         findings.add("wrong_type", where, f"{name} is a {type(value).__name__}, expected text")
         return None
-    if data._has_control_chars(value):
+    if data.has_control_chars(value):
         findings.add("control_characters", where, f"{name} contains control characters")
         return None
     text = value.strip()
@@ -331,7 +331,7 @@ def prepare_conversations(conversations: list[Conversation], tokenizer: Any, *, 
     definition ends with eos. The token stats are of the lengths before truncation."""
     template = _Template.of(tokenizer)
     template.check()
-    findings = data._Findings(strict=strict)
+    findings = data.Findings(strict=strict)
     rows: list[dict[str, Any]] = []
     lengths: dict[str, list[int]] = {"prompt": [], "completion": []}
     for conv in conversations:
@@ -384,5 +384,5 @@ def prepare_conversations(conversations: list[Conversation], tokenizer: Any, *, 
 
 def length_stats(lengths: list[int], limit: int) -> dict[str, Any]:
     """The data stage's token-length stats (p50 is the median) with the shortest and the count over `limit`."""
-    return {**data._length_stats(lengths, limit), "min": min(lengths),
+    return {**data.length_stats(lengths, limit), "min": min(lengths),
             "truncated": sum(1 for n in lengths if n > limit)}

@@ -62,7 +62,7 @@ class PreparedData(StageResult):
 
 
 @dataclass
-class _Findings:
+class Findings:
     strict: bool
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
@@ -91,38 +91,8 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
     probe_writable(layout.root)
 
     # --- read and validate
-    label, columns, rows = _open_source(d.source, d.hub_split, d.revision)
-    term_col, def_col = _pick_columns(label, columns, d.term_column, d.definition_column)
-    findings = _Findings(strict=d.strict)
-    examples: list[dict[str, str]] = []
-    seen: dict[str, tuple[str, str]] = {}  # term key -> (where, term) of its first row
-    rows_read = 0
-    for row in rows:
-        rows_read += 1
-        example = _check_row(row, term_col, def_col, d.max_chars, findings)
-        if example is None:
-            continue
-        key = text_key(example["term"])  # "Café" composed or decomposed, "ＡＩＤＳ" and "aids" are one term
-        if key in seen:
-            first_where, first_term = seen[key]
-            duplicate = f"duplicate term {example['term']!r} (first at {first_where}" + \
-                (f" as {first_term!r})" if first_term != example["term"] else ")")
-            if d.duplicates == "error":
-                raise UserError(f"{row.where}: {duplicate}; remove it or set data.duplicates=keep_first")
-            findings.add("duplicate_term", row.where, duplicate)
-            continue
-        seen[key] = (row.where, example["term"])
-        example["target"] = shape_target(example.pop("definition"), d.target, d.n_sentences)
-        if not example["target"]:
-            findings.add("empty_definition", row.where, "definition is empty after shaping")
-            continue
-        example["prompt"] = d.prompt_template.replace("{term}", example["term"])
-        examples.append(example)
-        if d.max_rows and len(examples) >= d.max_rows:
-            break
-    if not examples:
-        reasons = ", ".join(f"{k}: {v}" for k, v in findings.skipped.items()) or "no rows"
-        raise UserError(f"{label}: no usable rows ({reasons})")
+    read = read_examples(cfg)
+    label, examples = read.label, read.rows
 
     # --- split by term, seeded
     split = split_rows(examples, d.test_size, cfg.run.seed)
@@ -143,11 +113,11 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
     # --- save
     stats = {
         "source": label,
-        "columns": {"term": term_col, "definition": def_col},
-        "rows_read": rows_read,
+        "columns": {"term": read.columns[0], "definition": read.columns[1]},
+        "rows_read": read.rows_read,
         "rows_used": len(examples),
-        "rows_skipped": dict(findings.skipped),
-        "skip_examples": findings.examples,
+        "rows_skipped": dict(read.skipped),
+        "skip_examples": read.skip_examples,
         "train_rows": len(train_rows),
         "test_rows": len(test_rows),
         "split_merged": {"term": split.merged["term"], "definition": split.merged["definition"]},
@@ -156,14 +126,78 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
         "prompt_template": d.prompt_template,
         "max_source_length": d.max_source_length,
         "max_target_length": d.max_target_length,
-        "source_tokens": _length_stats(lengths["source"], d.max_source_length),
-        "target_tokens": _length_stats(lengths["target"], d.max_target_length),
+        "source_tokens": length_stats(lengths["source"], d.max_source_length),
+        "target_tokens": length_stats(lengths["target"], d.max_target_length),
     }
     with atomic_dir(out_dir, force=force) as tmp:
         _write_jsonl(tmp / layout.split("train").name, train_rows)
         _write_jsonl(tmp / layout.split("test").name, test_rows)
         write_json(tmp / layout.stats.name, stats)
     return PreparedData(layout.split("train"), layout.split("test"), stats)
+
+
+@dataclass
+class Examples:
+    """The usable rows of a source, as the data stage splits them."""
+
+    label: str
+    """The source as messages name it."""
+    columns: tuple[str, str]
+    """The term and definition columns used."""
+    rows_read: int
+    rows: list[dict[str, str]]
+    """term, target (the shaped definition) and prompt of each usable row, in source order."""
+    skipped: Counter
+    """Rows skipped, by reason."""
+    skip_examples: dict[str, str]
+    """The first skipped row of each reason: where it is and why."""
+
+
+def read_examples(cfg: Config, lenient: bool = False) -> Examples:
+    """Read `data.source` and keep its usable rows, at most data.max_rows: each row checked, duplicate terms
+    dropped (by text_key), the definition shaped into the target, the prompt made. A bad row is skipped and
+    counted; with data.strict it is an error, as is a duplicate with data.duplicates=error. `lenient` (the
+    plan's estimate) counts every finding and raises none. A source with no usable row is an error."""
+    d = cfg.data
+    label, columns, rows = open_source(d.source, d.hub_split, d.revision)
+    term_col, def_col = _pick_columns(label, columns, d.term_column, d.definition_column)
+    findings = Findings(strict=d.strict and not lenient)
+    examples: list[dict[str, str]] = []
+    seen: dict[str, tuple[str, str]] = {}  # term key -> (where, term) of its first row
+    rows_read = 0
+    for row in rows:
+        rows_read += 1
+        example = _check_row(row, term_col, def_col, d.max_chars, findings)
+        if example is None:
+            continue
+        key = text_key(example["term"])  # "Café" composed or decomposed, "ＡＩＤＳ" and "aids" are one term
+        if key in seen:
+            first_where, first_term = seen[key]
+            duplicate = f"duplicate term {example['term']!r} (first at {first_where}" + \
+                (f" as {first_term!r})" if first_term != example["term"] else ")")
+            if d.duplicates == "error" and not lenient:
+                raise UserError(f"{row.where}: {duplicate}; remove it or set data.duplicates=keep_first")
+            findings.add("duplicate_term", row.where, duplicate)
+            continue
+        seen[key] = (row.where, example["term"])
+        example["target"] = shape_target(example.pop("definition"), d.target, d.n_sentences)
+        if not example["target"]:
+            findings.add("empty_definition", row.where, "definition is empty after shaping")
+            continue
+        example["prompt"] = prompt_for(d.prompt_template, example["term"])
+        examples.append(example)
+        if d.max_rows and len(examples) >= d.max_rows:
+            break
+    if not examples:
+        reasons = ", ".join(f"{k}: {v}" for k, v in findings.skipped.items()) or "no rows"
+        raise UserError(f"{label}: no usable rows ({reasons})")
+    return Examples(label, (term_col, def_col), rows_read, examples, findings.skipped, findings.examples)
+
+
+def prompt_for(template: str, term: str) -> str:
+    """What the model is asked about `term`: data.prompt_template with {term} filled in. Training, the plan,
+    the export's Bedrock check and `termtune invoke` all ask through this one function."""
+    return template.replace("{term}", term)
 
 
 def load_split(cfg: Config, split: str) -> "Any":
@@ -217,7 +251,7 @@ def _merged_note(merged: dict[str, int]) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def _open_source(source: str, hub_split: str, revision: str | None) -> tuple[str, list[str], Iterator[Row]]:
+def open_source(source: str, hub_split: str, revision: str | None) -> tuple[str, list[str], Iterator[Row]]:
     """(label for messages, column names, row iterator) for a file, a folder or a Hub id."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -415,7 +449,7 @@ def _pick_columns(label: str, columns: list[str], term_col: str | None, def_col:
 # ----------------------------------------------------------------------------- validation and cleaning
 
 
-def _check_row(row: Row, term_col: str, def_col: str, max_chars: int, findings: _Findings) -> dict[str, str] | None:
+def _check_row(row: Row, term_col: str, def_col: str, max_chars: int, findings: Findings) -> dict[str, str] | None:
     """A clean {"term", "definition"} or None (the finding is counted or raised)."""
     if row.problem:
         reason, _, detail = row.problem.partition(":")
@@ -431,7 +465,7 @@ def _check_row(row: Row, term_col: str, def_col: str, max_chars: int, findings: 
         if not isinstance(value, str):
             findings.add("wrong_type", row.where, f"{column} is a {type(value).__name__}, expected text")
             return None
-        if _has_control_chars(value):
+        if has_control_chars(value):
             findings.add("control_characters", row.where, f"{column} contains control characters")
             return None
         value = normalize_whitespace(value)
@@ -445,7 +479,7 @@ def _check_row(row: Row, term_col: str, def_col: str, max_chars: int, findings: 
     return out
 
 
-def _has_control_chars(text: str) -> bool:
+def has_control_chars(text: str) -> bool:
     return any(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in text)
 
 
@@ -601,7 +635,7 @@ def _truncate(ids: list[int], limit: int, eos: int) -> list[int]:
     return ids if len(ids) <= limit else ids[: limit - 1] + [eos]
 
 
-def _length_stats(lengths: list[int], limit: int) -> dict[str, Any]:
+def length_stats(lengths: list[int], limit: int) -> dict[str, Any]:
     ordered = sorted(lengths)
 
     def pct(p: float) -> int:

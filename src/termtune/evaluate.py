@@ -31,7 +31,7 @@ from termtune.config import Config, EvalConfig
 from termtune.errors import UserError
 from termtune.families import family_of_model
 from termtune.layout import RunLayout
-from termtune.results import StageResult, html_table
+from termtune.results import StageResult, html_table, is_number
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +111,7 @@ _SUMMARY_ROWS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE
 
 def format_metric(key: str, value: Any, missing: str = "-") -> str:
     """One metric as shown in summaries and the report: ROUGE 0.123, shares 12.5%, others 12.34."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+    if not is_number(value):
         return missing
     if key.startswith("rouge"):
         return f"{value:.3f}"

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from termtune.config import Config
+from termtune.errors import UserError
 from termtune.evaluate import same_answer_note
 from termtune.families import family_of
 from termtune.layout import RunLayout
 from termtune.modelcard import bedrock_check_message
+from termtune.results import is_number
 from termtune.rundir import read_json
 
 MAIN_METRICS = (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("bleu", "BLEU"), ("chrf", "chrF"))
@@ -142,14 +144,14 @@ def human_size(size: float) -> str:
 def change(base: Any, tuned: Any) -> str:
     """'+0.312' for two numbers, '' otherwise: the difference of the values as shown (ROUGE to 3 decimals,
     BLEU and chrF to 2), so the column adds up for the reader."""
-    if isinstance(base, (int, float)) and isinstance(tuned, (int, float)):
+    if is_number(base) and is_number(tuned):
         digits = 3 if max(abs(base), abs(tuned)) <= 1 else 2
         return f"{round(tuned, digits) - round(base, digits):+.{digits}f}"
     return ""
 
 
 def _score(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+    return f"{value:.3f}" if is_number(value) else "n/a"
 
 
 def _clip(text: str, width: int = 110) -> str:
@@ -174,7 +176,12 @@ def _reference(layout: RunLayout, term: str | None) -> tuple[str | None, str | N
 
 
 def _object(path: Path) -> dict[str, Any]:
-    value = read_json(path, {})
+    """The file's object; {} when there is none, or when it is not JSON: the headline only gathers facts, and
+    the report's section for that file names the problem."""
+    try:
+        value = read_json(path, {})
+    except UserError:
+        return {}
     return value if isinstance(value, dict) else {}
 
 

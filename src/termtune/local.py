@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from termtune.errors import UserError
+from termtune.events import emit
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -231,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda number, _: sys.exit(128 + number))
     try:
         with local_aws(args.bucket, cold_start_seconds=args.cold_start) as aws:
-            print(f"local AWS: S3/IAM/STS/KMS (moto, IAM enforced) on {aws.moto_url}, Bedrock (termtune serve) on "
-                  f"{aws.bedrock_url}; running {shlex.join(command)}", file=sys.stderr, flush=True)
+            emit("note", f"local AWS: S3/IAM/STS/KMS (moto, IAM enforced) on {aws.moto_url}, Bedrock (termtune "
+                         f"serve) on {aws.bedrock_url}; running {shlex.join(command)}")
             status = subprocess.run(command).returncode
             if status != 0:  # a failed command keeps the stand-ins' logs for a look
-                print(f"local AWS: {command[0]} exited with status {status}; logs kept in {aws.logs}", file=sys.stderr)
+                emit("note", f"local AWS: {command[0]} exited with status {status}; logs kept in {aws.logs}")
                 raise SystemExit(status)
     except UserError as e:
-        print(f"termtune.local: error: {e}", file=sys.stderr)
+        emit("note", f"termtune.local: error: {e}")
         return 2
     except KeyboardInterrupt:
         return 128 + signal.SIGINT

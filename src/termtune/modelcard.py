@@ -12,6 +12,7 @@ from termtune.config import Config
 from termtune.evaluate import same_answer_note
 from termtune.families import family_for
 from termtune.layout import RunLayout
+from termtune.results import is_number
 from termtune.rundir import read_json
 
 MEDQUAD_CITATION = ('Asma Ben Abacha and Dina Demner-Fushman. "A Question-Entailment Approach to Question '
@@ -51,7 +52,7 @@ def _metrics_section(cfg: Config) -> str:
     models = [name for name in ("base", "tuned") if isinstance(metrics.get(name), dict)]
     if not models:
         return "See eval/metrics.json in the run directory."
-    keys = [k for k, v in metrics[models[-1]].items() if _is_number(v)]
+    keys = [k for k in metrics[models[-1]] if any(is_number(metrics[m].get(k)) for m in models)]
     rows = [f"| {k} | " + " | ".join(_fmt(metrics[m].get(k)) for m in models) + " |" for k in keys]
     same_answer = same_answer_note(metrics)
     return (f"{metrics.get('n', '?')} held-out examples (`eval/metrics.json`; "
@@ -89,14 +90,10 @@ def bedrock_check_line(cfg: Config) -> str:
     return f"{message[0].upper()}{message[1:]}."
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "n/a" if value is None else str(value)
+    if not is_number(value):
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def model_card(cfg: Config) -> str:

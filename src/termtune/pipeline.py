@@ -30,14 +30,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import typer
-
 from termtune import ownership
 from termtune.config import Config, dump_config
 from termtune.errors import UserError
+from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.quiet import quiet
 from termtune.rundir import exclusive, provenance, read_json, remove, sha256_file, write_json, write_text
+from termtune.stages import IN_AWS, ORDER, command_of
 
 
 @dataclass
@@ -77,6 +77,9 @@ class Stage:
     still_valid: Callable[[Config], str | None] | None = None
     """For outputs that live outside the run directory (an imported model): why they no longer hold
     although the record says complete, or None. Asked only by `termtune run`, which then re-runs the stage."""
+    read_back: Callable[[Config, RunLayout], Any] | None = None
+    """The result of a stage found up to date, from the files it wrote (what `run` would have returned).
+    None for the stages that always run."""
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -142,7 +145,7 @@ def _validate(cfg: Config, force: bool) -> Outcome:
     folder = RunLayout.of(cfg).artifact
     result = Validation(folder, validate(folder))
     if result.failed:
-        typer.echo(result.summary())
+        emit("result", result.summary())
         raise UserError(f"{folder}: the artifact fails the Bedrock preflight (see the checks above)")
     return Outcome(result, result.summary())
 
@@ -185,23 +188,71 @@ def _data_sources(cfg: Config) -> dict[str, Any]:
             "rows and split": ROWS_AND_SPLIT}
 
 
-STAGES: tuple[Stage, ...] = (
+# ----------------------------------------------------------------------------- results read back
+
+
+def _read_data(cfg: Config, layout: RunLayout) -> Any:
+    from termtune.data import PreparedData
+
+    return PreparedData(layout.split("train"), layout.split("test"), read_json(layout.stats))
+
+
+def _read_train(cfg: Config, layout: RunLayout) -> Any:
+    from termtune.train import TrainResult
+
+    return TrainResult.load(layout.train_result)
+
+
+def _read_evaluate(cfg: Config, layout: RunLayout) -> Any:
+    from termtune.evaluate import EvalReport
+
+    return EvalReport(layout.eval, read_json(layout.eval_metrics))
+
+
+def _read_export(cfg: Config, layout: RunLayout) -> Any:
+    from termtune.export import Artifact
+    from termtune.validate import Check
+
+    manifest = read_json(layout.manifest, {})
+    checks = [Check(**{k: v for k, v in c.items() if k != "failed"})
+              for c in read_json(layout.validation, {}).get("checks", [])]
+    record = read_json(layout.record("export"), {}).get("result", {})
+    return Artifact(path=layout.artifact, dtype=manifest.get("dtype", cfg.export.dtype),
+                    base_model=manifest.get("base_model", ""), files=manifest.get("files", []), checks=checks,
+                    seconds=record.get("seconds", 0.0), shards=record.get("weight_files", 1),
+                    bedrock_check=manifest.get("bedrock_check") or {})
+
+
+def _read_deploy(cfg: Config, layout: RunLayout) -> Any:
+    from termtune.aws import DeployResult
+    from termtune.aws.stage import read_record
+
+    r = read_record(cfg)
+    return DeployResult(r["s3_uri"], r["model_name"], r["job_name"], r.get("role_arn"), r.get("job_arn"),
+                        r.get("model_arn"), facts=r.get("imported_model") or {}, cost=r.get("cost_estimate"),
+                        already_deployed=True)
+
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in (
     Stage("data", _data, reads=("data", "run.seed"),
           # the source is known by its content (sources); strict only decides whether a finding
           # is an error, and a run that succeeds writes the same data either way
           ignores=("data.source", "data.strict"),
-          outputs=lambda l: [l.data], markers=lambda l: [l.split("test")], sources=_data_sources),
+          outputs=lambda l: [l.data], markers=lambda l: [l.split("test")], sources=_data_sources,
+          read_back=_read_data),
     Stage("train", _train, reads=("model", "lora", "train", "run.seed"),
           # how often to log, save and evaluate does not change the trained weights
           ignores=("train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
                    "train.dataloader_workers"),
           upstream=("data",), outputs=lambda l: [l.train, l.base_model],
           # the adapter is what evaluate and export read: deleted, the stage is not complete
-          markers=lambda l: [l.train_result, l.adapter / "adapter_model.safetensors"], check=_check_train),
+          markers=lambda l: [l.train_result, l.adapter / "adapter_model.safetensors"], check=_check_train,
+          read_back=_read_train),
     Stage("evaluate", _evaluate, reads=("eval",), ignores=("eval.samples_in_report",),
-          upstream=("data", "train"), outputs=lambda l: [l.eval], markers=lambda l: [l.eval_metrics]),
+          upstream=("data", "train"), outputs=lambda l: [l.eval], markers=lambda l: [l.eval_metrics],
+          read_back=_read_evaluate),
     Stage("export", _export, reads=("export",), upstream=("train",),
-          outputs=lambda l: [l.validation], markers=lambda l: [l.manifest]),
+          outputs=lambda l: [l.validation], markers=lambda l: [l.manifest], read_back=_read_export),
     Stage("validate", _validate, upstream=("export",), always=True),
     Stage("deploy", _deploy, reads=("aws",),
           # how long to wait and how to invoke do not change what is imported
@@ -210,10 +261,11 @@ STAGES: tuple[Stage, ...] = (
                    "aws.model_quota", "aws.role_retry_minutes", "aws.deploy"),
           upstream=("export",), outputs=lambda l: [l.deploy], markers=lambda l: [l.deploy], put_back=False,
           # deleted elsewhere, the recorded model is gone: make-like, `run` imports it again
-          still_valid=_deployed_model_gone),
+          still_valid=_deployed_model_gone, read_back=_read_deploy),
     Stage("invoke", _invoke, upstream=("deploy",), always=True),
-)
-BY_NAME = {s.name: s for s in STAGES}
+)}
+STAGES: tuple[Stage, ...] = tuple(BY_NAME[name] for name in ORDER)
+"""Every stage, in the order they run (termtune.stages)."""
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -315,7 +367,7 @@ def run_stage(cfg: Config, name: str, force: bool = False, quiet_skip: bool = Fa
     if not rank0:
         with quiet(RunLayout.of(cfg).library_log):
             return stage.run(cfg, force)
-    with locked(cfg, f"termtune {_command(name)}"), quiet(RunLayout.of(cfg).library_log):
+    with locked(cfg, f"termtune {command_of(name)}"), quiet(RunLayout.of(cfg).library_log):
         # verify: a deploy recorded complete is still asked whether Bedrock has the model (as `run` does)
         return _run_locked(cfg, stage, force, cache, announce=not quiet_skip, verify=True)
 
@@ -352,14 +404,10 @@ def _check_upstream(cfg: Config, stage: Stage, cache: dict[str, Any]) -> None:
             continue
         if st.record is None:
             raise UserError(f"{stage.name}: {name} has not completed for this config in {cfg.run_dir}; "
-                            f"run `termtune {_command(name)}` (or `termtune run`) with the same config first")
+                            f"run `termtune {command_of(name)}` (or `termtune run`) with the same config first")
         raise UserError(f"{stage.name}: refusing to use {name} outputs made with other settings "
                         f"({', '.join(st.reasons)}); run `termtune run` with this config to redo {name} "
                         "and what depends on it")
-
-
-def _command(name: str) -> str:
-    return "data prepare" if name == "data" else name
 
 
 def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, Any], announce: bool,
@@ -378,7 +426,7 @@ def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, Any], a
             st = State(False, [gone], st.record)
     if st.complete and not force:
         if announce:
-            typer.secho(f"{stage.name}: up to date in {cfg.run_dir} (same settings and inputs), skipped", fg="green")
+            emit("skipped", f"{stage.name}: up to date in {cfg.run_dir} (same settings and inputs), skipped")
         return None
     # Everything that can refuse runs before any output is touched.
     if stage.check is not None:
@@ -387,7 +435,7 @@ def _run_locked(cfg: Config, stage: Stage, force: bool, cache: dict[str, Any], a
     ownership.check_replaceable(layout, outputs, stage.name)
     why = st.reasons if not st.complete else ["--force"]
     if st.record is not None:
-        typer.secho(f"{stage.name}: re-running: {', '.join(why)}", fg="yellow")
+        emit("rerun", f"{stage.name}: re-running: {', '.join(why)}")
         if os.environ.get("WORLD_SIZE", "1") != "1" and stage.name == "train":
             raise UserError(f"train: {layout.train} was made with other settings; under torchrun/accelerate "
                             "start over in a new run.dir (or run once without them to replace it)")
@@ -456,14 +504,14 @@ def _echo_plan(cfg: Config, force: bool) -> None:
     does not fit refuses to train unless `force`."""
     from termtune import plan
 
-    typer.echo(plan.before_training(cfg, force))
+    emit("result", plan.before_training(cfg, force))
 
 
 def run(cfg: Config, force: bool = False) -> dict[str, Outcome | None]:
     """`termtune run`: every stage in order; deploy and invoke only when aws.deploy is true.
     Returns each stage's outcome by name (None for a stage that was up to date).
     `force`: train even when the plan says training does not fit this machine."""
-    stages = [s for s in STAGES if cfg.aws.deploy or s.name not in ("deploy", "invoke")]
+    stages = [s for s in STAGES if cfg.aws.deploy or s.name not in IN_AWS]
     layout = RunLayout.of(cfg)
     started = time.perf_counter()
     from termtune.modeling import check_model_settings
@@ -474,18 +522,18 @@ def run(cfg: Config, force: bool = False) -> dict[str, Outcome | None]:
         if not state(cfg, BY_NAME["train"], cache).complete:
             check_model_settings(cfg)  # the model's shape against lora.* fails before the data stage
         for stage in stages:
-            typer.secho(f"== {stage.name}", bold=True)
+            emit("stage", f"== {stage.name}")
             t0 = time.perf_counter()
             before = (lambda: _echo_plan(cfg, force)) if stage.name == "train" else None
             outcome = outcomes[stage.name] = _run_locked(cfg, stage, force=False, cache=cache, announce=True,
                                                          verify=True, before=before)
             if outcome is not None:
                 if outcome.summary:
-                    typer.echo(outcome.summary)
-                typer.echo(f"   ({stage.name} took {time.perf_counter() - t0:.1f}s)")
+                    emit("result", outcome.summary)
+                emit("result", f"   ({stage.name} took {time.perf_counter() - t0:.1f}s)")
     from termtune.headline import headline, terminal_block
 
-    typer.secho(f"== result (done in {time.perf_counter() - started:.0f}s)", fg="green", bold=True)
-    typer.echo(terminal_block(headline(cfg)))
-    typer.echo(f"report      {layout.report_html}")
+    emit("finished", f"== result (done in {time.perf_counter() - started:.0f}s)")
+    emit("result", terminal_block(headline(cfg)))
+    emit("result", f"report      {layout.report_html}")
     return outcomes

@@ -286,23 +286,8 @@ def _sample_source(cfg: Config, sample_rows: int) -> DataEstimate:
     from termtune.modeling import load_tokenizer
 
     d = cfg.data
-    label, columns, rows = data._open_source(d.source, d.hub_split, d.revision)
-    term_col, def_col = data._pick_columns(label, columns, d.term_column, d.definition_column)
-    findings = data._Findings(strict=False)
-    examples, seen = [], set()
-    for row in rows:
-        ex = data._check_row(row, term_col, def_col, d.max_chars, findings)
-        if ex is None or ex["term"].casefold() in seen:
-            continue
-        seen.add(ex["term"].casefold())
-        ex["target"] = data.shape_target(ex.pop("definition"), d.target, d.n_sentences)
-        if ex["target"]:
-            ex["prompt"] = d.prompt_template.replace("{term}", ex["term"])
-            examples.append(ex)
-        if d.max_rows and len(examples) >= d.max_rows:
-            break
-    if not examples:
-        raise UserError(f"{label}: no usable rows")
+    read = data.read_examples(cfg, lenient=True)
+    label, examples = read.label, read.rows
     train, test = data.split_by_term(examples, d.test_size, cfg.run.seed)
     step = max(1, len(train) // sample_rows)
     sample = train[::step][:sample_rows] + test[:sample_rows]

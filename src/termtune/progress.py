@@ -1,21 +1,17 @@
 """Progress that suits where it is shown: a live bar on a terminal, sparse lines in a log.
 
 A redirected `termtune run > log` (CI, `make demo > log`) would otherwise collect hundreds of
-carriage-return updates; there, `Lines` prints one line every ~10 % of the work or every ~30 s,
-whichever comes first.
+carriage-return updates; there, `Lines` reports one line every ~10 % of the work or every ~30 s,
+whichever comes first (as termtune.events "progress" events). `interactive()` says which of the two.
 """
 
 from __future__ import annotations
 
-import sys
 import time
-from typing import TextIO
 
+from termtune.events import emit, interactive
 
-def interactive(stream: TextIO | None = None) -> bool:
-    """True when progress goes to a terminal (bars redraw in place there)."""
-    stream = stream or sys.stderr
-    return bool(getattr(stream, "isatty", lambda: False)())
+__all__ = ["Lines", "clock", "interactive"]
 
 
 def clock(seconds: float) -> str:
@@ -28,11 +24,9 @@ def clock(seconds: float) -> str:
 class Lines:
     """One line per ~10 % of `total` or per `every_s` seconds, for logs that are not terminals."""
 
-    def __init__(self, what: str, total: int, every_s: float = 30.0, share: float = 0.1,
-                 stream: TextIO | None = None) -> None:
+    def __init__(self, what: str, total: int, every_s: float = 30.0, share: float = 0.1) -> None:
         self.what, self.total, self.every_s = what, max(total, 1), every_s
         self.step = max(1, round(self.total * share))
-        self.stream = stream or sys.stderr
         self.start = self.last_time = time.monotonic()
         self.last_n = 0
 
@@ -46,6 +40,6 @@ class Lines:
             return
         elapsed = now - self.start
         left = f", ~{clock(elapsed / n * (self.total - n))} left" if 0 < n < self.total else ""
-        print(f"{self.what} {n}/{self.total} ({n / self.total:.0%}) {clock(elapsed)}{left}"
-              + (f"  {detail}" if detail else ""), file=self.stream, flush=True)
+        emit("progress_done" if n >= self.total else "progress", f"{self.what} {n}/{self.total} ({n / self.total:.0%}) {clock(elapsed)}{left}"
+             + (f"  {detail}" if detail else ""))
         self.last_n, self.last_time = n, now

@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any
 
+from termtune.events import emit
+
 ADMIN = "termtune-rehearsal-admin"
 BOOTSTRAP_REQUESTS = 3  # CreateUser, PutUserPolicy, CreateAccessKey
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     server, url, keys = start_moto(args.host, args.port)
     with open(args.env_file, "w", encoding="utf-8") as f:
         f.write("".join(f"export {k}={v}\n" for k, v in keys.items()))
-    print(f"moto (S3, IAM, STS, KMS; IAM access control on) on {url}", file=sys.stderr, flush=True)
+    emit("note", f"moto (S3, IAM, STS, KMS; IAM access control on) on {url}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:

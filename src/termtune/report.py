@@ -36,16 +36,17 @@ import yaml
 
 from termtune import history
 from termtune.config import Config
+from termtune.errors import UserError
 from termtune.layout import RunLayout
+from termtune.results import is_number
 from termtune.rundir import read_json
+from termtune.stages import ORDER
 
 PROBLEM_NOTE = "could not read"
 """Prefix of the note shown where a file could not be turned into a section."""
 
 SAMPLE_CHARS = 400
 """Sample answers longer than this are cut in the report (the full text is in predictions.jsonl)."""
-
-_STAGE_ORDER = ("data", "train", "evaluate", "export", "validate", "deploy", "invoke")
 
 _METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF",
                   "mean_length": "mean length (tokens)", "median_length": "median length (tokens)",
@@ -118,7 +119,11 @@ def write_report(cfg: Config) -> Path:
                 write_bytes(layout.report_assets / f"{value.name}.png", value.png)
     write_text(layout.report_md, _render_md(title, generated, run, sections))
     write_text(layout.report_html, _render_html(title, generated, run, sections))
-    write_text(layout.model_card, model_card(cfg))
+    try:
+        card = model_card(cfg)
+    except UserError as e:  # a run file that is not what termtune wrote: the report notes it too
+        card = f"# {run.name}\n\nThe model card could not be written: {e}\n"
+    write_text(layout.model_card, card)
     return layout.report_html
 
 
@@ -198,8 +203,8 @@ def _stages_done(layout: RunLayout) -> list[tuple[str, str, str]]:
     if not folder.is_dir():
         return rows
     found = {p.stem: p for p in folder.glob("*.json")}
-    for stage in sorted(found, key=lambda s: (_STAGE_ORDER.index(s) if s in _STAGE_ORDER else 99, s)):
-        record = _read_json(found[stage])
+    for stage in sorted(found, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), s)):
+        record = read_json(found[stage])
         if isinstance(record, dict):
             rows.append((stage, str(record.get("finished_at", "")), str(record.get("git_commit") or "")))
     return rows
@@ -241,12 +246,12 @@ def _attempt_figures(stage: Any, result: dict[str, Any], entry: dict[str, Any]) 
 
 
 def _num(value: Any) -> str:
-    return f"{value:.4f}" if _is_number(value) else "n/a"
+    return f"{value:.4f}" if is_number(value) else "n/a"
 
 
 def _data_section(cfg: Config) -> Section | None:
     """Data"""
-    stats = _read_json(RunLayout.of(cfg).stats)
+    stats = read_json(RunLayout.of(cfg).stats)
     if stats is None:
         return None
     section = Section("Data")
@@ -263,7 +268,7 @@ def _data_section(cfg: Config) -> Section | None:
     # Objects of numbers (token length stats per side) share one table, one row each; other
     # objects of plain values (the column mapping) get a small table of their own.
     numeric = {k: v for k, v in stats.items()
-               if k != "rows_skipped" and isinstance(v, dict) and v and all(_is_number(x) for x in v.values())}
+               if k != "rows_skipped" and isinstance(v, dict) and v and all(is_number(x) for x in v.values())}
     if numeric:
         columns: list[str] = []
         for value in numeric.values():
@@ -281,7 +286,7 @@ def _training_section(cfg: Config) -> Section | None:
     """Training"""
     layout = RunLayout.of(cfg)
     metrics_path = layout.train_metrics
-    result = _read_json(layout.train_result)
+    result = read_json(layout.train_result)
     if not metrics_path.is_file() and result is None:
         return None
     section = Section("Training")
@@ -294,11 +299,11 @@ def _training_section(cfg: Config) -> Section | None:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a crash
-            if not isinstance(event, dict) or not _is_number(event.get("step")):
+            if not isinstance(event, dict) or not is_number(event.get("step")):
                 continue
-            if _is_number(event.get("loss")):
+            if is_number(event.get("loss")):
                 train.append((event["step"], event["loss"]))
-            if _is_number(event.get("eval_loss")):
+            if is_number(event.get("eval_loss")):
                 held_out.append((event["step"], event["eval_loss"]))
         if train or held_out:
             section.image(_loss_plot(train, held_out))
@@ -312,7 +317,7 @@ def _training_section(cfg: Config) -> Section | None:
 
 def _plan_section(cfg: Config) -> Section | None:
     """Plan vs measured"""
-    record = _read_json(RunLayout.of(cfg).record("train"))
+    record = read_json(RunLayout.of(cfg).record("train"))
     rows = record.get("result", {}).get("plan_vs_measured") if isinstance(record, dict) else None
     if not rows:
         return None
@@ -327,7 +332,7 @@ def _evaluation_section(cfg: Config) -> Section | None:
     """Evaluation"""
     from termtune.evaluate import format_metric, same_answer_note
 
-    metrics = _read_json(RunLayout.of(cfg).eval_metrics)
+    metrics = read_json(RunLayout.of(cfg).eval_metrics)
     if metrics is None:
         return None
     section = Section("Evaluation: base vs tuned")
@@ -351,7 +356,7 @@ def _evaluation_section(cfg: Config) -> Section | None:
         same_answer = same_answer_note(metrics, model)
         if same_answer:
             section.note(f"{same_answer}: ROUGE, BLEU and chrF then measure that text's overlap with the references.")
-    if _is_number(cut) and cut > 0.5:
+    if is_number(cut) and cut > 0.5:
         section.note(f"{cut:.0%} of the tuned answers stopped at max_new_tokens without ending: raise "
                      "eval.max_new_tokens, or train longer so the model learns where a definition ends.")
     return section
@@ -386,7 +391,7 @@ def _artifact_section(cfg: Config) -> Section | None:
     from termtune.modelcard import bedrock_check_line
 
     layout = RunLayout.of(cfg)
-    manifest = _read_json(layout.manifest)
+    manifest = read_json(layout.manifest)
     if manifest is None:
         return None
     section = Section("Artifact")
@@ -402,7 +407,7 @@ def _artifact_section(cfg: Config) -> Section | None:
         for item in files:
             if isinstance(item, dict):
                 size = item.get("size", item.get("bytes"))
-                rows.append((item.get("path", item.get("name", "")), human_size(size) if _is_number(size) else "",
+                rows.append((item.get("path", item.get("name", "")), human_size(size) if is_number(size) else "",
                              str(item.get("sha256", ""))[:16]))
             else:
                 rows.append((item, "", ""))
@@ -412,7 +417,7 @@ def _artifact_section(cfg: Config) -> Section | None:
 
 def _validation_section(cfg: Config) -> Section | None:
     """Validation"""
-    checks = _read_json(RunLayout.of(cfg).validation)
+    checks = read_json(RunLayout.of(cfg).validation)
     if checks is None:
         return None
     section = Section("Bedrock CMI validation")
@@ -440,8 +445,8 @@ def _validation_section(cfg: Config) -> Section | None:
 
 def _deploy_section(cfg: Config) -> Section | None:
     """Deployment"""
-    deploy = _read_json(RunLayout.of(cfg).deploy)
-    invoke = _read_json(RunLayout.of(cfg).invoke)
+    deploy = read_json(RunLayout.of(cfg).deploy)
+    invoke = read_json(RunLayout.of(cfg).invoke)
     if deploy is None and invoke is None:
         return None
     section = Section("Deployment")
@@ -508,7 +513,7 @@ def _metric_plot(keys: list[str], by_model: dict[str, dict[str, Any]]) -> Image:
 
 
 def _as_percent(key: str, value: Any) -> float:
-    if not _is_number(value):
+    if not is_number(value):
         return 0.0
     return float(value) * 100 if key.startswith("rouge") else float(value)
 
@@ -613,19 +618,6 @@ def _md_cell(text: Any) -> str:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _read_json(path: Path) -> Any:
-    """The parsed file, or None when it does not exist. Unreadable JSON raises (shown as a note)."""
-    if not path.is_file():
-        return None
-    value = read_json(path, _UNREADABLE)
-    if value is _UNREADABLE:
-        raise ValueError(f"{path.name} is not valid JSON")
-    return value
-
-
-_UNREADABLE = object()
-
-
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
     for key, value in data.items():
         if isinstance(value, dict) and value:
@@ -637,10 +629,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]
 def _clip(value: Any, chars: int = SAMPLE_CHARS) -> str:
     text = "" if value is None else str(value)
     return text if len(text) <= chars else text[:chars].rstrip() + " …"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def _cell(value: Any) -> str:

@@ -9,6 +9,7 @@ runner read back from the run directory because the stage was already up to date
 from __future__ import annotations
 
 import html
+import math
 from typing import Any, Iterable
 
 
@@ -24,6 +25,12 @@ class StageResult:
     def __repr__(self) -> str:
         note = "\n(up to date: read back from the run directory, not run again)" if self.up_to_date else ""
         return self.summary() + note
+
+
+def is_number(value: Any) -> bool:
+    """A figure worth showing, comparing or plotting: an int or a finite float. Not a bool (JSON's true is no
+    score), not NaN or infinity (what json reads from a NaN or Infinity a library wrote for a failed metric)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def html_table(header: Iterable[str], rows: Iterable[Iterable[Any]], caption: str = "") -> str:

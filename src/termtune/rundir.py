@@ -2,7 +2,7 @@
 
 Each stage writes into a temporary sibling and renames it into place only when complete, so
 a crash never leaves output that looks finished. This module knows nothing about stages or
-the report: the runner (termtune.stages) decides what is complete and what to refresh.
+the report: the runner (termtune.pipeline) decides what is complete and what to refresh.
 """
 
 from __future__ import annotations
@@ -58,11 +58,22 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
-    """The parsed file, or `default` when it is missing or not valid JSON (a file cut short by a crash)."""
+    """The parsed file, or `default` when there is no such file. Every JSON file termtune reads comes through here.
+
+    A file that is there but is not JSON is an error naming it and the place: never read as missing, which would
+    let the next write replace what it held (a run history, the record of a deployment). termtune writes every
+    file whole (write_json), so such a file was changed by someone or something else."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return default
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid JSON (not UTF-8 text at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
 
 
 def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:

@@ -78,6 +78,7 @@ from termtune import serve_rules, serve_runtime
 from termtune.aws.clients import RUNTIME_HEADER, STAND_IN_HEADER
 from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS, MAX_TAGS, MODEL_ARN_RE, ROLE_ARN_RE,
                                 SORT_BY, SORT_ORDER, field_problem)
+from termtune.events import emit
 from termtune.safepath import UnsafeName, inside
 
 MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit
@@ -678,8 +679,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:  # method, path and status only; headers (credentials) never
             path = unquote(urlsplit(getattr(self, "path", "") or "").path)  # unset when the request line never came
-            sys.stderr.write(f"serve: {getattr(self, 'command', None) or '-'} {path} "
-                             f"{args[1] if len(args) > 1 else format % args}\n")
+            emit("note", f"serve: {getattr(self, 'command', None) or '-'} {path} "
+                         f"{args[1] if len(args) > 1 else format % args}")
 
     def _dispatch(self, method: str) -> None:
         state = self.server.state
@@ -884,7 +885,7 @@ class BedrockServer(ThreadingHTTPServer):
         """A connection that broke (client gone, timed out): one line, not a traceback."""
         if not self.quiet:
             error = sys.exc_info()[1]
-            sys.stderr.write(f"serve: connection from {client_address[0]} ended: {type(error).__name__}: {error}\n")
+            emit("note", f"serve: connection from {client_address[0]} ended: {type(error).__name__}: {error}")
 
     @property
     def url(self) -> str:
@@ -917,12 +918,11 @@ def serve(host: str = "127.0.0.1", port: int = 8787, cold_start_seconds: float =
                     role_delay_seconds=role_delay_seconds, local_root=local_root, runtime=runtime)
     server = BedrockServer((host, port), state)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"serve: warning: listening on {host} with no authentication; anyone who can reach it can "
-              "import and invoke models", file=sys.stderr)
-    print(f"termtune serve: a local stand-in for Amazon Bedrock (control plane + runtime, region {region}, not "
-          f"AWS) on {server.url}\n  models run under {state.runtime.label}\n"
-          f"  export AWS_ENDPOINT_URL_BEDROCK={server.url} AWS_ENDPOINT_URL_BEDROCK_RUNTIME={server.url}",
-          file=sys.stderr, flush=True)
+        emit("note", f"serve: warning: listening on {host} with no authentication; anyone who can reach it can "
+                     "import and invoke models")
+    emit("note", f"termtune serve: a local stand-in for Amazon Bedrock (control plane + runtime, region {region}, "
+                 f"not AWS) on {server.url}\n  models run under {state.runtime.label}\n"
+                 f"  export AWS_ENDPOINT_URL_BEDROCK={server.url} AWS_ENDPOINT_URL_BEDROCK_RUNTIME={server.url}")
     # `kill` (SIGTERM, what scripts send) ends it as cleanly as Ctrl-C: the work folder goes too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -36,12 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import typer
-
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.families import family_for, family_of_model
 from termtune.families.base import padded_separately
+from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
 from termtune.oserrors import probe_writable, writing
@@ -495,7 +494,7 @@ def _resume_point(cfg: Config, checkpoints_dir: Path, data_sha256: str, rank: in
     if trained_on != data_sha256:
         if rank == 0:
             why = "data changed" if trained_on else "its seal does not say which"
-            typer.secho(f"train: {resume.name} was trained on other data ({why}); starting fresh", fg="yellow")
+            emit("rerun", f"train: {resume.name} was trained on other data ({why}); starting fresh")
             for folder in checkpoints_dir.iterdir():
                 if folder.is_dir() and _CHECKPOINT.match(folder.name):
                     shutil.rmtree(folder)

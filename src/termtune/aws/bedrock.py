@@ -6,13 +6,13 @@ each is done here, before the call that would otherwise fail minutes later.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Callable
 
 from termtune.aws.clients import error_code, error_message
 from termtune.aws.names import CMI_REGIONS, field_problem
 from termtune.errors import UserError
+from termtune.events import emit, interactive
 
 NAME_HINT = "use lowercase letters, digits and single hyphens"
 
@@ -77,8 +77,8 @@ def create_job(bedrock: Any, request: dict, role_retry_seconds: float, on_role_r
             if code in ("ValidationException", "AccessDeniedException") and "role" in message.lower() \
                     and time.monotonic() < deadline:
                 on_role_retry(f"{code}: {message}")
-                print(f"Bedrock cannot use the new IAM role yet ({code}: {message}); IAM propagation "
-                      f"can take a minute or two, retrying in {delay:.0f}s", file=sys.stderr)
+                emit("note", f"Bedrock cannot use the new IAM role yet ({code}: {message}); IAM propagation "
+                             f"can take a minute or two, retrying in {delay:.0f}s")
                 sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 15.0)
                 continue
@@ -96,8 +96,6 @@ def wait_for_job(bedrock: Any, job_arn: str, timeout_s: float, poll_s: float,
                  then: str = "re-run termtune deploy later to keep waiting") -> dict:
     """Poll until Completed or Failed, showing the elapsed time; returns the job description.
     After timeout_s, one UserError that ends with `then` (what the user does next)."""
-    from termtune.progress import interactive
-
     start = last_line = time.monotonic()
     tty = interactive()
     delay = min(2.0, poll_s)  # small jobs finish in seconds; back off to poll_s for long ones
@@ -108,15 +106,12 @@ def wait_for_job(bedrock: Any, job_arn: str, timeout_s: float, poll_s: float,
         elapsed = time.monotonic() - start
         line = (f"waiting for Bedrock to import {job.get('importedModelName') or job.get('jobName')}: {status}, "
                 f"{_clock(elapsed)} so far (gives up after {_clock(timeout_s)}; an import takes minutes, up to an hour)")
-        if tty:
-            print("\r" + line, file=sys.stderr, end="", flush=True)
-        elif status != last_status or time.monotonic() - last_line >= 30:  # a log gets a line per ~30 s
-            print(line, file=sys.stderr, flush=True)
+        done = status in ("Completed", "Failed")
+        if tty or done or status != last_status or time.monotonic() - last_line >= 30:  # a log: a line per ~30 s
+            emit("progress_done" if done else "progress", line)
             last_line = time.monotonic()
         last_status = status
-        if status in ("Completed", "Failed"):
-            if tty:
-                print(file=sys.stderr)
+        if done:
             return job
         if elapsed > timeout_s:
             raise UserError(f"import job {job_arn} still {status} after {_clock(elapsed)} "
@@ -152,8 +147,8 @@ def release_import(bedrock: Any, record: dict, timeout_s: float, poll_s: float,
             if error_code(e) not in ("ResourceNotFoundException", "ValidationException"):
                 raise  # not found: the create call never reached Bedrock
     if job and job.get("status") == "InProgress":
-        print(f"import job {job.get('jobName', job_id)} is still InProgress; waiting for it to end before "
-              "deleting anything", file=sys.stderr)
+        emit("note", f"import job {job.get('jobName', job_id)} is still InProgress; waiting for it to end before "
+                     "deleting anything")
         job = wait_for_job(bedrock, job.get("jobArn") or job_id, timeout_s, poll_s, sleep,
                            then="nothing was deleted; run termtune cleanup again once the job has ended")
     if job is not None:

@@ -8,14 +8,15 @@ gives up after seconds, so invoke keeps retrying within aws.cold_start_budget_mi
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any, Callable
 
+from termtune import data
 from termtune.aws.clients import RUNTIME_HEADER, client, error_code, error_message, stand_in
 from termtune.aws.stage import aws_errors, read_record
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.rundir import write_json
 
@@ -82,9 +83,9 @@ def invoke(cfg: Config, prompt: str, model_arn: str, stream: bool = False,
             if code in RETRY_CODES and waited < budget:
                 if code == "ModelNotReadyException" and (retries == 0 or waited - told >= 30):
                     told = waited
-                    print(f"waiting for the model to warm up (ModelNotReadyException: Bedrock is loading it, which "
-                          f"can take minutes): {waited:.0f}s so far, retrying for up to {budget / 60:g} min "
-                          "(aws.cold_start_budget_minutes)", file=sys.stderr)
+                    emit("note", f"waiting for the model to warm up (ModelNotReadyException: Bedrock is loading it, "
+                                 f"which can take minutes): {waited:.0f}s so far, retrying for up to {budget / 60:g} "
+                                 "min (aws.cold_start_budget_minutes)")
                 retries += 1
                 sleep(min(delay, budget - waited))
                 delay = min(delay * 2, 30.0)
@@ -121,7 +122,8 @@ def _stream(rt: Any, model_arn: str, body: str, on_text: Callable[[str], None] |
 
 def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, model_arn: str | None = None,
                stream: bool = False, as_json: bool = False) -> dict:
-    """termtune invoke: build the prompt, call the model, print, and save <run>/invoke.json."""
+    """termtune invoke: build the prompt, call the model, show the answer (termtune.events), and save
+    <run>/invoke.json."""
     if term and raw:
         raise UserError("--term and --raw are exclusive: give a term (sent through data.prompt_template) or raw text")
     record = read_record(cfg)
@@ -129,21 +131,18 @@ def invoke_cli(cfg: Config, term: str | None = None, raw: str | None = None, mod
     if not model_arn:
         raise UserError(f"{RunLayout.of(cfg).deploy}: no imported model recorded; run termtune deploy, "
                         "or pass --model <imported model ARN>")
-    prompt = raw if raw is not None else cfg.data.prompt_template.replace("{term}", term or cfg.aws.invoke_prompt)
-
-    def echo(piece: str) -> None:
-        print(piece, end="", flush=True)
-
-    result = invoke(cfg, prompt, model_arn, stream=stream, on_text=None if as_json else echo)
+    prompt = raw if raw is not None else data.prompt_for(cfg.data.prompt_template, term or cfg.aws.invoke_prompt)
+    show_piece = None if as_json else lambda piece: emit("text", piece)
+    result = invoke(cfg, prompt, model_arn, stream=stream, on_text=show_piece)
     saved = {"model_arn": model_arn, "prompt": prompt, "request": request_body(cfg, prompt), "stream": stream,
              **result}
     write_json(RunLayout.of(cfg).invoke, saved)
     if as_json:
-        print(json.dumps(saved, indent=2))
+        emit("result", json.dumps(saved, indent=2))
     elif stream:
-        print()
+        emit("text", "\n")  # the streamed answer's line ends
     else:
-        print(result["text"])
+        emit("result", result["text"])
     if result.get("local_stand_in") and not as_json:
-        print(f"model arn {model_arn} ({result['local_stand_in']})", file=sys.stderr)
+        emit("note", f"model arn {model_arn} ({result['local_stand_in']})")
     return saved

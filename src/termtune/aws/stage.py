@@ -31,6 +31,7 @@ from termtune.aws.clients import client, credentials_problem, error_code, error_
 from termtune.aws.names import bucket_problem, job_name_for, role_name_problem, safe_name
 from termtune.config import Config
 from termtune.errors import UserError
+from termtune.events import emit
 from termtune.export import artifact_digest
 from termtune.layout import RunLayout
 from termtune.results import StageResult
@@ -129,13 +130,7 @@ def names(cfg: Config, rid: str, artifact_sha256: str | None = None, taken: set[
 
 
 def read_record(cfg: Config) -> dict[str, Any]:
-    path = RunLayout.of(cfg).deploy
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}); delete it if no deployment is in flight") from e
+    return read_json(RunLayout.of(cfg).deploy, {})
 
 
 def _save(cfg: Config, record: dict[str, Any]) -> None:
@@ -195,12 +190,11 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
     bedrock.check_request(cfg.aws.region, fields + [("roleArn", probe_role, "aws.role_arn")])
 
     if dry_run:
-        print(f"would upload {len(model_files)} files ({sum(f.size for f in model_files) / 1e6:.1f} MB) to "
-              f"{n['s3_uri']} with SSE {cfg.aws.sse}, and termtune's {', '.join(f.path for f in own_files)} to "
-              f"s3://{n['bucket']}/{n['meta_prefix']}", file=sys.stderr)
-        print(_role_plan(cfg, rid), file=sys.stderr)
-        print(f"would create import job {job_name} -> imported model {n['model_name']} in {cfg.aws.region}",
-              file=sys.stderr)
+        emit("note", f"would upload {len(model_files)} files ({sum(f.size for f in model_files) / 1e6:.1f} MB) to "
+                     f"{n['s3_uri']} with SSE {cfg.aws.sse}, and termtune's {', '.join(f.path for f in own_files)} "
+                     f"to s3://{n['bucket']}/{n['meta_prefix']}")
+        emit("note", _role_plan(cfg, rid))
+        emit("note", f"would create import job {job_name} -> imported model {n['model_name']} in {cfg.aws.region}")
         return DeployResult(n["s3_uri"], n["model_name"], job_name, dry_run=True)
 
     # 2. set up
@@ -222,8 +216,8 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
         try:
             for prefix in (n["prefix"], n["meta_prefix"]):  # what an interrupted upload left open
                 if s3.abort_uploads(s3c, n["bucket"], prefix):
-                    print(f"aborted the incomplete multipart uploads an interrupted deploy left under "
-                          f"s3://{n['bucket']}/{prefix}", file=sys.stderr)
+                    emit("note", f"aborted the incomplete multipart uploads an interrupted deploy left under "
+                                 f"s3://{n['bucket']}/{prefix}")
             up = s3.upload(s3c, artifact, model_files, n["bucket"], n["prefix"], cfg.aws.sse, cfg.aws.kms_key_id)
             s3.upload(s3c, artifact, own_files, n["bucket"], n["meta_prefix"], cfg.aws.sse, cfg.aws.kms_key_id,
                       progress=False)
@@ -427,9 +421,9 @@ def model_kms_key_arn(cfg: Config) -> str:
                         "only with a symmetric encryption key (SYMMETRIC_DEFAULT)")
     owner, account = meta["Arn"].split(":")[4], _account(cfg, required=True)
     if owner != account:
-        print(f"aws.model_kms_key_id: {meta['Arn']} belongs to account {owner}, not yours ({account}); the import "
-              "works only if that key's policy also grants Bedrock kms:CreateGrant, kms:DescribeKey, "
-              "kms:GenerateDataKey and kms:Decrypt for your account", file=sys.stderr)
+        emit("note", f"aws.model_kms_key_id: {meta['Arn']} belongs to account {owner}, not yours ({account}); the "
+                     "import works only if that key's policy also grants Bedrock kms:CreateGrant, kms:DescribeKey, "
+                     "kms:GenerateDataKey and kms:Decrypt for your account")
     return meta["Arn"]
 
 
@@ -552,14 +546,14 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     plan += [f"this run's policy {policy} on IAM role {role} (the role too, if termtune created it and no other "
              "run uses it)" for role, policy in grants]
     if not plan:
-        print("nothing recorded to delete", file=sys.stderr)
+        emit("note", "nothing recorded to delete")
         return []
-    print("will delete:\n  " + "\n  ".join(plan), file=sys.stderr)
+    emit("note", "will delete:\n  " + "\n  ".join(plan))
     if not yes:
         if not sys.stdin.isatty():
             raise UserError("cleanup deletes cloud resources; pass --yes to confirm when not at a terminal")
         if input("proceed? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("nothing deleted", file=sys.stderr)
+            emit("note", "nothing deleted")
             return []
     with aws_errors():
         done = []
@@ -577,7 +571,7 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
         iamc = client("iam", region, cfg.aws.profile) if grants else None
         for role, policy in grants:
             done += iam.release(iamc, role, policy)
-    print("\n".join(done) if done else "nothing left to delete", file=sys.stderr)
+    emit("note", "\n".join(done) if done else "nothing left to delete")
     if record:
         record.update({"status": "deleted", "deleted_model_arn": record.get("model_arn"), "model_arn": None})
         _save(cfg, record)
