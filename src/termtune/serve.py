@@ -11,8 +11,10 @@ against it once the SDK's standard endpoint settings point at it:
 What it does like AWS: the rest-json routes and status codes, the field patterns and
 lengths (termtune.aws.names), one running import job per region, the imported-model
 quota, clientRequestToken idempotency, the exact status strings InProgress / Completed /
-Failed, ARNs of the real form, error codes botocore raises as the same ClientError, both
-completion schemas, and the event-stream framing of InvokeModelWithResponseStream.
+Failed, ARNs of the real form, error codes botocore raises as the same ClientError, the three
+invoke formats (Bedrock completion, OpenAI completion, OpenAI chat completion with the chat template
+applied here), Converse and ConverseStream for the families AWS offers them to (a ValidationException
+for the others), and the event-stream framing of InvokeModelWithResponseStream.
 
 The import job does what Bedrock does: it refuses a role of another account (iam:PassRole
 cannot pass one), evaluates the role's trust policy for the service principal
@@ -34,7 +36,9 @@ the key (as an ARN) and vpcConfig are echoed by the Get* calls.
 Choices where AWS does not document the behaviour (docs/aws.md lists them): a reused job or
 model name answers ConflictException; a request with neither max_tokens nor max_gen_len gets
 the OpenAI completion schema with 16 tokens; max_tokens must be 1..the model's n_positions and
-the prompt at most 512 tokens (and 16,384 characters, checked before tokenizing); one generation
+the prompt at most 512 tokens for Flan-T5, the context up to 32,768 for a decoder (and 32 characters
+a token, checked before tokenizing); a streamed chat completion is OpenAI's chat.completion.chunk;
+Qwen2.5 (which shares Qwen2's architecture) is told by its tokenizer's added tokens; one generation
 per model at a time, each within a time budget, and a caller kept waiting too long for the
 model is throttled; streaming sends one chunk per generated token, each in the request's
 schema, then one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
