@@ -91,12 +91,13 @@ def _decoder_generate(model: Any, tokenizer: Any, enc: Any, kwargs: dict) -> tup
 
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
-    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is None:
+    eos = [token for token in eos if token is not None] or None  # None: a model with no eos runs to the limit
+    if eos and model.generation_config.pad_token_id is None and tokenizer.pad_token_id is None:
         kwargs = {**kwargs, "pad_token_id": eos[0]}  # what generate picks itself, without its warning
     with torch.no_grad():
         out = model.generate(**enc, **kwargs, eos_token_id=eos)[0].tolist()
     ids = out[int(enc["input_ids"].shape[1]):]
-    end = next((i for i, token in enumerate(ids) if token in eos), None)
+    end = next((i for i, token in enumerate(ids) if token in (eos or ())), None)
     return (ids, False) if end is None else (ids[:end], True)
 
 

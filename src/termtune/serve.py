@@ -496,7 +496,8 @@ class Bedrock:
             raise ApiError("ValidationException", f"termtune serve (a local stand-in) does not support "
                                                   f"{', '.join(unknown)} in Converse requests.")
         system = body.get("system") or []
-        if not isinstance(system, list) or not all(isinstance(b, dict) and set(b) == {"text"} for b in system):
+        if not isinstance(system, list) or not all(isinstance(b, dict) and set(b) == {"text"}
+                                                   and isinstance(b["text"], str) for b in system):
             raise ApiError("ValidationException", "system must be a list of text blocks ({\"text\": ...}).")
         turns = body.get("messages")
         if not isinstance(turns, list) or not turns:
@@ -547,15 +548,16 @@ class Bedrock:
 @dataclass
 class Served:
     """An imported model as serve runs it: its runner, the lock that lets one generation at a time
-    through, its config's n_positions (the most tokens max_tokens may ask for), the most prompt tokens it
-    takes, and why it cannot answer the messages format or Converse (None: it can)."""
+    through, its context from config.json (n_positions, or a decoder's max_position_embeddings: the most
+    tokens max_tokens may ask for), the most prompt tokens it takes, and why it cannot answer the messages
+    format or Converse (None: it can)."""
 
     runner: Any
     lock: threading.Lock
     n_positions: int | None
-    max_input_tokens: int = MAX_INPUT_TOKENS
-    chat: str | None = "the model has no chat template"
-    converse: str | None = "the model has no chat template"
+    max_input_tokens: int
+    chat: str | None
+    converse: str | None
 
 
 def _check_text(served: Served, text: str) -> None:
