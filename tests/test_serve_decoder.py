@@ -56,6 +56,7 @@ def greedy(model, tokenizer, messages=None, prompt=None) -> tuple[str, list[int]
         enc = tokenizer(prompt, return_tensors="pt")
     n = enc["input_ids"].shape[1]
     eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else eos
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=N, do_sample=False, num_beams=1)[0, n:].tolist()
     stopped = bool(out) and out[-1] in eos
@@ -78,14 +79,15 @@ def end_turn_early(model, tokenizer, end_of_turn: str) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """{family: {"arn", "folder", "plain", "chat", ...}} for Llama (whose chat answer ends its turn) and
-    Qwen2.5, and a Llama copy without a chat template; one server, models run under 4.51.3."""
+    """{family: {"arn", "folder", "plain", "chat", ...}} for Llama (whose chat answer ends its turn), Qwen2.5,
+    Mistral (a SentencePiece tokenizer, shipped with its tokenizer.model) and Qwen3, and a Llama copy without
+    a chat template; one server, models run under 4.51.3."""
     from termtune.decoder_export import write_decoder
 
     python = bedrock_python()
     root = tmp_path_factory.mktemp("s3root")
     cases = {}
-    for family in ("llama", "qwen2"):
+    for family in ("llama", "qwen2", "mistral", "qwen3"):
         model, tokenizer = tiny_untied(family)
         if family == "llama":
             end_turn_early(model, tokenizer, FAMILIES[family][3])
@@ -105,7 +107,7 @@ def served(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("TERMTUNE_BEDROCK_PYTHON", python)
-        server, url = start_server(local_root=root, import_delay_seconds=0.0, runtime="worker")
+        server, url = start_server(local_root=root, import_delay_seconds=0.0, runtime="worker", model_quota=5)
     br, rt = clients(url)
     for name, case in cases.items():
         job = wait(br, br.create_model_import_job(jobName=name, importedModelName=name, roleArn=ROLE,
@@ -126,7 +128,7 @@ def stream(rt, arn: str, body: dict) -> list[dict]:
     return [json.loads(e["chunk"]["bytes"]) for e in resp["body"]]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_each_invoke_format_answers_as_the_model_does_in_memory(served, family):
     """prompt + max_gen_len -> generation; prompt + max_tokens -> choices[0].text; messages ->
     choices[0].message (the chat template applied once, by the server): each the new tokens only, as the
@@ -174,11 +176,11 @@ def test_streams_come_in_each_formats_shape(served, family):
             assert "".join(text_of(c) for c in texts) == (whole.get("generation") or whole["choices"][0]["text"])
 
 
-def test_converse_answers_llama_and_is_refused_for_qwen(served):
-    """Converse (and ConverseStream) for Llama: the chat template's answer in Converse's shapes, a system
-    block as the system turn; for Qwen2.5 a ValidationException, as AWS documents. GetImportedModel's
-    instructSupported says which."""
-    rt, br, llama, qwen = served["rt"], served["br"], served["llama"], served["qwen2"]
+def test_converse_answers_llama_and_mistral_and_is_refused_for_qwen(served):
+    """Converse (and ConverseStream) for Llama and Mistral: the chat template's answer in Converse's shapes, a
+    system block as the system turn; for Qwen2.5 and Qwen3 a ValidationException, as AWS documents.
+    GetImportedModel's instructSupported says which."""
+    rt, br, llama = served["rt"], served["br"], served["llama"]
     chat, chat_ids, _ = llama["chat"]
     turn = [{"role": "user", "content": [{"text": PROMPT}]}]
     out = rt.converse(modelId=llama["arn"], messages=turn, inferenceConfig={"maxTokens": N, "temperature": 0})
@@ -197,12 +199,17 @@ def test_converse_answers_llama_and_is_refused_for_qwen(served):
     assert {"messageStop": {"stopReason": "end_turn"}} in events
     assert events[-1]["metadata"]["usage"] == out["usage"]
 
-    for call in (rt.converse, rt.converse_stream):
-        with pytest.raises(ClientError) as e:
-            call(modelId=qwen["arn"], messages=turn)
-        assert code(e) == "ValidationException" and "not supported for Qwen2.5" in str(e.value)
-    assert br.get_imported_model(modelIdentifier=llama["arn"])["instructSupported"] is True
-    assert br.get_imported_model(modelIdentifier=qwen["arn"])["instructSupported"] is False
+    mistral = rt.converse(modelId=served["mistral"]["arn"], messages=turn, inferenceConfig={"maxTokens": N})
+    assert mistral["output"]["message"]["content"][0]["text"] == served["mistral"]["chat"][0]
+
+    for family, name in (("qwen2", "Qwen2.5"), ("qwen3", "Qwen3")):
+        for call in (rt.converse, rt.converse_stream):
+            with pytest.raises(ClientError) as e:
+                call(modelId=served[family]["arn"], messages=turn)
+            assert code(e) == "ValidationException" and f"not supported for {name} models" in str(e.value)
+    supported = {family: br.get_imported_model(modelIdentifier=served[family]["arn"])["instructSupported"]
+                 for family in ("llama", "mistral", "qwen2", "qwen3")}
+    assert supported == {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 
 
 def test_messages_and_converse_need_a_chat_template_in_tokenizer_config(served):
@@ -263,3 +270,19 @@ def test_invoke_reads_every_answer_shape_in_order(body, text):
     from termtune.aws.runtime import chunk_text
 
     assert chunk_text(body) == text
+
+
+def test_qwen2_is_told_from_qwen2_5_by_its_added_tokens(tmp_path):
+    """Both are Qwen2ForCausalLM; Converse serves Qwen2 but not Qwen2.5, whose tokenizer adds
+    <|fim_prefix|>, <|vision_start|>, <tool_call> and more to Qwen2's three special tokens."""
+    from termtune.serve_rules import converse_problem
+
+    qwen2 = [{"id": 151643 + i, "content": t, "special": True} for i, t in enumerate(
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))]
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": qwen2}))
+    assert converse_problem(tmp_path) is None
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+        *qwen2, {"id": 151657, "content": "<tool_call>", "special": False}]}))
+    assert converse_problem(tmp_path) == "the Converse API is not supported for Qwen2.5 models"
