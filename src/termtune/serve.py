@@ -283,6 +283,7 @@ class Bedrock:
         try:
             self._fetch(job, folder)
             config = _accept(folder, self.region)
+            chat, converse = serve_rules.chat_problem(folder), serve_rules.converse_problem(folder)
             failure = None
         except ImportFailure as e:
             failure = str(e)[:2048]
@@ -300,8 +301,7 @@ class Bedrock:
             self.models[model_arn] = {
                 "modelArn": model_arn, "modelName": job["importedModelName"], "jobName": job["jobName"],
                 "jobArn": job_arn, "modelDataSource": job["modelDataSource"], "creationTime": now,
-                "modelArchitecture": config["model_type"],
-                "instructSupported": serve_rules.converse_problem(folder) is None,
+                "modelArchitecture": config["model_type"], "instructSupported": converse is None,
                 # A stand-in: Bedrock sizes CMUs from the model; serve always reports 1 of v1.0.
                 "customModelUnits": {"customModelUnitsPerModelCopy": 1, "customModelUnitsVersion": "v1.0"}}
             if job.get("importedModelKmsKeyArn"):
@@ -311,7 +311,7 @@ class Bedrock:
             self.models_run[model_arn] = Served(
                 self.runtime.runner(folder, folder.with_suffix(".worker.log")), threading.Lock(), context,
                 min(context or MAX_DECODER_INPUT_TOKENS, MAX_DECODER_INPUT_TOKENS) if decoder else MAX_INPUT_TOKENS,
-                serve_rules.chat_problem(folder), serve_rules.converse_problem(folder))
+                chat, converse)
             self.ready_at[model_arn] = time.monotonic() + self.cold_start_seconds
             job.update(status="Completed", importedModelArn=model_arn)
 

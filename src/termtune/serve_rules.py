@@ -92,16 +92,18 @@ def converse_problem(folder: Path) -> str | None:
     architecture = (_json(folder / "config.json").get("architectures") or ["?"])[0]
     family = NO_CONVERSE.get(architecture)
     if architecture == "Qwen2ForCausalLM":
-        tokenizer_json = _json(folder / "tokenizer.json").get("added_tokens")
-        added = {t.get("content") for t in tokenizer_json if isinstance(t, dict)} if isinstance(tokenizer_json,
-                                                                                                 list) else set()
-        decoder = _json(folder / "tokenizer_config.json").get("added_tokens_decoder")
-        if isinstance(decoder, dict):
-            added |= {t.get("content") for t in decoder.values() if isinstance(t, dict)}
-        family = "Qwen2.5" if added & set(QWEN2_5_TOKENS) else None
+        family = "Qwen2.5" if _added_tokens(folder) & set(QWEN2_5_TOKENS) else None
     if family:
         return f"the Converse API is not supported for {family} models"
     return chat_problem(folder)
+
+
+def _added_tokens(folder: Path) -> set[str]:
+    """The tokens the tokenizer adds to its vocabulary (tokenizer.json's and tokenizer_config.json's lists)."""
+    listed = _json(folder / "tokenizer.json").get("added_tokens")
+    decoder = _json(folder / "tokenizer_config.json").get("added_tokens_decoder")
+    tokens = [*(listed if isinstance(listed, list) else []), *(decoder.values() if isinstance(decoder, dict) else [])]
+    return {t.get("content") for t in tokens if isinstance(t, dict)}
 
 
 def _sentencepiece(files: dict[str, Path]) -> bool:
