@@ -1,6 +1,6 @@
-"""termtune serve with decoder-only imports (Llama 3.2 and Qwen2.5 shaped), through real boto3: the three
-invoke formats Bedrock documents, their streams, Converse where AWS offers it for the family, and termtune
-invoke's body and answer parsing.
+"""termtune serve with decoder-only imports (Llama 3.2, Qwen2.5, Mistral v0.3 and Qwen3 shaped), through
+real boto3: the three invoke formats Bedrock documents, their streams, Converse where AWS offers it for the
+family, and termtune invoke's body and answer parsing.
 
 Each model is random-initialised at tiny dimensions with the real tokenizer, chat template and generation
 config of its published base, written by termtune.decoder_export in fp32, imported through the stand-in and
@@ -60,7 +60,8 @@ def greedy(model, tokenizer, messages=None, prompt=None) -> tuple[str, list[int]
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=N, do_sample=False, num_beams=1)[0, n:].tolist()
     stopped = bool(out) and out[-1] in eos
-    return tokenizer.decode(out[:-1] if stopped else out, skip_special_tokens=True), enc["input_ids"][0].tolist(), stopped
+    answer = tokenizer.decode(out[:-1] if stopped else out, skip_special_tokens=True)
+    return answer, enc["input_ids"][0].tolist(), stopped
 
 
 def end_turn_early(model, tokenizer, end_of_turn: str) -> None:
