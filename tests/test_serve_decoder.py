@@ -64,15 +64,15 @@ def greedy(model, tokenizer, messages=None, prompt=None) -> tuple[str, list[int]
     return answer, enc["input_ids"][0].tolist(), stopped
 
 
-def end_turn_early(model, tokenizer, end_of_turn: str) -> None:
-    """Make the chat answer end with the end-of-turn token after two tokens: its lm_head row becomes a
-    slightly longer copy of the row of the answer's first token not seen before it, from the third on."""
+def end_turn_early(model, tokenizer, end_of_turn: str, after: int) -> None:
+    """Make the chat answer end with the end-of-turn token after `after` tokens: its lm_head row becomes a
+    slightly longer copy of the row of the answer's first token not seen before it, from that one on."""
     import torch
 
     enc = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=N, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
-    target = next(t for i, t in enumerate(out) if i >= 2 and t not in out[:i])
+    target = next(t for i, t in enumerate(out) if i >= after and t not in out[:i])
     weight = model.get_output_embeddings().weight
     with torch.no_grad():
         weight[tokenizer.convert_tokens_to_ids(end_of_turn)] = weight[target] * 1.05
@@ -80,8 +80,9 @@ def end_turn_early(model, tokenizer, end_of_turn: str) -> None:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """{family: {"arn", "folder", "plain", "chat", ...}} for Llama (whose chat answer ends its turn), Qwen2.5,
-    Mistral (a SentencePiece tokenizer, shipped with its tokenizer.model) and Qwen3, and a Llama copy without
+    """{family: {"arn", "folder", "plain", "chat", ...}} for Llama (whose chat answer ends its turn after two
+    tokens), Qwen2.5, Mistral (a SentencePiece tokenizer, shipped with its tokenizer.model; its chat answer
+    ends at once) and Qwen3, and a Llama copy without
     a chat template; one server, models run under 4.51.3."""
     from termtune.decoder_export import write_decoder
 
@@ -90,8 +91,8 @@ def served(tmp_path_factory):
     cases = {}
     for family in ("llama", "qwen2", "mistral", "qwen3"):
         model, tokenizer = tiny_untied(family)
-        if family == "llama":
-            end_turn_early(model, tokenizer, FAMILIES[family][3])
+        if family in ("llama", "mistral"):  # Llama's chat answer ends its turn after two tokens, Mistral's at once
+            end_turn_early(model, tokenizer, FAMILIES[family][3], after=2 if family == "llama" else 0)
         folder = root / "b-1" / family
         folder.mkdir(parents=True)
         write_decoder(model, tokenizer, folder, dtype="fp32")
@@ -213,6 +214,17 @@ def test_converse_answers_llama_and_mistral_and_is_refused_for_qwen(served):
     assert supported == {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 
 
+def test_a_chat_stream_of_no_tokens_still_says_why_it_ended(served):
+    """Mistral's chat answer ends its turn at once: the stream still sends one (empty) delta with its
+    finish_reason before the metrics."""
+    chat, _, stopped = served["mistral"]["chat"]
+    assert chat == "" and stopped
+    chunks = stream(served["rt"], served["mistral"]["arn"], {"messages": CHAT, "max_tokens": N})
+    assert [c["choices"][0] for c in chunks[:-1]] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]
+    assert set(chunks[-1]) == {"amazon-bedrock-invocationMetrics"}
+
+
 def test_messages_and_converse_need_a_chat_template_in_tokenizer_config(served):
     rt, br, case = served["rt"], served["br"], served["llama-no-template"]
     with pytest.raises(ClientError) as e:
@@ -254,6 +266,8 @@ def test_termtune_invoke_sends_messages_to_a_chat_model_and_prompt_otherwise(ser
         assert schema in saved["request"] and saved["text"] == expected
         if schema == "messages":
             assert saved["request"]["messages"] == CHAT and saved["response"]["object"] == "chat.completion"
+        streamed = invoke_cli(cfg, raw=PROMPT, model_arn=served[name]["arn"], stream=True, as_json=True)
+        assert streamed["text"] == expected
 
 
 @pytest.mark.parametrize("body,text", [

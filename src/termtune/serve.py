@@ -923,8 +923,9 @@ class Handler(BaseHTTPRequestHandler):
         # Stream one chunk per generated token, in each schema's shape (a chat completion's: OpenAI's
         # chat.completion.chunk, whose delta carries the text).
         self._start_stream()
-        for i, piece in enumerate(answer["pieces"], start=1):
-            last = i == len(ids)
+        pieces = answer["pieces"] or ([""] if chat else [])  # a chat stream always ends with its finish_reason
+        for i, piece in enumerate(pieces, start=1):
+            last = i == len(pieces)
             if chat:
                 chunk = {"id": chat_id, "object": "chat.completion.chunk", "created": int(time.time()),
                          "model": model_id, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}
