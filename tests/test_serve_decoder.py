@@ -248,6 +248,22 @@ def test_malformed_messages_are_validation_errors(served, body, why):
     assert code(e) == "ValidationException" and why in str(e.value)
 
 
+@pytest.mark.parametrize("extra,why", [
+    ({"messages": [{"role": "user", "content": [{"image": {"format": "png", "source": {"bytes": b"x"}}}]}]},
+     "reads text content blocks only"),
+    ({"inferenceConfig": {"stopSequences": ["."]}}, "does not support stopSequences"),
+    ({"toolConfig": {"tools": [{"toolSpec": {"name": "t", "inputSchema": {"json": {}}}}]}}, "does not support "
+                                                                                          "toolConfig"),
+    ({"inferenceConfig": {"maxTokens": 5000}}, "between 1 and 4096"),
+])
+def test_converse_refuses_what_the_stand_in_does_not_implement_by_name(served, extra, why):
+    request = {"modelId": served["llama"]["arn"], "messages": [{"role": "user", "content": [{"text": PROMPT}]}],
+               **extra}
+    with pytest.raises(ClientError) as e:
+        served["rt"].converse(**request)
+    assert code(e) == "ValidationException" and why in str(e.value)
+
+
 def test_termtune_invoke_sends_messages_to_a_chat_model_and_prompt_otherwise(served, tmp_path, monkeypatch):
     """aws.invoke_schema auto: messages when the run's artifact has a chat template (the answer is the chat
     template's), max_tokens when it has none; either answer is read back."""
