@@ -162,10 +162,19 @@ def _sharded_with_a_shard_missing(folder):
     (_edit_config(quantization_config={"load_in_4bit": True}), "quantized weights are not importable"),
     (_edit_config(n_positions=200_000), "n_positions 200000 is over the 128K context limit"),
     (_sharded_with_a_shard_missing, "names model-00002-of-00002.safetensors, which is missing"),
-    (_edit_config(architectures=["LlamaForCausalLM"], model_type="llama"), "termtune serve (a local stand-in) runs "
-                                                                           "only T5ForConditionalGeneration"),
+    (_edit_config(architectures=["MllamaForConditionalGeneration"], model_type="mllama"),
+     "runs only T5ForConditionalGeneration, LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+     "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, GPTBigCodeForCausalLM models; Amazon Bedrock would "
+     "import this MllamaForConditionalGeneration."),
+    (_edit_config(architectures=["GptOssForCausalLM"], model_type="gpt_oss"),
+     "Amazon Bedrock would import this GptOssForCausalLM (transformers 4.51.3, which the stand-in runs models with, "
+     "has no GPT-OSS)"),
+    (_edit_config(architectures=["GemmaForCausalLM"], model_type="gemma"),
+     "'GemmaForCausalLM'] is not a supported architecture"),
+    (_edit_config(architectures=["Phi3ForCausalLM"], model_type="phi3"), "'Phi3ForCausalLM'] is not a supported "
+                                                                         "architecture"),
 ], ids=["accepted", "bin only", "embedding architecture", "model_type", "quantized", "context", "shard missing",
-        "llama: Bedrock's, not the stand-in's"])
+        "mllama: Bedrock's, not the stand-in's", "gpt-oss: not in Bedrock's transformers", "gemma", "phi"])
 def test_import_decides_by_bedrocks_documented_rules_not_by_termtune_validate(tmp_path, artifact_template,  # noqa: F811
                                                                               monkeypatch, break_it, reason):
     """The stand-in's import has its own rule table (termtune.serve_rules, from AWS's documentation): with

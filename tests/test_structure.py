@@ -116,7 +116,7 @@ FAMILY_NAMES_ALLOWED = {
     # sits below the registry (every family imports it), so it cannot ask the family.
     "config.py": ['source: str = "google/flan-t5-large"', "fp16"],
     # The Bedrock stand-in's copy of AWS's documented lists (architectures, tokenizers, tokenizer.model's names).
-    "serve_rules.py": ['"T5ForConditionalGeneration": (', '("T5Tokenizer", "LlamaTokenizer"', 'SENTENCEPIECE = ('],
+    "serve_rules.py": ['"T5ForConditionalGeneration": (', 'SERVED_HERE = ("T5ForConditionalGeneration"', '("T5Tokenizer", "LlamaTokenizer"', 'SENTENCEPIECE = ('],
 }
 SHIPPED_CONFIG = re.compile(r"configs/flan-t5-[\w-]+\.yaml")  # an example naming a config file in configs/
 

@@ -10,6 +10,8 @@ serve imports this module and calls the same load() and generate() in its own pr
     out: {"ready": true, "transformers": "4.51.3", "torch": "2.x"}   (or {"ready": false, "error": ...}, exit 1)
     in:  {"prompt": "...", "max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0, "max_time": 60.0,
           "max_input_tokens": 512, "stream": false}
+         or the same with "messages": [{"role": "user", "content": "..."}] instead of "prompt": a
+         conversation, which the model's chat template renders (decoder-only models)
     out: {"ids": [...], "text": "...", "pieces": [...] (stream only), "n_prompt": 7, "stopped": true}
          or {"too_long": 600} when the prompt has more than max_input_tokens tokens,
          or {"error": "..."} when generation failed
@@ -45,7 +47,13 @@ def generate(model: Any, tokenizer: Any, request: dict) -> dict:
     """One generation, greedy unless temperature > 0, within max_time seconds (then it stops, "length")."""
     import torch
 
-    enc = tokenizer(request["prompt"], return_tensors="pt")
+    if "messages" in request:  # rendered once, here; its text already holds the template's special tokens
+        if not tokenizer.chat_template:
+            return {"error": "the model's tokenizer has no chat template"}
+        text = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(request["prompt"], return_tensors="pt")
     n_prompt = int(enc["input_ids"].shape[1])
     if n_prompt > request["max_input_tokens"]:
         return {"too_long": n_prompt}
@@ -54,13 +62,15 @@ def generate(model: Any, tokenizer: Any, request: dict) -> dict:
               "max_time": request["max_time"]}
     if sample:
         kwargs.update(temperature=request["temperature"], top_p=request["top_p"])
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)[0].tolist()
-    # an encoder-decoder's output opens with its start token; a decoder-only model's repeats the prompt
-    ids = out[1:] if model.config.is_encoder_decoder else out[n_prompt:]
-    stopped = tokenizer.eos_token_id in ids
-    if stopped:
-        ids = ids[:ids.index(tokenizer.eos_token_id)]
+    if model.config.is_encoder_decoder:
+        with torch.no_grad():
+            out = model.generate(**enc, **kwargs)[0].tolist()
+        ids = out[1:]  # an encoder-decoder's output opens with its start token
+        stopped = tokenizer.eos_token_id in ids
+        if stopped:
+            ids = ids[:ids.index(tokenizer.eos_token_id)]
+    else:
+        ids, stopped = _decoder_generate(model, tokenizer, enc, kwargs)
     answer = {"ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True), "n_prompt": n_prompt,
               "stopped": stopped}
     if request.get("stream"):  # the text each token adds, as a stream sends it
@@ -71,6 +81,23 @@ def generate(model: Any, tokenizer: Any, request: dict) -> dict:
             sent = upto
         answer["pieces"] = pieces
     return answer
+
+
+def _decoder_generate(model: Any, tokenizer: Any, enc: Any, kwargs: dict) -> tuple[list[int], bool]:
+    """A decoder-only model's new tokens (its output after the prompt), ended before the first of the
+    generation config's eos ids (which list a chat model's end-of-turn token), and whether one came."""
+    import torch
+
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+    eos = [token for token in eos if token is not None] or None  # None: a model with no eos runs to the limit
+    if eos and model.generation_config.pad_token_id is None and tokenizer.pad_token_id is None:
+        kwargs = {**kwargs, "pad_token_id": eos[0]}  # what generate picks itself, without its warning
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs, eos_token_id=eos)[0].tolist()
+    ids = out[int(enc["input_ids"].shape[1]):]
+    end = next((i for i, token in enumerate(ids) if token in (eos or ())), None)
+    return (ids, False) if end is None else (ids[:end], True)
 
 
 def main(folder: str) -> int:

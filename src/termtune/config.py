@@ -328,8 +328,10 @@ class AwsConfig(Section):
     poll_seconds: float = Field(30, gt=0)
     """Longest pause, in seconds, between two status checks of the import job (the first come every 2 s, then
     further apart). Raise it to make fewer API calls on long imports."""
-    invoke_schema: Literal["max_tokens", "max_gen_len"] = "max_tokens"
-    """Request body: OpenAI completion (max_tokens) or Bedrock completion (max_gen_len)."""
+    invoke_schema: Literal["auto", "messages", "max_tokens", "max_gen_len"] = "auto"
+    """Request body: OpenAI chat completion (messages: the prompt as the user's turn, put through the model's
+    chat template by Bedrock), OpenAI completion (max_tokens) or Bedrock completion (max_gen_len); auto:
+    messages when the run's artifact has a chat template in tokenizer_config.json, else max_tokens."""
     invoke_max_tokens: int = Field(128, ge=1)
     """Most tokens the imported model generates per `termtune invoke` (and `run`'s test call), sent as the
     invoke_schema field. Raise it when answers stop mid-sentence."""

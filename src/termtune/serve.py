@@ -11,8 +11,10 @@ against it once the SDK's standard endpoint settings point at it:
 What it does like AWS: the rest-json routes and status codes, the field patterns and
 lengths (termtune.aws.names), one running import job per region, the imported-model
 quota, clientRequestToken idempotency, the exact status strings InProgress / Completed /
-Failed, ARNs of the real form, error codes botocore raises as the same ClientError, both
-completion schemas, and the event-stream framing of InvokeModelWithResponseStream.
+Failed, ARNs of the real form, error codes botocore raises as the same ClientError, the three
+invoke formats (Bedrock completion, OpenAI completion, OpenAI chat completion with the chat template
+applied here), Converse and ConverseStream for the families AWS offers them to (a ValidationException
+for the others), and the event-stream framing of InvokeModelWithResponseStream.
 
 The import job does what Bedrock does: it refuses a role of another account (iam:PassRole
 cannot pass one), evaluates the role's trust policy for the service principal
@@ -34,7 +36,9 @@ the key (as an ARN) and vpcConfig are echoed by the Get* calls.
 Choices where AWS does not document the behaviour (docs/aws.md lists them): a reused job or
 model name answers ConflictException; a request with neither max_tokens nor max_gen_len gets
 the OpenAI completion schema with 16 tokens; max_tokens must be 1..the model's n_positions and
-the prompt at most 512 tokens (and 16,384 characters, checked before tokenizing); one generation
+the prompt at most 512 tokens for Flan-T5, the context up to 32,768 for a decoder (and 32 characters
+a token, checked before tokenizing); a streamed chat completion is OpenAI's chat.completion.chunk;
+Qwen2.5 (which shares Qwen2's architecture) is told by its tokenizer's added tokens; one generation
 per model at a time, each within a time budget, and a caller kept waiting too long for the
 model is throttled; streaming sends one chunk per generated token, each in the request's
 schema, then one chunk with only amazon-bedrock-invocationMetrics; a role Bedrock cannot assume or read
@@ -84,6 +88,7 @@ from termtune.safepath import UnsafeName, inside
 MAX_BODY_BYTES = 25_000_000  # InvokeModel's documented body limit
 MAX_INPUT_TOKENS = 512  # the default base model's training input length
 MAX_PROMPT_CHARS = 32 * MAX_INPUT_TOKENS  # checked before tokenizing: no 512-token prompt is longer in practice
+MAX_DECODER_INPUT_TOKENS = 32768  # a decoder's prompt: its context, up to this (serve runs models on the CPU)
 MAX_NEW_TOKENS = 4096  # the most max_tokens may ask of a model that states no limit (n_positions)
 MIN_TEMPERATURE = 1e-5  # below it, logits / temperature overflow float32 (vLLM treats the same bound as greedy)
 GENERATION_SECONDS = 60.0  # one generation's time budget (transformers' max_time): it stops there, "length"
@@ -279,6 +284,7 @@ class Bedrock:
         try:
             self._fetch(job, folder)
             config = _accept(folder, self.region)
+            chat, converse = serve_rules.chat_problem(folder), serve_rules.converse_problem(folder)
             failure = None
         except ImportFailure as e:
             failure = str(e)[:2048]
@@ -296,13 +302,17 @@ class Bedrock:
             self.models[model_arn] = {
                 "modelArn": model_arn, "modelName": job["importedModelName"], "jobName": job["jobName"],
                 "jobArn": job_arn, "modelDataSource": job["modelDataSource"], "creationTime": now,
-                "modelArchitecture": config["model_type"], "instructSupported": False,
+                "modelArchitecture": config["model_type"], "instructSupported": converse is None,
                 # A stand-in: Bedrock sizes CMUs from the model; serve always reports 1 of v1.0.
                 "customModelUnits": {"customModelUnitsPerModelCopy": 1, "customModelUnitsVersion": "v1.0"}}
             if job.get("importedModelKmsKeyArn"):
                 self.models[model_arn]["modelKmsKeyArn"] = job["importedModelKmsKeyArn"]
-            self.models_run[model_arn] = Served(self.runtime.runner(folder, folder.with_suffix(".worker.log")),
-                                                threading.Lock(), config.get("n_positions"))
+            decoder = config["model_type"] != "t5"
+            context = config.get("n_positions") or config.get("max_position_embeddings")
+            self.models_run[model_arn] = Served(
+                self.runtime.runner(folder, folder.with_suffix(".worker.log")), threading.Lock(), context,
+                min(context or MAX_DECODER_INPUT_TOKENS, MAX_DECODER_INPUT_TOKENS) if decoder else MAX_INPUT_TOKENS,
+                chat, converse)
             self.ready_at[model_arn] = time.monotonic() + self.cold_start_seconds
             job.update(status="Completed", importedModelArn=model_arn)
 
@@ -427,8 +437,8 @@ class Bedrock:
 
     # --------------------------------------------------------------- runtime
 
-    def prepare_invoke(self, model_id: str, content_type: str | None, raw: bytes) -> tuple[Served, dict, dict]:
-        """Check the model and the body; returns (the served model, request, generation options)."""
+    def served(self, model_id: str) -> Served:
+        """The imported model a runtime call names, once it is ready (past its cold start)."""
         import re
 
         if not re.fullmatch(MODEL_ARN_RE, model_id):
@@ -440,6 +450,12 @@ class Bedrock:
             raise ApiError("ResourceNotFoundException", "The requested model was not found.", 404)
         if time.monotonic() < ready_at:
             raise ApiError("ModelNotReadyException", NOT_READY, 429)
+        return loaded
+
+    def prepare_invoke(self, model_id: str, content_type: str | None, raw: bytes) -> tuple[Served, dict, dict]:
+        """Check the model and the body; returns (the served model, request, generation options). A body
+        with `messages` (OpenAI chat completion) comes back with them in the worker's form."""
+        loaded = self.served(model_id)
         if (content_type or "application/json").split(";")[0].strip() != "application/json":
             raise ApiError("ValidationException", f"The provided contentType {content_type} is not supported; "
                                                   "use application/json")
@@ -448,40 +464,69 @@ class Bedrock:
         except (ValueError, RecursionError) as e:  # ValueError: also a number over Python's 4300-digit limit
             raise ApiError("ValidationException", f"Malformed input request: {type(e).__name__}: {e}, please "
                                                   "reformat your input and try again.") from None
-        if not isinstance(request, dict) or not isinstance(request.get("prompt"), str) or not request["prompt"]:
+        if isinstance(request, dict) and "messages" in request:  # OpenAI chat completion
+            if "prompt" in request:
+                raise ApiError("ValidationException", "Malformed input request: give prompt (completion) or "
+                                                      "messages (chat completion), not both.")
+            if loaded.chat:
+                raise ApiError("ValidationException", f"This model does not support the chat completion format "
+                                                      f"(messages): {loaded.chat}. Send a prompt instead.")
+            request["messages"] = _chat_messages(request["messages"])
+            _check_text(loaded, "".join(m["content"] for m in request["messages"]))
+        elif not isinstance(request, dict) or not isinstance(request.get("prompt"), str) or not request["prompt"]:
             raise ApiError("ValidationException", "Malformed input request: #: required key [prompt] not found "
                                                   "or not a non-empty string, please reformat your input and try again.")
-        try:  # JSON may carry a lone surrogate (\ud800), which is no text a tokenizer can read
-            request["prompt"].encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ApiError("ValidationException", f"Malformed input request: the prompt is not valid Unicode (a lone "
-                                                  f"surrogate at character {e.start}), please reformat your input "
-                                                  "and try again.") from None
-        if len(request["prompt"]) > MAX_PROMPT_CHARS:  # before the tokenizer spends time on it
-            raise ApiError("ValidationException", f"Input is too long: {len(request['prompt'])} characters; this "
-                                                  f"model accepts at most {MAX_INPUT_TOKENS} tokens "
-                                                  f"({MAX_PROMPT_CHARS} characters).")
+        else:
+            _check_text(loaded, request["prompt"])
         if "max_tokens" in request and "max_gen_len" in request:
             raise ApiError("ValidationException", "Malformed input request: give max_tokens (OpenAI completion) "
                                                   "or max_gen_len (Bedrock completion), not both.")
-        limit = request.get("max_tokens", request.get("max_gen_len", 16))
-        temperature = request.get("temperature", 0.0)
-        top_p = request.get("top_p", 1.0)
-        most = min(MAX_NEW_TOKENS, loaded.n_positions or MAX_NEW_TOKENS)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= most:
-            raise ApiError("ValidationException", "Malformed input request: max_tokens/max_gen_len must be an "
-                                                  f"integer between 1 and {most} (this model's limit).")
-        if not isinstance(temperature, (int, float)) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 2) \
-                or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ApiError("ValidationException", f"Malformed input request: temperature must be 0 (greedy) or in "
-                                                  f"[{MIN_TEMPERATURE:g}, 2], and top_p in (0, 1].")
-        return loaded, request, {"max_new_tokens": limit, "temperature": float(temperature), "top_p": float(top_p)}
+        return loaded, request, _options(loaded, request.get("max_tokens", request.get("max_gen_len", 16)),
+                                         request.get("temperature", 0.0), request.get("top_p", 1.0))
 
-    def generate(self, served: Served, prompt: str, opts: dict, stream: bool = False) -> dict:
-        """The model's answer (serve_runtime): ids, text, n_prompt, stopped, and with `stream` the text
-        each token adds. Greedy unless temperature > 0; the generation stops at its time budget."""
-        request = {"prompt": prompt, **opts, "max_time": self.generation_seconds, "max_input_tokens": MAX_INPUT_TOKENS,
-                   "stream": stream}
+    def prepare_converse(self, model_id: str, raw: bytes) -> tuple[Served, list[dict], dict]:
+        """Check a Converse request; returns (the served model, the conversation in the worker's form,
+        generation options). A model Converse does not serve is a ValidationException, as Bedrock's."""
+        loaded = self.served(model_id)
+        if loaded.converse:
+            raise ApiError("ValidationException", "This action doesn't support the model that you provided. Try "
+                                                  f"again with a supported text or chat model. ({loaded.converse})")
+        body = Handler._json(raw)
+        unknown = sorted(set(body) - {"messages", "system", "inferenceConfig"})
+        if unknown:
+            raise ApiError("ValidationException", f"termtune serve (a local stand-in) does not support "
+                                                  f"{', '.join(unknown)} in Converse requests.")
+        system = body.get("system") or []
+        if not isinstance(system, list) or not all(isinstance(b, dict) and set(b) == {"text"}
+                                                   and isinstance(b["text"], str) for b in system):
+            raise ApiError("ValidationException", "system must be a list of text blocks ({\"text\": ...}).")
+        turns = body.get("messages")
+        if not isinstance(turns, list) or not turns:
+            raise ApiError("ValidationException", "messages must be a non-empty list of {role, content} turns.")
+        messages = [{"role": "system", "content": "".join(b["text"] for b in system)}] if system else []
+        for i, turn in enumerate(turns):
+            blocks = turn.get("content") if isinstance(turn, dict) else None
+            if not isinstance(blocks, list) or not blocks or turn.get("role") not in ("user", "assistant"):
+                raise ApiError("ValidationException", f"messages.{i}: a turn needs role user or assistant and a "
+                                                      "non-empty content list.")
+            if not all(isinstance(b, dict) and set(b) == {"text"} and isinstance(b["text"], str) for b in blocks):
+                raise ApiError("ValidationException", f"messages.{i}.content: termtune serve (a local stand-in) "
+                                                      "reads text content blocks only.")
+            messages.append({"role": turn["role"], "content": "".join(b["text"] for b in blocks)})
+        config = body.get("inferenceConfig") or {}
+        if not isinstance(config, dict) or config.get("stopSequences"):
+            raise ApiError("ValidationException", "inferenceConfig must be an object; termtune serve (a local "
+                                                  "stand-in) does not support stopSequences.")
+        _check_text(loaded, "".join(m["content"] for m in messages))
+        return loaded, messages, _options(loaded, config.get("maxTokens", 16), config.get("temperature", 0.0),
+                                          config.get("topP", 1.0))
+
+    def generate(self, served: Served, source: dict, opts: dict, stream: bool = False) -> dict:
+        """The model's answer (serve_runtime) to `source`, {"prompt": text} or {"messages": conversation}: ids,
+        text, n_prompt, stopped, and with `stream` the text each token adds. Greedy unless temperature > 0;
+        the generation stops at its time budget."""
+        request = {**source, **opts, "max_time": self.generation_seconds,
+                   "max_input_tokens": served.max_input_tokens, "stream": stream}
         # One generation per model at a time; a caller that cannot have the model within queue_seconds is
         # throttled (the SDK retries that), so one long generation never holds every other caller for minutes.
         if not served.lock.acquire(timeout=self.queue_seconds):
@@ -497,18 +542,71 @@ class Bedrock:
             served.lock.release()
         if "too_long" in answer:
             raise ApiError("ValidationException", f"Input is too long: {answer['too_long']} tokens; this model "
-                                                  f"accepts at most {MAX_INPUT_TOKENS}.")
+                                                  f"accepts at most {served.max_input_tokens}.")
         return answer
 
 
 @dataclass
 class Served:
     """An imported model as serve runs it: its runner, the lock that lets one generation at a time
-    through, and its config's n_positions (the most tokens max_tokens may ask for)."""
+    through, its context from config.json (n_positions, or a decoder's max_position_embeddings: the most
+    tokens max_tokens may ask for), the most prompt tokens it takes, and why it cannot answer the messages
+    format or Converse (None: it can)."""
 
     runner: Any
     lock: threading.Lock
     n_positions: int | None
+    max_input_tokens: int
+    chat: str | None
+    converse: str | None
+
+
+def _check_text(served: Served, text: str) -> None:
+    """Text a tokenizer can read, and not far beyond what the model takes (checked before tokenizing)."""
+    try:  # JSON may carry a lone surrogate (\ud800), which is no text a tokenizer can read
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError("ValidationException", f"Malformed input request: the prompt is not valid Unicode (a lone "
+                                              f"surrogate at character {e.start}), please reformat your input "
+                                              "and try again.") from None
+    most = 32 * served.max_input_tokens  # no prompt of that many tokens is longer in practice
+    if len(text) > most:
+        raise ApiError("ValidationException", f"Input is too long: {len(text)} characters; this model accepts at "
+                                              f"most {served.max_input_tokens} tokens ({most} characters).")
+
+
+def _options(served: Served, limit: Any, temperature: Any, top_p: Any) -> dict:
+    """The generation options, once max tokens, temperature and top_p are in range."""
+    most = min(MAX_NEW_TOKENS, served.n_positions or MAX_NEW_TOKENS)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= most:
+        raise ApiError("ValidationException", "Malformed input request: max_tokens/max_gen_len must be an "
+                                              f"integer between 1 and {most} (this model's limit).")
+    if not isinstance(temperature, (int, float)) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 2) \
+            or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ApiError("ValidationException", f"Malformed input request: temperature must be 0 (greedy) or in "
+                                              f"[{MIN_TEMPERATURE:g}, 2], and top_p in (0, 1].")
+    return {"max_new_tokens": limit, "temperature": float(temperature), "top_p": float(top_p)}
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _chat_messages(value: Any) -> list[dict]:
+    """An OpenAI chat completion's messages as {role, content: text}; a content given as a list of text
+    parts is joined. Anything else is a ValidationException naming the message."""
+    if not isinstance(value, list) or not value:
+        raise ApiError("ValidationException", "Malformed input request: messages must be a non-empty list.")
+    out = []
+    for i, message in enumerate(value):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str) or message.get("role") not in CHAT_ROLES:
+            raise ApiError("ValidationException", f"Malformed input request: messages[{i}] needs a role "
+                                                  f"({', '.join(CHAT_ROLES)}) and a text content.")
+        out.append({"role": message["role"], "content": content})
+    return out
 
 
 class ImportFailure(Exception):
@@ -607,9 +705,12 @@ def _accept(folder: Path, region: str) -> dict:
     if problems:
         raise ImportFailure("The model artifact is not valid for Custom Model Import: " + "; ".join(problems))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if config["architectures"][0] not in serve_rules.SERVED_HERE:
+    architecture = config["architectures"][0]
+    if architecture not in serve_rules.SERVED_HERE:
+        why = serve_rules.NOT_SERVED_WHY.get(architecture)
         raise ImportFailure(f"termtune serve (a local stand-in) runs only {', '.join(serve_rules.SERVED_HERE)} "
-                            f"models; Amazon Bedrock would import this {config['architectures'][0]}.")
+                            f"models; Amazon Bedrock would import this {architecture}"
+                            f"{f' ({why})' if why else ''}.")
     return config
 
 
@@ -710,6 +811,9 @@ class Handler(BaseHTTPRequestHandler):
             if method == "POST" and parts[0] == "model" and len(parts) == 3 and parts[2] in (
                     "invoke", "invoke-with-response-stream"):
                 return self._invoke(parts[1], raw, stream=parts[2] != "invoke")
+            if method == "POST" and parts[0] == "model" and len(parts) == 3 and parts[2] in (
+                    "converse", "converse-stream"):
+                return self._converse(parts[1], raw, stream=parts[2] != "converse")
             raise ApiError("UnknownOperationException", f"{method} {url.path} is not an operation termtune serve "
                                                          "implements", 404)
         except ApiError as e:
@@ -804,26 +908,31 @@ class Handler(BaseHTTPRequestHandler):
         state = self.server.state
         started = time.monotonic()
         served, request, opts = state.prepare_invoke(model_id, self.headers.get("Content-Type"), raw)
-        answer = state.generate(served, request["prompt"], opts, stream=stream)
+        chat = "messages" in request
+        answer = state.generate(served, {"messages": request["messages"]} if chat else {"prompt": request["prompt"]},
+                                opts, stream=stream)
         ids, n_prompt, text = answer["ids"], answer["n_prompt"], answer["text"]
         openai = "max_gen_len" not in request
         reason = "stop" if answer["stopped"] else "length"
+        chat_id = f"chatcmpl-{secrets.token_hex(12)}"  # a chat stream's chunks share their completion's id
         if not stream:
-            body = (_openai(model_id, text, reason, n_prompt, len(ids)) if openai else
+            body = (_chat(chat_id, model_id, text, reason, n_prompt, len(ids)) if chat else
+                    _openai(model_id, text, reason, n_prompt, len(ids)) if openai else
                     {"generation": text, "prompt_token_count": n_prompt, "generation_token_count": len(ids),
                      "stop_reason": reason, "logprobs": None})
             return self._reply(200, body)
-        # Stream one chunk per generated token, in each schema's shape.
-        self.send_response(200)
-        self.send_header("Content-Type", "application/vnd.amazon.eventstream")
-        self.send_header("X-Amzn-Bedrock-Content-Type", "application/json")
-        self.send_header("x-amzn-RequestId", secrets.token_hex(16))
-        self._stand_in_headers()
-        self.end_headers()
-        state.count("ok")
-        for i, piece in enumerate(answer["pieces"], start=1):
-            last = i == len(ids)
-            if openai:
+        # Stream one chunk per generated token, in each schema's shape (a chat completion's: OpenAI's
+        # chat.completion.chunk, whose delta carries the text).
+        self._start_stream()
+        pieces = answer["pieces"] or ([""] if chat else [])  # a chat stream always ends with its finish_reason
+        for i, piece in enumerate(pieces, start=1):
+            last = i == len(pieces)
+            if chat:
+                chunk = {"id": chat_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                         "model": model_id, "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}
+                                                         if i == 1 else {"content": piece},
+                                                         "finish_reason": reason if last else None}]}
+            elif openai:
                 chunk = _openai(model_id, piece, reason if last else None, n_prompt, i)
             else:
                 chunk = {"generation": piece, "prompt_token_count": n_prompt if i == 1 else None,
@@ -837,6 +946,47 @@ class Handler(BaseHTTPRequestHandler):
             "invocationLatency": int((time.monotonic() - started) * 1000), "firstByteLatency": 0}}))
         self.wfile.flush()
         self.close_connection = True
+
+    def _start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.amazon.eventstream")
+        self.send_header("X-Amzn-Bedrock-Content-Type", "application/json")
+        self.send_header("x-amzn-RequestId", secrets.token_hex(16))
+        self._stand_in_headers()
+        self.end_headers()
+        self.server.state.count("ok")
+
+    def _converse(self, model_id: str, raw: bytes, stream: bool) -> None:
+        """Converse / ConverseStream: the conversation through the model's chat template, answered in
+        Converse's shapes (output.message, stopReason, usage, metrics; or the stream's events)."""
+        state = self.server.state
+        started = time.monotonic()
+        served, messages, opts = state.prepare_converse(model_id, raw)
+        answer = state.generate(served, {"messages": messages}, opts, stream=stream)
+        n_prompt, n_out = answer["n_prompt"], len(answer["ids"])
+        reason = "end_turn" if answer["stopped"] else "max_tokens"
+        usage = {"inputTokens": n_prompt, "outputTokens": n_out, "totalTokens": n_prompt + n_out}
+        if not stream:
+            return self._reply(200, {"output": {"message": {"role": "assistant", "content": [{"text": answer["text"]}]}},
+                                     "stopReason": reason, "usage": usage,
+                                     "metrics": {"latencyMs": int((time.monotonic() - started) * 1000)}})
+        self._start_stream()
+        events = [("messageStart", {"role": "assistant"})]
+        events += [("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": piece}})
+                   for piece in answer["pieces"]]
+        events += [("contentBlockStop", {"contentBlockIndex": 0}), ("messageStop", {"stopReason": reason}),
+                   ("metadata", {"usage": usage, "metrics": {"latencyMs": int((time.monotonic() - started) * 1000)}})]
+        for name, event in events:
+            self.wfile.write(event_frame({":event-type": name, ":content-type": "application/json",
+                                          ":message-type": "event"}, json.dumps(event).encode()))
+            self.wfile.flush()
+        self.close_connection = True
+
+
+def _chat(chat_id: str, model_id: str, text: str, reason: str, n_prompt: int, n_out: int) -> dict:
+    return {"id": chat_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}}
 
 
 def _openai(model_id: str, text: str, reason: str | None, n_prompt: int, n_out: int) -> dict:

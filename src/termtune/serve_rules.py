@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from termtune.families import FAMILIES
 
 # config.json's architectures[0] -> (its model_type, AWS's name for it, multimodal).
 ARCHITECTURES = {
@@ -38,19 +37,33 @@ TOKENIZERS = {f"{name}{fast}" for name in ("T5Tokenizer", "LlamaTokenizer", "Cod
 REQUIRED = ("config.json", "tokenizer_config.json", "tokenizer.json")
 # serve's reading: a slow SentencePiece tokenizer's save_pretrained may give it its own name instead
 SENTENCEPIECE = ("tokenizer.model", "spiece.model")
+# serve's reading: tokenizer.model is the SentencePiece model, so a byte-level BPE tokenizer (Llama 3, Qwen,
+# GPT-2) has none to ship; AWS's own Qwen3 and DeepSeek-R1-Distill-Llama samples import without it.
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")  # "Hugging Face weights format"
 MAX_TEXT_BYTES = 200 * 10**9  # "less than 100GB for multimodal models and 200GB for text models"
 MAX_MULTIMODAL_BYTES = 100 * 10**9
 MAX_CONTEXT = 128 * 1024  # "should be less than 128K"; serve's reading: Llama 3.1's 131,072 imports
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-SERVED_HERE = tuple(family.architectures[0] for family in FAMILIES)  # what the stand-in runs: what termtune trains
+# What the stand-in itself can run under Bedrock's transformers 4.51.3: the encoder-decoder and the decoder-only
+# text models. Not the multimodal ones, nor GPT-OSS, which 4.51.3 does not have (it arrived in 4.55).
+SERVED_HERE = ("T5ForConditionalGeneration", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+               "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GPTBigCodeForCausalLM")
+NOT_SERVED_WHY = {"GptOssForCausalLM": "transformers 4.51.3, which the stand-in runs models with, has no GPT-OSS"}
+# Converse "is supported for Mistral AI, Llama, Qwen, Flan, GPTBigCode, and Mixtral architectures only"; "not
+# supported for Qwen2.5, Qwen2-VL, Qwen2.5-VL, and GPT-OSS models"; "also not supported for Qwen3 models".
+NO_CONVERSE = {"Qwen2VLForConditionalGeneration": "Qwen2-VL", "Qwen2_5_VLForConditionalGeneration": "Qwen2.5-VL",
+               "Qwen3ForCausalLM": "Qwen3", "Qwen3MoeForCausalLM": "Qwen3", "GptOssForCausalLM": "GPT-OSS",
+               "MllamaForConditionalGeneration": "Mllama"}
+# serve's reading: Qwen2 and Qwen2.5 share Qwen2ForCausalLM; Qwen2.5's tokenizer adds these tokens, Qwen2's has
+# only <|endoftext|>, <|im_start|> and <|im_end|>.
+QWEN2_5_TOKENS = ("<|fim_prefix|>", "<|vision_start|>", "<tool_call>")
 
 
 def problems(folder: Path, region: str) -> list[str]:
     """Why Bedrock would refuse this folder's files (the prefix's top level), by AWS's rules; [] if none."""
     files = {p.name: p for p in folder.iterdir() if p.is_file()}
     found = [f"{name} is missing" for name in REQUIRED if name not in files]
-    if not any(name in files for name in SENTENCEPIECE):
+    if not any(name in files for name in SENTENCEPIECE) and _sentencepiece(files):
         found.append(f"tokenizer.model is missing (or {' or '.join(SENTENCEPIECE[1:])}, its other name)")
     found += _weight_problems(files)
     if "adapter_config.json" in files:  # "LoRA adapters must be merged into the base weights"
@@ -63,6 +76,48 @@ def problems(folder: Path, region: str) -> list[str]:
             found.append(f"tokenizer_config.json: tokenizer_class {tokenizer!r} is not a supported tokenizer "
                          f"({', '.join(sorted(TOKENIZERS))})")
     return found
+
+
+def chat_problem(folder: Path) -> str | None:
+    """Why the messages format (and Converse) cannot be used with this model, or None: "the chat template
+    needs to be part of the tokenizer_config.json. Custom Model Import will not apply any default chat
+    templates." """
+    template = _json(folder / "tokenizer_config.json").get("chat_template")
+    if template and isinstance(template, (str, list)):
+        return None
+    elsewhere = " (chat_template.jinja alone is not enough)" if (folder / "chat_template.jinja").is_file() else ""
+    return f"the model's tokenizer_config.json has no chat_template{elsewhere}"
+
+
+def converse_problem(folder: Path) -> str | None:
+    """Why Bedrock's Converse does not serve this model (its family, or no chat template), or None."""
+    architecture = (_json(folder / "config.json").get("architectures") or ["?"])[0]
+    family = NO_CONVERSE.get(architecture)
+    if architecture == "Qwen2ForCausalLM":
+        family = "Qwen2.5" if _added_tokens(folder) & set(QWEN2_5_TOKENS) else None
+    if family:
+        return f"the Converse API is not supported for {family} models"
+    return chat_problem(folder)
+
+
+def _added_tokens(folder: Path) -> set[str]:
+    """The tokens the tokenizer adds to its vocabulary (tokenizer.json's and tokenizer_config.json's lists)."""
+    listed = _json(folder / "tokenizer.json").get("added_tokens")
+    decoder = _json(folder / "tokenizer_config.json").get("added_tokens_decoder")
+    tokens = [*(listed if isinstance(listed, list) else []), *(decoder.values() if isinstance(decoder, dict) else [])]
+    return {t.get("content") for t in tokens if isinstance(t, dict)}
+
+
+def _sentencepiece(files: dict[str, Path]) -> bool:
+    """Whether tokenizer.json converts a SentencePiece model (a Unigram model, or '▁' for spaces), or
+    cannot tell (no readable tokenizer.json)."""
+    tokenizer = _json(files["tokenizer.json"]) if "tokenizer.json" in files else {}
+    if not tokenizer:
+        return True
+    model = tokenizer.get("model")
+    parts = [tokenizer.get(key) for key in ("normalizer", "pre_tokenizer", "decoder")]
+    return (isinstance(model, dict) and model.get("type") == "Unigram") or "▁" in json.dumps(parts,
+                                                                                         ensure_ascii=False)
 
 
 def _weight_problems(files: dict[str, Path]) -> list[str]:

@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable
 
 from termtune import data
+from termtune import serve_rules
 from termtune.aws.clients import RUNTIME_HEADER, client, error_code, error_message, stand_in
 from termtune.aws.stage import aws_errors, read_record
 from termtune.config import Config
@@ -23,35 +24,48 @@ from termtune.rundir import write_json
 RETRY_CODES = ("ModelNotReadyException", "ThrottlingException")
 
 
+def body_schema(cfg: Config) -> str:
+    """aws.invoke_schema with `auto` decided: `messages` (OpenAI chat completion, the chat template applied
+    by Bedrock) when the run's artifact carries a chat template where Bedrock reads it, else `max_tokens`."""
+    if cfg.aws.invoke_schema != "auto":
+        return cfg.aws.invoke_schema
+    return "max_tokens" if serve_rules.chat_problem(RunLayout.of(cfg).artifact) else "messages"
+
+
 def request_body(cfg: Config, prompt: str) -> dict[str, Any]:
-    """max_tokens selects the OpenAI completion schema, max_gen_len the Bedrock completion one."""
-    return {"prompt": prompt, cfg.aws.invoke_schema: cfg.aws.invoke_max_tokens,
-            "temperature": cfg.aws.invoke_temperature}
+    """`messages` sends the prompt as the user's turn (OpenAI chat completion); otherwise max_tokens selects
+    the OpenAI completion schema, max_gen_len the Bedrock completion one."""
+    schema = body_schema(cfg)
+    if schema == "messages":
+        return {"messages": [{"role": "user", "content": prompt}], "max_tokens": cfg.aws.invoke_max_tokens,
+                "temperature": cfg.aws.invoke_temperature}
+    return {"prompt": prompt, schema: cfg.aws.invoke_max_tokens, "temperature": cfg.aws.invoke_temperature}
 
 
 def chunk_text(body: dict[str, Any]) -> str | None:
-    """The generated text in a response or stream chunk of any schema imported models use
-    (§4.2), or None when it carries none (e.g. a chunk with only usage or metrics)."""
-    if isinstance(body.get("generation"), str):
-        return body["generation"]
-    for key in ("choices", "outputs"):
-        items = body.get(key)
-        if isinstance(items, list) and items and isinstance(items[0], dict):
-            first = items[0]
-            if isinstance(first.get("text"), str):
-                return first["text"]
-            if isinstance(first.get("message"), dict):
-                return str(first["message"].get("content", ""))
-            if isinstance(first.get("delta"), dict) and isinstance(first["delta"].get("content"), str):
-                return first["delta"]["content"]
-    return None
+    """The generated text in a response or stream chunk of any shape imported models answer in, read in
+    this order: `generation` (Bedrock completion), `choices[0].message.content` (chat completion; a stream's
+    `choices[0].delta.content`), `choices[0].text` (OpenAI completion), then the shapes of models imported
+    before November 2025: `outputs[0].text`, `text`. None when it carries none (a usage or metrics chunk)."""
+    def at(value: Any, *path: str | int) -> Any:  # value[path[0]][path[1]]..., or None where it is not there
+        for step in path:
+            if isinstance(step, str):
+                value = value.get(step) if isinstance(value, dict) else None
+            else:
+                value = value[step] if isinstance(value, list) and len(value) > step else None
+        return value
+
+    candidates = (at(body, "generation"), at(body, "choices", 0, "message", "content"),
+                  at(body, "choices", 0, "delta", "content"), at(body, "choices", 0, "text"),
+                  at(body, "outputs", 0, "text"), at(body, "text"))
+    return next((text for text in candidates if isinstance(text, str)), None)
 
 
 def response_text(body: dict[str, Any]) -> str:
     text = chunk_text(body)
     if text is not None:
         return text
-    raise UserError(f"unrecognised response from the model (no generation, choices or outputs): "
+    raise UserError(f"unrecognised response from the model (no generation, choices, outputs or text): "
                     f"{json.dumps(body)[:300]}")
 
 
