@@ -36,7 +36,7 @@ the key (as an ARN) and vpcConfig are echoed by the Get* calls.
 Choices where AWS does not document the behaviour (docs/aws.md lists them): a reused job or
 model name answers ConflictException; a request with neither max_tokens nor max_gen_len gets
 the OpenAI completion schema with 16 tokens; max_tokens must be 1..the model's n_positions and
-the prompt at most 512 tokens for Flan-T5, the context up to 32,768 for a decoder (and 32 characters
+the prompt at most 512 tokens for an encoder-decoder, the context up to 32,768 for a decoder (and 32 characters
 a token, checked before tokenizing); a streamed chat completion is OpenAI's chat.completion.chunk;
 Qwen2.5 (which shares Qwen2's architecture) is told by its tokenizer's added tokens; one generation
 per model at a time, each within a time budget, and a caller kept waiting too long for the
@@ -307,7 +307,7 @@ class Bedrock:
                 "customModelUnits": {"customModelUnitsPerModelCopy": 1, "customModelUnitsVersion": "v1.0"}}
             if job.get("importedModelKmsKeyArn"):
                 self.models[model_arn]["modelKmsKeyArn"] = job["importedModelKmsKeyArn"]
-            decoder = config["model_type"] != "t5"
+            decoder = not config.get("is_encoder_decoder", False)
             context = config.get("n_positions") or config.get("max_position_embeddings")
             self.models_run[model_arn] = Served(
                 self.runtime.runner(folder, folder.with_suffix(".worker.log")), threading.Lock(), context,
