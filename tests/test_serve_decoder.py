@@ -3,7 +3,7 @@ real boto3: the three invoke formats Bedrock documents, their streams, Converse 
 family, and termtune invoke's body and answer parsing.
 
 Each model is random-initialised at tiny dimensions with the real tokenizer, chat template and generation
-config of its published base, written by termtune.decoder_export in fp32, imported through the stand-in and
+config of its published base, written by termtune.families.decoder_export in fp32, imported through the stand-in and
 run by it under Bedrock's transformers 4.51.3; every answer is compared with the greedy answer the same
 model gives in this process (transformers 5.x).
 """
@@ -84,7 +84,7 @@ def served(tmp_path_factory):
     tokens), Qwen2.5, Mistral (a SentencePiece tokenizer, shipped with its tokenizer.model; its chat answer
     ends at once) and Qwen3, and a Llama copy without
     a chat template; one server, models run under 4.51.3."""
-    from termtune.decoder_export import write_decoder
+    from termtune.families.decoder_export import write_decoder
 
     python = bedrock_python()
     root = tmp_path_factory.mktemp("s3root")

@@ -14,6 +14,7 @@ from termtune.config import Config
 from termtune.errors import UserError
 from termtune.gguf import model_source
 from termtune.layout import RunLayout
+from termtune.rundir import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -193,10 +194,7 @@ def base_config_json(cfg: Config) -> tuple[Any, str]:
                 raise UserError(f"{m.source}: no config.json; a base model folder holds one")
         else:
             path = _hub_config(source)
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), str(path)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    return read_json(path), str(path)
 
 
 def cached_hub_config(repo: str) -> Path | None:
