@@ -171,12 +171,29 @@ def _reference_outputs(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizer
     # alone move a random-init model's logits by ~0.7 and flip greedy tokens; in fp32 by ~3e-5.
     model.set_attn_implementation(family_of_model(model).bedrock_attention)
     model.to(getattr(torch, dtype)).eval()
+    causal = not model.config.is_encoder_decoder
+    if causal:
+        tokenizer.padding_side = "left"  # a decoder-only model continues its prompt (the same in BEDROCK_SCRIPT)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
         tokens = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                num_beams=1)
-        logits = model(**batch, decoder_input_ids=tokens[:, :-1]).logits
+                                num_beams=1, pad_token_id=tokenizer.pad_token_id)
+        logits = _teacher_forced_logits(model, batch, tokens[:, :-1], causal)
     return {"prompts": prompts, "input_ids": batch["input_ids"], "tokens": tokens, "logits": logits}
+
+
+def _teacher_forced_logits(model: Any, batch: Any, tokens: Any, causal: bool) -> Any:
+    """The logits for `tokens` (the greedy output less its last token) fed back: as decoder input for an
+    encoder-decoder; as the whole sequence for a decoder-only model, whose (left) padding gets logits 0 on
+    both sides, since what a model computes for a position it never attends to is not the model's output.
+    The same code runs in BEDROCK_SCRIPT."""
+    import torch
+
+    if not causal:
+        return model(**batch, decoder_input_ids=tokens).logits
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(tokens[:, batch["input_ids"].shape[1]:])], dim=1)
+    logits = model(input_ids=tokens, attention_mask=mask).logits
+    return torch.where(mask.bool()[..., None], logits, torch.zeros_like(logits))
 
 
 def _recorded_outputs(folder: Path) -> dict[str, Any] | None:
@@ -206,12 +223,20 @@ try:
     architecture = json.load(open(folder + "/config.json", encoding="utf-8"))["architectures"][0]
     model = getattr(transformers, architecture).from_pretrained(folder, torch_dtype="auto").eval()
     step = "generate"
+    causal = not model.config.is_encoder_decoder
+    if causal:
+        tokenizer.padding_side = "left"
     batch = tokenizer(req["prompts"], return_tensors="pt", padding=True)
     with torch.inference_mode():
         tokens = model.generate(**batch, max_new_tokens=req["new_tokens"], min_new_tokens=req["new_tokens"],
-                                do_sample=False, num_beams=1)
+                                do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id)
         decoder = torch.tensor(req["decoder_ids"]) if req["decoder_ids"] is not None else tokens[:, :-1]
-        logits = model(**batch, decoder_input_ids=decoder).logits
+        if causal:  # as termtune.bedrock_check._teacher_forced_logits
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(decoder[:, batch["input_ids"].shape[1]:])], 1)
+            logits = model(input_ids=decoder, attention_mask=mask).logits
+            logits = torch.where(mask.bool()[..., None], logits, torch.zeros_like(logits))
+        else:
+            logits = model(**batch, decoder_input_ids=decoder).logits
 except Exception as e:
     print(json.dumps({"transformers": transformers.__version__, "failed": step, "error": f"{type(e).__name__}: {e}"}))
     sys.exit(0)

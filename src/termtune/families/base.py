@@ -44,6 +44,8 @@ class Family:
     """tokenizer_config.json's tokenizer_class in an export, where the tokenizer does not say."""
     bedrock_attention: str = "sdpa"
     """The attention implementation transformers 4.51.3 (Bedrock's) runs this family with."""
+    generation_padding_side: str = "right"
+    """Where a batch of prompts is padded for generate: "left" for a decoder-only model, which continues the prompt."""
 
     # -- model
     def architecture_config(self, cfg: Config) -> Any:
@@ -102,6 +104,13 @@ class Family:
         """Files an artifact needs beyond what the tokenizer's save_pretrained writes: {name: source file}.
         Called before any weights are loaded, so a missing file fails the export at once."""
         raise NotImplementedError
+
+    def write_artifact(self, model: Any, tokenizer: Any, folder: Path, dtype: str,
+                       max_shard_bytes: int) -> dict[str, dict[str, Any]] | None:
+        """Write the merged model, its config and tokenizer into `folder` the family's own way and return
+        {weight file: {"sha256", "size", "dtype", "shapes"}}; None: the export stage's writer (weights streamed
+        per tensor, then `fix_model_config` and `export_tokenizer_files`) serves this family."""
+        return None
 
     def is_tied(self, model: Any) -> bool:
         """Whether the model's output layer is its input embeddings (then no lm_head.weight is written)."""
@@ -234,6 +243,10 @@ def load_tokenizer(cfg: Config) -> "PreTrainedTokenizerBase":
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot load a tokenizer: {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        # Llama 3's and Mistral's tokenizers have no pad token. Padding is masked out of attention and loss
+        # (labels -100 by position, never by id), so eos pads as well as any token, as TRL pads them.
+        tok.pad_token = tok.eos_token
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise UserError(f"{source}: tokenizer has no pad or eos token; termtune pads batches and ends answers "
                         "with them")
