@@ -132,6 +132,25 @@ def test_tiny_llama_runs_through_trl_export_4_51_3_check_deploy_and_invoke(llama
     assert served["text"].strip(), served
 
 
+def test_validate_fails_a_plain_5x_save_of_the_same_decoder(llama_cfg, tmp_path):
+    """The negative control: what transformers 5.x's save_pretrained writes for a Llama is refused by validate's
+    decoder rules, each for what 4.51.3 would misread (RoPE settings, torch_dtype, tokenizer class and inputs)."""
+    from termtune.families import family_for
+    from termtune.families.base import base_model_dir, materialize_random_base
+    from termtune.modeling import load_tokenizer
+    from termtune.validate import validate
+    from transformers import AutoModelForCausalLM
+
+    cfg = llama_cfg()
+    materialize_random_base(family_for(cfg), cfg)
+    plain = tmp_path / "plain"
+    AutoModelForCausalLM.from_pretrained(base_model_dir(cfg)).save_pretrained(plain)
+    load_tokenizer(cfg).save_pretrained(plain)
+    failed = {c.name: c.message for c in validate(plain) if c.failed}
+    assert "rope_parameters" in failed["torch_dtype (transformers 4.51.3)"], failed
+    assert "TokenizersBackend" in failed["tokenizer_config.json (transformers 4.51.3)"], failed
+
+
 def test_rerun_is_up_to_date_and_a_resumed_training_ends_with_the_same_adapter(llama_cfg, capfd):
     from safetensors.torch import load_file
 
@@ -170,13 +189,17 @@ def test_smollm2_from_its_gguf_trains_exports_and_loads_under_4_51_3_as_trained(
                              "data.target=first_n_sentences", "data.n_sentences=1", "data.test_size=4",
                              "data.max_target_length=48", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0",
                              "train.max_steps=2", "train.batch_size=4", "train.save_steps=10",
-                             "eval.max_new_tokens=8", "eval.batch_size=4", "export.dtype=bf16", "aws.deploy=false"])
+                             "eval.max_new_tokens=8", "eval.batch_size=4", "export.dtype=fp32", "aws.deploy=false"])
     for stage in ("data", "train", "evaluate", "export"):
         pipeline.run_stage(cfg, stage)
     artifact = cfg.run_dir / "artifact"
     config = json.loads((artifact / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "bfloat16"
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["torch_dtype"] == "float32"
+    assert config["rope_theta"] == 100000.0 and "rope_parameters" not in config
+    tokenizer_config = json.loads((artifact / "tokenizer_config.json").read_text())
+    # 4.51.3's PreTrainedTokenizerFast would hand generate token_type_ids, which a LlamaForCausalLM refuses
+    assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]
     check = json.loads((artifact / "manifest.json").read_text())["bedrock_check"]
-    assert check["status"] == "passed", check
+    assert check["status"] == "passed" and check["max_abs_logit_diff"] <= 1e-4, check
     predictions = [json.loads(line) for line in (cfg.run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["base"] for p in predictions)  # an instruction-tuned model answers before any tuning

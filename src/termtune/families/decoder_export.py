@@ -164,6 +164,9 @@ def patch_tokenizer_config(config: dict[str, Any], tokenizer: "PreTrainedTokeniz
         config["additional_special_tokens"] = [str(t) for t in extra]
     if config.get("tokenizer_class") not in BEDROCK_TOKENIZER_CLASSES:
         config["tokenizer_class"] = SENTENCEPIECE_4X_TOKENIZER if sentencepiece else GENERIC_4X_TOKENIZER
+    # 4.51.3's PreTrainedTokenizerFast also returns token_type_ids unless told otherwise, and a decoder-only
+    # model's generate refuses them ("model_kwargs are not used by the model: ['token_type_ids']").
+    config.setdefault("model_input_names", list(tokenizer.model_input_names))
     config["added_tokens_decoder"] = {
         str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                  "single_word": t.single_word, "special": t.special}
@@ -340,6 +343,10 @@ def _tokenizer_config_problems(folder: Path, config: dict[str, Any]) -> list[str
         problems.append(f"tokenizer_config.json names tokenizer_class {cls!r}, which transformers 4.51.3 does not "
                         "load and Bedrock does not list"
                         + (f" (use {GENERIC_4X_TOKENIZER})" if cls == GENERIC_5X_TOKENIZER else ""))
+    if cls == GENERIC_4X_TOKENIZER and "token_type_ids" in config.get("model_input_names", ["token_type_ids"]):
+        problems.append(f"tokenizer_config.json names {GENERIC_4X_TOKENIZER} without model_input_names "
+                        "[input_ids, attention_mask]: under 4.51.3 it returns token_type_ids, which a decoder-only "
+                        "model's generate refuses")
     if isinstance(config.get("extra_special_tokens"), list):
         problems.append("tokenizer_config.json has extra_special_tokens as a list (5.x form); 4.51.3 fails on it "
                         "('list' object has no attribute 'keys'): use additional_special_tokens")
