@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 OK, FAIL, WARN = "ok", "fail", "warn"
 """The outcome of a Bedrock import rule (termtune.validate): a family's rules return (one of these, a reason)."""
 
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+"""export.dtype -> the torch dtype's name, as config.json's torch_dtype writes it."""
+
 BUILT_FROM = "termtune-built-from.json"
 """Written into a random-init base folder: the shape, seed and tokenizer it was built from."""
 
@@ -436,3 +439,27 @@ def sentencepiece_problem(path: Path, vocabulary: dict[str, int]) -> str | None:
             return (f"{path.name} and tokenizer.json disagree: {piece!r} is id {i} in {path.name}, "
                     f"{vocabulary.get(piece)} in tokenizer.json")
     return None
+
+
+def tokenizer_json_vocabulary(tokenizer: Any) -> dict[str, int]:
+    """token -> id over tokenizer.json's model vocabulary (a [piece, score] list for Unigram, a
+    {piece: id} map for BPE/WordPiece/WordLevel) and its added tokens. Raises ValueError."""
+    model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not vocab or not isinstance(vocab, (list, dict)):
+        raise ValueError("tokenizer.json has no model.vocab")
+    if isinstance(vocab, list):
+        ids = {}
+        for i, entry in enumerate(vocab):
+            if not isinstance(entry, list) or not entry or not isinstance(entry[0], str):
+                raise ValueError(f"tokenizer.json: model.vocab entry {i} is not a [piece, score] pair")
+            ids.setdefault(entry[0], i)
+    else:
+        ids = dict(vocab)
+    for added in tokenizer.get("added_tokens") or []:
+        if isinstance(added, dict) and isinstance(added.get("content"), str):
+            ids[added["content"]] = added.get("id")
+    bad = [token for token, i in ids.items() if not isinstance(i, int) or i < 0]
+    if bad:
+        raise ValueError(f"tokenizer.json: token {bad[0]!r} has no valid id")
+    return ids

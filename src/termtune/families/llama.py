@@ -140,9 +140,9 @@ class DecoderFamily(Family):
         """(prompt ids, answer ids): the prompt as the user's turn rendered through the chat template up to the
         assistant's generation prompt (what Bedrock's server renders for a `messages` request), the answer and the
         template's end-of-turn token. The collator joins them; the loss is on the answer only."""
-        from termtune.conversations import PROBLEMS, _Template as Template
+        from termtune.chat_template import PROBLEMS, ChatTemplate
 
-        template = Template.of(tokenizer)
+        template = ChatTemplate.of(tokenizer)
         template.check()
         sources, answers = [], []
         for prompt, target in zip(prompts, targets):
@@ -197,16 +197,17 @@ class DecoderFamily(Family):
 
     def write_artifact(self, model: Any, tokenizer: Any, folder: Path, dtype: str,
                        max_shard_bytes: int) -> dict[str, dict[str, Any]] | None:
+        import json
+        import struct
+
         from termtune.families.decoder_export import write_decoder
         from termtune.rundir import sha256_file
-        from termtune.validate import read_safetensors_header
 
         write_decoder(model, tokenizer, folder, dtype=dtype, max_shard_size=max_shard_bytes)
         weights = {}
         for path in sorted(folder.glob("*.safetensors")):
-            header, error = read_safetensors_header(path)
-            if error:
-                raise RuntimeError(f"{path}: unreadable after writing: {error}")
+            with path.open("rb") as f:  # the header: its length (8 bytes, little-endian), then JSON
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
             tensors = {k: v for k, v in header.items() if k != "__metadata__"}
             weights[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size,
                                   "dtype": next(iter(tensors.values()))["dtype"] if tensors else "",
@@ -348,10 +349,10 @@ def _head_count(f: Any) -> tuple[str, str]:
 
 
 def _config_for_4_51_3(f: Any) -> tuple[str, str]:
-    from termtune.families.decoder_export import _config_problems
+    from termtune.families.decoder_export import config_problems
 
     c = f.config or {}
-    problems = _config_problems(c)
+    problems = config_problems(c)
     if problems:
         return FAIL, "; ".join(problems)
     if c.get("torch_dtype") not in ("float32", "bfloat16", "float16"):
@@ -397,12 +398,12 @@ def _tokenizer_files(f: Any) -> tuple[str, str]:
 
 
 def _tokenizer_config(f: Any) -> tuple[str, str]:
-    from termtune.families.decoder_export import _tokenizer_config_problems
+    from termtune.families.decoder_export import tokenizer_config_problems
 
     value, error = f.json("tokenizer_config.json")
     if error or not isinstance(value, dict):
         return FAIL, error or "tokenizer_config.json is not a JSON object"
-    problems = _tokenizer_config_problems(f.path, value)
+    problems = tokenizer_config_problems(f.path, value)
     if problems:
         return FAIL, "; ".join(problems)
     if not value.get("chat_template"):
@@ -412,7 +413,7 @@ def _tokenizer_config(f: Any) -> tuple[str, str]:
 
 
 def _generation_config(f: Any) -> tuple[str, str]:
-    from termtune.families.decoder_export import _end_of_turn_problems
+    from termtune.families.decoder_export import end_of_turn_problems
 
     files = {}
     for name in ("generation_config.json", "tokenizer_config.json", "tokenizer.json"):
@@ -420,7 +421,7 @@ def _generation_config(f: Any) -> tuple[str, str]:
         if error or not isinstance(value, dict):
             return FAIL, error or f"{name} is not a JSON object"
         files[name] = value
-    problems = _end_of_turn_problems(f.path, files["tokenizer_config.json"], files["tokenizer.json"],
+    problems = end_of_turn_problems(f.path, files["tokenizer_config.json"], files["tokenizer.json"],
                                      files["generation_config.json"])
     if problems:
         return FAIL, "; ".join(problems)
