@@ -203,3 +203,26 @@ def test_smollm2_from_its_gguf_trains_exports_and_loads_under_4_51_3_as_trained(
     assert check["status"] == "passed" and check["max_abs_logit_diff"] <= 1e-4, check
     predictions = [json.loads(line) for line in (cfg.run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["base"] for p in predictions)  # an instruction-tuned model answers before any tuning
+
+
+# ----------------------------------------------------------------------------- termtune plan
+
+
+def test_plan_counts_the_parameters_and_lora_weights_the_model_has(llama_cfg):
+    import torch
+
+    from termtune.families import family_for
+    from termtune.modeling import attach_lora, load_base
+    from termtune.plan import model_shape
+
+    for extra in ((), ("lora.target_modules=[q_proj, down_proj]", "lora.r=4")):
+        cfg = llama_cfg(*extra, "model.architecture_overrides.tie_word_embeddings=false")
+        shape = model_shape(cfg)
+        counts = shape.parameter_counts()
+        torch.manual_seed(0)
+        model = attach_lora(cfg, load_base(cfg))
+        assert counts["total"] == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        assert counts["lm_head"] == counts["embedding"] > 0
+        assert shape.lora_parameters(cfg.lora.r, cfg.lora.target_modules) == \
+            sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert family_for(cfg).name == "llama" and "Llama 2 layers, hidden 64" in shape.describe()

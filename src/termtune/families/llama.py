@@ -258,11 +258,32 @@ class DecoderFamily(Family):
 
     # ------------------------------------------------------------------------- termtune plan
 
-    def plan_shape(self, cfg: Config) -> Any:
-        raise UserError(f"termtune plan does not yet count {self.display_name} models")
+    def plan_shape(self, cfg: Config) -> "DecoderShape":
+        m = cfg.model
+        if m.init != "random" and not Path(m.source).expanduser().exists() and not m.source.endswith(".gguf"):
+            from termtune.families.base import cached_hub_config
+
+            if cached_hub_config(m.source) is None:
+                raise UserError(f"model.source: {m.source}: termtune plan knows no {self.display_name} shape by "
+                                "name; point model.source at a local folder, or download it once")
+        values, origin = base_config_json(cfg)
+        values = {**values, **(m.architecture_overrides if m.init == "random" else {})}
+        origin = origin if m.init == "random" else m.source
+        for key in SIZE_KEYS:
+            size = values.get(key)
+            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
+                raise UserError(f"{origin}: {key}={size!r}: a model size must be a whole number from 1 to {MAX_SIZE:,}")
+        heads = values["num_attention_heads"]
+        return DecoderShape(
+            hidden=values["hidden_size"], intermediate=values["intermediate_size"], layers=values["num_hidden_layers"],
+            heads=heads, kv_heads=values.get("num_key_value_heads") or heads,
+            head_dim=values.get("head_dim") or values["hidden_size"] // heads, vocab_size=values["vocab_size"],
+            tied=bool(values.get("tie_word_embeddings", False)), qkv_bias=self.name == "qwen2",
+            qk_norm=self.name == "qwen3", dropout=float(values.get("attention_dropout") or 0.0),
+            name=self.display_name, origin=origin)
 
     def plan_sources(self) -> dict[str, str]:
-        return {}
+        return {"DecoderShape": "counted from the layer shapes (no measured constants; see DecoderShape)"}
 
 
 # ----------------------------------------------------------------------------- training
@@ -505,3 +526,96 @@ LLAMA = DecoderFamily("llama", "llama", "LlamaForCausalLM", "Llama")
 MISTRAL = DecoderFamily("mistral", "mistral", "MistralForCausalLM", "Mistral")
 QWEN2 = DecoderFamily("qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2", _qwen2_biases)
 QWEN3 = DecoderFamily("qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3", _qwen3_norms)
+
+
+# ----------------------------------------------------------------------------- shape and FLOPs for `termtune plan`
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """A Llama-layout decoder's shape as `termtune plan` counts it. Counted, not measured: parameters and LoRA
+    weights exactly from the layer shapes; FLOPs by the usual rule (2 per weight per token forward, 2 more for the
+    input gradient of a frozen weight, 6 in all for a trained one); activations as a per-layer tally of the tensors
+    autograd keeps (an estimate: the T5 counts were measured, these are not yet)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    dropout: float = 0.0
+    name: str = "decoder"
+    origin: str = ""
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden
+
+    def describe(self) -> str:
+        return (f"{self.name} {self.layers} layers, hidden {self.hidden}, {self.heads} heads "
+                f"({self.kv_heads} key/value), vocabulary {self.vocab_size:,} ({self.origin})")
+
+    def linear_layers(self) -> list[tuple[str, int, int, int]]:
+        """(module name, in_features, out_features, how many) for every nn.Linear but lm_head."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [("q_proj", self.hidden, q, self.layers), ("k_proj", self.hidden, kv, self.layers),
+                ("v_proj", self.hidden, kv, self.layers), ("o_proj", q, self.hidden, self.layers),
+                ("gate_proj", self.hidden, self.intermediate, self.layers),
+                ("up_proj", self.hidden, self.intermediate, self.layers),
+                ("down_proj", self.intermediate, self.hidden, self.layers)]
+
+    def check_lora_rank(self, r: int, targets: str | list[str]) -> None:
+        layers = [(name, n_in, n_out) for name, n_in, n_out, _ in self.linear_layers()]
+        targeted = [layer for layer in layers if targets == "all-linear" or layer[0] in targets] or layers
+        refuse_rank(r, *min(targeted, key=lambda layer: min(layer[1:])))
+
+    def parameter_counts(self) -> dict[str, int]:
+        linear = sum(i * o * n for _, i, o, n in self.linear_layers())
+        norms = self.hidden * (2 * self.layers + 1) + (2 * self.head_dim * self.layers if self.qk_norm else 0)
+        biases = (self.heads + 2 * self.kv_heads) * self.head_dim * self.layers if self.qkv_bias else 0
+        embedding = self.vocab_size * self.hidden
+        lm_head = 0 if self.tied else embedding
+        return {"embedding": embedding, "linear": linear, "norms_and_biases": norms + biases, "lm_head": lm_head,
+                "total": embedding + linear + norms + biases + lm_head}
+
+    def lora_parameters(self, r: int, targets: str | list[str]) -> int:
+        """r * (in + out) per adapted nn.Linear; 'all-linear' is every Linear but lm_head (peft's rule)."""
+        return sum(r * (i + o) * n for name, i, o, n in self.linear_layers() if targets == "all-linear" or name in targets)
+
+    def activation_bytes(self, rows: int, src: int, tgt: int, r: int, dropout_on: bool, bf16: bool,
+                         checkpointing: bool) -> int:
+        """Bytes autograd keeps for one batch of rows x (src + tgt) tokens, plus the full logits TRL's loss makes
+        (it does not chunk them): per token per layer ~10 hidden-wide tensors (norm inputs and outputs, residual,
+        attention output), 4 intermediate-wide (gate, up, activation, product), q, k, v, the attention weights
+        (heads x sequence, the math attention CPUs run) and 2 per LoRA layer of width r."""
+        seq = src + tgt
+        wide, narrow = 4, (2 if bf16 else 4)
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        per_token = (10 + 2 * dropout_on) * self.hidden * wide + (4 * self.intermediate + q + 2 * kv
+                                                                  + self.heads * seq + 14 * r) * narrow
+        layer = rows * seq * per_token
+        logits = rows * seq * self.vocab_size * 4 * 3  # logits, log-softmax, their gradient
+        if checkpointing:
+            return int(rows * seq * self.hidden * self.layers * wide + layer + logits)
+        return int(self.layers * layer + logits)
+
+    def training_flops(self, b: Any, r: int, targets: str | list[str],
+                       head_trained: bool = False) -> tuple[float, float]:
+        """(training FLOPs of one epoch, the forward work gradient checkpointing recomputes) for `b` (one epoch's
+        termtune.plan.Batching): prompt and answer are one stream, so every weight sees every padded token, the
+        lm_head too (TRL makes logits at every position); attention is causal: half the (prompt + answer)^2
+        score entries, 2 x 2 x head_dim FLOPs each per head per layer forward."""
+        tokens = b.padded_source + b.padded_target
+        p = self.parameter_counts()
+        base_pass = 2 * p["linear"] * tokens
+        head_pass = 2 * self.vocab_size * self.hidden * tokens
+        lora = 6 * self.lora_parameters(r, targets) * tokens
+        ss, tt, st = b.attention_pairs
+        attention = 3 * 4 * self.heads * self.head_dim * self.layers * (ss + tt + 2 * st) / 2
+        total = 2 * base_pass + (3 if head_trained else 2) * head_pass + lora + attention
+        return float(total), float(base_pass + attention / 3)
