@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from termtune.chat_template import PROBLEMS, ChatTemplate
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.families.base import (FAIL, OK, WARN, Family, base_config_json, lora_config, model_config,
-                                    refuse_rank)
+from termtune.families.base import (FAIL, OK, WARN, Family, base_config_json, cached_hub_config, lora_config,
+                                    model_config, refuse_rank)
+from termtune.families.decoder_export import (config_problems, decoder_warnings, end_of_turn_problems,
+                                              is_sentencepiece, patch_config, tokenizer_config_problems, write_decoder)
+from termtune.rundir import sha256_file
+from termtune.serve_rules import ARCHITECTURES
 
 if TYPE_CHECKING:
     import torch
@@ -140,8 +145,6 @@ class DecoderFamily(Family):
         """(prompt ids, answer ids): the prompt as the user's turn rendered through the chat template up to the
         assistant's generation prompt (what Bedrock's server renders for a `messages` request), the answer and the
         template's end-of-turn token. The collator joins them; the loss is on the answer only."""
-        from termtune.chat_template import PROBLEMS, ChatTemplate
-
         template = ChatTemplate.of(tokenizer)
         template.check()
         sources, answers = [], []
@@ -200,9 +203,6 @@ class DecoderFamily(Family):
         import json
         import struct
 
-        from termtune.families.decoder_export import write_decoder
-        from termtune.rundir import sha256_file
-
         write_decoder(model, tokenizer, folder, dtype=dtype, max_shard_size=max_shard_bytes)
         weights = {}
         for path in sorted(folder.glob("*.safetensors")):
@@ -221,8 +221,6 @@ class DecoderFamily(Family):
         return set()
 
     def fix_model_config(self, config: dict[str, Any]) -> None:
-        from termtune.families.decoder_export import patch_config
-
         patched = patch_config(config, config.get("torch_dtype") or config.get("dtype") or "float32")
         config.clear()
         config.update(patched)
@@ -240,8 +238,6 @@ class DecoderFamily(Family):
                 "special token ids": _special_token_ids}
 
     def _architecture(self, f: Any) -> tuple[str, str]:
-        from termtune.serve_rules import ARCHITECTURES
-
         c = f.config or {}
         architectures = c.get("architectures")
         if not isinstance(architectures, list) or not architectures:
@@ -261,8 +257,6 @@ class DecoderFamily(Family):
     def plan_shape(self, cfg: Config) -> "DecoderShape":
         m = cfg.model
         if m.init != "random" and not Path(m.source).expanduser().exists() and not m.source.endswith(".gguf"):
-            from termtune.families.base import cached_hub_config
-
             if cached_hub_config(m.source) is None:
                 raise UserError(f"model.source: {m.source}: termtune plan knows no {self.display_name} shape by "
                                 "name; point model.source at a local folder, or download it once")
@@ -342,8 +336,6 @@ def _int(config: dict[str, Any], key: str, default: Any = None) -> int:
 
 
 def _attention_shape(f: Any) -> tuple[str, str]:
-    from termtune.families.decoder_export import decoder_warnings
-
     c = f.config or {}
     try:
         hidden, heads = _int(c, "hidden_size"), _int(c, "num_attention_heads")
@@ -370,8 +362,6 @@ def _head_count(f: Any) -> tuple[str, str]:
 
 
 def _config_for_4_51_3(f: Any) -> tuple[str, str]:
-    from termtune.families.decoder_export import config_problems
-
     c = f.config or {}
     problems = config_problems(c)
     if problems:
@@ -405,8 +395,6 @@ def _tie_flag(f: Any) -> tuple[str, str]:
 
 
 def _tokenizer_files(f: Any) -> tuple[str, str]:
-    from termtune.families.decoder_export import is_sentencepiece
-
     missing = [n for n in ("tokenizer.json", "tokenizer_config.json") if n not in f.files]
     if missing:
         return FAIL, f"missing {', '.join(missing)}"
@@ -419,8 +407,6 @@ def _tokenizer_files(f: Any) -> tuple[str, str]:
 
 
 def _tokenizer_config(f: Any) -> tuple[str, str]:
-    from termtune.families.decoder_export import tokenizer_config_problems
-
     value, error = f.json("tokenizer_config.json")
     if error or not isinstance(value, dict):
         return FAIL, error or "tokenizer_config.json is not a JSON object"
@@ -434,8 +420,6 @@ def _tokenizer_config(f: Any) -> tuple[str, str]:
 
 
 def _generation_config(f: Any) -> tuple[str, str]:
-    from termtune.families.decoder_export import end_of_turn_problems
-
     files = {}
     for name in ("generation_config.json", "tokenizer_config.json", "tokenizer.json"):
         value, error = f.json(name)
