@@ -89,14 +89,15 @@ def test_prepared_rows_train_on_exactly_the_answer_and_its_end_of_turn_token(lla
         assert tokenizer.decode(trained) == row["target"] + "<|eot_id|>"
         assert (batch["labels"][i, :n_prompt] == -100).all()
         assert int(batch["attention_mask"][i].sum()) == n_prompt + len(trained)
-        assert (batch["labels"][i, n_prompt:n_prompt + len(trained)] == batch["input_ids"][i, n_prompt:
-                                                                                           n_prompt + len(trained)]).all()
+        answer = slice(n_prompt, n_prompt + len(trained))
+        assert (batch["labels"][i, answer] == batch["input_ids"][i, answer]).all()
 
 
 # ----------------------------------------------------------------------------- the whole run
 
 
-def test_tiny_llama_runs_through_trl_export_4_51_3_check_deploy_and_invoke(llama_cfg, aws_env, bucket, capfd):  # noqa: F811
+def test_tiny_llama_runs_through_trl_export_4_51_3_check_deploy_and_invoke(
+        llama_cfg, aws_env, bucket, capfd):  # noqa: F811
     from termtune import pipeline
 
     aws_env()

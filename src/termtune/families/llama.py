@@ -569,7 +569,8 @@ class DecoderShape:
 
     def lora_parameters(self, r: int, targets: str | list[str]) -> int:
         """r * (in + out) per adapted nn.Linear; 'all-linear' is every Linear but lm_head (peft's rule)."""
-        return sum(r * (i + o) * n for name, i, o, n in self.linear_layers() if targets == "all-linear" or name in targets)
+        return sum(r * (i + o) * n for name, i, o, n in self.linear_layers()
+                   if targets == "all-linear" or name in targets)
 
     def activation_bytes(self, rows: int, src: int, tgt: int, r: int, dropout_on: bool, bf16: bool,
                          checkpointing: bool) -> int:
