@@ -72,7 +72,8 @@ def test_bad_architecture_and_missing_source(tmp_path, tiny_cfg):
         modeling.load_base(cfg)
     not_t5 = tmp_path / "gpt.json"
     not_t5.write_text('{"model_type": "gpt2"}')
-    with pytest.raises(UserError, match="model_type is 'gpt2'"):
+    with pytest.raises(UserError, match="model_type 'gpt2' is refused before training: Bedrock Custom Model Import "
+                                        "does not accept GPT-2"):
         modeling.load_base(tiny_cfg(run_name="g", extra={"model.architecture": str(not_t5)}))
     with pytest.raises(UserError, match="does not exist"):
         modeling.load_tokenizer(tiny_cfg(run_name="m", extra={"model.source": str(tmp_path / "nowhere")}))
@@ -117,16 +118,16 @@ def test_the_family_comes_from_the_base_config_and_an_unknown_one_is_a_one_line_
 
     assert family_for(tiny_cfg()) is T5  # model.init=random: the architecture file's model_type
     assert family_of({"architectures": ["T5ForConditionalGeneration"]}) is T5  # no model_type: by architecture
-    assert family_of({"model_type": "llama"}) is None and family_of(None) is None
+    assert family_of({"model_type": "mamba"}) is None and family_of(None) is None
 
-    llama = tmp_path / "llama"
-    llama.mkdir()
-    (llama / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    mamba = tmp_path / "mamba"
+    mamba.mkdir()
+    (mamba / "config.json").write_text('{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}')
     cfg = tiny_cfg(run_name="l", extra={"model.init": "pretrained", "model.architecture_overrides": "{}",
-                                        "model.source": str(llama)})
-    with pytest.raises(UserError, match=r"llama/config.json: model_type is 'llama', not a model family termtune "
-                                        r"trains \(termtune knows t5\)$") as e:
+                                        "model.source": str(mamba)})
+    with pytest.raises(UserError, match=r"mamba/config.json: model_type is 'mamba', not a model family termtune "
+                                        r"trains \(termtune knows t5, llama, mistral, qwen2, qwen3\)$") as e:
         family_for(cfg)
     assert "\n" not in str(e.value)
-    with pytest.raises(UserError, match="model_type is 'llama'"):  # a stage asks the registry before any work
+    with pytest.raises(UserError, match="model_type is 'mamba'"):  # a stage asks the registry before any work
         modeling.check_model_settings(cfg)

@@ -24,7 +24,10 @@ Compared, on a few probe prompts (data.prompt_template filled with fixed medical
 
 Both sides compute in the artifact's dtype (4.51.3 loads it with torch_dtype="auto", as Bedrock reads
 config.json's torch_dtype; the reference is the merged model cast to that dtype), so a bf16 export is
-compared with bf16 computation, not with the fp32 model it was rounded from.
+compared with bf16 computation, not with the fp32 model it was rounded from. A decoder-only model's bf16 or
+fp16 artifact is the exception: both sides hold its rounded weights but compute in fp32 (COMPARE_IN_FP32), since
+over a real model's 30 layers the two versions' half-precision kernels part by more than rounding (SmolLM2-135M:
+max |logit difference| 1.1-1.8 in bf16 with every greedy token equal; in fp32 from the same bf16 weights: 0).
 
 Without a trained model (`termtune validate DIR`: as_validation_check) the check loads the folder and
 generates on the probes; when the folder's manifest.json holds the greedy tokens that export recorded,
@@ -57,6 +60,8 @@ TOLERANCE = 1e-4
 """Max |logit difference| allowed for an fp32 artifact. Both sides run the same weights through the same
 ops; what differs is how the two transformers versions order and round them. fp32 keeps 24 significant
 bits (~6e-8 relative per op), which keeps logits of size ~10-100 far within 1e-4 (measured: 0)."""
+COMPARE_IN_FP32 = ("bfloat16", "float16")
+"""A decoder-only artifact in these dtypes is compared in fp32 computation (see the module docstring)."""
 BF16_STEPS = 4
 """For bf16 the tolerance is this many bf16 steps (ulps) of the largest |logit|. bf16 keeps 8 significant
 bits, so a logit in [2^e, 2^(e+1)) is only known to 2^(e-7), and the logits themselves come out in bf16:
@@ -79,16 +84,19 @@ def check_artifact(folder: Path, reference: tuple["PreTrainedModel", "PreTrained
         return {"status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: {why_not}"}
     started = time.time()
     dtype = _artifact_dtype(folder)
+    compute = _compute_dtype(folder, dtype)
     if reference is not None:
         model, tokenizer, prompts = reference
-        expected = _reference_outputs(model, tokenizer, list(prompts), dtype)
+        expected = _reference_outputs(model, tokenizer, list(prompts), dtype, compute)
     else:
         expected = _recorded_outputs(folder)
         prompts = expected["prompts"] if expected else probe_prompts()
     with tempfile.TemporaryDirectory(prefix="termtune-bedrock-check-") as tmp:
-        done, outputs = _run_bedrock(python, folder, list(prompts), expected, Path(tmp))
+        done, outputs = _run_bedrock(python, folder, list(prompts), expected, Path(tmp), compute)
     result: dict[str, Any] = {"python": str(python), "dtype": dtype, "probes": len(prompts), "new_tokens": NEW_TOKENS,
                               "seconds": round(time.time() - started, 1)}
+    if compute != dtype:
+        result["compute_dtype"] = compute
     if done is None:
         return {**result, "status": "not run", "message": f"not checked under transformers {BEDROCK_TRANSFORMERS}: "
                 f"{python} did not finish within {TIMEOUT_SECONDS} s"}
@@ -108,7 +116,7 @@ def check_artifact(folder: Path, reference: tuple["PreTrainedModel", "PreTrained
         error = " ".join(info["error"].split())[:300]
         failed = ("does not load" if info["failed"] == "load" else "loads but cannot generate")
         return {**result, "status": "failed", "message": f"{failed} under transformers {BEDROCK_TRANSFORMERS}: {error}"}
-    result.update(_compare(expected, outputs, dtype, has_logits=reference is not None))
+    result.update(_compare(expected, outputs, dtype, has_logits=reference is not None, compute=compute))
     if reference is not None:  # what `termtune validate` later compares the folder with
         result["recorded"] = {"prompts": list(prompts), "tokens": expected["tokens"].tolist()}
     return result
@@ -161,8 +169,19 @@ def _artifact_dtype(folder: Path) -> str:
     return str(config.get("torch_dtype") or "float32")
 
 
+def _compute_dtype(folder: Path, dtype: str) -> str:
+    """The dtype both sides compute in: the artifact's, or fp32 for a decoder-only model's half-precision artifact
+    (see the module docstring)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return dtype
+    causal = isinstance(config, dict) and not config.get("is_encoder_decoder", False)
+    return "float32" if causal and dtype in COMPARE_IN_FP32 else dtype
+
+
 def _reference_outputs(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", prompts: list[str],
-                       dtype: str) -> dict[str, Any]:
+                       dtype: str, compute: str) -> dict[str, Any]:
     import torch
 
     from termtune.families import family_of_model
@@ -170,13 +189,48 @@ def _reference_outputs(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizer
     # As 4.51.3 computes this family (its attention implementation there): in bf16 two attention kernels
     # alone move a random-init model's logits by ~0.7 and flip greedy tokens; in fp32 by ~3e-5.
     model.set_attn_implementation(family_of_model(model).bedrock_attention)
-    model.to(getattr(torch, dtype)).eval()
+    model.to(getattr(torch, dtype)).to(getattr(torch, compute)).eval()  # the artifact's rounded weights
+    _fresh_rotary_frequencies(model)
+    causal = not model.config.is_encoder_decoder
+    if causal:
+        tokenizer.padding_side = "left"  # a decoder-only model continues its prompt (the same in BEDROCK_SCRIPT)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
         tokens = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                num_beams=1)
-        logits = model(**batch, decoder_input_ids=tokens[:, :-1]).logits
+                                num_beams=1, pad_token_id=tokenizer.pad_token_id)
+        logits = _teacher_forced_logits(model, batch, tokens[:, :-1], causal)
     return {"prompts": prompts, "input_ids": batch["input_ids"], "tokens": tokens, "logits": logits}
+
+
+def _fresh_rotary_frequencies(model: Any) -> None:
+    """Give each rotary embedding the fp32 frequencies a freshly loaded model computes: casting the model to bf16
+    (as the export does) rounds these buffers too, though no file holds them and 4.51.3 computes them anew in fp32
+    (SmolLM2's bf16-rounded frequencies turn the angle at position 1000 by up to 1.4 radians)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "config"):
+            try:
+                fresh = type(module)(module.config)
+            except TypeError:  # a rotary module built from more than its config: left as it is
+                continue
+            for name in ("inv_freq", "original_inv_freq"):
+                if hasattr(module, name):
+                    setattr(module, name, getattr(fresh, name).to(module.inv_freq.device))
+
+
+def _teacher_forced_logits(model: Any, batch: Any, tokens: Any, causal: bool) -> Any:
+    """The logits for `tokens` (the greedy output less its last token) fed back: as decoder input for an
+    encoder-decoder; as the whole sequence for a decoder-only model, whose (left) padding gets logits 0 on
+    both sides, since what a model computes for a position it never attends to is not the model's output.
+    The same code runs in BEDROCK_SCRIPT."""
+    import torch
+
+    if not causal:
+        return model(**batch, decoder_input_ids=tokens).logits
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(tokens[:, batch["input_ids"].shape[1]:])], dim=1)
+    logits = model(input_ids=tokens, attention_mask=mask).logits
+    return torch.where(mask.bool()[..., None], logits, torch.zeros_like(logits))
 
 
 def _recorded_outputs(folder: Path) -> dict[str, Any] | None:
@@ -205,13 +259,22 @@ try:
     # the class config.json names, as Bedrock loads it
     architecture = json.load(open(folder + "/config.json", encoding="utf-8"))["architectures"][0]
     model = getattr(transformers, architecture).from_pretrained(folder, torch_dtype="auto").eval()
+    model.to(getattr(torch, req["compute_dtype"]))
     step = "generate"
+    causal = not model.config.is_encoder_decoder
+    if causal:
+        tokenizer.padding_side = "left"
     batch = tokenizer(req["prompts"], return_tensors="pt", padding=True)
     with torch.inference_mode():
         tokens = model.generate(**batch, max_new_tokens=req["new_tokens"], min_new_tokens=req["new_tokens"],
-                                do_sample=False, num_beams=1)
+                                do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id)
         decoder = torch.tensor(req["decoder_ids"]) if req["decoder_ids"] is not None else tokens[:, :-1]
-        logits = model(**batch, decoder_input_ids=decoder).logits
+        if causal:  # as termtune.bedrock_check._teacher_forced_logits
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(decoder[:, batch["input_ids"].shape[1]:])], 1)
+            logits = model(input_ids=decoder, attention_mask=mask).logits
+            logits = torch.where(mask.bool()[..., None], logits, torch.zeros_like(logits))
+        else:
+            logits = model(**batch, decoder_input_ids=decoder).logits
 except Exception as e:
     print(json.dumps({"transformers": transformers.__version__, "failed": step, "error": f"{type(e).__name__}: {e}"}))
     sys.exit(0)
@@ -221,14 +284,14 @@ print(json.dumps({"transformers": transformers.__version__, "dtype": str(model.d
 
 
 def _run_bedrock(python: Path, folder: Path, prompts: list[str], expected: dict[str, Any] | None,
-                 tmp: Path) -> tuple[subprocess.CompletedProcess | None, dict[str, Any]]:
+                 tmp: Path, compute: str) -> tuple[subprocess.CompletedProcess | None, dict[str, Any]]:
     """Run BEDROCK_SCRIPT on `folder` in Bedrock's interpreter: (the finished process or None on timeout, outputs)."""
     from safetensors.torch import load_file
 
     request, out = tmp / "request.json", tmp / "out.safetensors"
     decoder_ids = expected["tokens"][:, :-1].tolist() if expected else None  # logits on the expected tokens
-    request.write_text(json.dumps({"prompts": prompts, "new_tokens": NEW_TOKENS, "decoder_ids": decoder_ids}),
-                       encoding="utf-8")
+    request.write_text(json.dumps({"prompts": prompts, "new_tokens": NEW_TOKENS, "decoder_ids": decoder_ids,
+                                   "compute_dtype": compute}), encoding="utf-8")
     # -I: Bedrock's interpreter must import its own packages, never termtune's (PYTHONPATH, user site).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
@@ -239,18 +302,21 @@ def _run_bedrock(python: Path, folder: Path, prompts: list[str], expected: dict[
     return done, (load_file(out) if done.returncode == 0 and out.is_file() else {})
 
 
-def _compare(expected: dict[str, Any] | None, got: dict[str, Any], dtype: str, has_logits: bool) -> dict[str, Any]:
+def _compare(expected: dict[str, Any] | None, got: dict[str, Any], dtype: str, has_logits: bool,
+             compute: str | None = None) -> dict[str, Any]:
     """status and message from the two sides' outputs."""
     n = len(got["tokens"])
     probes = f"{n} probe{'s' if n != 1 else ''} × {NEW_TOKENS} tokens"
-    loaded = f"loaded under transformers {BEDROCK_TRANSFORMERS} ({dtype})"
+    compute = compute or dtype
+    loaded = f"loaded under transformers {BEDROCK_TRANSFORMERS} ({dtype}" + \
+        (f", computed in {compute} on both sides)" if compute != dtype else ")")
     if expected is None:
         return {"status": "passed", "message": f"{loaded} and generated on {probes}; no trained model or recorded "
                 "tokens to compare with"}
     if has_logits and not _equal(expected["input_ids"], got["input_ids"]):
         return {"status": "failed", "message": f"{loaded}, but its tokenizer files give other token ids for the "
                 "probe prompts than the trained tokenizer"}
-    tolerance = logit_tolerance(dtype, got["logits"])
+    tolerance = logit_tolerance(compute, got["logits"])
     ties, differ = _token_differences(expected["tokens"], got["tokens"], got["logits"], tolerance)
     against = "the trained model's" if has_logits else "those recorded at export"
     equal = n - len(ties) - differ

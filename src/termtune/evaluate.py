@@ -293,8 +293,11 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", inp
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
-                ids[row, :len(input_ids[i])] = torch.tensor(input_ids[i], dtype=torch.long)
-                mask[row, :len(input_ids[i])] = 1
+                # a decoder-only model continues its prompt: padded on the left, the answer follows the prompt
+                at = slice(width - len(input_ids[i]), width) if family.generation_padding_side == "left" \
+                    else slice(0, len(input_ids[i]))
+                ids[row, at] = torch.tensor(input_ids[i], dtype=torch.long)
+                mask[row, at] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=gen_config)
             new = family.answer_ids(out, width).tolist()

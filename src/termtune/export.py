@@ -116,9 +116,11 @@ def export(cfg: Config, force: bool = False) -> Artifact:
 
     # ---- do + save: into a temporary folder that becomes `final` only when verified
     with writing(final), atomic_dir(final, force=force) as tmp:
-        weights = write_weights(model, tmp, cfg.export.dtype, max_shard, tied=tied)
-        write_model_config(model, tmp, cfg.export.dtype, tied=tied)
-        write_tokenizer(tokenizer, tmp, tokenizer_files, family.tokenizer_class)
+        weights = family.write_artifact(model, tokenizer, tmp, cfg.export.dtype, max_shard)
+        if weights is None:
+            weights = write_weights(model, tmp, cfg.export.dtype, max_shard, tied=tied)
+            write_model_config(model, tmp, cfg.export.dtype, tied=tied)
+            write_tokenizer(tokenizer, tmp, tokenizer_files, family.tokenizer_class)
         _pause_for_crash_tests()
         checks = validate(tmp)
         if any(c.failed for c in checks):

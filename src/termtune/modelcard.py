@@ -11,13 +11,13 @@ from typing import Any
 from termtune.config import Config
 from termtune.evaluate import same_answer_note
 from termtune.families import family_for
+from termtune.families.base import TORCH_DTYPE_NAMES
 from termtune.layout import RunLayout
 from termtune.results import is_number
 from termtune.rundir import read_json
 
 MEDQUAD_CITATION = ('Asma Ben Abacha and Dina Demner-Fushman. "A Question-Entailment Approach to Question '
                     'Answering". BMC Bioinformatics 20:511, 2019.')
-TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def base_name(cfg: Config) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from termtune.families import FAMILIES, family_of
-from termtune.families.base import FAIL, OK, WARN
+from termtune.families.base import FAIL, OK, WARN, tokenizer_json_vocabulary
 from termtune.results import StageResult, html_table
 from termtune.rundir import sha256_file
 
@@ -279,33 +279,6 @@ def nonfinite_tensors(path: Path) -> tuple[list[str], int]:
                 break
     del data
     return bad, scanned
-
-
-# ----------------------------------------------------------------------------- tokenizer facts
-
-
-def tokenizer_json_vocabulary(tokenizer: Any) -> dict[str, int]:
-    """token -> id over tokenizer.json's model vocabulary (a [piece, score] list for Unigram, a
-    {piece: id} map for BPE/WordPiece/WordLevel) and its added tokens. Raises ValueError."""
-    model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
-    vocab = model.get("vocab") if isinstance(model, dict) else None
-    if not vocab or not isinstance(vocab, (list, dict)):
-        raise ValueError("tokenizer.json has no model.vocab")
-    if isinstance(vocab, list):
-        ids = {}
-        for i, entry in enumerate(vocab):
-            if not isinstance(entry, list) or not entry or not isinstance(entry[0], str):
-                raise ValueError(f"tokenizer.json: model.vocab entry {i} is not a [piece, score] pair")
-            ids.setdefault(entry[0], i)
-    else:
-        ids = dict(vocab)
-    for added in tokenizer.get("added_tokens") or []:
-        if isinstance(added, dict) and isinstance(added.get("content"), str):
-            ids[added["content"]] = added.get("id")
-    bad = [token for token, i in ids.items() if not isinstance(i, int) or i < 0]
-    if bad:
-        raise ValueError(f"tokenizer.json: token {bad[0]!r} has no valid id")
-    return ids
 
 
 # ----------------------------------------------------------------------------- rules

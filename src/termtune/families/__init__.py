@@ -31,9 +31,10 @@ from typing import Any
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.families.base import Family, base_config_json, cached_hub_config
+from termtune.families.llama import LLAMA, MISTRAL, NOT_IMPORTED, QWEN2, QWEN3
 from termtune.families.t5 import T5
 
-FAMILIES: tuple[Family, ...] = (T5,)
+FAMILIES: tuple[Family, ...] = (T5, LLAMA, MISTRAL, QWEN2, QWEN3)
 
 
 def family_of(config: Any) -> Family | None:
@@ -77,6 +78,8 @@ def family_for(cfg: Config, download: bool = True) -> Family:
     family = family_of(config)
     if family is None:
         found = config.get("model_type") if isinstance(config, dict) else None
+        if found in NOT_IMPORTED:
+            raise UserError(f"{where}: model_type {found!r} is refused before training: {NOT_IMPORTED[found]}")
         raise UserError(f"{where}: model_type is {found!r}, not a model family termtune trains "
                         f"(termtune knows {', '.join(f.name for f in FAMILIES)})")
     return family

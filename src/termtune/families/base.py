@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 OK, FAIL, WARN = "ok", "fail", "warn"
 """The outcome of a Bedrock import rule (termtune.validate): a family's rules return (one of these, a reason)."""
 
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+"""export.dtype -> the torch dtype's name, as config.json's torch_dtype writes it."""
+
 BUILT_FROM = "termtune-built-from.json"
 """Written into a random-init base folder: the shape, seed and tokenizer it was built from."""
 
@@ -45,6 +48,8 @@ class Family:
     """tokenizer_config.json's tokenizer_class in an export, where the tokenizer does not say."""
     bedrock_attention: str = "sdpa"
     """The attention implementation transformers 4.51.3 (Bedrock's) runs this family with."""
+    generation_padding_side: str = "right"
+    """Where a batch of prompts is padded for generate: "left" for a decoder-only model, which continues the prompt."""
 
     # -- model
     def architecture_config(self, cfg: Config) -> Any:
@@ -103,6 +108,13 @@ class Family:
         """Files an artifact needs beyond what the tokenizer's save_pretrained writes: {name: source file}.
         Called before any weights are loaded, so a missing file fails the export at once."""
         raise NotImplementedError
+
+    def write_artifact(self, model: Any, tokenizer: Any, folder: Path, dtype: str,
+                       max_shard_bytes: int) -> dict[str, dict[str, Any]] | None:
+        """Write the merged model, its config and tokenizer into `folder` the family's own way and return
+        {weight file: {"sha256", "size", "dtype", "shapes"}}; None: the export stage's writer (weights streamed
+        per tensor, then `fix_model_config` and `export_tokenizer_files`) serves this family."""
+        return None
 
     def is_tied(self, model: Any) -> bool:
         """Whether the model's output layer is its input embeddings (then no lm_head.weight is written)."""
@@ -232,6 +244,10 @@ def load_tokenizer(cfg: Config) -> "PreTrainedTokenizerBase":
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError(f"{source}: cannot load a tokenizer: {str(e).splitlines()[0]}") from e
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        # Llama 3's and Mistral's tokenizers have no pad token. Padding is masked out of attention and loss
+        # (labels -100 by position, never by id), so eos pads as well as any token, as TRL pads them.
+        tok.pad_token = tok.eos_token
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise UserError(f"{source}: tokenizer has no pad or eos token; termtune pads batches and ends answers "
                         "with them")
@@ -421,3 +437,27 @@ def sentencepiece_problem(path: Path, vocabulary: dict[str, int]) -> str | None:
             return (f"{path.name} and tokenizer.json disagree: {piece!r} is id {i} in {path.name}, "
                     f"{vocabulary.get(piece)} in tokenizer.json")
     return None
+
+
+def tokenizer_json_vocabulary(tokenizer: Any) -> dict[str, int]:
+    """token -> id over tokenizer.json's model vocabulary (a [piece, score] list for Unigram, a
+    {piece: id} map for BPE/WordPiece/WordLevel) and its added tokens. Raises ValueError."""
+    model = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not vocab or not isinstance(vocab, (list, dict)):
+        raise ValueError("tokenizer.json has no model.vocab")
+    if isinstance(vocab, list):
+        ids = {}
+        for i, entry in enumerate(vocab):
+            if not isinstance(entry, list) or not entry or not isinstance(entry[0], str):
+                raise ValueError(f"tokenizer.json: model.vocab entry {i} is not a [piece, score] pair")
+            ids.setdefault(entry[0], i)
+    else:
+        ids = dict(vocab)
+    for added in tokenizer.get("added_tokens") or []:
+        if isinstance(added, dict) and isinstance(added.get("content"), str):
+            ids[added["content"]] = added.get("id")
+    bad = [token for token, i in ids.items() if not isinstance(i, int) or i < 0]
+    if bad:
+        raise ValueError(f"tokenizer.json: token {bad[0]!r} has no valid id")
+    return ids

@@ -35,10 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from termtune.errors import UserError
-from termtune.modelcard import TORCH_DTYPE_NAMES
 from termtune.rundir import write_json
-from termtune.families.base import special_token
-from termtune.validate import tokenizer_json_vocabulary
+from termtune.families.base import TORCH_DTYPE_NAMES, special_token, tokenizer_json_vocabulary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -164,6 +162,9 @@ def patch_tokenizer_config(config: dict[str, Any], tokenizer: "PreTrainedTokeniz
         config["additional_special_tokens"] = [str(t) for t in extra]
     if config.get("tokenizer_class") not in BEDROCK_TOKENIZER_CLASSES:
         config["tokenizer_class"] = SENTENCEPIECE_4X_TOKENIZER if sentencepiece else GENERIC_4X_TOKENIZER
+    # 4.51.3's PreTrainedTokenizerFast also returns token_type_ids unless told otherwise, and a decoder-only
+    # model's generate refuses them ("model_kwargs are not used by the model: ['token_type_ids']").
+    config.setdefault("model_input_names", list(tokenizer.model_input_names))
     config["added_tokens_decoder"] = {
         str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                  "single_word": t.single_word, "special": t.special}
@@ -248,16 +249,16 @@ def decoder_problems(folder: Path) -> list[str]:
     tokenizer_json = _json_or_problem(folder / "tokenizer.json", problems)
     generation = _json_or_problem(folder / "generation_config.json", problems)
     if config is not None:
-        problems += _config_problems(config)
+        problems += config_problems(config)
     if tokenizer_config is not None:
-        problems += _tokenizer_config_problems(folder, tokenizer_config)
+        problems += tokenizer_config_problems(folder, tokenizer_config)
     if tokenizer_json is not None and is_sentencepiece(tokenizer_json) and not (folder / "tokenizer.model").is_file():
         problems.append("tokenizer.json is SentencePiece-based but tokenizer.model is missing (Bedrock's import "
                         "lists it; copy the base model's)")
     if config is not None and tokenizer_json is not None:
         problems += _vocabulary_problems(config, tokenizer_json)
     if tokenizer_config is not None and tokenizer_json is not None and generation is not None:
-        problems += _end_of_turn_problems(folder, tokenizer_config, tokenizer_json, generation)
+        problems += end_of_turn_problems(folder, tokenizer_config, tokenizer_json, generation)
     return problems
 
 
@@ -303,7 +304,7 @@ def _json_or_problem(path: Path, problems: list[str]) -> dict[str, Any] | None:
     return value
 
 
-def _config_problems(config: dict[str, Any]) -> list[str]:
+def config_problems(config: dict[str, Any]) -> list[str]:
     problems = []
     if "rope_parameters" in config:
         rope = config["rope_parameters"]
@@ -333,13 +334,17 @@ def _scaling(rope: Any) -> dict[str, Any] | None:
     return None if kind == "default" else {"rope_type": kind, **rest}
 
 
-def _tokenizer_config_problems(folder: Path, config: dict[str, Any]) -> list[str]:
+def tokenizer_config_problems(folder: Path, config: dict[str, Any]) -> list[str]:
     problems = []
     cls = config.get("tokenizer_class")
     if cls not in BEDROCK_TOKENIZER_CLASSES:
         problems.append(f"tokenizer_config.json names tokenizer_class {cls!r}, which transformers 4.51.3 does not "
                         "load and Bedrock does not list"
                         + (f" (use {GENERIC_4X_TOKENIZER})" if cls == GENERIC_5X_TOKENIZER else ""))
+    if cls == GENERIC_4X_TOKENIZER and "token_type_ids" in config.get("model_input_names", ["token_type_ids"]):
+        problems.append(f"tokenizer_config.json names {GENERIC_4X_TOKENIZER} without model_input_names "
+                        "[input_ids, attention_mask]: under 4.51.3 it returns token_type_ids, which a decoder-only "
+                        "model's generate refuses")
     if isinstance(config.get("extra_special_tokens"), list):
         problems.append("tokenizer_config.json has extra_special_tokens as a list (5.x form); 4.51.3 fails on it "
                         "('list' object has no attribute 'keys'): use additional_special_tokens")
@@ -365,7 +370,7 @@ def _vocabulary_problems(config: dict[str, Any], tokenizer_json: dict[str, Any])
     return []
 
 
-def _end_of_turn_problems(folder: Path, tokenizer_config: dict[str, Any], tokenizer_json: dict[str, Any],
+def end_of_turn_problems(folder: Path, tokenizer_config: dict[str, Any], tokenizer_json: dict[str, Any],
                           generation: dict[str, Any]) -> list[str]:
     template = default_template(tokenizer_config.get("chat_template"))
     if not template and (folder / CHAT_TEMPLATE_FILE).is_file():
