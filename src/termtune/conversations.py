@@ -227,7 +227,8 @@ def _check_text(value: Any, name: str, where: str, max_chars: int, findings: Fin
 
 
 def render_conversations(conversations: list[Conversation], tokenizer: Any, max_prompt_tokens: int,
-                         max_answer_tokens: int, findings: Findings, lengths: dict[str, list[int]]) -> list[dict[str, Any]]:
+                         max_answer_tokens: int, findings: Findings,
+                         lengths: dict[str, list[int]]) -> list[dict[str, Any]]:
     """Each conversation rendered through the tokenizer's chat template as the data stage writes a row: term, prompt
     (the last user turn's text), target (the answer), input_ids (the rendered prompt up to and including the
     generation prompt) and labels (the answer's ids and the template's end-of-turn token). What a template writes
