@@ -1,18 +1,22 @@
 """Decoder training data: chat, prompt/completion and term rows rendered through the real chat templates of the
-four decoder families in ../shared/models, with the loss mask checked token by token."""
+four decoder families in ../shared/models, the prompt and answer ids checked token by token, and the data stage
+that writes them (with the real Llama 3.2 and Qwen2.5 tokenizers)."""
 
 from __future__ import annotations
 
 import json
 import unicodedata
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from conftest import SHARED, TOKENIZER_DIR, medquad_rows, write_jsonl
+from conftest import SHARED, TOKENIZER_DIR, medquad_rows, tiny_overrides, write_jsonl
 from termtune import conversations as cv
 from termtune import data
+from termtune.config import load_config
 from termtune.errors import UserError
+from termtune.rowcheck import Findings
 
 MODELS = SHARED / "models"
 # Each family's end-of-turn token, and what its template writes between the generation prompt and the answer.
@@ -52,22 +56,28 @@ def chat(*pairs: str, system: str | None = None) -> list[dict]:
     return ([turn("system", system)] if system else []) + turns
 
 
-def prepare(convs, tok, **kw):
-    options = dict(test_size=1, seed=0, max_prompt_tokens=1024, max_completion_tokens=256)
-    return cv.prepare_conversations(convs, tok, **{**options, **kw})
+def render(convs, tok, strict: bool = False, max_prompt_tokens: int = 1024, max_answer_tokens: int = 256):
+    """render_conversations' rows, with what it counted and the untruncated lengths."""
+    findings = Findings(strict=strict)
+    lengths: dict[str, list[int]] = {"source": [], "target": []}
+    rows = cv.render_conversations(convs, tok, max_prompt_tokens, max_answer_tokens, findings, lengths)
+    return SimpleNamespace(rows=rows, skipped=dict(findings.skipped), lengths=lengths)
 
 
 def conversation(messages: list[dict], where: str = "t:1") -> cv.Conversation:
     return cv.Conversation(where, next(m["content"] for m in messages if m["role"] == "user"), messages)
 
 
-def only_row(prepared: cv.PreparedConversations) -> dict:
-    (row,) = prepared.train + prepared.test
-    return row
+def read_file(path: Path, **settings) -> cv.Conversations:
+    return cv.read_conversations(data.open_source(str(path), "train", None), **settings)
 
 
-def masked(row: dict) -> list[int]:
-    return [i for i, m in zip(row["input_ids"], row["completion_mask"]) if m]
+def template_text(tok, messages: list[dict], **kw) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, **cv.TEMPLATE_VARIABLES, **kw)
+
+
+def template_ids(tok, messages: list[dict], **kw) -> list[int]:
+    return tok.apply_chat_template(messages, **cv.TEMPLATE_VARIABLES, **kw)["input_ids"]
 
 
 # ----------------------------------------------------------------------------- reading and bad rows
@@ -106,7 +116,7 @@ def test_each_bad_row_is_counted_by_reason(tmp_path):
     rows = [GOOD] + [bad for bad_rows in BAD_ROWS.values() for bad in bad_rows]
     path = write_lines(tmp_path / "chat.jsonl", rows + [GOOD_TOO])
     path.write_bytes(path.read_bytes() + b'{"messages": "\xff"}\n')
-    read = cv.read_conversations(str(path), max_chars=60)
+    read = read_file(path, max_chars=60)
     expected = {reason: len(bad) for reason, bad in BAD_ROWS.items()} | {"invalid_utf8": 1}
     assert dict(read.skipped) == expected
     assert read.kind == "messages"
@@ -122,11 +132,11 @@ def test_strict_names_file_and_line_of_each_bad_row(tmp_path, reason):
     for bad in BAD_ROWS[reason]:
         path = write_lines(tmp_path / "chat.jsonl", [GOOD, GOOD_TOO, bad, {"messages": chat("Q?", "A.")}])
         with pytest.raises(UserError) as e:
-            cv.read_conversations(str(path), strict=True, max_chars=60)
+            read_file(path, strict=True, max_chars=60)
         message = str(e.value)
         assert message.startswith(f"{path}:3: ") and "\n" not in message
         # without strict the same file is read, the row counted
-        assert cv.read_conversations(str(path), max_chars=60).skipped == {reason: 1}
+        assert read_file(path, max_chars=60).skipped == {reason: 1}
 
 
 def test_prompt_completion_rows_text_and_conversational(tmp_path):
@@ -141,7 +151,7 @@ def test_prompt_completion_rows_text_and_conversational(tmp_path):
         {"prompt": [turn("user", "Q?")], "completion": chat("A.", "B?", "C.")[:2]},  # wrong_type: two turns
         {"prompt": [turn("user", "Q?")], "completion": [turn("user", "A.")]},   # no_assistant_turn
     ])
-    read = cv.read_conversations(str(path))
+    read = read_file(path)
     assert read.kind == "prompt_completion"
     assert [c.messages for c in read.items] == [
         chat("What is gout?", "A disease of the joints."),
@@ -150,7 +160,7 @@ def test_prompt_completion_rows_text_and_conversational(tmp_path):
     assert [c.term for c in read.items] == ["What is gout?", "What is asthma?"]
     assert read.skipped == {"empty_content": 2, "wrong_type": 3, "no_assistant_turn": 1}
     with pytest.raises(UserError, match=rf"^{path}:3: prompt is empty or whitespace only"):
-        cv.read_conversations(str(path), strict=True)
+        read_file(path, strict=True)
 
 
 def test_a_repeated_conversation_is_dropped_or_refused(tmp_path):
@@ -158,110 +168,84 @@ def test_a_repeated_conversation_is_dropped_or_refused(tmp_path):
         GOOD, {"messages": chat("What is asthma?", "A disease of the airways.")},
         {"messages": chat("  what is GOUT?", "A disease of the joints. ")},  # GOOD again, spelled differently
         {"messages": chat("What is gout?", "A disease of the joints.", "Is it common?", "Yes.")}])  # continued
-    read = cv.read_conversations(str(path))
+    read = read_file(path)
     assert read.skipped == {"duplicate_conversation": 1}
     assert [c.where for c in read.items] == [f"{path}:1", f"{path}:2", f"{path}:4"]
     assert read.skip_examples["duplicate_conversation"] == f"{path}:3: duplicate conversation (first at {path}:1)"
     with pytest.raises(UserError, match=rf"^{path}:3: duplicate conversation \(first at {path}:1\); remove it"):
-        cv.read_conversations(str(path), duplicates="error")
+        read_file(path, duplicates="error")
 
 
 def test_a_source_of_term_rows_is_not_read_as_conversations(tmp_path):
     path = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(3))
     with pytest.raises(UserError, match="neither a messages column nor prompt and completion columns "
                                         r"\(columns: term, definition\)"):
-        cv.read_conversations(str(path))
+        read_file(path)
     assert cv.source_kind(["term", "definition"]) is None
 
 
 def test_nothing_usable_is_an_error(tmp_path):
     path = write_lines(tmp_path / "chat.jsonl", BAD_ROWS["no_assistant_turn"])
     with pytest.raises(UserError, match=r"no usable rows \(no_assistant_turn: 2\)"):
-        cv.read_conversations(str(path))
+        read_file(path)
 
 
-# ----------------------------------------------------------------------------- rendering and the loss mask
+# ----------------------------------------------------------------------------- rendering: prompt and answer ids
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_mask_covers_exactly_the_answer_and_end_of_turn(name):
+def test_prompt_ids_end_at_the_generation_prompt_and_labels_are_the_answer_and_end_of_turn(name):
     tok = tokenizer(name)
     eot, opening = FAMILIES[name]
     single = chat("What is gout?", "A disease of the joints, caused by uric acid crystals.")
     multi = chat("What is gout?", "A joint disease.", "And what is asthma?", "A disease of the airways.",
                  system="Answer in one sentence.")
-    prepared = prepare([conversation(single, "t:1"), conversation(multi, "t:2")], tok)
-    rows = {r["messages"][-1]["content"]: r for r in prepared.train + prepared.test}
+    rows = {r["target"]: r for r in render([conversation(single, "t:1"), conversation(multi, "t:2")], tok).rows}
     for messages in (single, multi):
         row = rows[messages[-1]["content"]]
-        rendered = tok.apply_chat_template(messages, **cv.TEMPLATE_VARIABLES)["input_ids"]
-        prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True,
-                                         **cv.TEMPLATE_VARIABLES)["input_ids"]
-        # the ids are the template's own tokenization of the whole conversation; the prompt is its start
-        assert row["input_ids"] == rendered
-        assert row["input_ids"][:len(prompt)] == prompt
-        assert row["completion_mask"][:len(prompt)] == [0] * len(prompt)
-        # the loss is on the (last) answer and the end-of-turn token, nothing else
+        whole = template_ids(tok, messages)
+        prompt = template_ids(tok, messages[:-1], add_generation_prompt=True)
+        # input_ids: exactly what a `messages` request renders before the model answers
+        assert row["input_ids"] == prompt
+        assert tok.decode(row["input_ids"]) == template_text(tok, messages[:-1], add_generation_prompt=True)
+        # labels: the (last) answer and the end-of-turn token, nothing else
         answer = tok(opening + messages[-1]["content"], add_special_tokens=False)["input_ids"]
-        assert masked(row) == answer + [tok.convert_tokens_to_ids(eot)]
-        first_masked = row["completion_mask"].index(1)
-        assert first_masked == len(prompt)
-        assert row["completion_mask"][first_masked:first_masked + len(answer) + 1] == [1] * (len(answer) + 1)
-        assert tok.decode(row["input_ids"][:len(prompt)]) == row["prompt"]
-        assert row["prompt"] + row["completion"] == tok.apply_chat_template(messages, tokenize=False,
-                                                                            **cv.TEMPLATE_VARIABLES)
-    # an earlier answer is in the prompt and carries no loss
+        assert row["labels"] == answer + [tok.convert_tokens_to_ids(eot)]
+        # together: the template's own tokenization of the whole conversation, up to the end-of-turn token
+        n = len(row["input_ids"]) + len(row["labels"])
+        assert row["input_ids"] + row["labels"] == whole[:n] and not tok.decode(whole[n:]).strip()
+        assert (row["term"], row["prompt"], row["target"]) == \
+            (messages[-4 if len(messages) > 2 else -2]["content"], messages[-2]["content"], messages[-1]["content"])
+    # an earlier answer is in the prompt, so it carries no loss
     row = rows[multi[-1]["content"]]
-    earlier = tok("A joint disease.", add_special_tokens=False)["input_ids"]
-    at = next(i for i in range(len(row["input_ids"])) if row["input_ids"][i:i + len(earlier)] == earlier)
-    assert row["completion_mask"][at:at + len(earlier)] == [0] * len(earlier)
-    assert "A joint disease." in row["prompt"]
+    assert "A joint disease." in tok.decode(row["input_ids"]) and "A joint disease." not in tok.decode(row["labels"])
 
 
 def test_llama_system_header_does_not_change_with_the_day():
     tok = tokenizer("llama-3.2-1b-instruct")
-    row = only_row(prepare([conversation(chat("What is gout?", "A joint disease."))], tok))
-    assert "Today Date: 26 Jul 2024" in row["prompt"]
+    (row,) = render([conversation(chat("What is gout?", "A joint disease."))], tok).rows
+    assert "Today Date: 26 Jul 2024" in tok.decode(row["input_ids"])
 
 
 def test_truncation_keeps_the_prompt_end_and_the_end_of_turn():
-    tok = tokenizer("qwen2.5-0.5b-instruct")
+    tok = tokenizer("qwen2.5-0.5b-instruct")  # no bos token: the prompt's last tokens are all it keeps
     messages = chat("What is gout?", "Gout is a form of arthritis caused by uric acid crystals in the joints.")
-    full = only_row(prepare([conversation(messages)], tok))
-    cut = prepare([conversation(messages)], tok, max_prompt_tokens=8, max_completion_tokens=5)
-    row = only_row(cut)
-    start = full["completion_mask"].index(1)
-    answer = masked(full)
-    assert row["input_ids"][:8] == full["input_ids"][start - 8:start]  # the prompt's last 8 tokens
-    assert masked(row) == answer[:4] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    assert row["completion_mask"] == [0] * 8 + [1] * 5
-    stats = cut.stats
-    assert (stats["prompt_tokens"]["min"], stats["prompt_tokens"]["max"], stats["prompt_tokens"]["truncated"]) \
-        == (start, start, 1)
-    assert (stats["completion_tokens"]["max"], stats["completion_tokens"]["truncated"]) == (len(answer), 1)
+    (full,) = render([conversation(messages)], tok).rows
+    cut = render([conversation(messages)], tok, max_prompt_tokens=8, max_answer_tokens=5)
+    (row,) = cut.rows
+    assert row["input_ids"] == full["input_ids"][-8:]
+    assert tok.decode(row["input_ids"]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert row["labels"] == full["labels"][:4] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    assert cut.lengths == {"source": [len(full["input_ids"])], "target": [len(full["labels"])]}
 
 
-def test_token_length_stats_per_side():
-    tok = tokenizer("qwen3-0.6b")
-    answers = [" ".join(["word"] * n) + "." for n in range(1, 21)]
-    convs = [conversation(chat(f"Question {i}?", a), f"t:{i}") for i, a in enumerate(answers)]
-    prepared = prepare(convs, tok, test_size=4, max_completion_tokens=12)
-    rows = prepared.train + prepared.test
-    completion = sorted(sum(r["completion_mask"]) for r in rows)
-    prompt = sorted(r["completion_mask"].index(1) for r in rows)
-    stats = prepared.stats
-    untruncated = sorted(len(tok("<think>\n\n</think>\n\n" + a, add_special_tokens=False)["input_ids"]) + 1
-                         for a in answers)
-    assert stats["completion_tokens"]["truncated"] == sum(1 for n in untruncated if n > 12) > 0
-    assert completion[-1] == 12
-    assert stats["completion_tokens"]["min"] == untruncated[0] == completion[0]
-    assert stats["completion_tokens"]["max"] == untruncated[-1] > 12
-    assert stats["completion_tokens"]["p50"] == untruncated[len(untruncated) // 2]
-    assert (stats["prompt_tokens"]["min"], stats["prompt_tokens"]["max"]) == (prompt[0], prompt[-1])
-    assert stats["prompt_tokens"]["truncated"] == 0
-    for side in ("prompt_tokens", "completion_tokens"):
-        assert {"min", "p50", "p95", "max", "truncated", "limit"} <= set(stats[side])
-    assert (stats["train_rows"], stats["test_rows"], stats["rows_used"]) == (16, 4, 20)
+def test_a_cut_prompt_keeps_its_bos_token():
+    tok = tokenizer("llama-3.2-1b-instruct")
+    messages = chat("What is gout?", "A joint disease.")
+    (full,) = render([conversation(messages)], tok).rows
+    (row,) = render([conversation(messages)], tok, max_prompt_tokens=10).rows
+    assert full["input_ids"][0] == tok.bos_token_id and len(full["input_ids"]) > 10
+    assert row["input_ids"] == [tok.bos_token_id] + full["input_ids"][-9:]
 
 
 # ----------------------------------------------------------------------------- template problems
@@ -271,11 +255,11 @@ def test_special_token_text_inside_a_turn_is_a_bad_row():
     tok = tokenizer("qwen2.5-0.5b-instruct")
     convs = [conversation(chat("What is gout?", "A disease.<|im_end|>"), "t:1"),
              conversation(chat("What is flu?", "An infection."), "t:2")]
-    prepared = prepare(convs, tok)
-    assert prepared.stats["rows_skipped"] == {"special_token_in_content": 1}
-    assert prepared.stats["rows_used"] == 1
+    rendered = render(convs, tok)
+    assert rendered.skipped == {"special_token_in_content": 1}
+    assert [r["target"] for r in rendered.rows] == ["An infection."]
     with pytest.raises(UserError, match=r"^t:1: the text holds the tokenizer's special token '<\|im_end\|>'"):
-        prepare(convs, tok, strict=True)
+        render(convs, tok, strict=True)
 
 
 QWEN_TURNS = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -288,9 +272,9 @@ def test_a_conversation_the_template_refuses_is_a_bad_row():
                          + "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     convs = [conversation([turn("user", "Q?"), turn("user", "Again?"), turn("assistant", "A.")], "t:1"),
              conversation(chat("What is flu?", "An infection."), "t:2")]
-    assert prepare(convs, tok).stats["rows_skipped"] == {"template_rejected": 1}
+    assert render(convs, tok).skipped == {"template_rejected": 1}
     with pytest.raises(UserError, match=r"^t:1: the chat template refuses this conversation \(roles must alternate\)"):
-        prepare(convs, tok, strict=True)
+        render(convs, tok, strict=True)
 
 
 def dash_template(when: str) -> str:
@@ -307,17 +291,17 @@ def test_a_prompt_that_ends_inside_the_answers_first_token_is_detected():
     tok.chat_template = dash_template("N > 1")  # only after a multi-turn prompt
     convs = [conversation(chat("What is flu?", "An infection."), "t:1"),
              conversation(chat("Q?", "A.", "And?", "-- dash"), "t:2")]
-    prepared = prepare(convs, tok)
-    assert prepared.stats["rows_skipped"] == {"token_boundary": 1}
-    assert [r["messages"] for r in prepared.train + prepared.test] == [convs[0].messages]
+    rendered = render(convs, tok)
+    assert rendered.skipped == {"token_boundary": 1}
+    assert [r["target"] for r in rendered.rows] == [convs[0].answer]
     with pytest.raises(UserError, match="^t:2: the chat template joins the prompt and the answer inside one token"):
-        prepare(convs, tok, strict=True)
+        render(convs, tok, strict=True)
     # a template that does it to every conversation is refused before any row
     tok.chat_template = dash_template("true")
     with pytest.raises(UserError, match="joins the prompt and the answer inside one token even for a plain"):
         cv.check_template(tok)
     with pytest.raises(UserError, match="joins the prompt and the answer inside one token even for a plain"):
-        prepare(convs[:1], tok)
+        render(convs[:1], tok)
 
 
 def test_a_template_without_an_end_of_turn_token_is_refused():
@@ -333,7 +317,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused():
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)  # Flan-T5: no chat template
     with pytest.raises(UserError, match="the tokenizer has no chat template"):
-        prepare([conversation(chat("Q?", "A."))], tok)
+        render([conversation(chat("Q?", "A."))], tok)
 
 
 # ----------------------------------------------------------------------------- the split
@@ -353,16 +337,17 @@ def test_split_keeps_each_conversation_on_one_side(tmp_path):
                  {"messages": chat(question, f"{name} is disease number {i}.", "Is it common?", f"Yes, {i}.")},
                  # a near-copy of the first user turn, spelled differently
                  {"messages": chat(f"  WHAT IS {name.upper()}", f"A disease (number {i}).")}]
-    read = cv.read_conversations(str(write_jsonl(tmp_path / "chat.jsonl", rows)))
-    tok = tokenizer("qwen2.5-0.5b-instruct")
+    read = read_file(write_jsonl(tmp_path / "chat.jsonl", rows))
+    rendered = render(read.items, tokenizer("qwen2.5-0.5b-instruct")).rows
+    assert [r["term"] for r in rendered[:3]] == ["What is gout?", "What is gout?", "WHAT IS GOUT"]
     test_sides = set()
     for seed in range(6):
-        prepared = prepare(read.items, tok, test_size=0.3, seed=seed)
-        train = {same_key(r["messages"][0]["content"]) for r in prepared.train}
-        test = {same_key(r["messages"][0]["content"]) for r in prepared.test}
+        split = data.split_rows(rendered, 0.3, seed)  # as the data stage splits them
+        train = {same_key(r["term"]) for r in split.train}
+        test = {same_key(r["term"]) for r in split.test}
         assert train and test and train.isdisjoint(test)
-        assert len(prepared.test) % 3 == 0  # whole conversations, all three rows of one
-        assert prepared.stats["split_merged"]["term"] == 18
+        assert len(split.test) % 3 == 0  # whole conversations, all three rows of one
+        assert split.merged["term"] == 18
         test_sides.add(frozenset(test))
     assert len(test_sides) > 1  # the seed decides
 
@@ -377,9 +362,163 @@ def test_term_rows_become_one_question_conversations_split_by_term():
     convs = cv.term_conversations(examples, "medquad.jsonl")
     assert convs[0].messages == [turn("user", examples[0]["prompt"]), turn("assistant", examples[0]["target"])]
     assert convs[0].where == f"medquad.jsonl: term {examples[0]['term']!r}"
+    rendered = render(convs, tok).rows
+    assert [(r["term"], r["prompt"], r["target"]) for r in rendered] == \
+        [(ex["term"], ex["prompt"], ex["target"]) for ex in examples]
+    assert all("<|start_header_id|>user<|end_header_id|>\n\nWhat is " in tok.decode(r["input_ids"]) for r in rendered)
     for seed in range(5):
-        prepared = prepare(convs, tok, test_size=0.25, seed=seed)
-        train, test = prepared.train, prepared.test
+        split = data.split_rows(rendered, 0.25, seed)
+        assert {same_key(r["term"]) for r in split.train}.isdisjoint({same_key(r["term"]) for r in split.test})
+
+
+# ----------------------------------------------------------------------------- the data stage
+
+
+def decoder_cfg(tmp_path: Path, model: str, source: Path, *extra: str):
+    """The data stage's settings for a decoder family: the real tokenizer and chat template of `model`."""
+    folder = MODELS / model
+    return load_config(None, [f"run.dir={tmp_path / 'run'}", f"model.source={folder}", "model.init=random",
+                              f"model.architecture={folder / 'config.json'}", f"data.source={source}",
+                              "data.test_size=2", *extra])
+
+
+def prepared_rows(cfg) -> list[dict]:
+    return [json.loads(line) for split in ("train", "test")
+            for line in (cfg.run_dir / "data" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+CHAT_ROWS = [
+    {"messages": chat("What is gout?", "A form of arthritis caused by uric acid crystals.",
+                      system="Answer in one sentence.")},
+    {"messages": chat("What is asthma?", "A disease of the airways.", "Is it common?", "Yes, very common.")},
+    {"messages": chat("What is flu?", "An infection by the influenza virus.", "How does it spread?",
+                      "By droplets when people cough.", system="You are a careful medical assistant.")},
+    {"messages": chat("What is anemia?", "Too few red blood cells.")},
+    {"messages": chat("What is acne?", "A skin condition of the hair follicles.")},
+]
+
+
+@pytest.mark.parametrize("model", ["llama-3.2-1b-instruct", "qwen2.5-0.5b-instruct"])
+def test_chat_data_is_prepared_as_the_template_renders_it(tmp_path, model):
+    source = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+    cfg = decoder_cfg(tmp_path, model, source)
+    prepared = data.prepare(cfg)
+    tok, (eot, _) = tokenizer(model), FAMILIES[model]
+    rows = prepared_rows(cfg)
+    conversations = {r["messages"][-1]["content"]: r["messages"] for r in CHAT_ROWS}
+    assert sorted(r["target"] for r in rows) == sorted(conversations)
+    for row in rows:
+        messages = conversations[row["target"]]
+        assert set(row) == {"term", "prompt", "target", "input_ids", "labels"}
+        assert tok.decode(row["input_ids"]) == template_text(tok, messages[:-1], add_generation_prompt=True)
+        assert row["input_ids"] == template_ids(tok, messages[:-1], add_generation_prompt=True)
+        assert tok.decode(row["labels"]) == messages[-1]["content"] + eot
+        assert row["labels"] == tok(messages[-1]["content"], add_special_tokens=False)["input_ids"] + \
+            [tok.convert_tokens_to_ids(eot)]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        assert (row["term"], row["prompt"]) == (users[0], users[-1])
+    stats = prepared.stats
+    assert (stats["source_kind"], stats["rows_read"], stats["rows_used"], stats["train_rows"], stats["test_rows"]) \
+        == ("messages", 5, 5, 3, 2)
+    assert "columns" not in stats and "prompt_template" not in stats and stats["chat_template"] == str(MODELS / model)
+    prompt_lengths = sorted(len(template_ids(tok, m[:-1], add_generation_prompt=True)) for m in conversations.values())
+    assert (stats["source_tokens"]["max"], stats["source_tokens"]["limit"]) == (prompt_lengths[-1], 128)
+    assert stats["target_tokens"]["max"] == max(len(r["labels"]) for r in rows)
+    assert json.loads((cfg.run_dir / "data" / "stats.json").read_text()) == stats
+    summary = data.summary(stats)
+    assert f"data: {source} (chat data)" in summary and "by first user turn" in summary
+    assert "  prompt tokens: " in summary and "  answer tokens: " in summary
+
+
+def test_prompt_completion_data_text_and_conversational(tmp_path):
+    rows = [
+        {"prompt": "What is gout?", "completion": "A form of arthritis."},
+        {"prompt": [turn("system", "Be brief."), turn("user", "What is asthma?")],
+         "completion": [turn("assistant", "A disease of the airways.")]},
+        {"prompt": [turn("user", "What is flu?"), turn("assistant", "An infection."), turn("user", "Is it serious?")],
+         "completion": [turn("assistant", "Sometimes, for the old and the very young.")]},
+        {"prompt": "What is acne?", "completion": "A skin condition."},
+    ]
+    cfg = decoder_cfg(tmp_path, "qwen2.5-0.5b-instruct", write_jsonl(tmp_path / "pc.jsonl", rows))
+    assert data.prepare(cfg).stats["source_kind"] == "prompt_completion"
+    tok = tokenizer("qwen2.5-0.5b-instruct")
+    expected = {}
+    for r in rows:
+        messages = r["prompt"] + r["completion"] if isinstance(r["prompt"], list) else \
+            chat(r["prompt"], r["completion"])
+        expected[messages[-1]["content"]] = messages
+    written = prepared_rows(cfg)
+    assert sorted(r["target"] for r in written) == sorted(expected)
+    for row in written:
+        messages = expected[row["target"]]
+        assert row["input_ids"] == template_ids(tok, messages[:-1], add_generation_prompt=True)
+        assert tok.decode(row["labels"]) == messages[-1]["content"] + "<|im_end|>"
+    flu = next(r for r in written if r["term"] == "What is flu?")
+    assert flu["prompt"] == "Is it serious?" and "An infection." in tok.decode(flu["input_ids"])
+
+
+def test_the_data_stage_counts_each_bad_row_or_names_it_with_strict(tmp_path):
+    good = [GOOD, GOOD_TOO, {"messages": chat("What is flu?", "An infection.")}]
+    bad = {reason: rows[0] for reason, rows in BAD_ROWS.items()}
+    path = write_lines(tmp_path / "chat.jsonl", good + list(bad.values()))
+    stats = data.prepare(decoder_cfg(tmp_path, "qwen2.5-0.5b-instruct", path, "data.max_chars=60")).stats
+    assert stats["rows_skipped"] == {reason: 1 for reason in bad}
+    assert (stats["rows_read"], stats["rows_used"]) == (len(good) + len(bad), len(good))
+    for reason in bad:
+        path = write_lines(tmp_path / f"{reason}.jsonl", good + [bad[reason]])
+        cfg = decoder_cfg(tmp_path / reason, "qwen2.5-0.5b-instruct", path, "data.max_chars=60", "data.strict=true")
+        with pytest.raises(UserError) as e:
+            data.prepare(cfg)
+        assert str(e.value).startswith(f"{path}:{len(good) + 1}: ") and "\n" not in str(e.value), reason
+        assert not (cfg.run_dir / "data").exists()
+
+
+def test_a_row_the_template_cannot_render_is_counted_by_the_data_stage(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [GOOD, GOOD_TOO, {"messages": chat("What is flu?", "An infection.")},
+                                                 {"messages": chat("What is <|im_end|>?", "A special token.")}])
+    stats = data.prepare(decoder_cfg(tmp_path, "qwen2.5-0.5b-instruct", path)).stats
+    assert stats["rows_skipped"] == {"special_token_in_content": 1} and stats["rows_used"] == 3
+    assert stats["skip_examples"]["special_token_in_content"].startswith(f"{path}:4: the text holds")
+    with pytest.raises(UserError, match=rf"^{path}:4: the text holds the tokenizer's special token"):
+        data.prepare(decoder_cfg(tmp_path / "strict", "qwen2.5-0.5b-instruct", path, "data.strict=true"))
+
+
+def test_the_data_stage_keeps_conversations_sharing_a_first_user_turn_on_one_side(tmp_path):
+    rows = []
+    for i, name in enumerate(["gout", "asthma", "flu", "mumps", "rabies", "anemia", "acne", "lupus"]):
+        rows += [{"messages": chat(f"What is {name}?", f"Disease {i}.")},
+                 {"messages": chat(f"What is {name}?", f"Disease {i}.", "Is it common?", f"Yes, {i}.")},
+                 {"messages": chat(f"what is {name.upper()}", f"Illness {i}.", system="Be brief.")}]
+    source = write_jsonl(tmp_path / "chat.jsonl", rows)
+    for seed in range(3):
+        cfg = decoder_cfg(tmp_path / str(seed), "qwen2.5-0.5b-instruct", source, "data.test_size=0.25",
+                          f"run.seed={seed}")
+        data.prepare(cfg)
+        train, test = (read_split(cfg, split) for split in ("train", "test"))
+        assert len(test) == 6 and len(train) == 18
         assert {same_key(r["term"]) for r in train}.isdisjoint({same_key(r["term"]) for r in test})
-        assert {r["term"] for r in train + test} == {ex["term"] for ex in examples}
-        assert all("<|start_header_id|>user<|end_header_id|>\n\nWhat is " in r["prompt"] for r in train + test)
+
+
+def read_split(cfg, split: str) -> list[dict]:
+    return [json.loads(line) for line in (cfg.run_dir / "data" / f"{split}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("rows", [[GOOD, GOOD_TOO], [{"prompt": "What is gout?", "completion": "A disease."}]])
+def test_chat_data_for_a_model_without_a_chat_template_family_is_refused(tmp_path, rows):
+    source = write_jsonl(tmp_path / "chat.jsonl", rows * 3)
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", source))  # Flan-T5
+    with pytest.raises(UserError) as e:
+        data.prepare(cfg)
+    assert str(e.value).startswith(f"{source}: ") and "\n" not in str(e.value)
+    assert "needs a model that trains on its chat template" in str(e.value)
+    assert not (cfg.run_dir / "data").exists()
+
+
+def test_columns_named_in_the_config_are_read_as_term_rows(tmp_path):
+    rows = [{"prompt": r["term"], "completion": r["definition"]} for r in medquad_rows(12)]
+    source = write_jsonl(tmp_path / "pc.jsonl", rows)
+    cfg = load_config(None, tiny_overrides(tmp_path / "run", source) + ["data.term_column=prompt",
+                                                                        "data.definition_column=completion"])
+    stats = data.prepare(cfg).stats
+    assert stats["source_kind"] == "terms" and stats["columns"] == {"term": "prompt", "definition": "completion"}
+    assert stats["rows_used"] == 12

@@ -93,6 +93,63 @@ def test_prepared_rows_train_on_exactly_the_answer_and_its_end_of_turn_token(lla
         assert (batch["labels"][i, answer] == batch["input_ids"][i, answer]).all()
 
 
+def test_an_over_long_prompt_keeps_its_generation_prompt_and_an_over_long_answer_its_end_of_turn(llama_cfg):
+    from termtune import data
+    from termtune.modeling import load_tokenizer
+
+    cfg = llama_cfg("data.max_source_length=16", "data.max_target_length=8", n_rows=12)
+    stats = data.prepare(cfg).stats
+    tokenizer = load_tokenizer(cfg)
+    eot, generation_prompt = tokenizer.convert_tokens_to_ids("<|eot_id|>"), \
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    rows = [json.loads(line) for split in ("train", "test")
+            for line in (cfg.run_dir / "data" / f"{split}.jsonl").read_text().splitlines()]
+    for row in rows:
+        full = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                             date_string="26 Jul 2024")["input_ids"]
+        # the bos token, then the prompt's last 15 tokens: the question's end and the generation prompt
+        assert row["input_ids"] == [tokenizer.bos_token_id] + full[-15:]
+        assert tokenizer.decode(row["input_ids"]).endswith("?<|eot_id|>" + generation_prompt)
+        answer = tokenizer(row["target"], add_special_tokens=False)["input_ids"] + [eot]
+        assert row["labels"] == (answer if len(answer) <= 8 else answer[:7] + [eot])
+    assert stats["source_tokens"]["truncated_fraction"] == 1.0 and stats["target_tokens"]["truncated_fraction"] > 0
+    assert (stats["source_kind"], stats["columns"]) == ("terms", {"term": "term", "definition": "definition"})
+
+
+def test_a_chat_source_runs_through_data_train_and_evaluate(tmp_path):
+    """The pipeline's stages read the rows the data stage writes from chat data: a system turn, multi-turn rows."""
+    from termtune import pipeline
+    from termtune.data import shape_target
+
+    conversations = []
+    for i, r in enumerate(medquad_rows(20, seed=1)):
+        answer = shape_target(r["definition"], "first_n_sentences", 1)[:300]
+        messages = [{"role": "user", "content": f"What is {r['term']}?"}, {"role": "assistant", "content": answer}]
+        if i % 3 == 1:
+            messages = [{"role": "system", "content": "Answer in one sentence."}] + messages
+        if i % 3 == 2:
+            messages += [{"role": "user", "content": "Say it more simply."},
+                         {"role": "assistant", "content": f"In short: {answer}"}]
+        conversations.append({"messages": messages})
+    source = write_jsonl(tmp_path / "chat.jsonl", conversations)
+    cfg = load_config(None, llama_overrides(tmp_path / "run", source, "data.max_rows=16", "data.test_size=4",
+                                            "train.max_steps=2", "train.batch_size=4", "eval.max_new_tokens=4"))
+    for stage in ("data", "train", "evaluate"):
+        pipeline.run_stage(cfg, stage)
+    stats = json.loads((cfg.run_dir / "data" / "stats.json").read_text())
+    assert (stats["source_kind"], stats["rows_used"], stats["train_rows"], stats["test_rows"]) == \
+        ("messages", 16, 12, 4)
+    result = json.loads((cfg.run_dir / "train" / "result.json").read_text())
+    assert result["global_step"] == 2
+    # each held-out row evaluated: asked its last question, judged against its last answer, named by its first
+    asked = {(c["messages"][-2]["content"], c["messages"][-1]["content"]):
+             next(m["content"] for m in c["messages"] if m["role"] == "user") for c in conversations}
+    predictions = [json.loads(line) for line in (cfg.run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4
+    for p in predictions:
+        assert asked[p["prompt"], p["reference"]] == p["term"] and isinstance(p["tuned"], str)
+
+
 # ----------------------------------------------------------------------------- the whole run
 
 

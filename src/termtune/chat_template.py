@@ -2,7 +2,8 @@
 (everything up to and including the generation prompt of the last assistant turn: what Bedrock's server renders for
 a `messages` request) and the answer (up to the template's end-of-turn token).
 
-Used by termtune.conversations (chat and prompt/completion data) and by the decoder families' `encode` (term rows).
+Used by termtune.conversations (every row the data stage prepares for a family with chat_data) and by the
+decoder families' `encode` (what `termtune plan` estimates lengths with).
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     source: str = "gamino/wiki_medical_terms"
-    """Hub dataset id, or a local .jsonl/.json/.csv/.parquet file."""
+    """Hub dataset id, or a local .jsonl/.json/.csv/.parquet file: term/definition rows, or for a decoder-only model
+    also chat (`messages`) or `prompt`/`completion` rows (docs/data-formats.md)."""
     hub_split: str = "train"
     """Which split of a Hub dataset to read."""
     revision: str | None = None
@@ -135,15 +136,17 @@ class DataConfig(Section):
     max_rows: int | None = Field(None, ge=1)
     """Use only the first N usable rows (after cleaning), e.g. for a quick demo."""
     max_chars: int = Field(100_000, ge=1)
-    """Rows whose term or definition is longer than this are overlong (skipped)."""
+    """Rows whose term or definition (in a conversation: any turn) is longer than this are overlong (skipped)."""
     test_size: float = Field(0.1, gt=0)
     """Held-out share (0 < x < 1) or number of held-out rows (x >= 1)."""
     max_source_length: int = Field(128, ge=8)
-    """Tokens kept of each prompt; longer prompts are cut (still ending in eos). Raise it when `termtune data
-    prepare` reports many prompts truncated; memory and time per batch grow with it."""
+    """Tokens kept of each prompt; longer prompts are cut (still ending in eos; through a chat template they keep
+    their end: the latest turns and the generation prompt). Raise it when `termtune data prepare` reports many
+    prompts truncated; memory and time per batch grow with it."""
     max_target_length: int = Field(512, ge=8)
-    """Tokens kept of each definition; longer ones are cut (still ending in eos), so the model never sees their
-    end. Raise it when data prepare reports many targets truncated, or shorten them with `target`."""
+    """Tokens kept of each definition or answer; longer ones are cut (still ending in eos or the end-of-turn token),
+    so the model never sees their end. Raise it when data prepare reports many targets truncated, or shorten
+    them with `target`."""
 
 
 class LoraConfig(Section):

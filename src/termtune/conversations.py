@@ -1,4 +1,4 @@
-"""Training data for decoder-only models: conversations in, prompt/completion token ids with a loss mask out.
+"""Training data for models that train on their chat template: conversations in, prompt and answer token ids out.
 
 Three sources become one shape, a conversation that ends with the assistant's answer:
 
@@ -11,27 +11,27 @@ Three sources become one shape, a conversation that ends with the assistant's an
 
 Each conversation is rendered through the model's own chat template. The prompt is everything up to and including
 the generation prompt of the last assistant turn: exactly what Bedrock's server renders for a `messages` request
-before the model answers. The completion is the rest: the answer and the end-of-turn token. Earlier assistant turns
-are part of the prompt; the loss is on the last answer only (a conversation that should teach every answer is
-written as several rows, one ending at each answer; they share the first user turn and so one side of the split).
-The prompt's token ids must be the start of the whole conversation's ids, or training would see other ids than the
-server sends; a row where they are not (the template joins prompt and answer inside one token) is skipped and
-counted, and a template that does it to every conversation is an error before any row is rendered.
+before the model answers. The answer is what follows, up to and including the template's end-of-turn token. Earlier
+assistant turns are part of the prompt; the loss is on the last answer only (a conversation that should teach every
+answer is written as several rows, one ending at each answer; they share the first user turn and so one side of the
+data stage's split). The prompt's token ids must be the start of the whole conversation's ids, or training would
+see other ids than the server sends; a row where they are not (the template joins prompt and answer inside one
+token) is skipped and counted, and a template that does it to every conversation is an error before any row is
+rendered.
 
 A bad row is skipped and counted by reason, or with data.strict an error naming the file and line, as the data
-stage does for term rows; the split is the data stage's own (`data.split_rows`), keyed by the term or the first user
-turn, so a conversation never has a near-copy on the other side.
+stage does for term rows. termtune.data opens the source, splits the rendered rows and writes them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from termtune import data
 from termtune.chat_template import PROBLEMS, TEMPLATE_VARIABLES, ChatTemplate, check_template  # noqa: F401
 from termtune.errors import UserError
+from termtune.rowcheck import Findings, has_control_chars, text_key
 
 ROLES = ("system", "user", "assistant")
 
@@ -51,6 +51,11 @@ class Conversation:
     def answer(self) -> str:
         return self.messages[-1]["content"]
 
+    @property
+    def question(self) -> str:
+        """The last user turn: what a prepared row and the evaluation show as its prompt."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
 
 @dataclass
 class Conversations:
@@ -62,22 +67,8 @@ class Conversations:
     rows_read: int
     items: list[Conversation]
     skipped: Counter
+    """Rows skipped, by reason."""
     skip_examples: dict[str, str]
-
-
-@dataclass
-class PreparedConversations:
-    """The rendered, tokenized and split conversations, and what the data stage adds to its stats file."""
-
-    train: list[dict[str, Any]]
-    test: list[dict[str, Any]]
-    """Each row: term, target (the answer), messages, prompt and completion (rendered text), input_ids (the whole
-    rendered conversation, truncated) and completion_mask (1 on the answer and its end-of-turn token, else 0).
-    input_ids + completion_mask is the pre-tokenized form TRL's SFTTrainer trains on with completion_only_loss; a
-    plain collator makes labels = input_ids where the mask is 1, else -100."""
-    stats: dict[str, Any]
-    """rows_used, rows_skipped / skip_examples (rendering only), train_rows, test_rows, split_merged, and
-    prompt_tokens / completion_tokens (min, p50, p95, max, truncated, ... of the untruncated lengths)."""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -93,20 +84,20 @@ def source_kind(columns: Iterable[str]) -> str | None:
     return None
 
 
-def read_conversations(source: str, hub_split: str = "train", revision: str | None = None, *, strict: bool = False,
+def read_conversations(opened: tuple[str, list[str], Iterator[Any]], *, strict: bool = False,
                        max_chars: int = 100_000, max_rows: int | None = None,
                        duplicates: str = "keep_first") -> Conversations:
-    """Read a chat (`messages`) or prompt/completion source: a .jsonl/.json/.parquet file, a folder laid out like a
-    Hub dataset, or a Hub id, as the data stage reads term rows (the arguments are the data settings of the same
-    names). Each turn is checked (max_chars applies to each turn's text); a bad row is skipped and counted, or with
-    `strict` an error naming the row. A conversation repeated turn for turn (by data.text_key) is dropped and
-    counted, or with duplicates="error" an error."""
-    label, columns, rows = data.open_source(source, hub_split, revision)
+    """Read a chat (`messages`) or prompt/completion source as termtune.data.open_source opened it (label, columns,
+    rows); the keyword arguments are the data settings of the same names. Each turn is checked (max_chars applies
+    to each turn's text); a bad row is skipped and counted, or with `strict` an error naming the row. A
+    conversation repeated turn for turn (by text_key) is dropped and counted, or with duplicates="error" an error.
+    At most max_rows conversations are kept."""
+    label, columns, rows = opened
     kind = source_kind(columns)
     if kind is None:
         raise UserError(f"{label}: neither a messages column nor prompt and completion columns "
                         f"(columns: {', '.join(columns) or 'none'})")
-    findings = data.Findings(strict=strict)
+    findings = Findings(strict=strict)
     items: list[Conversation] = []
     seen: dict[tuple, str] = {}  # the turns' keys -> where the conversation was first
     rows_read = 0
@@ -123,7 +114,7 @@ def read_conversations(source: str, hub_split: str = "train", revision: str | No
             messages = _prompt_completion_messages(row.values, row.where, max_chars, findings)
         if messages is None:
             continue
-        key = tuple((m["role"], data.text_key(m["content"])) for m in messages)
+        key = tuple((m["role"], text_key(m["content"])) for m in messages)
         if key in seen:
             duplicate = f"duplicate conversation (first at {seen[key]})"
             if duplicates == "error":
@@ -150,7 +141,7 @@ def term_conversations(examples: list[dict[str, str]], label: str) -> list[Conve
 
 
 def _prompt_completion_messages(values: dict[str, Any], where: str, max_chars: int,
-                                findings: data.Findings) -> list[dict[str, str]] | None:
+                                findings: Findings) -> list[dict[str, str]] | None:
     prompt, completion = values.get("prompt"), values.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):  # TRL's conversational prompt/completion
         for name, value in (("prompt", prompt), ("completion", completion)):
@@ -173,7 +164,7 @@ def _prompt_completion_messages(values: dict[str, Any], where: str, max_chars: i
 
 
 def _check_messages(messages: Any, name: str, where: str, max_chars: int,
-                    findings: data.Findings) -> list[dict[str, str]] | None:
+                    findings: Findings) -> list[dict[str, str]] | None:
     """The conversation with each turn checked and trimmed, or None (the finding is counted or raised)."""
     if not isinstance(messages, list):
         what = "missing or null" if messages is None else f"a {type(messages).__name__}"
@@ -211,7 +202,7 @@ def _check_messages(messages: Any, name: str, where: str, max_chars: int,
     return out
 
 
-def _check_text(value: Any, name: str, where: str, max_chars: int, findings: data.Findings) -> str | None:
+def _check_text(value: Any, name: str, where: str, max_chars: int, findings: Findings) -> str | None:
     """`value` trimmed, or None when it is missing, not text, empty, too long or has control characters.
 
     Trimmed because the Llama 3 and Qwen3 templates trim turns themselves: the ids must not depend on whether a
@@ -222,7 +213,7 @@ def _check_text(value: Any, name: str, where: str, max_chars: int, findings: dat
     if not isinstance(value, str):
         findings.add("wrong_type", where, f"{name} is a {type(value).__name__}, expected text")
         return None
-    if data.has_control_chars(value):
+    if has_control_chars(value):
         findings.add("control_characters", where, f"{name} contains control characters")
         return None
     text = value.strip()
@@ -235,20 +226,23 @@ def _check_text(value: Any, name: str, where: str, max_chars: int, findings: dat
     return text
 
 
-def prepare_conversations(conversations: list[Conversation], tokenizer: Any, *, test_size: float, seed: int,
-                          max_prompt_tokens: int, max_completion_tokens: int,
-                          strict: bool = False) -> PreparedConversations:
-    """Render each conversation through the tokenizer's chat template, tokenize it with its completion mask, and
-    split the rows seeded by term / first user turn (data.split_rows: near-duplicates stay on one side).
+def render_conversations(conversations: list[Conversation], tokenizer: Any, max_prompt_tokens: int,
+                         max_answer_tokens: int, findings: Findings,
+                         lengths: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """Each conversation rendered through the tokenizer's chat template as the data stage writes a row: term, prompt
+    (the last user turn's text), target (the answer), input_ids (the rendered prompt up to and including the
+    generation prompt) and labels (the answer's ids and the template's end-of-turn token). What a template writes
+    after the end-of-turn token (Qwen's newline) is not part of the row: it carries no loss, and generation stops
+    before it. A conversation that cannot be rendered is a finding. The untruncated lengths are appended to
+    lengths["source"] (prompt) and lengths["target"] (answer).
 
-    A prompt over max_prompt_tokens keeps its last tokens (the latest turns and the generation prompt); a
-    completion over max_completion_tokens is cut and ends with its end-of-turn token, as a cut term
-    definition ends with eos. The token stats are of the lengths before truncation."""
+    A prompt over max_prompt_tokens keeps its last tokens, the latest turns and the generation prompt (after the
+    bos token, where the template starts with one), so the model still answers the last question; an answer over
+    max_answer_tokens is cut and ends with its end-of-turn token, so the model still learns to stop."""
     template = ChatTemplate.of(tokenizer)
     template.check()
-    findings = data.Findings(strict=strict)
+    bos = tokenizer.bos_token_id
     rows: list[dict[str, Any]] = []
-    lengths: dict[str, list[int]] = {"prompt": [], "completion": []}
     for conv in conversations:
         found = template.special_text and next(
             (m for m in map(template.special_text.search, (t["content"] for t in conv.messages)) if m), None)
@@ -264,40 +258,17 @@ def prepare_conversations(conversations: list[Conversation], tokenizer: Any, *, 
         if rendered.problem:
             findings.add(rendered.problem, conv.where, PROBLEMS[rendered.problem])
             continue
-        ids, start, end = rendered.ids, rendered.start, rendered.end
-        lengths["prompt"].append(start)
-        lengths["completion"].append(end - start)
-        prompt_ids, completion_ids, after = ids[:start], ids[start:end], ids[end:]
-        if len(prompt_ids) > max_prompt_tokens:
-            prompt_ids = prompt_ids[-max_prompt_tokens:]
-        if len(completion_ids) > max_completion_tokens:
-            completion_ids, after = completion_ids[:max_completion_tokens - 1] + completion_ids[-1:], []
-        rows.append({
-            "term": conv.term, "target": conv.answer, "messages": conv.messages,
-            "prompt": rendered.prompt, "completion": rendered.whole[len(rendered.prompt):],
-            "input_ids": prompt_ids + completion_ids + after,
-            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids) + [0] * len(after),
-        })
+        prompt, answer = rendered.ids[:rendered.start], rendered.ids[rendered.start:rendered.end]
+        lengths["source"].append(len(prompt))
+        lengths["target"].append(len(answer))
+        if len(prompt) > max_prompt_tokens:
+            kept = prompt[:1] if bos is not None and prompt[0] == bos else []
+            prompt = kept + prompt[len(prompt) - (max_prompt_tokens - len(kept)):]
+        if len(answer) > max_answer_tokens:
+            answer = answer[:max_answer_tokens - 1] + answer[-1:]
+        rows.append({"term": conv.term, "prompt": conv.question, "target": conv.answer,
+                     "input_ids": prompt, "labels": answer})
     if not rows:
         reasons = ", ".join(f"{k}: {v}" for k, v in findings.skipped.items())
         raise UserError(f"{template.name}: no conversation could be rendered ({reasons})")
-
-    split = data.split_rows(rows, test_size, seed)
-    stats = {
-        "rows_used": len(rows),
-        "rows_skipped": dict(findings.skipped),
-        "skip_examples": findings.examples,
-        "train_rows": len(split.train),
-        "test_rows": len(split.test),
-        "split_merged": {"term": split.merged["term"], "definition": split.merged["definition"]},
-        "template_variables": TEMPLATE_VARIABLES,
-        "prompt_tokens": length_stats(lengths["prompt"], max_prompt_tokens),
-        "completion_tokens": length_stats(lengths["completion"], max_completion_tokens),
-    }
-    return PreparedConversations(split.train, split.test, stats)
-
-
-def length_stats(lengths: list[int], limit: int) -> dict[str, Any]:
-    """The data stage's token-length stats (p50 is the median) with the shortest and the count over `limit`."""
-    return {**data.length_stats(lengths, limit), "min": min(lengths),
-            "truncated": sum(1 for n in lengths if n > limit)}
+    return rows

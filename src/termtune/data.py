@@ -1,13 +1,22 @@
-"""The data stage: term/definition rows in, a seeded tokenized train/test split out.
+"""The data stage: term/definition rows (or, for a model that trains on its chat template, conversations) in,
+a seeded tokenized train/test split out.
 
     termtune data prepare configs/demo.yaml          # writes <run>/data/{train,test}.jsonl, stats.json
     termtune data inspect configs/demo.yaml --rows 5
 
 Sources are a Hub dataset id (the seed recipe's `gamino/wiki_medical_terms`), a local folder
-laid out like a Hub dataset, or a local .jsonl/.json/.csv/.parquet file. Each row is checked;
-a bad row is skipped and counted by reason (or, with data.strict, is an error naming file
-and row). The output is written to a temporary folder and renamed into place only when
-complete, so a failed run leaves nothing behind.
+laid out like a Hub dataset, or a local .jsonl/.json/.csv/.parquet file. Its columns say what it
+holds: term rows, chat data (`messages`) or prompt/completion data (termtune.conversations reads
+the last two, which only a family with `chat_data` trains on). Each row is checked; a bad row is
+skipped and counted by reason (or, with data.strict, is an error naming file and row). The output
+is written to a temporary folder and renamed into place only when complete, so a failed run leaves
+nothing behind.
+
+Every prepared row is {term, prompt, target, input_ids, labels}: the term (for a conversation, its
+first user turn: what the split keeps on one side), the question asked (the last user turn), the
+answer, and the token ids the model reads and learns. For a chat-template family input_ids is the
+rendered conversation up to the assistant's generation prompt and labels the answer with the
+template's end-of-turn token; otherwise they are the family's `encode` of prompt and answer.
 """
 
 from __future__ import annotations
@@ -21,21 +30,28 @@ import re
 import unicodedata
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from termtune import conversations
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.layout import RunLayout
 from termtune.oserrors import probe_writable
 from termtune.results import StageResult
+from termtune.rowcheck import Findings, has_control_chars, text_key
 from termtune.rundir import atomic_dir, read_json, write_json
 
 # (term column, definition column) pairs recognised without any mapping.
 KNOWN_SCHEMAS = (("term", "definition"), ("page_title", "page_text"))
 LOCAL_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MAX_TERM_CHARS = 300  # longer "terms" are almost always a shifted column or a pasted paragraph
+TERMS = "terms"
+"""stats.json's source_kind for term/definition rows; conversations.source_kind names the others."""
+KIND_WORDS = {"messages": ("chat data", "a messages column"),
+              "prompt_completion": ("prompt/completion data", "prompt and completion columns")}
+"""source_kind -> (what users call it, the columns that told)."""
 
 
 @dataclass
@@ -54,31 +70,20 @@ class PreparedData(StageResult):
     train_path: Path
     test_path: Path
     stats: dict[str, Any]
-    """The content of <run>/data/stats.json: rows read/used/skipped, split sizes, near-duplicates kept on one
-    side of the split (`split_merged`: by term, by definition), token lengths."""
+    """The content of <run>/data/stats.json: the source and its kind (source_kind: terms, messages or
+    prompt_completion), rows read/used/skipped, split sizes, near-duplicates kept on one side of the split
+    (`split_merged`: by term, by definition), token lengths of each side before truncation (source_tokens: the
+    prompts, target_tokens: the answers)."""
 
     def summary(self) -> str:
         return summary(self.stats)
-
-
-@dataclass
-class Findings:
-    strict: bool
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict[str, str] = field(default_factory=dict)
-
-    def add(self, reason: str, where: str, detail: str) -> None:
-        if self.strict:
-            raise UserError(f"{where}: {detail} (data.strict is on; fix the row or drop --strict to skip it)")
-        self.skipped[reason] += 1
-        self.examples.setdefault(reason, f"{where}: {detail}")
 
 
 # ----------------------------------------------------------------------------- entry points
 
 
 def prepare(cfg: Config, force: bool = False) -> PreparedData:
-    """Read, validate, clean, split and tokenize `cfg.data.source` into <run>/data.
+    """Read, validate, clean, tokenize and split `cfg.data.source` into <run>/data.
 
     An existing data folder is replaced only with `force` (the runner passes it: it knows
     whether the folder is complete and made from these settings).
@@ -90,48 +95,66 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
         raise UserError(f"{out_dir} already exists; pass --force to prepare the data again")
     probe_writable(layout.root)
 
-    # --- read and validate
-    read = read_examples(cfg)
-    label, examples = read.label, read.rows
-
-    # --- split by term, seeded
-    split = split_rows(examples, d.test_size, cfg.run.seed)
-    train_rows, test_rows = split.train, split.test
-    if not train_rows or not test_rows:
-        raise UserError(f"{label}: {len(examples)} usable rows cannot be split with data.test_size={d.test_size}")
-
-    # --- tokenize
     from termtune.families import family_for
     from termtune.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
+    # --- read and validate
+    source = open_source(d.source, d.hub_split, d.revision)
+    label, columns, _ = source
+    # Columns named in the config are term rows whatever else the source holds.
+    kind = TERMS if d.term_column or d.definition_column else conversations.source_kind(columns) or TERMS
     family = family_for(cfg)
+    if kind != TERMS and not family.chat_data:
+        what, columns_that_told = KIND_WORDS[kind]
+        raise UserError(f"{label}: {what} ({columns_that_told}) needs a model that trains on its chat template "
+                        f"(Llama, Qwen, Mistral); {family.display_name} trains on term/definition rows only")
+    if kind == TERMS:
+        read = read_examples(cfg, opened=source)
+    else:
+        read = conversations.read_conversations(source, strict=d.strict, max_chars=d.max_chars,
+                                                max_rows=d.max_rows, duplicates=d.duplicates)
+
+    # --- tokenize: through the chat template, or as the family encodes a row
+    tokenizer = load_tokenizer(cfg)
     lengths: dict[str, list[int]] = {"source": [], "target": []}
-    for side in (train_rows, test_rows):
-        _tokenize(family, tokenizer, side, d.max_source_length, d.max_target_length, lengths)
+    rendering = Findings(strict=d.strict)
+    if family.chat_data:
+        items = read.items if kind != TERMS else conversations.term_conversations(read.rows, label)
+        rows = conversations.render_conversations(items, tokenizer, d.max_source_length, d.max_target_length,
+                                                  rendering, lengths)
+    else:
+        rows = read.rows
+        _tokenize(family, tokenizer, rows, d.max_source_length, d.max_target_length, lengths)
+
+    # --- split by term (a conversation's first user turn), seeded
+    split = split_rows(rows, d.test_size, cfg.run.seed)
+    if not split.train or not split.test:
+        raise UserError(f"{label}: {len(rows)} usable rows cannot be split with data.test_size={d.test_size}")
 
     # --- save
     stats = {
         "source": label,
-        "columns": {"term": read.columns[0], "definition": read.columns[1]},
+        "source_kind": kind,
+        **({"columns": {"term": read.columns[0], "definition": read.columns[1]}} if kind == TERMS else {}),
         "rows_read": read.rows_read,
-        "rows_used": len(examples),
-        "rows_skipped": dict(read.skipped),
-        "skip_examples": read.skip_examples,
-        "train_rows": len(train_rows),
-        "test_rows": len(test_rows),
+        "rows_used": len(rows),
+        "rows_skipped": dict(read.skipped + rendering.skipped),
+        "skip_examples": {**read.skip_examples, **rendering.examples},
+        "train_rows": len(split.train),
+        "test_rows": len(split.test),
         "split_merged": {"term": split.merged["term"], "definition": split.merged["definition"]},
         "seed": cfg.run.seed,
-        "target": d.target,
-        "prompt_template": d.prompt_template,
+        **({"target": d.target, "prompt_template": d.prompt_template} if kind == TERMS else {}),
+        **({"chat_template": cfg.tokenizer_source, "template_variables": conversations.TEMPLATE_VARIABLES}
+           if family.chat_data else {}),
         "max_source_length": d.max_source_length,
         "max_target_length": d.max_target_length,
         "source_tokens": length_stats(lengths["source"], d.max_source_length),
         "target_tokens": length_stats(lengths["target"], d.max_target_length),
     }
     with atomic_dir(out_dir, force=force) as tmp:
-        _write_jsonl(tmp / layout.split("train").name, train_rows)
-        _write_jsonl(tmp / layout.split("test").name, test_rows)
+        _write_jsonl(tmp / layout.split("train").name, split.train)
+        _write_jsonl(tmp / layout.split("test").name, split.test)
         write_json(tmp / layout.stats.name, stats)
     return PreparedData(layout.split("train"), layout.split("test"), stats)
 
@@ -153,13 +176,15 @@ class Examples:
     """The first skipped row of each reason: where it is and why."""
 
 
-def read_examples(cfg: Config, lenient: bool = False) -> Examples:
-    """Read `data.source` and keep its usable rows, at most data.max_rows: each row checked, duplicate terms
-    dropped (by text_key), the definition shaped into the target, the prompt made. A bad row is skipped and
-    counted; with data.strict it is an error, as is a duplicate with data.duplicates=error. `lenient` (the
-    plan's estimate) counts every finding and raises none. A source with no usable row is an error."""
+def read_examples(cfg: Config, lenient: bool = False,
+                  opened: tuple[str, list[str], Iterator[Row]] | None = None) -> Examples:
+    """Read `data.source` (or the `open_source` of it already opened) and keep its usable rows, at most
+    data.max_rows: each row checked, duplicate terms dropped (by text_key), the definition shaped into the
+    target, the prompt made. A bad row is skipped and counted; with data.strict it is an error, as is a
+    duplicate with data.duplicates=error. `lenient` (the plan's estimate) counts every finding and raises
+    none. A source with no usable row is an error."""
     d = cfg.data
-    label, columns, rows = open_source(d.source, d.hub_split, d.revision)
+    label, columns, rows = opened or open_source(d.source, d.hub_split, d.revision)
     term_col, def_col = _pick_columns(label, columns, d.term_column, d.definition_column)
     findings = Findings(strict=d.strict and not lenient)
     examples: list[dict[str, str]] = []
@@ -226,16 +251,21 @@ def inspect(cfg: Config, rows: int = 3) -> tuple[dict[str, Any], list[dict[str, 
 
 def summary(stats: dict[str, Any]) -> str:
     skipped = stats["rows_skipped"]
+    kind = stats.get("source_kind", TERMS)
     lines = [
-        f"data: {stats['source']}",
+        f"data: {stats['source']}" + (f" ({KIND_WORDS[kind][0]})" if kind in KIND_WORDS else ""),
         f"  rows read {stats['rows_read']}, used {stats['rows_used']}, skipped {sum(skipped.values())}"
         + (f" ({', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""),
-        f"  split: {stats['train_rows']} train / {stats['test_rows']} test (seed {stats['seed']}, by term"
-        + _merged_note(stats.get("split_merged", {})) + ")",
+        f"  split: {stats['train_rows']} train / {stats['test_rows']} test (seed {stats['seed']}, "
+        + ("by first user turn" if kind in KIND_WORDS else "by term") + _merged_note(stats.get("split_merged", {}))
+        + ")",
     ]
+    # Through a chat template the source side is the rendered prompt, cut from its start, and the target side the
+    # answer with its end-of-turn token.
+    names = {"source": "prompt", "target": "answer"} if "chat_template" in stats else {}
     for side in ("source", "target"):
         t = stats[f"{side}_tokens"]
-        lines.append(f"  {side} tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
+        lines.append(f"  {names.get(side, side)} tokens: p50 {t['p50']}, p95 {t['p95']}, max {t['max']}; "
                      f"{t['truncated_fraction']:.1%} truncated at {t['limit']}")
     for reason, example in stats.get("skip_examples", {}).items():
         lines.append(f"  first {reason}: {example}")
@@ -479,16 +509,14 @@ def _check_row(row: Row, term_col: str, def_col: str, max_chars: int, findings: 
     return out
 
 
-def has_control_chars(text: str) -> bool:
-    return any(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in text)
-
-
 # Part of the data stage's inputs: a run whose data was shaped by an older rule shapes it again.
 TARGET_SHAPING = 2  # 2: a leading heading is dropped and a bullet starts a sentence
 # Also part of them: which rows are read and kept, and how they are split. 2: terms that differ only in Unicode
 # form, width or zero-width characters are one term (for the split, trailing punctuation too); rows with one
-# definition share a side; a BOM or a CSV field over 131,072 characters no longer loses rows.
-ROWS_AND_SPLIT = 2
+# definition share a side; a BOM or a CSV field over 131,072 characters no longer loses rows. 3: rows rendered
+# through a chat template are tokenized and cut by termtune.conversations (a long prompt keeps its end), and a
+# row the template cannot render is a counted bad row.
+ROWS_AND_SPLIT = 3
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 # Source pages open with a heading that is not part of the definition: a label ("Summary : Anemia is …" on
@@ -532,13 +560,6 @@ def shape_target(definition: str, mode: str, n_sentences: int) -> str:
 
 
 # ----------------------------------------------------------------------------- split and tokenize
-
-
-def text_key(text: str) -> str:
-    """The form two spellings of the same text share: Unicode form and width (NFKC), case, invisible
-    format characters (zero-width spaces and joiners, soft hyphens, BOMs) and runs of spaces do not count."""
-    text = "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
-    return " ".join(unicodedata.normalize("NFKC", text.casefold()).split())
 
 
 def split_key(text: str) -> str:
@@ -621,7 +642,7 @@ def split_by_term(examples: list[dict], test_size: float, seed: int) -> tuple[li
 def _tokenize(family: Any, tokenizer: Any, rows: list[dict], max_source: int, max_target: int,
               lengths: dict[str, list[int]]) -> None:
     """Add input_ids / labels (as the model family encodes a row; truncated, eos kept) and record the
-    untruncated lengths."""
+    untruncated lengths. For a family without chat_data (a chat template's rows: termtune.conversations)."""
     sources, targets = family.encode(tokenizer, [r["prompt"] for r in rows], [r["target"] for r in rows])
     for row, src, tgt in zip(rows, sources, targets):
         lengths["source"].append(len(src))

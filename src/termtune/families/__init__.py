@@ -9,8 +9,8 @@ What a second family must provide (each documented on `Family`):
     `auto_class`, `lora_task_type`;
   - the model: `architecture_config` (model.init=random: a shape plus overrides), `build_random`,
     `check_model_settings` (sizes and lora.* against its layers, before any work);
-  - a row and a batch: `encode` (prompts and targets to input_ids / labels), `padded_tokens` (what a batch
-    costs once padded), `collator`;
+  - a row and a batch: `chat_data` (rows rendered through the chat template, chat sources accepted), `encode`
+    (prompts and targets to input_ids / labels), `padded_tokens` (what a batch costs once padded), `collator`;
   - training: `trainer_classes` (any transformers.Trainer subclass and its arguments class: termtune's
     additions attach through compute_loss and callbacks, termtune.trainer_additions), `refuse_precision`,
     `takes_chunked_loss` and `chunked_loss_inputs` (termtune.lm_loss);

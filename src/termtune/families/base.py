@@ -65,8 +65,15 @@ class Family:
         raise NotImplementedError
 
     # -- data and training
+    chat_data: bool = False
+    """Whether the family trains on conversations rendered through the tokenizer's chat template
+    (termtune.conversations): term rows become one-question conversations, and chat (`messages`) and
+    prompt/completion sources are accepted. False: term rows only, each encoded by `encode`."""
+
     def encode(self, tokenizer: Any, prompts: list[str], targets: list[str]) -> tuple[list[list[int]], list[list[int]]]:
-        """(input_ids, labels) token ids per row, untruncated, each ending in eos."""
+        """(input_ids, labels) token ids per (prompt, target) row, untruncated, each ending in eos (for a chat_data
+        family: in its end-of-turn token). The data stage writes these for a family without chat_data;
+        `termtune plan` estimates token lengths with them."""
         raise NotImplementedError
 
     def padded_tokens(self, source_lengths: list[int], target_lengths: list[int]) -> int:

@@ -62,6 +62,7 @@ class DecoderFamily(Family):
     bedrock_attention = "sdpa"
     pipeline_tag = "text-generation"
     generation_padding_side = "left"  # a decoder continues the prompt: pad before it, never between it and the answer
+    chat_data = True  # rows are conversations rendered through the tokenizer's chat template
 
     def __init__(self, name: str, model_type: str, architecture: str, display_name: str,
                  extra_tensors: Callable[[str, int, int, int], dict[str, list[int]]] | None = None) -> None:
@@ -144,7 +145,8 @@ class DecoderFamily(Family):
     def encode(self, tokenizer: Any, prompts: list[str], targets: list[str]) -> tuple[list[list[int]], list[list[int]]]:
         """(prompt ids, answer ids): the prompt as the user's turn rendered through the chat template up to the
         assistant's generation prompt (what Bedrock's server renders for a `messages` request), the answer and the
-        template's end-of-turn token. The collator joins them; the loss is on the answer only."""
+        template's end-of-turn token, as termtune.conversations renders a term row for the data stage (which
+        writes its rows, and cuts them); `termtune plan` estimates lengths with this."""
         template = ChatTemplate.of(tokenizer)
         template.check()
         sources, answers = [], []
