@@ -317,6 +317,27 @@ def test_a_plain_5x_save_is_read_differently_by_4_51_3_and_flagged(folders, fami
         assert "tokenizer.model is missing" in problems
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_termtune_validate_refuses_a_plain_5x_save_for_each_thing_4_51_3_misreads(folders, family):
+    """`termtune validate` on the same plain save (Llama's: test_family_decoder.py): its RoPE settings under
+    rope_parameters and no torch_dtype; a tokenizer config 4.51.3 cannot load (Qwen's extra_special_tokens list,
+    Mistral's TokenizersBackend class) with the chat template only in chat_template.jinja; for Mistral, no
+    tokenizer.model. The folder termtune exported from the same model passes every rule."""
+    from termtune.validate import validate
+
+    failed = {c.name: c.message for c in validate(folders[family]["plain"]) if c.failed}
+    theta, _ = expected_rope(family)
+    config = failed["torch_dtype (transformers 4.51.3)"]
+    assert "rope_parameters" in config and f"instead of {int(theta)}" in config and "no torch_dtype" in config
+    tokenizer = failed["tokenizer_config.json (transformers 4.51.3)"]
+    assert "only in chat_template.jinja" in tokenizer
+    assert ("TokenizersBackend" if family == "mistral" else "extra_special_tokens as a list") in tokenizer
+    assert ("tokenizer.model is missing" in failed["tokenizer files"]) if family == "mistral" else \
+        "tokenizer files" not in failed
+    exported = {c.name: c.message for c in validate(folders[family]["export"]) if c.failed}
+    assert exported == {}
+
+
 def test_plain_qwen3_moe_save_is_flagged_for_its_expert_count(folders):
     from termtune.families.decoder_export import decoder_problems
 

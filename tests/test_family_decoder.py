@@ -23,9 +23,12 @@ TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 
               "num_key_value_heads": 2, "head_dim": 16}
 
 
-def llama_overrides(run_dir: Path, source: Path, *extra: str) -> list[str]:
-    return [f"run.dir={run_dir}", f"model.source={LLAMA_DIR}", "model.init=random",
-            f"model.architecture={LLAMA_DIR / 'config.json'}", f"model.architecture_overrides={json.dumps(TINY_LLAMA)}",
+def llama_overrides(run_dir: Path, source: Path, *extra: str, base: Path = LLAMA_DIR,
+                    shape: dict = TINY_LLAMA) -> list[str]:
+    """A random-init model of `base`'s family (the Llama 3.2 folder by default) at `shape`, with `base`'s real
+    tokenizer."""
+    return [f"run.dir={run_dir}", f"model.source={base}", "model.init=random",
+            f"model.architecture={base / 'config.json'}", f"model.architecture_overrides={json.dumps(shape)}",
             f"data.source={source}", "data.target=first_n_sentences", "data.n_sentences=1", "data.test_size=8",
             "data.max_target_length=64", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0", "train.epochs=1",
             "train.batch_size=8", "train.learning_rate=0.005", "train.save_steps=2", "train.logging_steps=1",
