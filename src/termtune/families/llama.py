@@ -381,11 +381,14 @@ def _weight_dtype(f: Any) -> tuple[str, str]:
     return OK, f"weights in {', '.join(dtypes)}"
 
 
-def _tie_flag(f: Any) -> tuple[str, str]:
-    if "model.embed_tokens.weight" not in f.tensors:
-        return FAIL, "model.embed_tokens.weight (the token embeddings) is not in the weights"
+def _tie_flag(f: Any, embeddings: str = "model.embed_tokens.weight", tied_by_default: bool = False
+              ) -> tuple[str, str]:
+    """`tied_by_default`: what 4.51.3 reads when config.json has no tie_word_embeddings (the config class's
+    default: False for Llama's kind, True for GPT-2's)."""
+    if embeddings not in f.tensors:
+        return FAIL, f"{embeddings} (the token embeddings) is not in the weights"
     has_head = "lm_head.weight" in f.tensors
-    tied = (f.config or {}).get("tie_word_embeddings", False)
+    tied = (f.config or {}).get("tie_word_embeddings", tied_by_default)
     if not has_head and not tied:
         return FAIL, "tie_word_embeddings is false but lm_head.weight is missing: the output layer would be random"
     if has_head and tied:
@@ -433,13 +436,13 @@ def _generation_config(f: Any) -> tuple[str, str]:
     return OK, f"eos_token_id {files['generation_config.json'].get('eos_token_id')} includes the end-of-turn token"
 
 
-def _vocabulary(f: Any) -> tuple[str, str]:
+def _vocabulary(f: Any, embeddings: str = "model.embed_tokens.weight") -> tuple[str, str]:
     vocabulary, error = f.vocabulary
     if error:
         return FAIL, error
-    if "model.embed_tokens.weight" not in f.tensors:
-        return FAIL, "no model.embed_tokens.weight to hold tokenizer.json's tokens"
-    rows, size = f.tensors["model.embed_tokens.weight"][1][0], max(vocabulary.values()) + 1
+    if embeddings not in f.tensors:
+        return FAIL, f"no {embeddings} to hold tokenizer.json's tokens"
+    rows, size = f.tensors[embeddings][1][0], max(vocabulary.values()) + 1
     if rows < size:
         return FAIL, f"tokenizer.json has token ids up to {size - 1} but the embeddings have {rows} rows"
     return OK, f"the embeddings' {rows} rows hold every tokenizer.json id (0-{size - 1})"
