@@ -90,12 +90,12 @@ def tiny_model(family: str, root: Path):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """Per family: termtune's export (checked under 4.51.3 against the model), a plain 5.x save_pretrained, and
-    for the mixtures a 5.x save with its in-memory fused experts (save_original_format=False)."""
+    """Per family: termtune's export (checked under 4.51.3 against the model where Bedrock's interpreter is), a
+    plain 5.x save_pretrained, and for the mixtures a 5.x save of the experts fused as 5.x holds them in memory
+    (save_original_format=False)."""
     from termtune.bedrock_check import check_artifact, probe_prompts
     from termtune.families.decoder_export import write_decoder
 
-    bedrock_python()  # skips (or, in CI, fails) without Bedrock's interpreter
     root = tmp_path_factory.mktemp("other-decoders")
     cases = {}
     for family in FAMILIES:
@@ -123,6 +123,7 @@ def failed_checks(folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_computes_under_transformers_4_51_3_what_the_model_computes(folders, family):
+    bedrock_python()  # skips (or, in CI, fails) without Bedrock's interpreter
     check = folders[family]["check"]
     assert check["status"] == "passed", check["message"]
     assert check["transformers"] == "4.51.3" and check["dtype"] == "float32"
