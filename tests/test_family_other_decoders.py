@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED, medquad_rows
+from conftest import SHARED, medquad_rows, write_jsonl
 from termtune.config import load_config
 from termtune.errors import UserError
 from test_decoder_export import bedrock_python
@@ -152,7 +152,8 @@ def test_validate_passes_the_export_with_the_family_tensor_table(folders, family
     if family == "qwen3_moe":  # 4.51.3's key for the expert count, as decoder_export writes it
         assert config["num_experts"] == 4 and "num_local_experts" not in config
     if family == "mixtral":  # a SentencePiece tokenizer: its tokenizer.model travels
-        assert (export / "tokenizer.model").read_bytes() == (MODELS / MIXTURES[family][0] / "tokenizer.model").read_bytes()
+        published = MODELS / MIXTURES[family][0] / "tokenizer.model"
+        assert (export / "tokenizer.model").read_bytes() == published.read_bytes()
     if family == "gpt_bigcode":  # tied to wte, no chat template: prompt formats only (a warning, not a failure)
         assert "lm_head.weight" not in checks["tensor set and shapes"].message
         assert checks["tokenizer_config.json (transformers 4.51.3)"].warning
@@ -242,25 +243,74 @@ def test_fused_experts_as_5x_holds_them_are_caught(folders, family):
     assert "experts.gate_up_proj" in message or "experts.down_proj" in message, message
 
 
-# ----------------------------------------------------------------------------- training is refused
+# ----------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_training_and_planning_are_refused_in_one_line_before_any_work(tmp_path, family):
-    from termtune.modeling import check_model_settings
-    from termtune.plan import model_shape
-
+def architecture_file(tmp_path: Path, family: str) -> Path:
+    """The tiny model's config.json, as model.architecture (model.init=random) takes it."""
     values = ({"model_type": "gpt_bigcode", "vocab_size": 512, **GPT_BIGCODE} if family == "gpt_bigcode" else
               {**json.loads((MODELS / MIXTURES[family][0] / "config.json").read_text()), **ATTENTION,
                **MIXTURES[family][1], "model_type": family})
-    architecture = tmp_path / "config.json"
-    architecture.write_text(json.dumps(values))
-    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "model.init=random", f"model.architecture={architecture}",
-                             f"model.source={MODELS / 'qwen3-0.6b'}"])
-    reason = {"mixtral": "LoRA all-linear would adapt only the attention", "qwen3_moe": "LoRA all-linear would adapt "
-              "only the attention", "gpt_bigcode": "ship no chat template"}[family]
+    values.pop("layer_types", None)
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def tiny_run(tmp_path: Path, family: str, *extra: str):
+    base = MODELS / (MIXTURES[family][0] if family in MIXTURES else "qwen3-0.6b")
+    source = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(32))
+    return load_config(None, [
+        f"run.dir={tmp_path / 'run'}", f"model.source={base}", "model.init=random",
+        f"model.architecture={architecture_file(tmp_path, family)}", f"data.source={source}",
+        "data.target=first_n_sentences", "data.n_sentences=1", "data.test_size=4", "data.max_target_length=48",
+        "lora.r=4", "lora.alpha=8", "lora.dropout=0.0", "train.max_steps=3", "train.batch_size=4",
+        "train.save_steps=10", "eval.max_new_tokens=4", "eval.batch_size=4", "export.dtype=fp32",
+        "aws.deploy=false", *extra])
+
+
+# per family: (an expert's projection, the router) as 4.51.3 names them in the export
+EXPERT_TENSORS = {"mixtral": ("model.layers.1.block_sparse_moe.experts.0.w1.weight",
+                              "model.layers.1.block_sparse_moe.gate.weight"),
+                  "qwen3_moe": ("model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.gate.weight")}
+
+
+@pytest.mark.parametrize("family", MIXTURES)
+def test_a_mixture_of_experts_trains_its_experts_and_exports_what_4_51_3_reads_as_trained(tmp_path, family):
+    """TRL with LoRA all-linear adapts the attention, the router and the (fused) experts; the merged experts are
+    exported per expert under 4.51.3's names, and 4.51.3 computes what the merged model computes."""
+    from safetensors.torch import load_file
+
+    from termtune import pipeline
+    from termtune.layout import RunLayout
+    from termtune.plan import before_training
+
+    cfg = tiny_run(tmp_path, family)
+    for stage in ("data", "train", "evaluate", "export", "validate"):
+        pipeline.run_stage(cfg, stage)
+    layout = RunLayout.of(cfg)
+    adapted = {name.split(".lora_")[0] for name in load_file(layout.adapter / "adapter_model.safetensors")}
+    assert any(name.endswith("mlp.experts") for name in adapted) and any(name.endswith("mlp.gate") for name in adapted)
+    base = load_file(layout.base_model / "model.safetensors")
+    exported = load_file(layout.artifact / "model.safetensors")
+    for name in EXPERT_TENSORS[family]:  # trained: the merge changed them
+        assert (exported[name] - base[name]).abs().max() > 0, name
+    assert (exported["model.embed_tokens.weight"] == base["model.embed_tokens.weight"]).all()  # not trained
+    assert json.loads(layout.validation.read_text())["ok"]
+    check = json.loads((layout.artifact / "manifest.json").read_text())["bedrock_check"]
+    if check["status"] != "not run":
+        assert check["status"] == "passed" and check["max_abs_logit_diff"] <= 1e-4, check
+    assert before_training(cfg).startswith("plan: not available (termtune plan does not count a mixture of experts")
+
+
+def test_gpt_bigcode_training_is_refused_in_one_line_before_any_work(tmp_path):
+    from termtune.modeling import check_model_settings
+    from termtune.plan import model_shape
+
+    cfg = tiny_run(tmp_path, "gpt_bigcode")
     for refused in (check_model_settings, model_shape):
-        with pytest.raises(UserError, match=f"validates and exports .* but does not train them: .*{reason}") as e:
+        with pytest.raises(UserError, match="validates and exports GPTBigCode models .* but does not train them: "
+                                            ".*ship no chat template") as e:
             refused(cfg)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()

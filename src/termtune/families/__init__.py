@@ -35,7 +35,7 @@ from termtune.families.llama import LLAMA, MISTRAL, NOT_IMPORTED, QWEN2, QWEN3
 from termtune.families.other_decoders import GPT_BIGCODE, MIXTRAL, QWEN3_MOE
 from termtune.families.t5 import T5
 
-# Mixtral, Qwen3-MoE and GPTBigCode are validated and exported, not trained (termtune.families.other_decoders).
+# Mixtral and Qwen3-MoE train; GPTBigCode is validated and exported, not trained (families.other_decoders).
 FAMILIES: tuple[Family, ...] = (T5, LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, GPT_BIGCODE)
 
 

@@ -1,10 +1,11 @@
-"""Bedrock's other decoder-only architectures: Mixtral and Qwen3-MoE (sparse mixtures of experts) and GPTBigCode
-(StarCoder's GPT-2 with multi-query attention). termtune validates and exports them; it does not train them.
+"""Bedrock's other decoder-only architectures: Mixtral and Qwen3-MoE (sparse mixtures of experts), which termtune
+trains, exports and validates, and GPTBigCode (StarCoder's GPT-2 with multi-query attention), which it exports and
+validates but does not train.
 
-Everything else is the decoder families' (termtune.families.llama): the import rules, the 4.51.3 reading of
-config.json and the tokenizer files, and the export (decoder_export.write_decoder, which already writes what
-4.51.3 reads for these three). What differs is the tensor table, as transformers 4.51.3 (Bedrock's) saves and
-loads each model:
+Everything else is the decoder families' (termtune.families.llama): training on TRL, the import rules, the 4.51.3
+reading of config.json and the tokenizer files, and the export (decoder_export.write_decoder, which writes what
+4.51.3 reads for these three too). What differs is the tensor table, as transformers 4.51.3 (Bedrock's) saves
+and loads each model:
 
 - Mixtral: each layer's MLP is `block_sparse_moe`: a router `gate` [experts, hidden] and per expert `w1`, `w3`
   [intermediate, hidden] and `w2` [hidden, intermediate]; `num_local_experts` experts (4.51.3's default 8).
@@ -19,11 +20,13 @@ loads each model:
 
 transformers 5.x holds the experts fused in memory (`mlp.experts.gate_up_proj`, one 3-D tensor per layer); its
 save_pretrained writes them back per expert as above (save_original_format, its default). A folder saved with
-save_original_format=False holds the fused tensors, which 4.51.3 cannot load: the tensor table names them.
+save_original_format=False holds the fused tensors, which 4.51.3 loads without a word, with random experts and
+routers in their place: the tensor table names them.
 
-Why no training: with transformers 5.x's fused experts, which are parameters and not linear layers, LoRA all-linear
-adapts only the attention of a mixture of experts; and GPTBigCode bases (StarCoder, SantaCoder) ship no chat
-template, through which termtune renders every training row. Each refusal is one line, before any work.
+Training a mixture of experts needs nothing of its own: peft's LoRA all-linear wraps the attention, the router
+and the fused experts (as parameters), the merge folds them back, and save_pretrained writes the merged experts
+per expert. `termtune plan` does not count experts yet, and says so. GPTBigCode is not trained: its bases
+(StarCoder, SantaCoder) ship no chat template, through which termtune renders every training row.
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ from termtune.families.llama import (DecoderFamily, _head_count, _int, _qwen3_no
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-class ValidatedDecoderFamily(DecoderFamily):
-    """A decoder family termtune validates and exports (decoder_export.write_decoder) but does not train:
-    `not_trained` says why, and training, its data stage and its plan refuse with it."""
+class OtherDecoderFamily(DecoderFamily):
+    """A decoder family with its own tensor table and import rules (`rules` replace DecoderFamily's of the same
+    name). `not_trained`: why termtune does not train it (training, its data stage and its plan refuse with it),
+    or None for a family that trains as the dense decoders do. `termtune plan` counts none of them."""
 
     def __init__(self, name: str, model_type: str, architecture: str, display_name: str,
                  tensors: Callable[[dict[str, Any]], tuple[dict[str, list[int]], dict[str, list[int]]]],
-                 rules: dict[str, Callable[[Any], tuple[str, str]]], not_trained: str) -> None:
+                 rules: dict[str, Callable[[Any], tuple[str, str]]], not_trained: str | None = None) -> None:
         super().__init__(name, model_type, architecture, display_name)
         self._tensors = tensors
         self._rules = rules
@@ -58,13 +62,20 @@ class ValidatedDecoderFamily(DecoderFamily):
                          f"does not train them: {self.not_trained}")
 
     def check_model_settings(self, cfg: Config) -> None:
-        raise self.refuse_training()
+        if self.not_trained:
+            raise self.refuse_training()
+        super().check_model_settings(cfg)
 
     def encode(self, tokenizer: Any, prompts: list[str], targets: list[str]) -> Any:
-        raise self.refuse_training()
+        if self.not_trained:
+            raise self.refuse_training()
+        return super().encode(tokenizer, prompts, targets)
 
     def plan_shape(self, cfg: Config) -> Any:
-        raise self.refuse_training()
+        if self.not_trained:
+            raise self.refuse_training()
+        # DecoderShape counts one dense MLP per layer; a token here passes num_experts_per_tok experts' MLPs
+        raise UserError(f"termtune plan does not count a mixture of experts ({self.display_name}) yet")
 
     def cmi_rules(self) -> dict[str, Callable[[Any], tuple[str, str]]]:
         return {**super().cmi_rules(), **self._rules}
@@ -114,8 +125,8 @@ def qwen3_moe_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dic
     def attention_extras(p: str, heads: int, kv: int, head_dim: int) -> dict[str, list[int]]:
         extras = _qwen3_norms(p, heads, kv, head_dim)
         if config.get("attention_bias"):
-            extras.update({f"{p}.self_attn.q_proj.bias": [heads * head_dim], f"{p}.self_attn.k_proj.bias": [kv * head_dim],
-                           f"{p}.self_attn.v_proj.bias": [kv * head_dim],
+            extras.update({f"{p}.self_attn.q_proj.bias": [heads * head_dim],
+                           f"{p}.self_attn.k_proj.bias": [kv * head_dim], f"{p}.self_attn.v_proj.bias": [kv * head_dim],
                            f"{p}.self_attn.o_proj.bias": [_int(config, "hidden_size")]})
         return extras
 
@@ -145,13 +156,10 @@ def _experts_rule(key: str, default_experts: int, default_per_token: int) -> Cal
     return rule
 
 
-MIXTURE_NOT_TRAINED = ("transformers 5.x holds the experts as fused parameters, not linear layers, so LoRA "
-                       "all-linear would adapt only the attention and leave every expert as it was")
-
-MIXTRAL = ValidatedDecoderFamily("mixtral", "mixtral", "MixtralForCausalLM", "Mixtral", mixtral_tensors,
-                                 {"head count": _experts_rule("num_local_experts", 8, 2)}, MIXTURE_NOT_TRAINED)
-QWEN3_MOE = ValidatedDecoderFamily("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3-MoE", qwen3_moe_tensors,
-                                   {"head count": _experts_rule("num_experts", 128, 8)}, MIXTURE_NOT_TRAINED)
+MIXTRAL = OtherDecoderFamily("mixtral", "mixtral", "MixtralForCausalLM", "Mixtral", mixtral_tensors,
+                             {"head count": _experts_rule("num_local_experts", 8, 2)})
+QWEN3_MOE = OtherDecoderFamily("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3-MoE", qwen3_moe_tensors,
+                               {"head count": _experts_rule("num_experts", 128, 8)})
 
 
 # ----------------------------------------------------------------------------- GPTBigCode
@@ -212,7 +220,7 @@ def _gpt_bigcode_layers(f: Any) -> tuple[str, str]:
     return OK, f"{s['n_layer']} layers of {s['n_head']} heads"
 
 
-GPT_BIGCODE = ValidatedDecoderFamily(
+GPT_BIGCODE = OtherDecoderFamily(
     "gpt_bigcode", "gpt_bigcode", "GPTBigCodeForCausalLM", "GPTBigCode", gpt_bigcode_tensors,
     {"attention shape": _gpt_bigcode_attention, "head count": _gpt_bigcode_layers,
      "tie flag": partial(_tie_flag, embeddings=WTE, tied_by_default=True),
