@@ -31,28 +31,29 @@ per expert. `termtune plan` does not count experts yet, and says so. GPTBigCode 
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable
 
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.families.base import FAIL, OK, WARN
 from termtune.families.decoder_export import MAX_CONTEXT
-from termtune.families.llama import (DecoderFamily, _head_count, _int, _qwen3_norms, _tie_flag, _vocabulary,
-                                     decoder_tensors)
+from termtune.families.llama import LLAMA, DecoderFamily, decoder_tensors, positive_int, qwen3_norms
 
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class OtherDecoderFamily(DecoderFamily):
     """A decoder family with its own tensor table and import rules (`rules` replace DecoderFamily's of the same
-    name). `not_trained`: why termtune does not train it (training, its data stage and its plan refuse with it),
-    or None for a family that trains as the dense decoders do. `termtune plan` counts none of them."""
+    name; `embeddings` names its token embeddings, `tied_by_default` is 4.51.3's reading of a config.json without
+    tie_word_embeddings). `not_trained`: why termtune does not train it (training, its data stage and its plan
+    refuse with it), or None for a family that trains as the dense decoders do. `termtune plan` counts none."""
 
     def __init__(self, name: str, model_type: str, architecture: str, display_name: str,
                  tensors: Callable[[dict[str, Any]], tuple[dict[str, list[int]], dict[str, list[int]]]],
-                 rules: dict[str, Callable[[Any], tuple[str, str]]], not_trained: str | None = None) -> None:
+                 rules: dict[str, Callable[[Any], tuple[str, str]]], not_trained: str | None = None,
+                 embeddings: str = DecoderFamily.embeddings, tied_by_default: bool = False) -> None:
         super().__init__(name, model_type, architecture, display_name)
+        self.embeddings, self.tied_by_default = embeddings, tied_by_default
         self._tensors = tensors
         self._rules = rules
         self.not_trained = not_trained
@@ -91,7 +92,7 @@ def _with_experts(required: dict[str, list[int]], config: dict[str, Any], layer:
                   names: tuple[str, str, str], width: int) -> None:
     """Replace layer `layer`'s dense MLP in `required` by a router and `experts` experts under `moe`, each expert's
     `names` being its (gate, up, down) projections of `width` (as 4.51.3 names them)."""
-    hidden = _int(config, "hidden_size")
+    hidden = positive_int(config, "hidden_size")
     p = f"model.layers.{layer}"
     for name in DENSE_MLP:
         del required[f"{p}.mlp.{name}.weight"]
@@ -105,10 +106,10 @@ def _with_experts(required: dict[str, list[int]], config: dict[str, Any], layer:
 
 def mixtral_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     required, aliases = decoder_tensors(config, None)
-    experts = _int(config, "num_local_experts", 8)  # 4.51.3's default, as it would read a config without the key
-    for i in range(_int(config, "num_hidden_layers")):
+    experts = positive_int(config, "num_local_experts", 8)  # 4.51.3's default, as it would read a config without the key
+    for i in range(positive_int(config, "num_hidden_layers")):
         _with_experts(required, config, i, "block_sparse_moe", experts, ("w1", "w3", "w2"),
-                      _int(config, "intermediate_size"))
+                      positive_int(config, "intermediate_size"))
     return required, aliases
 
 
@@ -117,35 +118,35 @@ def qwen3_moe_layers(config: dict[str, Any]) -> list[int]:
     dense = config.get("mlp_only_layers") or []
     if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
         raise ValueError(f"config.json: mlp_only_layers is {dense!r}, not a list of layer numbers")
-    step = _int(config, "decoder_sparse_step", 1)
-    return [i for i in range(_int(config, "num_hidden_layers")) if i not in dense and (i + 1) % step == 0]
+    step = positive_int(config, "decoder_sparse_step", 1)
+    return [i for i in range(positive_int(config, "num_hidden_layers")) if i not in dense and (i + 1) % step == 0]
 
 
 def qwen3_moe_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     def attention_extras(p: str, heads: int, kv: int, head_dim: int) -> dict[str, list[int]]:
-        extras = _qwen3_norms(p, heads, kv, head_dim)
+        extras = qwen3_norms(p, heads, kv, head_dim)
         if config.get("attention_bias"):
             extras.update({f"{p}.self_attn.q_proj.bias": [heads * head_dim],
                            f"{p}.self_attn.k_proj.bias": [kv * head_dim], f"{p}.self_attn.v_proj.bias": [kv * head_dim],
-                           f"{p}.self_attn.o_proj.bias": [_int(config, "hidden_size")]})
+                           f"{p}.self_attn.o_proj.bias": [positive_int(config, "hidden_size")]})
         return extras
 
     required, aliases = decoder_tensors(config, attention_extras)
-    experts = _int(config, "num_experts", 128)  # 4.51.3's key and default: 5.x's num_local_experts is not read
+    experts = positive_int(config, "num_experts", 128)  # 4.51.3's key and default: 5.x's num_local_experts is not read
     for i in qwen3_moe_layers(config):
-        _with_experts(required, config, i, "mlp", experts, DENSE_MLP, _int(config, "moe_intermediate_size", 768))
+        _with_experts(required, config, i, "mlp", experts, DENSE_MLP, positive_int(config, "moe_intermediate_size", 768))
     return required, aliases
 
 
 def _experts_rule(key: str, default_experts: int, default_per_token: int) -> Callable[[Any], tuple[str, str]]:
     """"head count" for a mixture of experts: the layers and heads, then the experts and how many a token uses."""
     def rule(f: Any) -> tuple[str, str]:
-        status, message = _head_count(f)
+        status, message = LLAMA.cmi_rules()["head count"](f)
         if status != OK:
             return status, message
         c = f.config or {}
         try:
-            experts, per_token = _int(c, key, default_experts), _int(c, "num_experts_per_tok", default_per_token)
+            experts, per_token = positive_int(c, key, default_experts), positive_int(c, "num_experts_per_tok", default_per_token)
         except ValueError as e:
             return FAIL, str(e)
         if per_token > experts:
@@ -170,11 +171,11 @@ WTE = "transformer.wte.weight"
 
 
 def _gpt_bigcode_shape(config: dict[str, Any]) -> dict[str, int]:
-    shape = {key: _int(config, key, default) for key, default in GPT_BIGCODE_DEFAULTS.items()}
+    shape = {key: positive_int(config, key, default) for key, default in GPT_BIGCODE_DEFAULTS.items()}
     hidden, heads = shape["n_embd"], shape["n_head"]
     if hidden % heads:
         raise ValueError(f"config.json: n_embd {hidden} is not a multiple of n_head {heads}")
-    shape["n_inner"] = 4 * hidden if config.get("n_inner") is None else _int(config, "n_inner")
+    shape["n_inner"] = 4 * hidden if config.get("n_inner") is None else positive_int(config, "n_inner")
     shape["kv_width"] = hidden // heads if config.get("multi_query", True) else hidden
     return shape
 
@@ -184,7 +185,7 @@ def gpt_bigcode_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], d
         raise ValueError("config.json: add_cross_attention is true: an encoder-decoder GPTBigCode, which Bedrock "
                          "does not serve")
     s = _gpt_bigcode_shape(config)
-    vocab, hidden, inner, qkv = _int(config, "vocab_size"), s["n_embd"], s["n_inner"], s["n_embd"] + 2 * s["kv_width"]
+    vocab, hidden, inner, qkv = positive_int(config, "vocab_size"), s["n_embd"], s["n_inner"], s["n_embd"] + 2 * s["kv_width"]
     required = {WTE: [vocab, hidden], "transformer.wpe.weight": [s["n_positions"], hidden],
                 "transformer.ln_f.weight": [hidden], "transformer.ln_f.bias": [hidden]}
     for i in range(s["n_layer"]):
@@ -222,8 +223,6 @@ def _gpt_bigcode_layers(f: Any) -> tuple[str, str]:
 
 GPT_BIGCODE = OtherDecoderFamily(
     "gpt_bigcode", "gpt_bigcode", "GPTBigCodeForCausalLM", "GPTBigCode", gpt_bigcode_tensors,
-    {"attention shape": _gpt_bigcode_attention, "head count": _gpt_bigcode_layers,
-     "tie flag": partial(_tie_flag, embeddings=WTE, tied_by_default=True),
-     "vocabulary vs embeddings": partial(_vocabulary, embeddings=WTE)},
+    {"attention shape": _gpt_bigcode_attention, "head count": _gpt_bigcode_layers},
     "GPTBigCode bases (StarCoder, SantaCoder) ship no chat template, and termtune trains every row as a chat "
-    "turn rendered through one")
+    "turn rendered through one", embeddings=WTE, tied_by_default=True)
