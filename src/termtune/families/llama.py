@@ -233,7 +233,6 @@ class DecoderFamily(Family):
     embeddings = "model.embed_tokens.weight"  # the token embeddings' tensor
     tied_by_default = False  # what 4.51.3 reads when config.json has no tie_word_embeddings
 
-
     def cmi_rules(self) -> dict[str, Callable[[Any], tuple[str, str]]]:
         return {"architecture": self._architecture, "attention shape": _attention_shape, "head count": _head_count,
                 "torch_dtype": _config_for_4_51_3, "weight dtype": _weight_dtype,
@@ -362,7 +361,8 @@ def _attention_shape(f: Any) -> tuple[str, str]:
 def _head_count(f: Any) -> tuple[str, str]:
     c = f.config or {}
     try:
-        return OK, f"{positive_int(c, 'num_hidden_layers')} layers of {positive_int(c, 'num_attention_heads')} heads"
+        layers, heads = positive_int(c, "num_hidden_layers"), positive_int(c, "num_attention_heads")
+        return OK, f"{layers} layers of {heads} heads"
     except ValueError as e:
         return FAIL, str(e)
 

@@ -106,7 +106,7 @@ def _with_experts(required: dict[str, list[int]], config: dict[str, Any], layer:
 
 def mixtral_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     required, aliases = decoder_tensors(config, None)
-    experts = positive_int(config, "num_local_experts", 8)  # 4.51.3's default, as it would read a config without the key
+    experts = positive_int(config, "num_local_experts", 8)  # 4.51.3's default for a config.json without the key
     for i in range(positive_int(config, "num_hidden_layers")):
         _with_experts(required, config, i, "block_sparse_moe", experts, ("w1", "w3", "w2"),
                       positive_int(config, "intermediate_size"))
@@ -132,9 +132,10 @@ def qwen3_moe_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], dic
         return extras
 
     required, aliases = decoder_tensors(config, attention_extras)
-    experts = positive_int(config, "num_experts", 128)  # 4.51.3's key and default: 5.x's num_local_experts is not read
+    experts = positive_int(config, "num_experts", 128)  # 4.51.3's key and default: 5.x's num_local_experts is unread
+    width = positive_int(config, "moe_intermediate_size", 768)
     for i in qwen3_moe_layers(config):
-        _with_experts(required, config, i, "mlp", experts, DENSE_MLP, positive_int(config, "moe_intermediate_size", 768))
+        _with_experts(required, config, i, "mlp", experts, DENSE_MLP, width)
     return required, aliases
 
 
@@ -146,7 +147,8 @@ def _experts_rule(key: str, default_experts: int, default_per_token: int) -> Cal
             return status, message
         c = f.config or {}
         try:
-            experts, per_token = positive_int(c, key, default_experts), positive_int(c, "num_experts_per_tok", default_per_token)
+            experts = positive_int(c, key, default_experts)
+            per_token = positive_int(c, "num_experts_per_tok", default_per_token)
         except ValueError as e:
             return FAIL, str(e)
         if per_token > experts:
@@ -185,7 +187,8 @@ def gpt_bigcode_tensors(config: dict[str, Any]) -> tuple[dict[str, list[int]], d
         raise ValueError("config.json: add_cross_attention is true: an encoder-decoder GPTBigCode, which Bedrock "
                          "does not serve")
     s = _gpt_bigcode_shape(config)
-    vocab, hidden, inner, qkv = positive_int(config, "vocab_size"), s["n_embd"], s["n_inner"], s["n_embd"] + 2 * s["kv_width"]
+    vocab, hidden, inner = positive_int(config, "vocab_size"), s["n_embd"], s["n_inner"]
+    qkv = hidden + 2 * s["kv_width"]  # queries, then one key and one value width
     required = {WTE: [vocab, hidden], "transformer.wpe.weight": [s["n_positions"], hidden],
                 "transformer.ln_f.weight": [hidden], "transformer.ln_f.bias": [hidden]}
     for i in range(s["n_layer"]):
