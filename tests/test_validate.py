@@ -255,7 +255,7 @@ def test_an_unknown_model_type_has_no_tensor_table(good):
     failed, _ = outcome(good)
     assert "model_type is 'mamba'" in failed["architecture"]
     assert failed[TENSOR_RULE] == ("no tensor table for model_type 'mamba' "
-                                   "(termtune knows t5, llama, mistral, qwen2, qwen3)")
+                                   "(termtune knows t5, llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, gpt_bigcode)")
 
 
 # ----------------------------------------------------------------------------- tokenizer

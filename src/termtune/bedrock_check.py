@@ -223,13 +223,15 @@ def _teacher_forced_logits(model: Any, batch: Any, tokens: Any, causal: bool) ->
     """The logits for `tokens` (the greedy output less its last token) fed back: as decoder input for an
     encoder-decoder; as the whole sequence for a decoder-only model, whose (left) padding gets logits 0 on
     both sides, since what a model computes for a position it never attends to is not the model's output.
-    The same code runs in BEDROCK_SCRIPT."""
+    Its positions are given, counted from the first token that is not padding, as generate counts them: left
+    alone, 4.51.3 counts them so for GPTBigCode and 5.x from the first column, padding included (learned
+    position embeddings then differ by whole logits on a padded row). The same code runs in BEDROCK_SCRIPT."""
     import torch
 
     if not causal:
         return model(**batch, decoder_input_ids=tokens).logits
     mask = torch.cat([batch["attention_mask"], torch.ones_like(tokens[:, batch["input_ids"].shape[1]:])], dim=1)
-    logits = model(input_ids=tokens, attention_mask=mask).logits
+    logits = model(input_ids=tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     return torch.where(mask.bool()[..., None], logits, torch.zeros_like(logits))
 
 
@@ -271,7 +273,8 @@ try:
         decoder = torch.tensor(req["decoder_ids"]) if req["decoder_ids"] is not None else tokens[:, :-1]
         if causal:  # as termtune.bedrock_check._teacher_forced_logits
             mask = torch.cat([batch["attention_mask"], torch.ones_like(decoder[:, batch["input_ids"].shape[1]:])], 1)
-            logits = model(input_ids=decoder, attention_mask=mask).logits
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=decoder, attention_mask=mask, position_ids=positions).logits
             logits = torch.where(mask.bool()[..., None], logits, torch.zeros_like(logits))
         else:
             logits = model(**batch, decoder_input_ids=decoder).logits

@@ -32,9 +32,11 @@ from termtune.config import Config
 from termtune.errors import UserError
 from termtune.families.base import Family, base_config_json, cached_hub_config
 from termtune.families.llama import LLAMA, MISTRAL, NOT_IMPORTED, QWEN2, QWEN3
+from termtune.families.other_decoders import GPT_BIGCODE, MIXTRAL, QWEN3_MOE
 from termtune.families.t5 import T5
 
-FAMILIES: tuple[Family, ...] = (T5, LLAMA, MISTRAL, QWEN2, QWEN3)
+# Mixtral and Qwen3-MoE train; GPTBigCode is validated and exported, not trained (families.other_decoders).
+FAMILIES: tuple[Family, ...] = (T5, LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, QWEN3_MOE, GPT_BIGCODE)
 
 
 def family_of(config: Any) -> Family | None:

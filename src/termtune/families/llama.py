@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -231,12 +232,16 @@ class DecoderFamily(Family):
     # ------------------------------------------------------------------------- Bedrock import rules
 
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    embeddings = "model.embed_tokens.weight"  # the token embeddings' tensor
+    tied_by_default = False  # what 4.51.3 reads when config.json has no tie_word_embeddings
 
     def cmi_rules(self) -> dict[str, Callable[[Any], tuple[str, str]]]:
         return {"architecture": self._architecture, "attention shape": _attention_shape, "head count": _head_count,
-                "torch_dtype": _config_for_4_51_3, "weight dtype": _weight_dtype, "tie flag": _tie_flag,
+                "torch_dtype": _config_for_4_51_3, "weight dtype": _weight_dtype,
+                "tie flag": partial(_tie_flag, embeddings=self.embeddings, tied_by_default=self.tied_by_default),
                 "tokenizer files": _tokenizer_files, "tokenizer_config.json": _tokenizer_config,
-                "generation_config.json": _generation_config, "vocabulary vs embeddings": _vocabulary,
+                "generation_config.json": _generation_config,
+                "vocabulary vs embeddings": partial(_vocabulary, embeddings=self.embeddings),
                 "special token ids": _special_token_ids}
 
     def _architecture(self, f: Any) -> tuple[str, str]:
@@ -330,7 +335,7 @@ class CompletionCollator:
 # ----------------------------------------------------------------------------- Bedrock Custom Model Import rules
 
 
-def _int(config: dict[str, Any], key: str, default: Any = None) -> int:
+def positive_int(config: dict[str, Any], key: str, default: Any = None) -> int:
     value = config.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"config.json: {key} is {value!r}, not a positive whole number")
@@ -340,8 +345,8 @@ def _int(config: dict[str, Any], key: str, default: Any = None) -> int:
 def _attention_shape(f: Any) -> tuple[str, str]:
     c = f.config or {}
     try:
-        hidden, heads = _int(c, "hidden_size"), _int(c, "num_attention_heads")
-        kv = _int(c, "num_key_value_heads", heads)
+        hidden, heads = positive_int(c, "hidden_size"), positive_int(c, "num_attention_heads")
+        kv = positive_int(c, "num_key_value_heads", heads)
         head_dim = c.get("head_dim") or hidden // heads
     except ValueError as e:
         return FAIL, str(e)
@@ -358,7 +363,8 @@ def _attention_shape(f: Any) -> tuple[str, str]:
 def _head_count(f: Any) -> tuple[str, str]:
     c = f.config or {}
     try:
-        return OK, f"{_int(c, 'num_hidden_layers')} layers of {_int(c, 'num_attention_heads')} heads"
+        layers, heads = positive_int(c, "num_hidden_layers"), positive_int(c, "num_attention_heads")
+        return OK, f"{layers} layers of {heads} heads"
     except ValueError as e:
         return FAIL, str(e)
 
@@ -383,11 +389,11 @@ def _weight_dtype(f: Any) -> tuple[str, str]:
     return OK, f"weights in {', '.join(dtypes)}"
 
 
-def _tie_flag(f: Any) -> tuple[str, str]:
-    if "model.embed_tokens.weight" not in f.tensors:
-        return FAIL, "model.embed_tokens.weight (the token embeddings) is not in the weights"
+def _tie_flag(f: Any, embeddings: str, tied_by_default: bool) -> tuple[str, str]:
+    if embeddings not in f.tensors:
+        return FAIL, f"{embeddings} (the token embeddings) is not in the weights"
     has_head = "lm_head.weight" in f.tensors
-    tied = (f.config or {}).get("tie_word_embeddings", False)
+    tied = (f.config or {}).get("tie_word_embeddings", tied_by_default)
     if not has_head and not tied:
         return FAIL, "tie_word_embeddings is false but lm_head.weight is missing: the output layer would be random"
     if has_head and tied:
@@ -435,13 +441,13 @@ def _generation_config(f: Any) -> tuple[str, str]:
     return OK, f"eos_token_id {files['generation_config.json'].get('eos_token_id')} includes the end-of-turn token"
 
 
-def _vocabulary(f: Any) -> tuple[str, str]:
+def _vocabulary(f: Any, embeddings: str) -> tuple[str, str]:
     vocabulary, error = f.vocabulary
     if error:
         return FAIL, error
-    if "model.embed_tokens.weight" not in f.tensors:
-        return FAIL, "no model.embed_tokens.weight to hold tokenizer.json's tokens"
-    rows, size = f.tensors["model.embed_tokens.weight"][1][0], max(vocabulary.values()) + 1
+    if embeddings not in f.tensors:
+        return FAIL, f"no {embeddings} to hold tokenizer.json's tokens"
+    rows, size = f.tensors[embeddings][1][0], max(vocabulary.values()) + 1
     if rows < size:
         return FAIL, f"tokenizer.json has token ids up to {size - 1} but the embeddings have {rows} rows"
     return OK, f"the embeddings' {rows} rows hold every tokenizer.json id (0-{size - 1})"
@@ -473,13 +479,13 @@ def decoder_tensors(config: dict[str, Any], extra: Callable[[str, int, int, int]
                     ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """A Llama-layout decoder as transformers 4.51.3 saves it: embeddings, per layer q/k/v/o and a gated MLP with two
     norms, the final norm, and lm_head.weight unless tie_word_embeddings ties it to the embeddings."""
-    vocab, hidden = _int(config, "vocab_size"), _int(config, "hidden_size")
-    heads = _int(config, "num_attention_heads")
-    kv = _int(config, "num_key_value_heads", heads)
-    head_dim = _int(config, "head_dim", hidden // heads) if config.get("head_dim") else hidden // heads
-    ff = _int(config, "intermediate_size")
+    vocab, hidden = positive_int(config, "vocab_size"), positive_int(config, "hidden_size")
+    heads = positive_int(config, "num_attention_heads")
+    kv = positive_int(config, "num_key_value_heads", heads)
+    head_dim = positive_int(config, "head_dim", hidden // heads) if config.get("head_dim") else hidden // heads
+    ff = positive_int(config, "intermediate_size")
     required = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
-    for i in range(_int(config, "num_hidden_layers")):
+    for i in range(positive_int(config, "num_hidden_layers")):
         p = f"model.layers.{i}"
         required.update({
             f"{p}.self_attn.q_proj.weight": [heads * head_dim, hidden],
@@ -504,14 +510,14 @@ def _qwen2_biases(p: str, heads: int, kv: int, head_dim: int) -> dict[str, list[
             f"{p}.self_attn.v_proj.bias": [kv * head_dim]}
 
 
-def _qwen3_norms(p: str, heads: int, kv: int, head_dim: int) -> dict[str, list[int]]:
+def qwen3_norms(p: str, heads: int, kv: int, head_dim: int) -> dict[str, list[int]]:
     return {f"{p}.self_attn.q_norm.weight": [head_dim], f"{p}.self_attn.k_norm.weight": [head_dim]}
 
 
 LLAMA = DecoderFamily("llama", "llama", "LlamaForCausalLM", "Llama")
 MISTRAL = DecoderFamily("mistral", "mistral", "MistralForCausalLM", "Mistral")
 QWEN2 = DecoderFamily("qwen2", "qwen2", "Qwen2ForCausalLM", "Qwen2", _qwen2_biases)
-QWEN3 = DecoderFamily("qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3", _qwen3_norms)
+QWEN3 = DecoderFamily("qwen3", "qwen3", "Qwen3ForCausalLM", "Qwen3", qwen3_norms)
 
 
 # ----------------------------------------------------------------------------- shape and FLOPs for `termtune plan`
