@@ -317,7 +317,7 @@ class Batching:
     """Sum over batches of rows x (source^2, target^2, source x target): the attention score entries."""
     padded_tokens: int = 0
     """Token slots of the padded batches as the family pads them (termtune.families.base.Family.padded_tokens):
-    source and target each to its longest row (T5), or prompt + answer as one stream to the longest (decoders)."""
+    source and target as two streams, or prompt and answer as one, each padded to the batch's longest row."""
     lengths: list[list[tuple[int, int]]] = field(default_factory=list, repr=False)
     """Epoch 0's batches: (source, target) length of each row."""
 
@@ -471,8 +471,8 @@ class Plan:
     """{"none", "4bit"} -> {"base", "total"}: the frozen base and the training peak without and with QLoRA,
     whichever model.quantization this run uses."""
     flops: dict[str, float] = field(default_factory=dict)
-    """Training FLOPs of one epoch and per real (non-pad) token as termtune batches the rows; for a family that
-    can pack rows (decoders), also with them packed (`epoch_packed`, `per_token_packed`)."""
+    """Training FLOPs of one epoch and per real (non-pad) token as termtune batches the rows; for a family whose
+    rows can be packed (its shape `packs`), also with them packed (`epoch_packed`, `per_token_packed`)."""
     activations_measured: bool = True
     """False where the family's activation counts are counted from the layer shapes, not measured (an estimate)."""
 
