@@ -315,11 +315,16 @@ class Batching:
     """The costliest batch (termtune trains it first): rows, source length, target length, real target tokens."""
     attention_pairs: tuple[int, int, int] = (0, 0, 0)
     """Sum over batches of rows x (source^2, target^2, source x target): the attention score entries."""
+    padded_tokens: int = 0
+    """Token slots of the padded batches as the family pads them (termtune.families.base.Family.padded_tokens):
+    source and target as two streams, or prompt and answer as one, each padded to the batch's longest row."""
+    lengths: list[list[tuple[int, int]]] = field(default_factory=list, repr=False)
+    """Epoch 0's batches: (source, target) length of each row."""
 
     @property
     def padding_fraction(self) -> float:
-        slots = self.padded_source + self.padded_target
-        return 1 - (self.real_source + self.real_target) / slots if slots else 0.0
+        real = self.real_source + self.real_target
+        return 1 - real / self.padded_tokens if self.padded_tokens else 0.0
 
 
 def batching(cfg: Config, data: DataEstimate) -> Batching:
@@ -327,22 +332,26 @@ def batching(cfg: Config, data: DataEstimate) -> Batching:
     from termtune.train import LengthGroupedBatchSampler
 
     t = cfg.train
+    padded_tokens = family_for(cfg, download=False).padded_tokens
     sampler = LengthGroupedBatchSampler(data.source_lengths, data.target_lengths, batch_size=t.batch_size,
                                         max_tokens=t.max_tokens_per_batch, group_by_length=t.group_by_length,
-                                        seed=cfg.run.seed, padded_tokens=family_for(cfg, download=False).padded_tokens)
+                                        seed=cfg.run.seed, padded_tokens=padded_tokens)
     batches = list(sampler)
-    pad_s = pad_t = real_s = real_t = ss = tt = st = 0
+    pad_s = pad_t = real_s = real_t = ss = tt = st = slots = 0
+    lengths = []
     for b in batches:
         s = [data.source_lengths[i] for i in b]
         g = [data.target_lengths[i] for i in b]
         pad_s, pad_t = pad_s + len(b) * max(s), pad_t + len(b) * max(g)
         real_s, real_t = real_s + sum(s), real_t + sum(g)
         ss, tt, st = ss + len(b) * max(s) ** 2, tt + len(b) * max(g) ** 2, st + len(b) * max(s) * max(g)
+        slots += padded_tokens(s, g)
+        lengths.append(list(zip(s, g)))
     first = batches[0]
     worst = (len(first), max(data.source_lengths[i] for i in first), max(data.target_lengths[i] for i in first),
              sum(data.target_lengths[i] for i in first))
     steps = math.ceil(len(batches) / t.gradient_accumulation_steps)
-    return Batching(steps, len(batches), pad_s, pad_t, real_s, real_t, worst, (ss, tt, st))
+    return Batching(steps, len(batches), pad_s, pad_t, real_s, real_t, worst, (ss, tt, st), slots, lengths)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -366,9 +375,11 @@ def eval_bytes(s: Any, rows: int, tgt: int) -> int:
 
 
 def flops_per_epoch(s: Any, b: Batching, r: int, targets: str | list[str], checkpointing: bool,
-                    head_trained: bool = False) -> float:
-    """Training FLOPs of one epoch (the family's count), plus the forward work gradient checkpointing repeats."""
-    total, recomputed = s.training_flops(b, r, targets, head_trained)
+                    head_trained: bool = False, packed: bool = False) -> float:
+    """Training FLOPs of one epoch (the family's count), plus the forward work gradient checkpointing repeats.
+    packed: the rows packed with no pad tokens, each attending to itself only (a shape that `packs`)."""
+    total, recomputed = (s.training_flops(b, r, targets, head_trained, packed=True) if packed
+                         else s.training_flops(b, r, targets, head_trained))
     if checkpointing:
         total += _c("gc_recompute") * recomputed
     return float(total)
@@ -456,6 +467,14 @@ class Plan:
     """train.precision=bf16 on this CPU (bf16 autocast, opt-in): its time is planned at the bf16 peak."""
     model: str = ""
     """The model in one line (its family's description of the shape)."""
+    memory_by_quantization: dict[str, dict[str, int]] = field(default_factory=dict)
+    """{"none", "4bit"} -> {"base", "total"}: the frozen base and the training peak without and with QLoRA,
+    whichever model.quantization this run uses."""
+    flops: dict[str, float] = field(default_factory=dict)
+    """Training FLOPs of one epoch and per real (non-pad) token as termtune batches the rows; for a family whose
+    rows can be packed (its shape `packs`), also with them packed (`epoch_packed`, `per_token_packed`)."""
+    activations_measured: bool = True
+    """False where the family's activation counts are counted from the layer shapes, not measured (an estimate)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -484,8 +503,9 @@ class Plan:
             f"  {self.data['note']}",
             f"training memory on {d['name']} (peak at the costliest batch, {self.data['worst']}):",
         ]
+        activations = "activations" if self.activations_measured else "activations (estimate: counted, not measured)"
         labels = {"base": "frozen base", "lora_states": "LoRA weights + grads + AdamW (16 B/param)",
-                  "activations": "activations", "loss": "lm_head / loss working memory",
+                  "activations": activations, "loss": "lm_head / loss working memory",
                   "eval": "held-out loss pass (GPU: instead of activations + loss)", "framework": "framework overhead",
                   "total": "total"}
         for key, label in labels.items():
@@ -495,10 +515,21 @@ class Plan:
         headroom = d.get("headroom")
         lines.append(f"  {'fits' if self.fits else 'does NOT fit'} in {_gib(d['memory_bytes'])}"
                      + (f" with {headroom:.0%} headroom kept free" if headroom else ""))
+        plain, qlora = self.memory_by_quantization["none"], self.memory_by_quantization["4bit"]
+        lines.append(f"  without QLoRA (fp32 base, {_gib(plain['base'])}): peak {_gib(plain['total'])}; with QLoRA "
+                     f"(model.quantization=4bit, NF4 base, {_gib(qlora['base'])}): peak {_gib(qlora['total'])}")
+        f = self.flops
         lines += [
             f"training time: {self.train_flops / 1e12:.2f} TFLOP per run ({self.epochs:g} epochs, {self.steps} "
             "optimizer steps)",
+            f"  {f['epoch'] / 1e12:.2f} TFLOP per epoch in termtune's padded batches = {f['per_token'] / 1e9:.3f} "
+            "GFLOP per real token",
         ]
+        if "epoch_packed" in f:
+            lines.append(f"  packed (no pad tokens, each row attending to itself): {f['epoch_packed'] / 1e12:.2f} "
+                         f"TFLOP per epoch = {f['per_token_packed'] / 1e9:.3f} GFLOP per token, "
+                         f"{1 - f['epoch_packed'] / f['epoch']:.0%} less; termtune pads, so the times are the padded "
+                         "ones")
         if d["instance"]:
             lines.append(f"  {d['name']}: {_duration(self.train_seconds)} at {d['efficiency']:.0%} of "
                          f"{d['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16 peak")
@@ -516,10 +547,11 @@ class Plan:
             f"  Bedrock CMI ({money['region']}, CMU {money['cmu_version']}): ${money['usd_per_cmu_minute']} per "
             f"CMU-minute, billed in {money['window_minutes']:g}-minute windows from the first call = "
             f"${money['usd_per_window_per_cmu']:.4f} per active window per CMU; storage ${money['storage_per_cmu_month']}"
-            " per CMU-month",
+            f" per CMU-month ({money['price_source']})",
             f"  CMUs per model copy: {money['cmus'] if money['cmus'] else 'known only after import'}"
-            f"{' (recorded by deploy)' if money['cmus'] else ''}. Bedrock sets it from the model's size and "
-            "architecture; `termtune deploy` records it. Cost = copies x CMUs x windows x the window price.",
+            f"{' (recorded by deploy)' if money['cmus'] else ''}. Bedrock sets it at import from the model; AWS "
+            "publishes no rule from size to CMUs (import-model-calculate-cost.html: read it from GetImportedModel), "
+            "and `termtune deploy` records it. Cost = copies x CMUs x windows x the window price.",
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -564,6 +596,10 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     transient = step + memory["eval"] if gpu is None else max(step, memory["eval"])
     memory["total"] = memory["base"] + memory["lora_states"] + memory["framework"] + transient
     memory["activations_no_gc"], memory["activations_gc"] = act[False], act[True]
+    # The same run over an unquantized and a QLoRA base, whichever this config loads: only the base differs
+    # (prepare_model_for_kbit_training keeps gradient checkpointing as train.gradient_checkpointing sets it).
+    by_quantization = {q: {"base": base_bytes(shape, q), "total": memory["total"] - base + base_bytes(shape, q)}
+                       for q in ("none", "4bit")}
     usable = device.memory_bytes * (1 - (_c("gpu_headroom") if gpu else 0))
     fits = memory["total"] <= usable
 
@@ -571,7 +607,13 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     steps = batches.steps_per_epoch * epochs if cfg.train.max_steps < 0 else cfg.train.max_steps
     epoch_share = steps / max(1, batches.steps_per_epoch)
     head_trained = "lm_head" in cfg.lora.modules_to_save
-    flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained) * epoch_share
+    epoch_flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained)
+    flops = epoch_flops * epoch_share
+    real_tokens = batches.real_source + batches.real_target
+    flop_counts = {"epoch": epoch_flops, "per_token": epoch_flops / real_tokens}
+    if shape.packs:  # what the same epoch would cost with the rows packed: no pad tokens
+        packed = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained, packed=True)
+        flop_counts |= {"epoch_packed": packed, "per_token_packed": packed / real_tokens}
     loss_traffic = standard_loss_bytes(shape, batches, head_trained) * epoch_share
     if loss_traffic and cpu_bandwidth is None:
         cpu_bandwidth = measure_cpu_bandwidth()
@@ -597,12 +639,15 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
         data={"origin": data.origin, "train_rows": data.train_rows, "test_rows": data.test_rows,
               "real_source": batches.real_source, "real_target": batches.real_target,
               "padded_source": batches.padded_source, "padded_target": batches.padded_target,
+              "padded_tokens": batches.padded_tokens,
               "padding_fraction": batches.padding_fraction, "steps_per_epoch": batches.steps_per_epoch,
               "worst": f"{rows} rows x {src} source + {tgt} target tokens", "note": data.note},
         memory=memory, fits=fits, device={**asdict(device), "headroom": _c("gpu_headroom") if gpu else 0.0},
         epochs=epochs, steps=int(steps), train_flops=flops, train_seconds=seconds, cpu_seconds=cpu_seconds,
         cpu_peak_flops=cpu_peak, money=_money(cfg, params["total"], device, seconds), notes=notes,
-        modules_to_save=list(cfg.lora.modules_to_save), cpu_bf16=cpu_bf16, model=shape.describe())
+        modules_to_save=list(cfg.lora.modules_to_save), cpu_bf16=cpu_bf16, model=shape.describe(),
+        memory_by_quantization=by_quantization, flops=flop_counts,
+        activations_measured=shape.activations_measured)
 
 
 def _cpu_efficiency(bf16: bool) -> float:
@@ -637,7 +682,7 @@ def _money(cfg: Config, total_params: int, device: Device, seconds: float) -> di
         "s3_usd_month": artifact / 1e9 * _c("s3_usd_per_gb_month"),
         "usd_per_cmu_minute": price.usd_per_cmu_minute, "window_minutes": window,
         "usd_per_window_per_cmu": price.usd_per_cmu_minute * window,
-        "storage_per_cmu_month": price.usd_per_cmu_month_storage, "cmus": cmus,
+        "storage_per_cmu_month": price.usd_per_cmu_month_storage, "cmus": cmus, "price_source": price.source,
         "price_is_for": "us-east-1 (no price on record for this region)" if (region, version) not in CMI_PRICES
         else region,
     }

@@ -161,7 +161,8 @@ class Family:
         describe(), check_lora_rank(r, targets), linear_layers(), parameter_counts() (embedding, linear,
         lm_head, total), lora_parameters(r, targets), activation_bytes(rows, src, tgt, r, dropout_on, bf16,
         checkpointing), training_flops(batching, r, targets, head_trained) -> (FLOPs, recomputed forward),
-        and d_model, vocab_size and dropout."""
+        d_model, vocab_size and dropout; `packs` (True: training_flops also takes packed=True, the rows packed
+        with no pad tokens) and `activations_measured` (False: activation_bytes is an estimate)."""
         raise NotImplementedError
 
     def plan_sources(self) -> dict[str, str]:

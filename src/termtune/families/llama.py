@@ -18,7 +18,7 @@ import difflib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from termtune.chat_template import PROBLEMS, ChatTemplate
 from termtune.config import Config
@@ -544,6 +544,11 @@ class DecoderShape:
     name: str = "decoder"
     origin: str = ""
 
+    packs: ClassVar[bool] = True
+    """Prompt and answer are one stream, so rows can be packed (training_flops(..., packed=True) counts it)."""
+    activations_measured: ClassVar[bool] = False
+    """activation_bytes is a tally from the layer shapes: an estimate (T5's counts were measured)."""
+
     @property
     def d_model(self) -> int:
         return self.hidden
@@ -597,18 +602,24 @@ class DecoderShape:
             return int(rows * seq * self.hidden * self.layers * wide + layer + logits)
         return int(self.layers * layer + logits)
 
-    def training_flops(self, b: Any, r: int, targets: str | list[str],
-                       head_trained: bool = False) -> tuple[float, float]:
+    def training_flops(self, b: Any, r: int, targets: str | list[str], head_trained: bool = False,
+                       packed: bool = False) -> tuple[float, float]:
         """(training FLOPs of one epoch, the forward work gradient checkpointing recomputes) for `b` (one epoch's
-        termtune.plan.Batching): prompt and answer are one stream, so every weight sees every padded token, the
-        lm_head too (TRL makes logits at every position); attention is causal: half the (prompt + answer)^2
-        score entries, 2 x 2 x head_dim FLOPs each per head per layer forward."""
-        tokens = b.padded_source + b.padded_target
+        termtune.plan.Batching). Prompt and answer are one stream: as termtune batches them (CompletionCollator)
+        every row is padded to the batch's longest and every weight sees every padded position, the lm_head too
+        (TRL makes logits at every position); packed, the weights see only the real tokens. Attention is causal:
+        half the length^2 score entries of each row (the padded width; packed, the row's own length: each row
+        attends to itself only), 2 x 2 x head_dim FLOPs each per head per layer forward, 3x that in training."""
+        if packed:
+            tokens = b.real_source + b.real_target
+            pairs = sum((s + t) ** 2 for batch in b.lengths for s, t in batch)
+        else:
+            tokens = b.padded_tokens
+            pairs = sum(len(batch) * max(s + t for s, t in batch) ** 2 for batch in b.lengths)
         p = self.parameter_counts()
         base_pass = 2 * p["linear"] * tokens
         head_pass = 2 * self.vocab_size * self.hidden * tokens
         lora = 6 * self.lora_parameters(r, targets) * tokens
-        ss, tt, st = b.attention_pairs
-        attention = 3 * 4 * self.heads * self.head_dim * self.layers * (ss + tt + 2 * st) / 2
+        attention = 3 * 4 * self.heads * self.head_dim * self.layers * pairs / 2
         total = 2 * base_pass + (3 if head_trained else 2) * head_pass + lora + attention
         return float(total), float(base_pass + attention / 3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from termtune.config import Config
 from termtune.errors import UserError
@@ -594,6 +594,11 @@ class Shape:
     buckets: int = 32
     dropout: float = 0.1
     origin: str = ""
+
+    packs: ClassVar[bool] = False
+    """An encoder-decoder's source and target are two streams: no packing to plan."""
+    activations_measured: ClassVar[bool] = True
+    """ACTIVATION_COUNTS were counted on real T5s."""
 
     @property
     def inner(self) -> int:
