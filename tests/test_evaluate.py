@@ -290,7 +290,8 @@ def test_answer_loss_of_a_decoder_counts_the_answer_and_its_end_of_turn_token_on
             "num_key_value_heads": 2, "head_dim": 16}
     source = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(24))
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", f"model.source={llama}", "model.init=random",
-                             f"model.architecture={llama / 'config.json'}", f"model.architecture_overrides={json.dumps(tiny)}",
+                             f"model.architecture={llama / 'config.json'}",
+                             f"model.architecture_overrides={json.dumps(tiny)}",
                              f"data.source={source}", "data.target=first_n_sentences", "data.n_sentences=1",
                              "data.test_size=6", "lora.r=4", "eval.max_new_tokens=4", "eval.batch_size=4"])
     data.prepare(cfg)

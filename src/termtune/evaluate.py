@@ -109,8 +109,8 @@ class EvalReport(StageResult):
 
 
 _SUMMARY_ROWS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),
-                 ("chrf", "chrF"), ("answer_loss", "answer loss"), ("mean_length", "mean length"), ("median_length", "median length"),
-                 ("empty_share", "empty"), ("cut_share", "cut at limit"))
+                 ("chrf", "chrF"), ("answer_loss", "answer loss"), ("mean_length", "mean length"),
+                 ("median_length", "median length"), ("empty_share", "empty"), ("cut_share", "cut at limit"))
 
 
 def format_metric(key: str, value: Any, missing: str = "-") -> str:
@@ -390,7 +390,8 @@ def _rouge_per_answer(predictions: Sequence[str], references: Sequence[str]) -> 
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     # rouge-score takes (target, prediction)
-    return [{key: s.fmeasure for key, s in scorer.score(ref, pred).items()} for pred, ref in zip(predictions, references)]
+    return [{key: s.fmeasure for key, s in scorer.score(ref, pred).items()}
+            for pred, ref in zip(predictions, references)]
 
 
 def score(outputs: Sequence[Generation], references: Sequence[str], answer_loss: float | None = None) -> dict[str, Any]:

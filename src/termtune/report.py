@@ -49,7 +49,8 @@ SAMPLE_CHARS = 400
 """Sample answers longer than this are cut in the report (the full text is in predictions.jsonl)."""
 
 _METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF",
-                  "answer_loss": "answer loss (held-out, per token)", "mean_length": "mean length (tokens)", "median_length": "median length (tokens)",
+                  "answer_loss": "answer loss (held-out, per token)",
+                  "mean_length": "mean length (tokens)", "median_length": "median length (tokens)",
                   "empty_share": "empty outputs", "cut_share": "cut at max_new_tokens",
                   "most_common_answer_share": "most common answer (share)"}
 
