@@ -171,7 +171,7 @@ def test_closing_block_shows_the_answer_that_improved_most_and_the_answer_loss(t
     md = (run / "report.md").read_text(encoding="utf-8")
     result = md[md.index("## Result"):md.index("## Configuration")]
     assert "| answer loss | 2.16 | 1.30 | -0.86 |" in result
-    assert "whose ROUGE-L rose most: Term 5 (0.10 -> 0.90)" in result
+    assert "whose ROUGE-L rose most: Term 5 (0.10 → 0.90)" in result
     assert "| base answer 5 | Term 5 is the improved" in result
     evaluation = md[md.index("## Evaluation"):md.index("## Sample answers")]
     assert "| answer loss (held-out, per token) | 2.16 | 1.30 |" in evaluation

@@ -157,7 +157,7 @@ def _headline_section(cfg: Config) -> Section | None:
     if h.improved:
         i = h.improved
         section.text(f"The held-out answer whose ROUGE-L rose most: {i['term']} "
-                     f"({i['base_rougeL']:.2f} -> {i['tuned_rougeL']:.2f})")
+                     f"({i['base_rougeL']:.2f} → {i['tuned_rougeL']:.2f})")
         section.table(["base model", "tuned model", "reference"],
                       [(_clip(i["base"], 200), _clip(i["tuned"], 200), _clip(i["reference"], 200))], cls="samples")
     if h.samples:
