@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BEDROCK_VENV := .venv-bedrock
 
-.PHONY: demo test install models clean-demo notebook
+.PHONY: demo demo-t5 test install models clean-demo notebook
 
 $(VENV)/.installed: pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,13 @@ $(SMOLLM2_GGUF): scripts/fetch_smollm2.py | $(VENV)/.installed
 
 models: $(SMOLLM2_GGUF)
 
+# The demo fine-tunes SmolLM2-135M-Instruct (configs/demo.yaml); demo-t5 runs the random-init Flan-T5 demo
+# (configs/demo-t5.yaml), which needs no model download.
 demo: $(VENV)/.installed $(SMOLLM2_GGUF)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CONFIG=configs/demo.yaml bash scripts/demo.sh
+
+demo-t5: $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" CONFIG=configs/demo-t5.yaml bash scripts/demo.sh
 
 # The walkthrough notebook, executed top to bottom in a fresh kernel (offline, a few minutes); the
 # copy with every table and plot goes to runs/, the notebook in the repository keeps no outputs.
@@ -49,4 +54,4 @@ test: $(VENV)/.installed $(BEDROCK_VENV)/.installed $(SMOLLM2_GGUF)
 	status=$$?; [ $$status -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$status
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo-t5

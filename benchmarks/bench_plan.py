@@ -7,7 +7,7 @@ Runs, each planned after its data stage and then trained by `termtune train` in 
 - bench: the benchmark model of bench_train.py (flan-t5-small architecture cut to 2+2 layers, random init, fp32),
   256 MedQuAD rows sampled with random.Random(0) (224 train / 32 held out), max lengths 128 / 512, LoRA r 64,
   alpha 16, dropout 0.1, all-linear, the train section at its defaults (batch 4, one epoch);
-- demo: configs/demo.yaml as shipped (its run.dir moved to the work folder);
+- demo: configs/demo-t5.yaml (the Flan-T5 demo) as shipped (its run.dir moved to the work folder);
 - qlora: the bench run with model.quantization=4bit (bitsandbytes NF4 on the CPU).
 
 Measured: the train process's peak RSS (os.wait4's ru_maxrss) and the training loop's seconds as the train stage
@@ -57,7 +57,7 @@ def bench_config(work: Path, name: str, quantization: str) -> Path:
 def demo_config(work: Path) -> Path:
     import yaml
 
-    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "demo-t5.yaml").read_text())
     config["run"]["dir"] = str(work / "demo")
     for section, key in (("model", "source"), ("model", "architecture"), ("data", "source")):
         config[section][key] = str((REPO / config[section][key]).resolve())

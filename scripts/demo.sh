@@ -6,7 +6,9 @@
 #   termtune serve       plays Amazon Bedrock (import jobs + InvokeModel, with real generation)
 # termtune reaches them only through the SDK's standard endpoint variables; unset them (and
 # use real credentials) and the same commands talk to real AWS. See docs/aws.md.
-# Run from the repository root with the venv on PATH (`make demo` does both).
+# Run from the repository root with the venv on PATH (`make demo` does both). CONFIG picks the demo:
+# configs/demo.yaml (the default, `make demo`) fine-tunes SmolLM2-135M-Instruct from its GGUF file;
+# configs/demo-t5.yaml (`make demo-t5`) trains a small random-init Flan-T5-shaped model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

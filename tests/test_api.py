@@ -50,11 +50,11 @@ def test_no_code_reaches_a_stage_module_through_the_package():
 
 
 def test_load_config_takes_dotted_keys_sections_or_command_line_strings(tmp_path):
-    dotted = tt.load_config("configs/demo.yaml", {"train.epochs": 1, "run.dir": tmp_path / "run",
+    dotted = tt.load_config("configs/demo-t5.yaml", {"train.epochs": 1, "run.dir": tmp_path / "run",
                                                   "lora.target_modules": ["q", "v"]})
-    sections = tt.load_config("configs/demo.yaml", train={"epochs": 1}, run={"dir": str(tmp_path / "run")},
+    sections = tt.load_config("configs/demo-t5.yaml", train={"epochs": 1}, run={"dir": str(tmp_path / "run")},
                               lora={"target_modules": ["q", "v"]})
-    strings = tt.load_config("configs/demo.yaml", ["train.epochs=1", f"run.dir={tmp_path / 'run'}",
+    strings = tt.load_config("configs/demo-t5.yaml", ["train.epochs=1", f"run.dir={tmp_path / 'run'}",
                                                    "lora.target_modules=[q, v]"])
     assert dotted == sections == strings
     assert dotted.train.epochs == 1 and dotted.run_dir == tmp_path / "run"
@@ -120,7 +120,7 @@ def test_the_whole_path_from_python(tmp_path, capfd):
     from termtune.validate import Validation
 
     data = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(48))
-    cfg = tt.load_config("configs/demo.yaml", [*tiny_overrides(tmp_path / "run", data), "aws.bucket=termtune-api",
+    cfg = tt.load_config("configs/demo-t5.yaml", [*tiny_overrides(tmp_path / "run", data), "aws.bucket=termtune-api",
                                                "aws.poll_seconds=0.2"])
     prepared = tt.prepare_data(cfg)
     assert isinstance(prepared, PreparedData) and not prepared.up_to_date

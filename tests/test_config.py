@@ -17,7 +17,7 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
 def test_there_are_shipped_configs():
     names = {p.name for p in SHIPPED}
-    assert {"demo.yaml", "flan-t5-large-medical.yaml"} <= names
+    assert {"demo.yaml", "demo-t5.yaml", "flan-t5-large-medical.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -38,7 +38,7 @@ def test_seed_recipe_values():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(REPO / "configs" / "demo.yaml",
+    cfg = load_config(REPO / "configs" / "demo-t5.yaml",
                       ["train.learning_rate=3e-4", "run.dir=/tmp/x", "lora.target_modules=[q, v]",
                        "data.max_rows=null", "data.prompt_template=Define: {term}", "eval.num_beams=4"])
     assert cfg.train.learning_rate == 3e-4
@@ -75,7 +75,7 @@ def test_dotted_overrides_are_typed():
 ])
 def test_bad_overrides_are_one_line_errors(override, message):
     with pytest.raises(UserError, match=message) as e:
-        load_config(REPO / "configs" / "demo.yaml", [override])
+        load_config(REPO / "configs" / "demo-t5.yaml", [override])
     assert "\n" not in str(e.value)
 
 
@@ -88,7 +88,7 @@ def test_assigning_a_setting_is_checked_like_loading_and_a_refusal_changes_nothi
     """The API's config object: a section or a single setting assigned after loading meets the same rules."""
     from termtune.config import LoraConfig, TrainConfig
 
-    cfg = load_config(REPO / "configs" / "demo.yaml")
+    cfg = load_config(REPO / "configs" / "demo-t5.yaml")
     before = cfg.model_dump()
     refused = [
         (lambda: setattr(cfg, "train", TrainConfig(precision="fp16")), r"^train.precision=fp16 is refused for T5"),
@@ -112,7 +112,7 @@ def test_assigning_a_setting_is_checked_like_loading_and_a_refusal_changes_nothi
     assert (cfg.train.precision, cfg.lora.r, cfg.train.epochs) == ("fp16", 8, 2)
     with pytest.raises(UserError, match="train.precision=fp16 is refused"):
         cfg.train.allow_fp16 = False  # a section assigned whole is checked as part of the config afterwards
-    assert load_config(REPO / "configs" / "demo.yaml") == load_config(REPO / "configs" / "demo.yaml")
+    assert load_config(REPO / "configs" / "demo-t5.yaml") == load_config(REPO / "configs" / "demo-t5.yaml")
 
 
 def test_random_init_needs_architecture():
@@ -222,3 +222,27 @@ def test_merge_keys_and_small_aliases_are_still_yaml(tmp_path):
                     "train: {learning_rate: 0.001, epochs: 1}\n")
     cfg = load_config(path)
     assert (cfg.lora.r, cfg.lora.alpha) == (4, 8)
+
+
+def test_make_demo_fine_tunes_smollm2_and_the_t5_demo_is_one_command_away():
+    """`make demo` runs configs/demo.yaml, the real SmolLM2-135M-Instruct from the GGUF file `make models` fetches;
+    `make demo-t5` runs the random-init Flan-T5 demo, configs/demo-t5.yaml, in a run folder of its own."""
+    import re
+
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    demo, t5 = load_config(REPO / "configs" / "demo.yaml"), load_config(REPO / "configs" / "demo-t5.yaml")
+    assert f"SMOLLM2_GGUF := {demo.model.source}\n" in makefile and demo.model.init == "pretrained"
+    assert re.search(r"^demo: .*\$\(SMOLLM2_GGUF\)\n\t.*CONFIG=configs/demo\.yaml bash scripts/demo\.sh$", makefile,
+                     re.MULTILINE)
+    assert t5.model.init == "random" and "flan-t5" in str(t5.model.architecture)
+    assert re.search(r"^demo-t5: .*\n\t.*CONFIG=configs/demo-t5\.yaml bash scripts/demo\.sh$", makefile, re.MULTILINE)
+    assert demo.run_dir != t5.run_dir
+
+
+def test_the_demo_asks_its_model_a_held_out_term():
+    """The deployed model is asked a term whose definition training never saw (the demo's seed and split)."""
+    from termtune.data import read_examples, split_rows
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    split = split_rows(read_examples(cfg).rows, cfg.data.test_size, cfg.run.seed)
+    assert cfg.aws.invoke_prompt in [row["term"] for row in split.test]

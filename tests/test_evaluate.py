@@ -161,7 +161,11 @@ def test_tuned_model_beats_base_on_memorised_rows(memorised_cfg) -> None:
 
     predictions = [json.loads(line) for line in report.predictions_path.read_text().splitlines()]
     assert len(predictions) == 20
-    assert set(predictions[0]) == {"term", "prompt", "reference", "base", "tuned"}
+    assert set(predictions[0]) == {"term", "prompt", "reference", "base", "tuned", "base_rougeL", "tuned_rougeL"}
+    for model in ("base", "tuned"):  # each answer's own ROUGE-L; metrics.json's is their mean
+        assert sum(p[f"{model}_rougeL"] for p in predictions) / 20 == pytest.approx(m[model]["rougeL"])
+        assert all(p[f"{model}_rougeL"] == pytest.approx(quality_metrics([p[model]], [p["reference"]])["rougeL"])
+                   for p in predictions)
     exact = sum(p["tuned"] == p["reference"] for p in predictions)
     assert exact >= 16, [(p["tuned"], p["reference"]) for p in predictions]
     assert not any("<pad>" in p["tuned"] or "</s>" in p["tuned"] for p in predictions)
@@ -221,3 +225,99 @@ def test_missing_adapter_asks_for_train(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "run `termtune train`" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- the held-out answer loss
+
+
+def hand_answer_loss(model, rows, encoder_decoder: bool) -> float:
+    """The mean cross-entropy over every answer token of `rows`, one row at a time, from the logits themselves:
+    the independent computation evaluate's batched answer loss must equal."""
+    import torch
+
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            prompt, answer = list(row["input_ids"]), list(row["labels"])
+            if encoder_decoder:  # the decoder reads the start token and the answer so far; position i predicts token i
+                start = model.config.decoder_start_token_id
+                logits = model(input_ids=torch.tensor([prompt]),
+                               decoder_input_ids=torch.tensor([[start] + answer[:-1]])).logits[0]
+            else:  # one stream, prompt then answer; position i predicts token i + 1
+                logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
+            assert logits.shape[0] == len(answer)
+            log_probs = torch.log_softmax(logits.double(), dim=-1)
+            total -= float(log_probs[torch.arange(len(answer)), torch.tensor(answer)].sum())
+            tokens += len(answer)
+    return total / tokens
+
+
+def base_and_tuned(cfg):
+    """(base model, base + adapter), loaded here, apart from evaluate; the adapter merged as evaluate merges it (an
+    unmerged adapter sums in another order: logits equal to ~1e-6, not to the last bits)."""
+    from peft import PeftModel
+
+    from termtune.modeling import load_base
+
+    tuned = PeftModel.from_pretrained(load_base(cfg), str(cfg.run_dir / "train" / "adapter")).merge_and_unload()
+    return load_base(cfg).eval(), tuned.eval()
+
+
+def test_answer_loss_is_the_cross_entropy_over_exactly_the_answer_tokens_t5(memorised_cfg) -> None:
+    """evaluate records, for base and tuned, the mean cross-entropy of the held-out answers' tokens under teacher
+    forcing: the value recomputed by hand from the logits, row by row (so batching and padding change nothing)."""
+    from termtune import data
+
+    rows = data.load_split(memorised_cfg, "test").to_list()
+    assert len({len(r["labels"]) for r in rows}) > 1  # answers of different lengths: padding is exercised
+    metrics = evaluate(memorised_cfg).metrics
+    base, tuned = base_and_tuned(memorised_cfg)
+    assert metrics["base"]["answer_loss"] == pytest.approx(hand_answer_loss(base, rows, True), rel=1e-5)
+    # The memorised answers' loss is near 0 (~0.01), where batched (padded) and one-row float32 sums differ by
+    # ~1e-5 nats: an absolute tolerance far below what a wrong token set or an unweighted mean of batches would move.
+    assert metrics["tuned"]["answer_loss"] == pytest.approx(hand_answer_loss(tuned, rows, True), rel=1e-5, abs=3e-5)
+    assert "answer loss" in evaluate(memorised_cfg).summary()
+
+
+def test_answer_loss_of_a_decoder_counts_the_answer_and_its_end_of_turn_token_only(tmp_path: Path) -> None:
+    """A tiny random-init Llama with the real Llama 3.2 chat template, and an adapter with random weights (tuned
+    differs from base): the recorded losses are the hand computation over the answer tokens, not the prompt's."""
+    import torch
+
+    from conftest import SHARED
+    from termtune import data
+    from termtune.modeling import attach_lora, load_base
+
+    llama = SHARED / "models" / "llama-3.2-1b-instruct"
+    tiny = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16}
+    source = write_jsonl(tmp_path / "terms.jsonl", medquad_rows(24))
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", f"model.source={llama}", "model.init=random",
+                             f"model.architecture={llama / 'config.json'}",
+                             f"model.architecture_overrides={json.dumps(tiny)}",
+                             f"data.source={source}", "data.target=first_n_sentences", "data.n_sentences=1",
+                             "data.test_size=6", "lora.r=4", "eval.max_new_tokens=4", "eval.batch_size=4"])
+    data.prepare(cfg)
+    peft_model = attach_lora(cfg, load_base(cfg))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:  # LoRA starts as a no-op (B = 0); a random B makes tuned differ from base
+                weight.normal_(std=0.5)
+    peft_model.save_pretrained(cfg.run_dir / "train" / "adapter")
+
+    rows = data.load_split(cfg, "test").to_list()
+    assert len({len(r["input_ids"]) + len(r["labels"]) for r in rows}) > 1  # padding is exercised
+    metrics = evaluate(cfg).metrics
+    base, tuned = base_and_tuned(cfg)
+    expected = hand_answer_loss(base, rows, False), hand_answer_loss(tuned, rows, False)
+    assert abs(expected[0] - expected[1]) > 0.01  # the two models differ, so each value is checked on its own
+    assert metrics["base"]["answer_loss"] == pytest.approx(expected[0], rel=1e-5)
+    assert metrics["tuned"]["answer_loss"] == pytest.approx(expected[1], rel=1e-5)
+    # The checks above can tell the prompt's tokens apart: scored over prompt and answer, the same model's loss
+    # moves by far more than their tolerance (a random model is near ln(vocabulary) everywhere, but not equal).
+    with torch.no_grad():
+        whole = [(base(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item(), len(ids) - 1)
+                 for ids in (list(r["input_ids"]) + list(r["labels"]) for r in rows)]
+    whole_mean = sum(loss * n for loss, n in whole) / sum(n for _, n in whole)
+    assert abs(whole_mean - metrics["base"]["answer_loss"]) > 1e-4 * metrics["base"]["answer_loss"]

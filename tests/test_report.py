@@ -137,6 +137,59 @@ def test_run_ends_with_a_short_block_of_the_same_facts(tmp_path: Path) -> None:
     assert len(block) <= 10
 
 
+def test_closing_block_shows_the_answer_that_improved_most_and_the_answer_loss(tmp_path: Path) -> None:
+    """With each answer's ROUGE-L (predictions.jsonl) and both answer losses (metrics.json): the closing block, the
+    report's result and the model card show a held-out term's base and tuned answers and the loss base -> tuned."""
+    from termtune.headline import headline, terminal_block
+    from termtune.modelcard import model_card
+
+    run = tmp_path / "run"
+    populate_run(run)
+    path = run / "eval" / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, row in enumerate(rows):  # Term 5 gains most (0.1 -> 0.9); Term 7 loses; the others gain 0.1
+        row.update(base=f"base answer {i}", base_rougeL=0.1, tuned_rougeL=0.2)
+    rows[5].update(tuned="Term 5 is the improved answer.", tuned_rougeL=0.9)
+    rows[7].update(base_rougeL=0.95, tuned_rougeL=0.0)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics["base"]["answer_loss"], metrics["tuned"]["answer_loss"] = 2.1612, 1.2987
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    invoked = json.loads((run / "invoke.json").read_text())
+    invoked["request"] = {"messages": [{"role": "user", "content": "What is Hypertension?"}], "max_tokens": 64}
+    (run / "invoke.json").write_text(json.dumps(invoked))
+
+    block = terminal_block(headline(make_cfg(run))).splitlines()
+    assert block[0] == "asked       Hypertension  (a messages request)"
+    at = block.index("improved    Term 5: the held-out answer whose ROUGE-L rose most (0.10 -> 0.90)")
+    assert block[at + 1:at + 4] == ["  base      base answer 5", "  tuned     Term 5 is the improved answer.",
+                                    "  reference " + ("Term 5 is a condition of the body. " * 3).strip()]
+    assert "answer loss base 2.16 -> tuned 1.30: held-out answers' cross-entropy per token" in block
+    assert not any("held-out loss 0.71" in line for line in block)  # the answer loss stands in for it
+
+    write_report(make_cfg(run))
+    md = (run / "report.md").read_text(encoding="utf-8")
+    result = md[md.index("## Result"):md.index("## Configuration")]
+    assert "| answer loss | 2.16 | 1.30 | -0.86 |" in result
+    assert "whose ROUGE-L rose most: Term 5 (0.10 → 0.90)" in result
+    assert "| base answer 5 | Term 5 is the improved" in result
+    evaluation = md[md.index("## Evaluation"):md.index("## Sample answers")]
+    assert "| answer loss (held-out, per token) | 2.16 | 1.30 |" in evaluation
+    assert "Held-out answer loss (mean cross-entropy per reference answer token, teacher forcing): 2.16 → 1.30" \
+        in model_card(make_cfg(run))
+
+
+def test_no_answer_is_called_improved_when_none_rose() -> None:
+    from termtune.headline import most_improved
+
+    rows = [{"term": "A", "reference": "r", "base": "x", "tuned": "y", "base_rougeL": 0.5, "tuned_rougeL": 0.5},
+            {"term": "B", "reference": "r", "base": "x", "tuned": "y", "base_rougeL": 0.4, "tuned_rougeL": 0.1},
+            {"term": "C", "reference": "r", "base": None, "tuned": "y"}]  # an evaluation without the base model
+    assert most_improved(rows) is None
+    rows.append({"term": "D", "reference": "r", "base": "x", "tuned": "y", "base_rougeL": 0.0, "tuned_rougeL": 0.01})
+    assert most_improved(rows)["term"] == "D"
+
+
 def degenerate_metrics(run: Path, same: int, n: int = 40) -> None:
     """eval/metrics.json as evaluate writes it when `same` of the `n` tuned answers are one text."""
     path = run / "eval" / "metrics.json"

@@ -5,6 +5,9 @@ base model and base + adapter answer the same held-out prompts with the same exp
 decoding settings (cfg.eval), and both are scored against the reference definitions:
 
     ROUGE-1/2/L (rouge-score, F-measure, 0..1), BLEU and chrF (sacrebleu, 0..100),
+    the held-out answer loss: the mean cross-entropy over the reference answers' tokens under teacher
+    forcing (the same rows and labels for both models, batched through the family's collator, so exactly
+    the tokens training puts its loss on: the answer and its end token, never the prompt or padding),
     mean/median generated length (tokens), share of empty outputs, share cut at max_new_tokens,
     and the most common answer with its count and share: a model that answers most held-out terms
     with the same sentence is degenerate whatever its ROUGE (same_answer_note says so).
@@ -14,7 +17,8 @@ which is what makes it several times faster than a one-prompt-at-a-time `generat
 (benchmarks/bench_evaluate.py).
 
 Outputs (the folder is written atomically: all of it or nothing):
-    <run>/eval/predictions.jsonl   one row per example: term, prompt, reference, base, tuned
+    <run>/eval/predictions.jsonl   one row per example: term, prompt, reference, base, tuned and each
+                                   answer's ROUGE-L (base_rougeL, tuned_rougeL)
     <run>/eval/metrics.json        {"base": {...}, "tuned": {...}, "n": N, "decoding": {...}}
 """
 
@@ -105,8 +109,8 @@ class EvalReport(StageResult):
 
 
 _SUMMARY_ROWS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("bleu", "BLEU"),
-                 ("chrf", "chrF"), ("mean_length", "mean length"), ("median_length", "median length"),
-                 ("empty_share", "empty"), ("cut_share", "cut at limit"))
+                 ("chrf", "chrF"), ("answer_loss", "answer loss"), ("mean_length", "mean length"),
+                 ("median_length", "median length"), ("empty_share", "empty"), ("cut_share", "cut at limit"))
 
 
 def format_metric(key: str, value: Any, missing: str = "-") -> str:
@@ -177,33 +181,41 @@ def evaluate(cfg: Config) -> EvalReport:
     model = load_base(cfg)
     device = _device_of(model)
     input_ids = [list(r["input_ids"]) for r in rows]
+    collator = family_of_model(model).collator(tokenizer, model)
 
     # do: the base first, because loading the adapter modifies the base model in place
     base_out: list[Generation] | None = None
+    base_loss: float | None = None
     if cfg.eval.compare_base:
         base_out = generate(model, tokenizer, input_ids, cfg.eval, device=device)
+        base_loss = answer_loss(model, collator, rows, cfg.eval.batch_size, device=device)
     tuned_model = _with_adapter(model, adapter_dir)
     tuned_out = generate(tuned_model, tokenizer, input_ids, cfg.eval, device=device)
-    del model, tuned_model
+    tuned_loss = answer_loss(tuned_model, collator, rows, cfg.eval.batch_size, device=device)
+    del model, tuned_model, collator
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
     references = [r["target"] for r in rows]
     metrics: dict[str, Any] = {}
     if base_out is not None:
-        metrics["base"] = score(base_out, references)
-    metrics["tuned"] = score(tuned_out, references)
+        metrics["base"] = score(base_out, references, base_loss)
+    metrics["tuned"] = score(tuned_out, references, tuned_loss)
     metrics["n"] = len(rows)
     metrics["decoding"] = decoding_settings(cfg.eval)
     metrics["adapter"] = str(adapter_dir)
 
     # save: the whole folder appears at once; an interrupted evaluation leaves nothing
     with atomic_dir(out_dir, force=True) as tmp:
+        # each answer's own ROUGE-L, so a reader (the closing block) can show an answer that improved
+        base_rouge = rouge_l_per_answer([g.text for g in base_out], references) if base_out is not None else None
+        tuned_rouge = rouge_l_per_answer([g.text for g in tuned_out], references)
         lines = []
         for i, r in enumerate(rows):
             lines.append(json.dumps({
                 "term": r["term"], "prompt": r["prompt"], "reference": r["target"],
                 "base": base_out[i].text if base_out is not None else None, "tuned": tuned_out[i].text,
+                "base_rougeL": base_rouge[i] if base_rouge is not None else None, "tuned_rougeL": tuned_rouge[i],
             }, ensure_ascii=False))
         (tmp / layout.predictions.name).write_text("\n".join(lines) + "\n", encoding="utf-8")
         write_json(tmp / layout.eval_metrics.name, metrics)
@@ -244,6 +256,36 @@ def _with_adapter(model: "PreTrainedModel", adapter_dir: Path) -> "PreTrainedMod
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return tuned
     return tuned.merge_and_unload()
+
+
+# ----------------------------------------------------------------------------- answer loss
+
+
+def answer_loss(model: "PreTrainedModel", collator: Any, rows: Sequence[dict[str, Any]], batch_size: int,
+                device: "torch.device | str | None" = None) -> float:
+    """The mean cross-entropy per answer token of `rows` (each {input_ids, labels} as a data split holds them)
+    under teacher forcing: every reference answer token predicted from the prompt and the answer tokens before it.
+
+    Batches are made by the family's collator, which labels exactly the answer tokens (labels -100 on the
+    prompt and on padding), and the model's own loss averages over the labelled tokens of a batch; each batch's
+    mean is weighted by its count of answer tokens, so the result is the mean over all of them, whatever the
+    batching. (A decoder's loss shifts its labels by one; that drops no answer token, because every row starts
+    with its prompt.)
+    """
+    import torch
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            batch = collator([{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])}
+                              for r in rows[start:start + batch_size]])
+            n = int((batch["labels"] != -100).sum())
+            loss = model(**{key: value.to(device) for key, value in batch.items()}).loss
+            total += float(loss) * n
+            tokens += n
+    return total / tokens if tokens else float("nan")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -326,28 +368,38 @@ def _count_new_tokens(ids: list[int], eos_id: int, pad_id: int) -> tuple[int, bo
 def quality_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """ROUGE-1/2/L (mean F-measure, 0..1, Porter stemming) and corpus BLEU / chrF (0..100)."""
     import sacrebleu
-    from rouge_score import rouge_scorer
 
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
+    if not predictions and not references:
         return {name: 0.0 for name in METRIC_NAMES}
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    for pred, ref in zip(predictions, references):
-        scores = scorer.score(ref, pred)  # rouge-score takes (target, prediction)
-        for key in sums:
-            sums[key] += scores[key].fmeasure
-    out = {key: value / len(predictions) for key, value in sums.items()}
+    per_answer = _rouge_per_answer(predictions, references)
+    out = {key: sum(scores[key] for scores in per_answer) / len(per_answer) for key in ("rouge1", "rouge2", "rougeL")}
     out["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
     out["chrf"] = float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score)
     return out
 
 
-def score(outputs: Sequence[Generation], references: Sequence[str]) -> dict[str, Any]:
-    """Quality metrics plus length facts for one model's outputs."""
+def rouge_l_per_answer(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Each answer's ROUGE-L F-measure against its reference (quality_metrics' ROUGE-L is their mean)."""
+    return [scores["rougeL"] for scores in _rouge_per_answer(predictions, references)]
+
+
+def _rouge_per_answer(predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    # rouge-score takes (target, prediction)
+    return [{key: s.fmeasure for key, s in scorer.score(ref, pred).items()}
+            for pred, ref in zip(predictions, references)]
+
+
+def score(outputs: Sequence[Generation], references: Sequence[str], answer_loss: float | None = None) -> dict[str, Any]:
+    """Quality metrics (and the held-out answer loss, when given) plus length facts for one model's outputs."""
     lengths = [g.n_tokens for g in outputs]
     result: dict[str, Any] = quality_metrics([g.text for g in outputs], references)
+    if answer_loss is not None:
+        result["answer_loss"] = answer_loss
     result.update({
         "mean_length": statistics.fmean(lengths) if lengths else 0.0,
         "median_length": float(statistics.median(lengths)) if lengths else 0.0,

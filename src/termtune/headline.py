@@ -22,8 +22,10 @@ from termtune.modelcard import bedrock_check_message
 from termtune.results import is_number
 from termtune.rundir import read_json
 
-MAIN_METRICS = (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("bleu", "BLEU"), ("chrf", "chrF"))
-"""The scores the headline compares, base vs tuned (ROUGE 0-1, BLEU and chrF 0-100)."""
+MAIN_METRICS = (("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("bleu", "BLEU"), ("chrf", "chrF"),
+                ("answer_loss", "answer loss"))
+"""The scores the headline compares, base vs tuned (ROUGE 0-1, BLEU and chrF 0-100; the held-out answer loss is
+the mean cross-entropy per reference answer token, lower is better)."""
 
 RANDOM_INIT_NOTE = ("A randomly initialised model (no pretrained weights offline) learns in CPU minutes the form of "
                     "a definition, not medical facts nor even to repeat the asked term; real answers need the "
@@ -47,6 +49,9 @@ class Headline:
     """evaluate.same_answer_note for the tuned model: set when most of its answers are one text."""
     samples: list[dict[str, str]] = field(default_factory=list)
     """Up to three held-out {term, reference, tuned}."""
+    improved: dict[str, Any] | None = None
+    """The held-out answer whose ROUGE-L rose most from base to tuned: {term, reference, base, tuned, base_rougeL,
+    tuned_rougeL}; None when no answer rose (or the predictions hold no per-answer ROUGE-L)."""
     artifact: str | None = None
     artifact_bytes: int | None = None
     bedrock_check: str | None = None
@@ -58,6 +63,8 @@ class Headline:
     """What the local stand-in (termtune serve) said of itself, when it imported the model instead of AWS."""
     asked: str | None = None
     """The term (or prompt) the deployed model was asked."""
+    asked_through: str | None = None
+    """The request's schema, when it was a chat (`messages`) request."""
     answer: str | None = None
     reference: str | None = None
     """The dataset's definition of the asked term, when it has one."""
@@ -83,8 +90,9 @@ def headline(cfg: Config, samples: int = 3) -> Headline:
     h.scores = [(key, label, base.get(key), tuned.get(key)) for key, label in MAIN_METRICS if key in tuned or key in base]
     h.scored_on = metrics.get("n")
     h.same_answer = same_answer_note(metrics)
-    h.samples = [{k: str(row.get(k) or "") for k in ("term", "reference", "tuned")}
-                 for row in _rows(layout.predictions)[:samples]]
+    predictions = _rows(layout.predictions)
+    h.samples = [{k: str(row.get(k) or "") for k in ("term", "reference", "tuned")} for row in predictions[:samples]]
+    h.improved = most_improved(predictions)
     manifest = _object(layout.manifest)
     if manifest:
         h.artifact = str(layout.artifact)
@@ -101,6 +109,8 @@ def headline(cfg: Config, samples: int = 3) -> Headline:
     if invoked and invoked.get("model_arn") in (None, h.model_arn):  # not an answer from another model (--model)
         h.answer = str(invoked.get("text", "")).strip()
         h.asked = _term_of(cfg, str(invoked.get("prompt") or invoked.get("term") or ""))
+        if isinstance(invoked.get("request"), dict) and "messages" in invoked["request"]:
+            h.asked_through = "messages"
         h.reference, h.reference_split = _reference(layout, h.asked)
     return h
 
@@ -109,16 +119,27 @@ def terminal_block(h: Headline) -> str:
     """The last screen of `termtune run`: a short block, not a wall."""
     lines = []
     if h.asked is not None:
-        lines.append(f"asked       {h.asked}")
+        lines.append(f"asked       {h.asked}" + (f"  (a {h.asked_through} request)" if h.asked_through else ""))
         lines.append(f"answer      {_clip(h.answer or '(empty)')}")
         if h.reference:
             lines.append(f"reference   {_clip(h.reference)}  ({h.reference_split} data)")
-    rouge = next(((b, t) for key, _, b, t in h.scores if key == "rougeL"), None)
+    if h.improved:
+        i = h.improved
+        lines.append(f"improved    {i['term']}: the held-out answer whose ROUGE-L rose most "
+                     f"({i['base_rougeL']:.2f} -> {i['tuned_rougeL']:.2f})")
+        lines.append(f"  base      {_clip(i['base'] or '(empty)')}")
+        lines.append(f"  tuned     {_clip(i['tuned'] or '(empty)')}")
+        lines.append(f"  reference {_clip(i['reference'])}")
+    scores = {key: (b, t) for key, _, b, t in h.scores}
+    rouge, loss = scores.get("rougeL"), scores.get("answer_loss")
     if rouge:
         lines.append(f"ROUGE-L     base {_score(rouge[0])} -> tuned {_score(rouge[1])} on {h.scored_on} held-out terms"
-                     + (f"; held-out loss {h.eval_loss:.2f}" if h.eval_loss is not None else ""))
+                     + (f"; held-out loss {h.eval_loss:.2f}" if h.eval_loss is not None and not loss else ""))
         if h.same_answer:
             lines.append(f"{'':12}but {h.same_answer}")
+    if loss:
+        lines.append(f"answer loss base {_loss(loss[0])} -> tuned {_loss(loss[1])}: held-out answers' cross-entropy "
+                     "per token")
     if h.train_seconds is not None:
         lines.append(f"training    {h.train_seconds:.0f}s, {h.steps} steps on {h.train_rows} rows")
     if h.artifact:
@@ -150,8 +171,23 @@ def change(base: Any, tuned: Any) -> str:
     return ""
 
 
+def most_improved(predictions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The prediction row whose ROUGE-L rose most from base to tuned (the first of equals), or None when none rose."""
+    scored = [row for row in predictions if is_number(row.get("base_rougeL")) and is_number(row.get("tuned_rougeL"))
+              and isinstance(row.get("base"), str) and isinstance(row.get("tuned"), str)]
+    best = max(scored, key=lambda row: row["tuned_rougeL"] - row["base_rougeL"], default=None)
+    if best is None or best["tuned_rougeL"] <= best["base_rougeL"]:
+        return None
+    return {key: best.get(key) if key.endswith("rougeL") else str(best.get(key) or "")
+            for key in ("term", "reference", "base", "tuned", "base_rougeL", "tuned_rougeL")}
+
+
 def _score(value: Any) -> str:
     return f"{value:.3f}" if is_number(value) else "n/a"
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.2f}" if is_number(value) else "n/a"
 
 
 def _clip(text: str, width: int = 110) -> str:

@@ -55,9 +55,14 @@ def _metrics_section(cfg: Config) -> str:
     keys = [k for k in metrics[models[-1]] if any(is_number(metrics[m].get(k)) for m in models)]
     rows = [f"| {k} | " + " | ".join(_fmt(metrics[m].get(k)) for m in models) + " |" for k in keys]
     same_answer = same_answer_note(metrics)
+    losses = [metrics[m].get("answer_loss") for m in ("base", "tuned") if m in models]
+    loss_line = ""
+    if len(losses) == 2 and all(map(is_number, losses)):
+        loss_line = (f"\n\nHeld-out answer loss (mean cross-entropy per reference answer token, teacher forcing): "
+                     f"{losses[0]:.2f} → {losses[1]:.2f} (base → tuned).")
     return (f"{metrics.get('n', '?')} held-out examples (`eval/metrics.json`; "
             f"base = the model before fine-tuning):\n\n| metric | {' | '.join(models)} |\n"
-            f"|---|{'---|' * len(models)}\n" + "\n".join(rows)
+            f"|---|{'---|' * len(models)}\n" + "\n".join(rows) + loss_line
             + (f"\n\nWarning: {same_answer}; the scores above measure that text's overlap with the references."
                if same_answer else ""))
 

@@ -49,6 +49,7 @@ SAMPLE_CHARS = 400
 """Sample answers longer than this are cut in the report (the full text is in predictions.jsonl)."""
 
 _METRIC_LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "bleu": "BLEU", "chrf": "chrF",
+                  "answer_loss": "answer loss (held-out, per token)",
                   "mean_length": "mean length (tokens)", "median_length": "median length (tokens)",
                   "empty_share": "empty outputs", "cut_share": "cut at max_new_tokens",
                   "most_common_answer_share": "most common answer (share)"}
@@ -153,6 +154,12 @@ def _headline_section(cfg: Config) -> Section | None:
                        for key, label, base, tuned in h.scores], cls="metrics")
         if h.same_answer:
             section.note(f"Beside these scores: {h.same_answer}.")
+    if h.improved:
+        i = h.improved
+        section.text(f"The held-out answer whose ROUGE-L rose most: {i['term']} "
+                     f"({i['base_rougeL']:.2f} → {i['tuned_rougeL']:.2f})")
+        section.table(["base model", "tuned model", "reference"],
+                      [(_clip(i["base"], 200), _clip(i["tuned"], 200), _clip(i["reference"], 200))], cls="samples")
     if h.samples:
         section.table(["term", "reference", "tuned model"],
                       [(s["term"], _clip(s["reference"], 200), _clip(s["tuned"], 200)) for s in h.samples],
@@ -350,7 +357,9 @@ def _evaluation_section(cfg: Config) -> Section | None:
     quality = [k for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf") if k in keys]
     if quality and models:
         section.image(_metric_plot(quality, {m: metrics[m] for m in models}))
-    section.text("ROUGE is the mean F-measure (0-1); BLEU and chrF are corpus scores (0-100, sacrebleu).")
+    section.text("ROUGE is the mean F-measure (0-1); BLEU and chrF are corpus scores (0-100, sacrebleu). The answer "
+                 "loss is the mean cross-entropy per token of the reference answers under teacher forcing (lower is "
+                 "better), on the same rows and tokens for both models.")
     cut = metrics.get("tuned", {}).get("cut_share") if "tuned" in models else None
     for model in models:
         same_answer = same_answer_note(metrics, model)
