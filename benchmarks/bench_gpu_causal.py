@@ -60,14 +60,22 @@ DRY = {"overrides": {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_h
 # ----------------------------------------------------------------------------- --prepare (here)
 
 
+def model_folder(shared: Path, name: str) -> Path:
+    """Where a model's config and tokenizer are: in the shared folder, or for SmolLM2 where --prepare has not staged it
+    (a run here, from ../shared), termtune's conversion of the GGUF."""
+    folder = shared / MODELS[name]
+    if name == "smollm2-135m" and not folder.is_dir() and GGUF.is_file():
+        from termtune.gguf import base_folder_from_gguf, cache_dir
+
+        return base_folder_from_gguf(GGUF, cache_dir(), "bf16")
+    return folder
+
+
 def prepare_assets(shared: Path, into: Path) -> None:
     """Copy each model's config and tokenizer files and the data into `into`/shared (SmolLM2's from termtune's
     conversion of the GGUF, without its weights); bench_gpu.py --prepare downloads the wheels (trl among them)."""
-    from termtune.gguf import base_folder_from_gguf, cache_dir
-
-    sources = {name: shared / folder for name, folder in MODELS.items()}
-    sources["smollm2-135m"] = base_folder_from_gguf(GGUF, cache_dir(), "bf16")
-    for name, source in sources.items():
+    for name in MODELS:
+        source = model_folder(shared, name)
         target = into / "shared" / MODELS[name]
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
@@ -95,7 +103,7 @@ def setup_work(work: Path, shared: Path, o: argparse.Namespace) -> dict[str, dic
     (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     setups = {}
     for name in o.models:
-        folder = shared / MODELS[name]
+        folder = model_folder(shared, name)
         cfg = load_config(write_config(work / f"{name}.yaml", {
             "run": {"dir": str(work / f"{name}-run"), "seed": 42},
             "model": {"source": str(folder), "init": "random", "architecture": str(folder),
@@ -238,8 +246,8 @@ def main() -> None:
             sys.exit("--dry-run is the CPU check; hide the GPU (CUDA_VISIBLE_DEVICES=) to run it here")
     elif not torch.cuda.is_available():
         sys.exit("no CUDA GPU here: run this on a GPU machine, or use --dry-run for the CPU check")
-    missing = [str(o.shared / p) for p in [*(MODELS[m] / "tokenizer.json" for m in o.models), DATA]
-               if not (o.shared / p).is_file()]
+    missing = [str(p) for p in [*(model_folder(o.shared, m) / "tokenizer.json" for m in o.models), o.shared / DATA]
+               if not p.is_file()]
     if missing:
         sys.exit(f"--shared {o.shared}: missing {', '.join(missing)} (run `bash benchmarks/gpu.sh --prepare`)")
     if not 0 < o.warmup < o.steps:
