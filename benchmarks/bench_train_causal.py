@@ -2,15 +2,17 @@
 its documentation recommends, and `termtune train`.
 
     .venv/bin/python benchmarks/bench_train_causal.py              # three runs of the three recipes, order rotated
-    .venv/bin/python benchmarks/bench_train_causal.py --runs 1     # one run (~7 min on 2 quiet cores)
+    .venv/bin/python benchmarks/bench_train_causal.py --runs 1     # one run (estimated ~5 min on 2 quiet cores;
+                                                                   #   20 min at load average 4)
     .venv/bin/python benchmarks/bench_train_causal.py --sides b --runs 1 --b train.precision=bf16   # exploration
-    .venv/bin/python benchmarks/bench_train_causal.py --rows 48 --runs 1   # a quick smoke run (not comparable)
+    .venv/bin/python benchmarks/bench_train_causal.py --rows 256 --runs 1  # bench_train.py's 256 rows (~3x longer)
 
 Everything is identical except the recipe (structure, clock and time-to-target rule: benchmarks/bench_train.py):
 - model: SmolLM2-135M-Instruct, real weights, from models/SmolLM2-135M-Instruct.Q4_1.gguf converted once by
   termtune (termtune.gguf, export.dtype bf16 into termtune's cache); all three recipes load that same folder;
-- data: the 256 rows of ../shared/data/medquad_definitions.jsonl that bench_train.py draws (random.Random(0).sample),
-  prepared and split by termtune's data stage (duplicate terms dropped, seeded split, 32 held out); every recipe
+- data: 100 rows of ../shared/data/medquad_definitions.jsonl drawn as bench_train.py draws its 256
+  (random.Random(0).sample; 100 keeps one run of the three recipes to minutes: 68 train rows), prepared and split by
+  termtune's data stage (duplicate terms dropped, seeded split, 32 held out); every recipe
   trains on the same training rows' prompt ("What is {term}?", termtune's default template) and answer, the
   definition's first sentence (data.target first_n_sentences, n 1, max_target_length 64: the answer
   configs/demo-smollm2.yaml trains; full definitions are ~5x the tokens and would not fit one run in minutes);
@@ -126,7 +128,7 @@ def prepare(work: Path, n_rows: int, test_rows: int, b_overrides: list[str]) -> 
     from termtune.gguf import model_source
 
     rows = [json.loads(line) for line in MEDQUAD.read_text(encoding="utf-8").splitlines()]
-    sample = random.Random(0).sample(rows, n_rows)  # the rows bench_train.py draws
+    sample = random.Random(0).sample(rows, n_rows)  # drawn as bench_train.py draws
     (work / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sample), encoding="utf-8")
     config: dict[str, Any] = {"run": {"dir": str(work / "termtune-run"), "seed": 42}, "model": {"source": str(GGUF)},
                               "data": {"source": str(work / "rows.jsonl"), "test_size": test_rows, **DATA}}
@@ -397,7 +399,7 @@ def summarise(runs: list[dict[str, dict]], sides: str) -> dict[str, float | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--test-rows", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3, help="train the recipes this many times, order rotated")
     parser.add_argument("--sides", default="apb", help="which recipes to train (exploration; the ratios need all)")
