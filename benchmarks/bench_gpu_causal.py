@@ -52,8 +52,8 @@ MODELS = {"smollm2-135m": Path("models/smollm2-135m-instruct"), "qwen2.5-0.5b": 
 GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 NOT_COPIED = ("LICENSE", "NOTICE", "SOURCE.md", "model.safetensors", "termtune-gguf.json")
 RECIPES = {"b": "termtune", "p": "TRL SFTTrainer"}
-DRY = {"overrides": {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "intermediate_size": 128, "head_dim": 16},
+DRY = {"overrides": {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4,
+                     "intermediate_size": 128},  # head_dim stays where a config sets it (Qwen2 has none)
        "rows": 48, "test_rows": 8, "max_target": 64, "batch_size": 4, "steps": 4, "warmup": 1}
 
 
@@ -110,8 +110,8 @@ def setup_work(work: Path, shared: Path, o: argparse.Namespace) -> dict[str, dic
                       "architecture_overrides": o.overrides},
             "data": {"source": str(work / "rows.jsonl"), "test_size": o.test_rows, "max_target_length": o.max_target},
             "train": {"batch_size": o.batch_size, "max_steps": o.steps}}))
+        pipeline.run_stage(cfg, "data", force=True)  # first: it makes the folder a termtune run
         base = materialize_random_base(cfg)  # both recipes load this folder
-        pipeline.run_stage(cfg, "data", force=True)
         trl_rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
                      "completion": [{"role": "assistant", "content": r["target"]}]}
                     for r in map(json.loads, (cfg.run_dir / "data" / "train.jsonl").open())]
