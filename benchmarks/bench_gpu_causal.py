@@ -175,11 +175,13 @@ def linear_weights(config: dict) -> int:
     """Multiply-accumulates per token in the linear layers: each layer's q, k, v, o and gated MLP, and the lm_head."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     kv_heads, head_dim = config.get("num_key_value_heads") or heads, config.get("head_dim") or hidden // heads
-    per_layer = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * config["intermediate_size"]
+    per_layer = (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+                 + 3 * hidden * config["intermediate_size"])
     return config["num_hidden_layers"] * per_layer + hidden * config["vocab_size"]
 
 
-def summarise(results: dict[str, dict], setups: dict[str, dict], peak: float | None, measured: float) -> dict[str, float]:
+def summarise(results: dict[str, dict], setups: dict[str, dict], peak: float | None,
+              measured: float) -> dict[str, float]:
     """Print the table; the figures of the summary line."""
     gpu = results and next(iter(results.values()))["peak_gpu_bytes"] is not None
     print(f"{'model':14}{'recipe':16}{'precision':>10}{'steps':>6}{'examples/s':>11}{'tok/s':>9}{'loss tok/s':>11}"
@@ -191,7 +193,8 @@ def summarise(results: dict[str, dict], setups: dict[str, dict], peak: float | N
         useful = 6 * linear_weights(config) * r["src_real"] / r["seconds"]
         memory = r["peak_gpu_bytes"] if gpu else r["peak_rss"]
         key = f"{model}_{recipe}"
-        figures |= {f"{key}_examples_per_s": r["examples"] / r["seconds"], f"{key}_tokens_per_s": r["src_real"] / r["seconds"],
+        figures |= {f"{key}_examples_per_s": r["examples"] / r["seconds"],
+                    f"{key}_tokens_per_s": r["src_real"] / r["seconds"],
                     f"{key}_mfu": useful / (peak or measured), f"{key}_peak_mem_gib": memory / 2**30}
         print(f"{model:14}{recipe + ' ' + RECIPES[recipe]:16}{r['precision']:>10}{r['steps']:>6}"
               f"{figures[f'{key}_examples_per_s']:>11.2f}{figures[f'{key}_tokens_per_s']:>9.0f}"
@@ -230,7 +233,8 @@ def main() -> None:
     if o.prepare:
         return prepare_assets(o.shared or REPO.parent / "shared", PREPARED)
     if o.shared is None:
-        o.shared = PREPARED / "shared" if (PREPARED / "shared" / MODELS["smollm2-135m"]).is_dir() else REPO.parent / "shared"
+        prepared = (PREPARED / "shared" / MODELS["smollm2-135m"]).is_dir()
+        o.shared = PREPARED / "shared" if prepared else REPO.parent / "shared"
 
     import torch
 
@@ -270,7 +274,8 @@ def main() -> None:
         shutil.rmtree(work / name, ignore_errors=True)
     setups = setup_work(work, o.shared, o)
     print(f"models: {', '.join(o.models)}, random init{' ' + json.dumps(o.overrides) if o.overrides else ''}; "
-          f"{next(iter(setups.values()))['train_rows']} training rows; batch {o.batch_size}, {o.steps} steps, the first "
+          f"{next(iter(setups.values()))['train_rows']} training rows; batch {o.batch_size}, {o.steps} steps, "
+          f"the first "
           f"{o.warmup} off the clock; work folder {work} (setup {time.perf_counter() - started:.0f} s)", flush=True)
 
     results = {}

@@ -107,7 +107,8 @@ AWS = {"max_seq_length": 3072, "batch_size": 1, "gradient_accumulation_steps": 4
        "lora": {"r": 16, "lora_alpha": 8, "lora_dropout": 0.05, "target_modules": "all-linear"}}
 AWS_SYSTEM = ("You are Llama, an AI assistant to be helpful and honest. Your knowledge spans a wide range of topics, "
               "allowing you to engage in substantive conversations and provide analysis on complex subjects.")
-AWS_TEMPLATE = (  # the recipe's LLAMA_3_CHAT_TEMPLATE, "Anthropic/Vicuna like template without the need for special tokens"
+# the recipe's LLAMA_3_CHAT_TEMPLATE, its "Anthropic/Vicuna like template without the need for special tokens"
+AWS_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}"
     "{% elif message['role'] == 'user' %}{{ '\n\nHuman: ' + message['content'] +  eos_token }}"
@@ -377,9 +378,10 @@ def summarise(runs: list[dict[str, dict]], sides: str) -> dict[str, float | None
                   f"{r['heldout']:>10.4f}{r['clock_s']:>9.1f}{ttq:>13}{r['process_wall_s']:>8.1f}")
         if "b" in run and "p" in run:
             diffs = [b - p for b, p in zip(run["b"]["per_row"], run["p"]["per_row"])]
-            noise = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5
-            print(f"  run {i}: b - p held-out, per row: {statistics.mean(diffs):+.4f} +/- {noise:.4f} (2 standard "
-                  f"errors over {len(diffs)} rows, paired): b is {'equal within noise' if abs(statistics.mean(diffs)) <= noise else 'better' if statistics.mean(diffs) < 0 else 'worse'}")
+            mean, noise = statistics.mean(diffs), 2 * statistics.stdev(diffs) / len(diffs) ** 0.5
+            verdict = "equal within noise" if abs(mean) <= noise else "better" if mean < 0 else "worse"
+            print(f"  run {i}: b - p held-out, per row: {mean:+.4f} +/- {noise:.4f} (2 standard "
+                  f"errors over {len(diffs)} rows, paired): b is {verdict}")
 
     def ratio(top: str, bottom: str, key: str) -> list[float]:
         return [run[top][key] / run[bottom][key] for run in runs

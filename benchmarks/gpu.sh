@@ -20,7 +20,8 @@
 # Llama-3.2-1B shapes with their real tokenizers; --prepare stages them too), estimated 5-7 min, its own call:
 #
 #   bash benchmarks/gpu.sh causal --dry-run      # on CPU: tiny shapes, a few steps, fp32
-#   run(command="set -o pipefail; bash benchmarks/gpu.sh causal --json $OUT/gpu-causal.json 2>&1 | tee $OUT/gpu-causal.log",
+#   run(command="set -o pipefail; bash benchmarks/gpu.sh causal --json $OUT/gpu-causal.json 2>&1 \
+#                | tee $OUT/gpu-causal.log",
 #       carry=[".gpu-bench"], timeout_s=540)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
