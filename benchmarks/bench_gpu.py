@@ -68,7 +68,8 @@ BF16 1979 TFLOPS with sparsity). Names match as in termtune.plan (an H100 PCIe r
 # accelerate, tokenizers, pyarrow, pandas, ...). datasets 5.0.1 asks for pyarrow >= 21 and huggingface_hub < 2 (the
 # image has 1.33); 5.2 asks for pyarrow >= 24, and the image's pyarrow version is not recorded. One version of each.
 WHEELS = ("datasets==5.0.1", "dill==0.4.1", "multiprocess==0.70.19", "pydantic==2.14.4", "pydantic-core==2.50.5",
-          "annotated-types==0.8.0", "typing-inspection==0.4.5", "typing-extensions==4.16.0", "bitsandbytes==0.50.2")
+          "annotated-types==0.8.0", "typing-inspection==0.4.5", "typing-extensions==4.16.0", "bitsandbytes==0.50.2",
+          "trl==1.16.0")  # trl: the decoder recipes (bench_gpu_causal.py); its other needs are in the image
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
 BNB_KEEP = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda13")
@@ -164,11 +165,13 @@ def setup_work(work: Path, shared: Path, o: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- the meter, the same for all
 
 
-def add_meter(trainer: Any, out: Path, setup: dict) -> None:
+def add_meter(trainer: Any, out: Path, setup: dict, decoder: bool = False) -> None:
     """Time the optimizer steps after the first `warmup` ones and count their tokens; write <out>/meter.json.
 
     Evaluations and checkpoint saves inside the window are timed and left out. Counts stay on the device until
-    the window closes, so the meter adds no synchronisation to a step.
+    the window closes, so the meter adds no synchronisation to a step. For a seq2seq model the counts are
+    (non-pad source, non-pad target) tokens; for a decoder (non-pad tokens, tokens with a label), where a
+    padding-free batch (one flattened row, no attention mask) holds as many examples as its position ids restart.
     """
     import torch
     from transformers import TrainerCallback
@@ -184,10 +187,11 @@ def add_meter(trainer: Any, out: Path, setup: dict) -> None:
 
     def counted_step(model: Any, inputs: dict, *args: Any, **kwargs: Any) -> Any:
         if measuring():
-            mask, labels = inputs["attention_mask"], inputs["labels"]
-            m["counts"] = m["counts"] + torch.stack([mask.sum(), (labels != -100).sum()])
-            m["slots"] += mask.numel() + labels.numel()
-            m["examples"] += labels.shape[0]
+            ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+            real = mask.sum() if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+            m["counts"] = m["counts"] + torch.stack([real, (labels != -100).sum()])
+            m["slots"] += ids.numel() + (0 if decoder else labels.numel())
+            m["examples"] += labels.shape[0] if mask is not None else (inputs["position_ids"] == 0).sum()
         return training_step(model, inputs, *args, **kwargs)
 
     trainer.training_step = counted_step
@@ -224,8 +228,9 @@ def add_meter(trainer: Any, out: Path, setup: dict) -> None:
             m["done"] = True
             src, tgt = (int(x) for x in m["counts"].tolist())
             (out / "meter.json").write_text(json.dumps({
-                "steps": state.global_step - m["first_step"], "examples": m["examples"], "seconds": seconds,
-                "src_real": src, "tgt_real": tgt, "padding_fraction": 1 - (src + tgt) / m["slots"],
+                "steps": state.global_step - m["first_step"], "examples": int(m["examples"]), "seconds": seconds,
+                "src_real": src, "tgt_real": tgt,
+                "padding_fraction": 1 - (src + (0 if decoder else tgt)) / m["slots"],
                 "excluded_s": m["excluded_s"], "stopped_by_budget": timed_out and state.global_step < state.max_steps}))
             control.should_training_stop = True
 
@@ -235,8 +240,9 @@ def add_meter(trainer: Any, out: Path, setup: dict) -> None:
 # ----------------------------------------------------------------------------- the recipes (one subprocess each)
 
 
-def run_termtune(work: Path, out: Path, setup: dict, side: str) -> str:
-    """`termtune train` through the Python API, with the meter added to its trainer; the precision it chose."""
+def run_termtune(work: Path, out: Path, setup: dict, side: str, decoder: bool = False) -> str:
+    """`termtune train` through the Python API (the config <work>/<side>.yaml), with the meter added to its trainer;
+    the precision it chose."""
     from termtune.api import train
     from termtune.config import load_config
 
@@ -245,7 +251,7 @@ def run_termtune(work: Path, out: Path, setup: dict, side: str) -> str:
 
     def install_with_meter(trainer: Any, *args: Any) -> None:
         install(trainer, *args)
-        add_meter(trainer, out, setup)
+        add_meter(trainer, out, setup, decoder)
 
     train_module._install_callbacks = install_with_meter
     result = train(load_config(work / f"{side}.yaml"))
@@ -316,11 +322,11 @@ def run_side(work: Path, side: str) -> None:
 # ----------------------------------------------------------------------------- measurements
 
 
-def run_child(work: Path, side: str) -> int:
-    """Run one recipe in its own process; the peak RSS of that process in bytes."""
+def run_child(work: Path, side: str, script: str = __file__) -> int:
+    """Run one recipe in its own process of `script`; the peak RSS of that process in bytes."""
     log = work / f"{side}.log"
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "--_side", side, "--work", str(work)], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, script, "--_side", side, "--work", str(work)], cwd=REPO,
                                 stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                                      "TOKENIZERS_PARALLELISM": "false"})

@@ -124,10 +124,12 @@ def prepare(work: Path, n_rows: int, test_rows: int, b_overrides: list[str]) -> 
 # ----------------------------------------------------------------------------- the clock, the same for all
 
 
-def add_clock(trainer: Any, out: Path, examples_per_step: int, n_examples: int) -> None:
-    """Every SNAPSHOT_EVERY examples save the adapter and note the training clock; write <out>/clock.json at the end.
+def add_clock(trainer: Any, out: Path, examples_per_step: int | None, n_examples: int,
+              every: int = SNAPSHOT_EVERY) -> None:
+    """Every `every` examples save the adapter and note the training clock; write <out>/clock.json at the end.
 
-    The clock starts with the training loop; evaluations inside it are excluded, saves included.
+    The clock starts with the training loop; evaluations inside it are excluded, saves included. With
+    examples_per_step None (packed batches, whose rows per step vary) a step counts as its share of the epoch.
     """
     from transformers import TrainerCallback
 
@@ -145,7 +147,7 @@ def add_clock(trainer: Any, out: Path, examples_per_step: int, n_examples: int) 
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.start, self.snapshots = time.perf_counter(), []
+            self.start, self.snapshots, self.seen = time.perf_counter(), [], 0
 
         def clock(self) -> float:
             return time.perf_counter() - self.start - excluded[0]
@@ -156,9 +158,13 @@ def add_clock(trainer: Any, out: Path, examples_per_step: int, n_examples: int) 
             self.snapshots.append({"examples": seen, "clock_s": self.clock(), "adapter": str(folder)})
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            seen = min(state.global_step * examples_per_step, n_examples)
-            if seen % SNAPSHOT_EVERY == 0 or seen == n_examples:
+            if examples_per_step is None:
+                seen = n_examples * state.global_step // state.max_steps
+            else:
+                seen = min(state.global_step * examples_per_step, n_examples)
+            if seen // every > self.seen // every or seen == n_examples:
                 self.snapshot(model, seen)
+            self.seen = seen
 
         def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             (out / "clock.json").write_text(json.dumps({"clock_s": self.clock(), "examples": n_examples,
@@ -261,8 +267,9 @@ def run_peer(work: Path, out: Path, setup: dict) -> None:
 # ----------------------------------------------------------------------------- (b) termtune
 
 
-def run_termtune(work: Path, out: Path, setup: dict) -> None:
-    """`termtune train` through the Python API, with the benchmark's clock added to its trainer."""
+def train_with_clock(config: Path, out: Path, also: Any = None, every: int = SNAPSHOT_EVERY) -> Any:
+    """`termtune train` through the Python API, with the benchmark's clock (a snapshot every `every` examples) and
+    `also(trainer)`, when given, added to its trainer; the config it trained."""
     import importlib
 
     from termtune.api import train
@@ -270,15 +277,24 @@ def run_termtune(work: Path, out: Path, setup: dict) -> None:
 
     train_module = importlib.import_module("termtune.train")  # the module, not the API function of that name
 
-    cfg = load_config(Path(setup["config"]))
+    cfg = load_config(config)
     install = train_module._install_callbacks
 
     def install_with_clock(trainer: Any, *args: Any) -> None:
         install(trainer, *args)
-        add_clock(trainer, out, examples_per_step=cfg.train.batch_size, n_examples=len(trainer.train_dataset))
+        add_clock(trainer, out, examples_per_step=cfg.train.batch_size, n_examples=len(trainer.train_dataset),
+                  every=every)
+        if also:
+            also(trainer)
 
     train_module._install_callbacks = install_with_clock
     train(cfg)
+    return cfg
+
+
+def run_termtune(work: Path, out: Path, setup: dict) -> None:
+    """`termtune train` through the Python API, with the benchmark's clock added to its trainer."""
+    cfg = train_with_clock(Path(setup["config"]), out)
     result = json.loads((cfg.run_dir / "train" / "result.json").read_text())
     rows = [json.loads(line) for line in (cfg.run_dir / "data" / "train.jsonl").open()]
     (out / "tokens.json").write_text(json.dumps({
@@ -358,8 +374,22 @@ class HeldOut:
         return total / count
 
 
-def run_once(work: Path, setup: dict, order: list[str]) -> dict[str, dict]:
-    """Train the three recipes once (in `order`), each in its own process; their clocks, tokens and RSS."""
+def run_rotated(work: Path, setup: dict, sides: str, n_runs: int, script: str = __file__) -> list[dict[str, dict]]:
+    """Train the recipes `n_runs` times, who goes first rotating from run to run, each run in <work>/run-N."""
+    runs = []
+    for i in range(n_runs):
+        order = list(sides[i % len(sides):] + sides[:i % len(sides)])
+        run_dir = work / f"run-{i + 1}"
+        run_dir.mkdir(exist_ok=True)
+        for name in ("setup.json", "split.json"):
+            (run_dir / name).write_text((work / name).read_text())
+        runs.append(run_once(run_dir, setup, order, script))
+        print(f"run {i + 1}: trained {', '.join(order)}", flush=True)
+    return runs
+
+
+def run_once(work: Path, setup: dict, order: list[str], script: str = __file__) -> dict[str, dict]:
+    """Train the recipes once (in `order`), each in its own process of `script`; their clocks, tokens and RSS."""
     out = {}
     for side in order:
         folder = work / side
@@ -367,7 +397,7 @@ def run_once(work: Path, setup: dict, order: list[str]) -> dict[str, dict]:
         if side == "b":
             subprocess.run(["rm", "-rf", str(Path(setup["config"]).parent / "termtune-run" / "train")], check=True)
         folder.mkdir()
-        wall, rss = run_child([sys.executable, __file__, "--_side", side, "--work", str(work)], work / f"{side}.log")
+        wall, rss = run_child([sys.executable, script, "--_side", side, "--work", str(work)], work / f"{side}.log")
         out[side] = {**json.loads((folder / "clock.json").read_text()),
                      **json.loads((folder / "tokens.json").read_text()), "process_wall_s": wall, "peak_rss": rss}
     return out
@@ -458,7 +488,12 @@ def summarise(runs: list[dict[str, dict]], peaks: dict[str, float]) -> dict[str,
         **{f"ttq_{s}_s": [run[s]["ttq_s"] for run in runs if run[s]["ttq_s"] is not None] for s in SIDES},
         "peak_fraction_b": [run["b"]["peak_fraction"] for run in runs],
     }
-    print(f"over {len(runs)} run(s): min / median / max (a time to target: over the runs that reached it)")
+    return spread(figures, len(runs))
+
+
+def spread(figures: dict[str, list[float]], runs: int) -> dict[str, float | None]:
+    """Print each figure's min / median / max over the runs; return the medians (None: no run had the figure)."""
+    print(f"over {runs} run(s): min / median / max (times to target: over the runs that reached it)")
     for name, values in figures.items():
         if values:
             print(f"  {name:18} {min(values):10.4f} {statistics.median(values):10.4f} {max(values):10.4f}")
@@ -501,15 +536,7 @@ def main() -> None:
           f"transformers {transformers.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"data: {setup['train_rows']} train / {setup['test_rows']} held-out rows; work folder {work}", flush=True)
 
-    runs = []
-    for i in range(opts.runs):
-        order = list(opts.sides[i % len(opts.sides):] + opts.sides[:i % len(opts.sides)])  # rotate who goes first
-        run_dir = work / f"run-{i + 1}"
-        run_dir.mkdir(exist_ok=True)
-        for name in ("setup.json", "split.json"):
-            (run_dir / name).write_text((work / name).read_text())
-        runs.append(run_once(run_dir, setup, order))
-        print(f"run {i + 1}: trained {', '.join(order)}", flush=True)
+    runs = run_rotated(work, setup, opts.sides, opts.runs)
     end = matmul_peaks()
     peaks = {k: max(v, end[k]) for k, v in peaks.items()}
     print(f"torch.mm 2048^2 peak: fp32 {peaks['fp32'] / 1e9:.1f}, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s "

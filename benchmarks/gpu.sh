@@ -9,11 +9,19 @@
 #                                         #   --budget-s caps each recipe's measured window)
 #   bash benchmarks/gpu.sh --dry-run      # on CPU: a tiny shape, a few steps, fp32 (tests/test_bench_gpu.py)
 #
-# The device machine's image lacks datasets, pydantic and bitsandbytes (and what they need), and ../shared does
+# The device machine's image lacks datasets, pydantic, bitsandbytes and trl (and what they need), and ../shared does
 # not travel: carry .gpu-bench. When an import is missing, this script installs the carried wheels offline into
 # /tmp/termtune-gpu-site; the run reads .gpu-bench/shared. The device tool call, after --prepare:
 #
 #   run(command="set -o pipefail; bash benchmarks/gpu.sh --json $OUT/gpu-bench.json 2>&1 | tee $OUT/gpu.log",
+#       carry=[".gpu-bench"], timeout_s=540)
+#
+# Decoder models (benchmarks/bench_gpu_causal.py: termtune and TRL's SFTTrainer on the SmolLM2-135M, Qwen2.5-0.5B and
+# Llama-3.2-1B shapes with their real tokenizers; --prepare stages them too), estimated 5-7 min, its own call:
+#
+#   bash benchmarks/gpu.sh causal --dry-run      # on CPU: tiny shapes, a few steps, fp32
+#   run(command="set -o pipefail; bash benchmarks/gpu.sh causal --json $OUT/gpu-causal.json 2>&1 \
+#                | tee $OUT/gpu-causal.log",
 #       carry=[".gpu-bench"], timeout_s=540)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,10 +33,18 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false  # no
 
 wheels=$REPO/.gpu-bench/wheels
 if [[ " $* " != *" --prepare "* ]] && [ -d "$wheels" ] \
-        && ! "$PYTHON" -c "import datasets, pydantic, bitsandbytes" 2>/dev/null; then
+        && ! "$PYTHON" -c "import datasets, pydantic, bitsandbytes, trl" 2>/dev/null; then
     site=/tmp/termtune-gpu-site
     "$PYTHON" -m pip install -q --no-index --find-links "$wheels" --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" "$wheels"/*.whl
     export PYTHONPATH="$site:$PYTHONPATH"
+fi
+if [ "${1:-}" = causal ]; then
+    shift
+    exec "$PYTHON" "$REPO/benchmarks/bench_gpu_causal.py" "$@"
+fi
+if [[ " $* " == *" --prepare "* ]]; then
+    "$PYTHON" "$REPO/benchmarks/bench_gpu.py" "$@"
+    exec "$PYTHON" "$REPO/benchmarks/bench_gpu_causal.py" "$@"
 fi
 exec "$PYTHON" "$REPO/benchmarks/bench_gpu.py" "$@"
