@@ -15,7 +15,7 @@ Everything is identical except the recipe (structure, clock and time-to-target r
   termtune's data stage (duplicate terms dropped, seeded split, 32 held out); every recipe
   trains on the same training rows' prompt ("What is {term}?", termtune's default template) and answer, the
   definition's first sentence (data.target first_n_sentences, n 1, max_target_length 64: the answer
-  configs/demo-smollm2.yaml trains; full definitions are ~5x the tokens and would not fit one run in minutes);
+  configs/demo.yaml trains; full definitions are ~5x the tokens and would not fit one run in minutes);
 - one epoch each, on this CPU, every core.
 
 (a) the AWS sample recipe for Llama 3 fine-tuning before a Bedrock import, as written: aws-samples/
