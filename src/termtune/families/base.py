@@ -353,6 +353,29 @@ def model_config(family: Family, cfg: Config) -> "Any":
         raise UserError(f"{source}: cannot read the model config: {str(e).splitlines()[0]}") from e
 
 
+def check_lora_targets(family: "Family", cfg: Config, model: Any, hint: str) -> None:
+    """Which layers lora.target_modules selects on `model` (built on the meta device), by PEFT's own matching: a
+    name that matches no layer is refused (PEFT is satisfied when any one name matches, so a typo beside a good
+    name would train less than meant), and so is a rank above the narrowest selected layer. `hint` names the
+    family's linear layers for the messages."""
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    probe = lora_config(family, cfg)
+    probe.r = 1  # which layers LoRA wraps does not depend on the rank, and lora.r=10**29 would not even build
+    try:
+        layers = [(name, m.in_features, m.out_features) for name, m in
+                  get_peft_model(model, probe).named_modules() if isinstance(m, LoraLayer)]
+    except ValueError as e:
+        raise UserError(f"lora.target_modules={cfg.lora.target_modules}: {str(e).splitlines()[0]} {hint}") from e
+    if isinstance(cfg.lora.target_modules, list):
+        for wanted in cfg.lora.target_modules:
+            if not any(name == wanted or name.endswith(f".{wanted}") for name, _, _ in layers):
+                raise UserError(f"lora.target_modules: {wanted!r} matches no layer of the model {hint}")
+    name, n_in, n_out = min(layers, key=lambda layer: min(layer[1:]))
+    refuse_rank(cfg.lora.r, name.removeprefix("base_model.model."), n_in, n_out)
+
+
 def refuse_rank(r: int, layer: str, n_in: int, n_out: int) -> None:
     """Refuse lora.r above the width of `layer` (n_in -> n_out): a higher rank adds parameters, not capacity."""
     if r > min(n_in, n_out):

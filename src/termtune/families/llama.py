@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from termtune.chat_template import PROBLEMS, ChatTemplate
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.families.base import (FAIL, OK, WARN, Family, base_config_json, cached_hub_config, lora_config,
-                                    model_config, refuse_rank)
+from termtune.families.base import (FAIL, OK, WARN, Family, base_config_json, cached_hub_config,
+                                    check_lora_targets, model_config, refuse_rank)
 from termtune.families.decoder_export import (config_problems, decoder_warnings, end_of_turn_problems,
                                               is_sentencepiece, patch_config, tokenizer_config_problems, write_decoder)
 from termtune.rundir import sha256_file
@@ -104,8 +104,6 @@ class DecoderFamily(Family):
     def check_model_settings(self, cfg: Config) -> None:
         """Sizes, then which layers lora.target_modules selects (PEFT's own matching on a meta-device model)."""
         import torch
-        from peft import get_peft_model
-        from peft.tuners.lora import LoraLayer
         from transformers import AutoModelForCausalLM
 
         config = model_config(self, cfg)
@@ -115,26 +113,12 @@ class DecoderFamily(Family):
             size = values.get(key)
             if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
                 raise UserError(f"{origin}: {key}={size!r}: a model size must be a whole number from 1 to {MAX_SIZE:,}")
-        probe = lora_config(self, cfg)
-        probe.r = 1  # which layers LoRA wraps does not depend on the rank
         with torch.device("meta"):
             try:
                 model = AutoModelForCausalLM.from_config(config)
             except (TypeError, ValueError, RuntimeError) as e:
                 raise UserError(f"{origin}: cannot build the model from its config: {str(e).splitlines()[0]}") from e
-            try:
-                layers = [(name, m.in_features, m.out_features) for name, m in
-                          get_peft_model(model, probe).named_modules() if isinstance(m, LoraLayer)]
-            except ValueError as e:
-                raise UserError(f"lora.target_modules={cfg.lora.target_modules}: {str(e).splitlines()[0]} "
-                                f"{LINEAR_LAYERS_HINT}") from e
-        if isinstance(cfg.lora.target_modules, list):
-            for wanted in cfg.lora.target_modules:
-                if not any(name == wanted or name.endswith(f".{wanted}") for name, _, _ in layers):
-                    raise UserError(f"lora.target_modules: {wanted!r} matches no layer of the model "
-                                    f"{LINEAR_LAYERS_HINT}")
-        name, n_in, n_out = min(layers, key=lambda layer: min(layer[1:]))
-        refuse_rank(cfg.lora.r, name.removeprefix("base_model.model."), n_in, n_out)
+            check_lora_targets(self, cfg, model, LINEAR_LAYERS_HINT)
 
     def build_random(self, config: Any) -> "PreTrainedModel":
         from transformers import AutoModelForCausalLM

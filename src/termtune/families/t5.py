@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.families.base import (FAIL, OK, WARN, Family, base_config_json, lora_config, model_config,
-                                    refuse_rank, sentencepiece_problem, special_token)
+from termtune.families.base import (FAIL, OK, WARN, Family, base_config_json, check_lora_targets,
+                                    model_config, refuse_rank, sentencepiece_problem, special_token)
 
 if TYPE_CHECKING:
     import torch
@@ -225,37 +225,19 @@ def check_model_settings(family: Family, cfg: Config) -> None:
     flan-t5-large) and PEFT's own matching decides which layers lora.target_modules selects.
     """
     import torch
-    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForSeq2SeqLM
 
     config = model_config(family, cfg)
     # sizes such as d_model=0 or num_heads=-2 first: torch fails on them with a traceback or builds an empty model
     check_shape(config.to_dict(), cfg.model.architecture or cfg.model.source,
                 cfg.model.architecture_overrides if cfg.model.init == "random" else {})
-    probe = lora_config(family, cfg)
-    probe.r = 1  # which layers LoRA wraps does not depend on the rank, and lora.r=10**29 would not even build
     with torch.device("meta"):
         try:
             model = AutoModelForSeq2SeqLM.from_config(config)
         except (TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"{cfg.model.architecture or cfg.model.source}: cannot build the model from its "
                             f"config: {str(e).splitlines()[0]}") from e
-        try:
-            from peft import get_peft_model
-
-            layers = [(name, m.in_features, m.out_features) for name, m in
-                      get_peft_model(model, probe).named_modules() if isinstance(m, LoraLayer)]
-        except ValueError as e:
-            raise UserError(f"lora.target_modules={cfg.lora.target_modules}: {str(e).splitlines()[0]} "
-                            f"{LINEAR_LAYERS_HINT}") from e
-    if isinstance(cfg.lora.target_modules, list):
-        # PEFT is satisfied when any one name matches; a typo beside a good name would train less than meant.
-        for wanted in cfg.lora.target_modules:
-            if not any(name == wanted or name.endswith(f".{wanted}") for name, _, _ in layers):
-                raise UserError(f"lora.target_modules: {wanted!r} matches no layer of the model "
-                                f"{LINEAR_LAYERS_HINT}")
-    name, n_in, n_out = min(layers, key=lambda layer: min(layer[1:]))
-    refuse_rank(cfg.lora.r, name.removeprefix("base_model.model."), n_in, n_out)
+        check_lora_targets(family, cfg, model, LINEAR_LAYERS_HINT)
 
 
 def check_shape(values: dict[str, Any], origin: str, overrides: dict[str, Any]) -> None:
