@@ -7,10 +7,10 @@ BEDROCK_VENV := .venv-bedrock
 
 .PHONY: demo demo-t5 test install models clean-demo notebook
 
-$(VENV)/.installed: pyproject.toml requirements/cpu.txt
+$(VENV)/.installed: pyproject.toml requirements/cpu.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -r requirements/cpu.txt -e ".[dev]"
+	$(VENV)/bin/pip install -q -r requirements/cpu.txt -c requirements/constraints.txt -e ".[dev]"
 	touch $@
 
 # transformers 4.51.3 is what Bedrock serves imported models with; the export test loads
