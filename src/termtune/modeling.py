@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from termtune.config import Config
+from termtune.errors import UserError
 from termtune.families import base, family_for
 from termtune.families.base import base_model_dir, load_tokenizer
 
@@ -46,7 +47,11 @@ def materialize_random_base(cfg: Config) -> Path:
 def check_model_settings(cfg: Config) -> None:
     """Check the model's sizes and the LoRA settings against its real layers before any data or weights are
     touched."""
-    family_for(cfg).check_model_settings(cfg)
+    family = family_for(cfg)
+    if cfg.train.packing and not family.packs:
+        raise UserError(f"train.packing: {family.display_name} cannot train on packed batches (its encoder and "
+                        "decoder inputs are padded separately); set train.packing: false")
+    family.check_model_settings(cfg)
 
 
 def lora_config(cfg: Config) -> Any:

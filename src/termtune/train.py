@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.families import family_for, family_of_model
-from termtune.families.base import padded_separately
+from termtune.families.base import packed_tokens, padded_separately
 from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
@@ -56,7 +56,7 @@ SEAL_FILE = "termtune-complete.json"
 _TRAJECTORY_KEYS = {
     "train": ["epochs", "max_steps", "batch_size", "max_tokens_per_batch", "gradient_accumulation_steps",
               "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "precision",
-              "group_by_length"],
+              "group_by_length", "packing"],
     "lora": ["r", "alpha", "dropout", "target_modules", "bias", "modules_to_save"],
     "model": ["source", "init", "architecture", "architecture_overrides", "quantization"],
     "run": ["seed"],
@@ -166,12 +166,13 @@ def train(cfg: Config) -> TrainResult:
     with args.main_process_first(desc="load the base model"):
         # rank 0 materialises a random-init base once; the other ranks then load that same folder
         model = attach_lora(cfg, load_base(cfg))
-    collator = make_collator(tokenizer, model)
+    collator = make_collator(tokenizer, model, packed=cfg.train.packing)
     batch_sampler = LengthGroupedBatchSampler(
         source_lengths=[len(x) for x in train_ds["input_ids"]],
         target_lengths=[len(x) for x in train_ds["labels"]],
         batch_size=cfg.train.batch_size, max_tokens=cfg.train.max_tokens_per_batch,
-        group_by_length=cfg.train.group_by_length, seed=cfg.run.seed, padded_tokens=family.padded_tokens)
+        group_by_length=cfg.train.group_by_length, seed=cfg.run.seed,
+        padded_tokens=packed_tokens if cfg.train.packing else family.padded_tokens)
     from termtune.trainer_additions import trainer_class
 
     trainer = trainer_class(trainer_base)(
@@ -330,9 +331,10 @@ class LengthGroupedBatchSampler:
         return batches
 
 
-def make_collator(tokenizer: Any, model: Any) -> Any:
-    """The model family's collator: each batch padded to its own longest row, labels padded with -100."""
-    return family_of_model(model).collator(tokenizer, model)
+def make_collator(tokenizer: Any, model: Any, packed: bool = False) -> Any:
+    """The model family's collator: each batch padded to its own longest row, labels padded with -100 (or, packed,
+    one row of the batch's examples end to end)."""
+    return family_of_model(model).collator(tokenizer, model, packed)
 
 
 def _model_columns(ds: Any) -> Any:
@@ -593,7 +595,7 @@ def _result(cfg: Config, trainer: Any, precision: str, resume: Path | None) -> T
     history = trainer.state.log_history
     train_losses = [h["loss"] for h in history if "loss" in h]
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    src, src_slots, tgt, tgt_slots, examples = trainer.throughput.totals
+    real, slots, answers, examples = trainer.throughput.totals
     seconds = trainer.throughput.seconds
     model = trainer.model
     return TrainResult(
@@ -610,8 +612,8 @@ def _result(cfg: Config, trainer: Any, precision: str, resume: Path | None) -> T
         resumed_from=str(resume) if resume else None,
         train_seconds=round(seconds, 3),
         examples_per_s=examples / seconds if seconds else 0.0,
-        target_tokens_per_s=tgt / seconds if seconds else 0.0,
-        padding_fraction=1 - (src + tgt) / (src_slots + tgt_slots) if src_slots + tgt_slots else 0.0,
+        target_tokens_per_s=answers / seconds if seconds else 0.0,
+        padding_fraction=1 - real / slots if slots else 0.0,
         **_peak_memory(),
     )
 

@@ -100,17 +100,28 @@ class Throughput(TrainerCallback):
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
-        # [real source, padded source, real target, padded target, examples]: since the last log, and in all
-        self.window = [0, 0, 0, 0, 0]
-        self.totals = [0, 0, 0, 0, 0]
+        # An encoder-decoder's targets are a second padded stream beside its sources; a decoder's prompt and
+        # answer are one stream, which its attention mask covers.
+        self.two_streams = bool(getattr(trainer.model.config, "is_encoder_decoder", False))
+        # [real tokens, token slots (real + padding), answer tokens, examples]: since the last log, and in all
+        self.window = [0, 0, 0, 0]
+        self.totals = [0, 0, 0, 0]
         self.seconds = 0.0
         self.window_start = self.mark = time.perf_counter()
         self.excluded = 0.0
 
     def count(self, inputs: dict[str, Any]) -> None:
-        mask, labels = inputs["attention_mask"], inputs["labels"]
-        counts = [int(mask.sum()), mask.numel(), int((labels != -100).sum()), labels.numel(), labels.shape[0]]
-        self.window = [a + b for a, b in zip(self.window, counts)]
+        labels = inputs["labels"]
+        answers = int((labels != -100).sum())
+        if "attention_mask" not in inputs:  # packed (train.packing): one row, no padding, an example per restart
+            real = slots = labels.numel()
+            examples = int((inputs["position_ids"] == 0).sum())
+        else:
+            mask = inputs["attention_mask"]
+            real, slots, examples = int(mask.sum()), mask.numel(), labels.shape[0]
+        if self.two_streams:  # every target token is a label; the label stream's padding is -100
+            real, slots = real + answers, slots + labels.numel()
+        self.window = [a + b for a, b in zip(self.window, (real, slots, answers, examples))]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.window_start = self.mark = time.perf_counter()
@@ -144,13 +155,12 @@ class Throughput(TrainerCallback):
         trainer = self.trainer
         if trainer.args.world_size > 1:
             counts = trainer.accelerator.reduce(counts.to(trainer.args.device), reduction="sum").cpu()
-        src, src_slots, tgt, tgt_slots, examples = counts.tolist()
-        self.totals = [a + b for a, b in zip(self.totals, (src, src_slots, tgt, tgt_slots, examples))]
+        real, slots, answers, examples = counts.tolist()
+        self.totals = [a + b for a, b in zip(self.totals, (real, slots, answers, examples))]
         self.seconds += seconds
-        self.window, self.window_start, self.mark, self.excluded = [0, 0, 0, 0, 0], now, now, 0.0
-        slots = src_slots + tgt_slots
-        return {"examples_per_s": examples / seconds, "target_tokens_per_s": tgt / seconds,
-                "padding_fraction": 1 - (src + tgt) / slots if slots else 0.0}
+        self.window, self.window_start, self.mark, self.excluded = [0, 0, 0, 0], now, now, 0.0
+        return {"examples_per_s": examples / seconds, "target_tokens_per_s": answers / seconds,
+                "padding_fraction": 1 - real / slots if slots else 0.0}
 
 
 class ProgressBar(ProgressCallback):

@@ -80,9 +80,13 @@ class Family:
         """Token slots one batch of rows with these lengths takes once padded (what a token budget counts)."""
         return padded_separately(source_lengths, target_lengths)
 
-    def collator(self, tokenizer: Any, model: Any) -> Any:
-        """Pads a batch of {input_ids, labels}; labels padded with -100."""
+    def collator(self, tokenizer: Any, model: Any, packed: bool = False) -> Any:
+        """Pads a batch of {input_ids, labels}; labels padded with -100. `packed` (train.packing, families with
+        `packs`): the batch as one row instead, its examples end to end."""
         raise NotImplementedError
+
+    packs: bool = False
+    """Whether the family trains on packed batches (train.packing)."""
 
     def trainer_classes(self) -> tuple[type, type]:
         """(transformers.Trainer subclass, its TrainingArguments class) this family trains with."""
@@ -188,6 +192,11 @@ class Family:
 def padded_separately(source_lengths: list[int], target_lengths: list[int]) -> int:
     """Padded token slots of a batch whose sources and targets are two streams, each padded to its longest row."""
     return len(source_lengths) * (max(source_lengths) + max(target_lengths))
+
+
+def packed_tokens(source_lengths: list[int], target_lengths: list[int]) -> int:
+    """Token slots of a packed batch (train.packing): its examples end to end, no padding."""
+    return sum(source_lengths) + sum(target_lengths)
 
 
 def check_local_or_hub(source: str, key: str) -> None:

@@ -64,6 +64,7 @@ class DecoderFamily(Family):
     pipeline_tag = "text-generation"
     generation_padding_side = "left"  # a decoder continues the prompt: pad before it, never between it and the answer
     chat_data = True  # rows are conversations rendered through the tokenizer's chat template
+    packs = True  # one causal stream per example: examples can sit end to end with position ids restarting
 
     def __init__(self, name: str, model_type: str, architecture: str, display_name: str,
                  extra_tensors: Callable[[str, int, int, int], dict[str, list[int]]] | None = None) -> None:
@@ -151,9 +152,11 @@ class DecoderFamily(Family):
         # one stream per row: prompt and answer side by side, padded to the longest row
         return len(source_lengths) * max(s + t for s, t in zip(source_lengths, target_lengths))
 
-    def collator(self, tokenizer: Any, model: Any) -> Any:
+    def collator(self, tokenizer: Any, model: Any, packed: bool = False) -> Any:
         import torch
 
+        if packed:
+            return PackedCompletionCollator()
         return CompletionCollator(tokenizer.pad_token_id, 8 if torch.cuda.is_available() else None)
 
     def trainer_classes(self) -> tuple[type, type]:
@@ -314,6 +317,29 @@ class CompletionCollator:
             attention_mask[i, :n] = 1
             labels[i, len(prompt):n] = torch.tensor(answer, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PackedCompletionCollator:
+    """The batch as one row (train.packing): each example's prompt and answer ids end to end, with no padding and
+    no attention mask. Position ids restart at 0 for every example, and from them transformers builds attention
+    that stays within each example (masking_utils' packed-sequence detection, which needs no attention mask and no
+    cache: TRL's SFTTrainer passes use_cache=False). Every example's first label is -100 whatever it is, so no
+    token is ever scored as a continuation of the example before it."""
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for r in rows:
+            prompt, answer = list(r["input_ids"]), list(r["labels"])
+            input_ids += prompt + answer
+            labels += [-100] * len(prompt) + answer
+            labels[len(input_ids) - len(prompt) - len(answer)] = -100
+            positions += range(len(prompt) + len(answer))
+        return {"input_ids": torch.tensor([input_ids]), "labels": torch.tensor([labels]),
+                "position_ids": torch.tensor([positions])}
 
 
 # ----------------------------------------------------------------------------- Bedrock Custom Model Import rules

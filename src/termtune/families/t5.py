@@ -70,7 +70,7 @@ class T5Family(Family):
         # The target is a second stream (the decoder's): tokenized as a target, not appended to the prompt.
         return tokenizer(prompts)["input_ids"], tokenizer(text_target=targets)["input_ids"]
 
-    def collator(self, tokenizer: Any, model: Any) -> Any:
+    def collator(self, tokenizer: Any, model: Any, packed: bool = False) -> Any:
         """Pad each batch to its own longest row; labels are padded with -100 so the loss skips them.
 
         (The seed recipe padded labels with the pad id, so it trained the model to emit padding.)
