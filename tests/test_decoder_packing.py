@@ -80,18 +80,23 @@ def test_packed_training_starts_from_the_padded_loss_and_exports(llama_cfg):  # 
         lines = (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()
         return [json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)]
 
-    cfg_padded = llama_cfg("train.max_steps=2", run="padded")
+    cfg_padded = llama_cfg(run="padded")  # one epoch: 5 batches of 8
     padded = first_losses(cfg_padded)
-    packed_cfg = llama_cfg("train.max_steps=2", "train.packing=true", run="packed")
+    packed_cfg = llama_cfg("train.packing=true", run="packed")
     packed = first_losses(packed_cfg)
     # step 1 scores the same batches with the same weights: one loss, whatever the layout
     assert abs(packed[0] - padded[0]) < 1e-4, (packed, padded)
     result = json.loads((packed_cfg.run_dir / "train" / "result.json").read_text())
-    assert result["global_step"] == 2 and result["padding_fraction"] == 0.0
-    # two batches of 8: the examples are counted where positions restart, not as the one row each batch is
-    assert result["examples_per_s"] * result["train_seconds"] == pytest.approx(16, rel=1e-3)
+    assert result["global_step"] == 5 and result["padding_fraction"] == 0.0
+    # 40 rows: the examples are counted where positions restart, not as the one row each batch is
+    assert result["examples_per_s"] * result["train_seconds"] == pytest.approx(40, rel=1e-3)
     padded_result = json.loads((cfg_padded.run_dir / "train" / "result.json").read_text())
     assert 0 < padded_result["padding_fraction"] < 0.5  # one stream: prompt and answer slots counted once
+    from termtune.plan import compare_with_measured
+
+    for cfg in (cfg_padded, packed_cfg):  # the plan batches as training does: its padding is what training measured
+        row = next(r for r in compare_with_measured(cfg) if r["quantity"] == "padding fraction")
+        assert row["measured"] == pytest.approx(row["planned"], abs=1e-4), (cfg.train.packing, row)
     pipeline.run_stage(packed_cfg, "export")  # the merged artifact of a packed run exports like any other
     assert (packed_cfg.run_dir / "artifact" / "config.json").is_file()
 

@@ -107,6 +107,16 @@ def test_a_decoder_plan_counts_padding_as_one_stream_and_prices_packing(tmp_path
     assert f"packed (no pad tokens, each row attending to itself): {f['epoch_packed'] / 1e12:.2f} TFLOP" in summary
 
 
+def test_a_packed_decoder_plan_has_no_padding_and_prices_the_packed_batches(tmp_path):
+    padded = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct"), cpu_peak=1e11)
+    packed = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct", "train.packing=true"), cpu_peak=1e11)
+    assert packed.data["padding_fraction"] == 0.0 < padded.data["padding_fraction"]
+    assert packed.flops["epoch"] == pytest.approx(padded.flops["epoch_packed"])
+    assert "epoch_packed" not in packed.flops and packed.train_flops < padded.train_flops
+    summary = packed.summary()
+    assert "TFLOP per epoch in termtune's packed batches" in summary and "the times are the padded" not in summary
+
+
 def test_the_money_lines_come_from_the_cited_price_table(tmp_path):
     price = P.CMI_PRICES[("us-east-1", "v1.0")]
     planned = P.plan(real_cfg(tmp_path, "qwen3-0.6b", "export.dtype=bf16"), cpu_peak=1e11)

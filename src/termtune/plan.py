@@ -30,6 +30,7 @@ from typing import Any, Callable
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.families import FAMILIES, family_for
+from termtune.families.base import packed_tokens
 from termtune.layout import RunLayout
 from termtune.rundir import read_json
 
@@ -332,7 +333,7 @@ def batching(cfg: Config, data: DataEstimate) -> Batching:
     from termtune.train import LengthGroupedBatchSampler
 
     t = cfg.train
-    padded_tokens = family_for(cfg, download=False).padded_tokens
+    padded_tokens = packed_tokens if t.packing else family_for(cfg, download=False).padded_tokens
     sampler = LengthGroupedBatchSampler(data.source_lengths, data.target_lengths, batch_size=t.batch_size,
                                         max_tokens=t.max_tokens_per_batch, group_by_length=t.group_by_length,
                                         seed=cfg.run.seed, padded_tokens=padded_tokens)
@@ -522,14 +523,14 @@ class Plan:
         lines += [
             f"training time: {self.train_flops / 1e12:.2f} TFLOP per run ({self.epochs:g} epochs, {self.steps} "
             "optimizer steps)",
-            f"  {f['epoch'] / 1e12:.2f} TFLOP per epoch in termtune's padded batches = {f['per_token'] / 1e9:.3f} "
-            "GFLOP per real token",
+            f"  {f['epoch'] / 1e12:.2f} TFLOP per epoch in termtune's {f['batches']} batches = "
+            f"{f['per_token'] / 1e9:.3f} GFLOP per real token",
         ]
         if "epoch_packed" in f:
             lines.append(f"  packed (no pad tokens, each row attending to itself): {f['epoch_packed'] / 1e12:.2f} "
                          f"TFLOP per epoch = {f['per_token_packed'] / 1e9:.3f} GFLOP per token, "
-                         f"{1 - f['epoch_packed'] / f['epoch']:.0%} less; termtune pads, so the times are the padded "
-                         "ones")
+                         f"{1 - f['epoch_packed'] / f['epoch']:.0%} less; the times are the padded ones "
+                         "(train.packing trains packed)")
         if d["instance"]:
             lines.append(f"  {d['name']}: {_duration(self.train_seconds)} at {d['efficiency']:.0%} of "
                          f"{d['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16 peak")
@@ -607,11 +608,13 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     steps = batches.steps_per_epoch * epochs if cfg.train.max_steps < 0 else cfg.train.max_steps
     epoch_share = steps / max(1, batches.steps_per_epoch)
     head_trained = "lm_head" in cfg.lora.modules_to_save
-    epoch_flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained)
+    epoch_flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained,
+                                  packed=cfg.train.packing)
     flops = epoch_flops * epoch_share
     real_tokens = batches.real_source + batches.real_target
-    flop_counts = {"epoch": epoch_flops, "per_token": epoch_flops / real_tokens}
-    if shape.packs:  # what the same epoch would cost with the rows packed: no pad tokens
+    flop_counts = {"epoch": epoch_flops, "per_token": epoch_flops / real_tokens,
+                   "batches": "packed" if cfg.train.packing else "padded"}
+    if shape.packs and not cfg.train.packing:  # what the same epoch would cost with the rows packed: no pad tokens
         packed = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained, packed=True)
         flop_counts |= {"epoch_packed": packed, "per_token_packed": packed / real_tokens}
     loss_traffic = standard_loss_bytes(shape, batches, head_trained) * epoch_share
