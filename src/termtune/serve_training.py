@@ -199,7 +199,16 @@ def check_rules(body: dict, region: str) -> None:
         if match["region"] != region:
             raise _invalid(f"TrainingImage {image} is in region {match['region']}; a training job in {region} "
                            f"needs an image from {region}.")
+    resource = body.get("ResourceConfig") or {}
+    if resource.get("InstanceGroups"):
+        raise _invalid("termtune serve runs homogeneous clusters only (InstanceType and InstanceCount), not "
+                       "InstanceGroups.")
+    if resource.get("InstanceCount", 1) < 1:  # the shape allows 0 for instance groups
+        raise _invalid("ResourceConfig.InstanceCount must be at least 1.")
     names = [c["ChannelName"] for c in body.get("InputDataConfig") or []]
+    for name in names:
+        if name in (".", ".."):  # the pattern allows them; as a folder under input/data/ they lead out of it
+            raise _invalid(f"The channel name {name!r} is not a valid folder name under /opt/ml/input/data/.")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise _invalid(f"Channel names must be unique; {', '.join(duplicates)} is given more than once.")
