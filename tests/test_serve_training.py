@@ -398,3 +398,13 @@ def test_gzip_output_is_one_model_tar_gz(sagemaker_env):
     data = boto("s3").get_object(Bucket=BUCKET, Key=f"{PREFIX}/output/tt-gzip/output/model.tar.gz")["Body"].read()
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.getnames() == ["weights.bin"] and tar.extractfile("weights.bin").read() == b"w\n"
+
+
+def test_running_jobs_binds_only_the_loopback_address():
+    from termtune.errors import UserError
+    from termtune.serve import start_server
+
+    with pytest.raises(UserError, match="binds only 127.0.0.1"):
+        start_server(host="0.0.0.0", run_training_jobs=True, local_root="/nonexistent")
+    server, _ = start_server(host="0.0.0.0", local_root="/nonexistent")  # without jobs, as before
+    server.stop()
