@@ -340,7 +340,8 @@ def test_a_spot_interruption_restarts_from_the_s3_checkpoints(sagemaker_env):
     first, second = (lines for _, lines in sorted(streams.items()))
     assert first[0] == "start at 0" and second[0] != "start at 0"
     resumed = int(second[0].split()[-1])
-    assert first[-1] == f"step {resumed}" or int(first[-1].split()[-1]) >= resumed
+    # from the last checkpoint the first attempt wrote (it may have been killed before printing its step)
+    assert int(first[-1].split()[-1]) in (resumed, resumed - 1)
     assert second[-1] == "step 8"
     s3 = boto("s3")
     assert s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/output/tt-spot/output/model/step")["Body"].read() == b"8\n"

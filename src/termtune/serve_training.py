@@ -232,7 +232,6 @@ class Host:
 
 @dataclass
 class Job:
-    request: dict
     description: dict  # the DescribeTrainingJob answer, as it is now (guarded by Training.lock)
     tags: list
     root: Path
@@ -275,11 +274,6 @@ class Training:
         account = self.account()
         name, role_arn = body["TrainingJobName"], body["RoleArn"]
         arn = f"arn:aws:sagemaker:{self.region}:{account}:training-job/{name.lower()}"
-        with self.lock:
-            if name in self.jobs:
-                raise ServiceError("ResourceInUse", f"Training job names must be unique within an AWS account and "
-                                                    f"region, and a training job with this name already exists "
-                                                    f"({self.jobs[name].description['TrainingJobArn']})")
         if self.capacity_error:
             resource = body.get("ResourceConfig") or {}
             kind, count = resource.get("InstanceType", "ml.m5.xlarge"), resource.get("InstanceCount", 1)
@@ -302,9 +296,11 @@ class Training:
         description.setdefault("StoppingCondition", {"MaxRuntimeInSeconds": 86400})
         description["StoppingCondition"].setdefault("MaxRuntimeInSeconds", 86400)
         with self.lock:
-            if name in self.jobs:  # created by another request meanwhile
-                raise ServiceError("ResourceInUse", f"A training job named {name} already exists ({arn})")
-            job = self.jobs[name] = Job(body, description, list(body.get("Tags") or []),
+            if name in self.jobs:
+                raise ServiceError("ResourceInUse", f"Training job names must be unique within an AWS account and "
+                                                    f"region, and a training job with this name already exists "
+                                                    f"({arn})")
+            job = self.jobs[name] = Job(description, list(body.get("Tags") or []),
                                         inside(self.workdir, name, what="the training job name"))
         threading.Thread(target=self._run, args=(job,), name=f"training-{name}", daemon=True).start()
         return {"TrainingJobArn": arn}
@@ -467,10 +463,11 @@ class Training:
                 raise JobFailure(outcome)
             self._transition(job, "Uploading", "Uploading generated training model")
             self._upload(job, credentials)
-            self._finish(job, "Completed" if outcome == "Completed" else "Stopped",
-                         outcome if outcome != "Completed" else "Completed",
-                         "Training job completed" if outcome == "Completed" else _STOP_MESSAGES[outcome])
-        except JobFailure as e:
+            if outcome == "Completed":
+                self._finish(job, "Completed", "Completed", "Training job completed")
+            else:
+                self._finish(job, "Stopped", outcome, _STOP_MESSAGES[outcome])
+        except (JobFailure, UnsafeName) as e:  # UnsafeName: a path the request names leads out of the job root
             self._finish(job, "Failed", "Failed", "Training job failed", reason=str(e)[:FAILURE_REASON_CHARS])
         except Exception as e:  # a bug here is still the job's failure, not serve's
             reason = f"InternalServerError: termtune serve: {type(e).__name__}: {e}"[:FAILURE_REASON_CHARS]
@@ -604,7 +601,8 @@ class Training:
             self._sync(job, s3)
         if outcome:
             return outcome
-        failed = [h for h in job.hosts if h.returncode != 0]
+        # the instance that failed by itself, not one stopped because of it (killed by a signal: < 0)
+        failed = sorted((h for h in job.hosts if h.returncode != 0), key=lambda h: (h.returncode or 0) < 0)
         if not failed:
             return "Completed"
         host = failed[0]
