@@ -409,3 +409,15 @@ def test_running_jobs_binds_only_the_loopback_address():
         start_server(host="0.0.0.0", run_training_jobs=True, local_root="/nonexistent")
     server, _ = start_server(host="0.0.0.0", local_root="/nonexistent")  # without jobs, as before
     server.stop()
+
+
+def test_max_wait_counts_the_spot_wait(sagemaker_env):
+    # interrupted at once, then 6 s waiting for capacity (time scale 0.2): past MaxWaitTimeInSeconds 5
+    stand_in = sagemaker_env(training_time_scale=0.2, spot_interrupt_after_seconds=0.2)
+    sm = sagemaker()
+    sm.create_training_job(**request("tt-max-wait", stand_in.role_arn, "while true; do sleep 0.1; done\n",
+                                     EnableManagedSpotTraining=True,
+                                     StoppingCondition={"MaxRuntimeInSeconds": 5, "MaxWaitTimeInSeconds": 5}))
+    job = wait_for(sm, "tt-max-wait")
+    assert (job["TrainingJobStatus"], job["SecondaryStatus"]) == ("Stopped", "MaxWaitTimeExceeded")
+    assert "Interrupted" in transitions(job)
