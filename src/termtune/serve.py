@@ -8,6 +8,10 @@ against it once the SDK's standard endpoint settings point at it:
     export AWS_ENDPOINT_URL_BEDROCK=http://127.0.0.1:8787
     export AWS_ENDPOINT_URL_BEDROCK_RUNTIME=http://127.0.0.1:8787
 
+On the same port it stands in for SageMaker's training jobs (`POST /` with `X-Amz-Target:
+SageMaker.<Operation>`, AWS_ENDPOINT_URL_SAGEMAKER): termtune.serve_training, which runs a job's
+command on this machine only when serve is started with --run-training-jobs.
+
 What it does like AWS: the rest-json routes and status codes, the field patterns and
 lengths (termtune.aws.names), one running import job per region, the imported-model
 quota, clientRequestToken idempotency, the exact status strings InProgress / Completed /
