@@ -10,6 +10,7 @@ import time
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import WaiterError
 
 from aws_fixtures import (ACCOUNT, BUCKET, EXISTING_ROLE, TRAINING_IMAGE, aws_env, boto, bucket,  # noqa: F401
                           moto_server, sagemaker_env, sagemaker_permissions)
@@ -216,6 +217,9 @@ def test_a_failing_job_reports_its_reason(sagemaker_env):
     job = wait_for(sm, "tt-fail-file")
     assert job["TrainingJobStatus"] == "Failed" and job["SecondaryStatus"] == "Failed"
     assert job["FailureReason"] == "AlgorithmError: the data has no rows"
+    with pytest.raises(WaiterError, match="Failed"):  # boto3's own waiter reads the stand-in's statuses
+        sm.get_waiter("training_job_completed_or_stopped").wait(TrainingJobName="tt-fail-exit",
+                                                                WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     job = wait_for(sm, "tt-fail-exit")
     assert job["FailureReason"] == ("AlgorithmError: the training process on algo-1 exited with code 4; its last "
                                     "line: boom")

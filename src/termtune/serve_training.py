@@ -33,6 +33,7 @@ ResourceLimitExceeded on every create (no capacity or quota). `time_scale` shrin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -85,7 +86,9 @@ class JobFailure(Exception):
 # ----------------------------------------------------------------------------- validation
 
 
+@functools.lru_cache(maxsize=1)
 def _model() -> Any:
+    """botocore's sagemaker service model (a large file: read once)."""
     import botocore.session
 
     return botocore.session.get_session().get_service_model("sagemaker")
