@@ -73,7 +73,9 @@ def test_a_job_runs_as_its_role_and_uploads_its_model(sagemaker_env):
     script = r'''
 set -e
 OPT=$TERMTUNE_OPT_ML
-echo "job $TRAINING_JOB_NAME on $(python -c 'import json,os; print(json.load(open(os.environ["TERMTUNE_OPT_ML"]+"/input/config/resourceconfig.json"))["current_host"])')"
+HOST=$(python -c 'import json, os; print(json.load(open(os.environ["TERMTUNE_OPT_ML"]
+    + "/input/config/resourceconfig.json"))["current_host"])')
+echo "job $TRAINING_JOB_NAME on $HOST"
 ls "$OPT/input/data/code"
 echo "pip index off: $PIP_NO_INDEX; key $AWS_ACCESS_KEY_ID"
 mkdir -p "$OPT/model/artifact"

@@ -344,7 +344,8 @@ def serve(
     serve_stage.serve(host=host, port=port, cold_start_seconds=cold_start, throttle_every=throttle_every,
                       import_delay_seconds=import_delay, model_quota=model_quota, region=region, runtime=runtime,
                       run_training_jobs=run_training_jobs, training_time_scale=training_time_scale,
-                      spot_interrupt_after_seconds=spot_interrupt_after, training_capacity_error=training_capacity_error)
+                      spot_interrupt_after_seconds=spot_interrupt_after,
+                      training_capacity_error=training_capacity_error)
 
 
 # ----------------------------------------------------------------------------- the whole path

@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # `kill` or a closed terminal: stop the stand-ins on the way out
         signal.signal(sig, lambda number, _: sys.exit(128 + number))
     try:
-        with local_aws(args.bucket, cold_start_seconds=args.cold_start, run_training_jobs=args.run_training_jobs) as aws:
+        with local_aws(args.bucket, cold_start_seconds=args.cold_start,
+                       run_training_jobs=args.run_training_jobs) as aws:
             emit("note", f"local AWS: S3/IAM/STS/KMS/Logs (moto, IAM enforced) on {aws.moto_url}, Bedrock and "
                          f"SageMaker (termtune serve) on {aws.bedrock_url}; running {shlex.join(command)}")
             status = subprocess.run(command).returncode

@@ -542,7 +542,8 @@ class Training:
                                                                    "instance_type": kind, "hosts": names}],
                                               "network_interface_name": "eth0"}}
             if d.get("CheckpointConfig"):
-                config["checkpointconfig.json"] = {"LocalPath": _checkpoint_path(d), "S3Uri": d["CheckpointConfig"]["S3Uri"]}
+                config["checkpointconfig.json"] = {"LocalPath": _checkpoint_path(d),
+                                                   "S3Uri": d["CheckpointConfig"]["S3Uri"]}
             for file, value in config.items():
                 (root / "input/config" / file).write_text(json.dumps(value, indent=2), encoding="utf-8")
             host = Host(name, root)
@@ -670,7 +671,8 @@ class Training:
         env.update(job.description.get("Environment") or {})
         env.update(TRAINING_JOB_NAME=job.description["TrainingJobName"],
                    TRAINING_JOB_ARN=job.description["TrainingJobArn"], TERMTUNE_OPT_ML=str(host.root),
-                   PIP_NO_INDEX="1", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+                   PIP_NO_INDEX="1",
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                    TERMTUNE_HOST_ADDRESSES=addresses, TERMTUNE_MASTER_PORT=master_port,
                    AWS_ACCESS_KEY_ID=credentials["aws_access_key_id"],
                    AWS_SECRET_ACCESS_KEY=credentials["aws_secret_access_key"],
