@@ -107,6 +107,31 @@ def test_a_decoder_plan_counts_padding_as_one_stream_and_prices_packing(tmp_path
     assert f"packed (no pad tokens, each row attending to itself): {f['epoch_packed'] / 1e12:.2f} TFLOP" in summary
 
 
+@pytest.mark.parametrize("kind", ["messages", "terms"])
+def test_the_estimate_before_data_prepare_is_what_the_data_stage_then_writes(tmp_path, kind):
+    """Fewer rows than the sample: the plan renders each as the data stage does (a chat source's conversations
+    through the chat template, system turns and earlier turns included), so the lengths are exactly the prepared
+    ones, in the same order."""
+    from termtune import pipeline
+
+    if kind == "messages":
+        rows = [{"messages": [{"role": "system", "content": "Answer as a medical glossary."},
+                              {"role": "user", "content": f"What is {r['term']}?"},
+                              *([{"role": "assistant", "content": "A term."}, {"role": "user", "content": "More?"}]
+                                if i % 3 == 0 else []),
+                              {"role": "assistant", "content": r["definition"][:300]}]}
+                for i, r in enumerate(medquad_rows(30))]
+        write_jsonl(tmp_path / "terms.jsonl", rows)
+    cfg = real_cfg(tmp_path, "qwen2.5-0.5b-instruct")
+    before = P.data_estimate(cfg)
+    assert before.origin == "sample"
+    pipeline.run_stage(cfg, "data")
+    after = P.data_estimate(cfg)
+    assert after.origin == "prepared" and (before.train_rows, before.test_rows) == (after.train_rows, after.test_rows)
+    assert (before.source_lengths, before.target_lengths) == (after.source_lengths, after.target_lengths)
+    assert before.test_target_max == after.test_target_max
+
+
 def test_a_packed_decoder_plan_has_no_padding_and_prices_the_packed_batches(tmp_path):
     padded = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct"), cpu_peak=1e11)
     packed = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct", "train.packing=true"), cpu_peak=1e11)

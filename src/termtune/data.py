@@ -99,29 +99,17 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
     from termtune.modeling import load_tokenizer
 
     # --- read and validate
-    source = open_source(d.source, d.hub_split, d.revision)
-    label, columns, _ = source
-    # Columns named in the config are term rows whatever else the source holds.
-    kind = TERMS if d.term_column or d.definition_column else conversations.source_kind(columns) or TERMS
     family = family_for(cfg)
-    if kind != TERMS and not family.chat_data:
-        what, columns_that_told = KIND_WORDS[kind]
-        raise UserError(f"{label}: {what} ({columns_that_told}) needs a model that trains on its chat template "
-                        f"(Llama, Qwen, Mistral); {family.display_name} trains on term/definition rows only")
-    if kind == TERMS:
-        read = read_examples(cfg, opened=source)
-    else:
-        read = conversations.read_conversations(source, strict=d.strict, max_chars=d.max_chars,
-                                                max_rows=d.max_rows, duplicates=d.duplicates)
+    source = read_source(cfg, family)
+    label, kind, read = source.label, source.kind, source.read
 
     # --- tokenize: through the chat template, or as the family encodes a row
     tokenizer = load_tokenizer(cfg)
     lengths: dict[str, list[int]] = {"source": [], "target": []}
     rendering = Findings(strict=d.strict)
     if family.chat_data:
-        items = read.items if kind != TERMS else conversations.term_conversations(read.rows, label)
-        rows = conversations.render_conversations(items, tokenizer, d.max_source_length, d.max_target_length,
-                                                  rendering, lengths)
+        rows = conversations.render_conversations(source.conversations, tokenizer, d.max_source_length,
+                                                  d.max_target_length, rendering, lengths)
     else:
         rows = read.rows
         _tokenize(family, tokenizer, rows, d.max_source_length, d.max_target_length, lengths)
@@ -157,6 +145,42 @@ def prepare(cfg: Config, force: bool = False) -> PreparedData:
         _write_jsonl(tmp / layout.split("test").name, split.test)
         write_json(tmp / layout.stats.name, stats)
     return PreparedData(layout.split("train"), layout.split("test"), stats)
+
+
+@dataclass
+class Source:
+    """A source read and checked as the data stage reads it, before tokenizing."""
+
+    label: str
+    kind: str
+    """TERMS, or conversations.source_kind's name for a chat or prompt/completion source."""
+    read: Any
+    """The reader's result: Examples (term rows) or conversations.Conversations."""
+    conversations: list[Any]
+    """For a family that trains on chat data: every usable row as a conversation (term rows as one question)."""
+
+
+def read_source(cfg: Config, family: Any, lenient: bool = False) -> Source:
+    """Open `data.source`, tell its kind from its columns (columns named in the config are term rows whatever else
+    the source holds), refuse a chat source for a family that trains on term rows only, and read it. `lenient`
+    (the plan's estimate) counts every finding and raises none."""
+    d = cfg.data
+    opened = open_source(d.source, d.hub_split, d.revision)
+    label, columns, _ = opened
+    kind = TERMS if d.term_column or d.definition_column else conversations.source_kind(columns) or TERMS
+    if kind != TERMS and not family.chat_data:
+        what, columns_that_told = KIND_WORDS[kind]
+        raise UserError(f"{label}: {what} ({columns_that_told}) needs a model that trains on its chat template "
+                        f"(Llama, Qwen, Mistral); {family.display_name} trains on term/definition rows only")
+    if kind == TERMS:
+        read = read_examples(cfg, lenient=lenient, opened=opened)
+        items = conversations.term_conversations(read.rows, label) if family.chat_data else []
+    else:
+        read = conversations.read_conversations(opened, strict=d.strict and not lenient, max_chars=d.max_chars,
+                                                max_rows=d.max_rows, duplicates="keep_first" if lenient
+                                                else d.duplicates)
+        items = read.items
+    return Source(label, kind, read, items)
 
 
 @dataclass

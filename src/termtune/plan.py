@@ -282,26 +282,46 @@ def _read_lengths(path: Path) -> tuple[list[int], list[int]]:
 
 
 def _sample_source(cfg: Config, sample_rows: int) -> DataEstimate:
-    """Read and check every row as the data stage does; tokenise an evenly spread sample of the usable ones."""
-    from termtune import data
+    """Read and check every row as the data stage does (term rows, or conversations for a family that trains on
+    chat data); tokenise an evenly spread sample of the usable ones as the data stage would."""
+    from termtune import conversations, data
     from termtune.modeling import load_tokenizer
+    from termtune.rowcheck import Findings
 
     d = cfg.data
-    read = data.read_examples(cfg, lenient=True)
-    label, examples = read.label, read.rows
+    family = family_for(cfg, download=False)
+    source = data.read_source(cfg, family, lenient=True)
+    if family.chat_data:  # split as the data stage splits rendered rows: by the term (first user turn) and answer
+        examples = [{"term": c.term, "target": c.answer, "conversation": c} for c in source.conversations]
+    else:
+        examples = source.read.rows
     train, test = data.split_by_term(examples, d.test_size, cfg.run.seed)
     step = max(1, len(train) // sample_rows)
-    sample = train[::step][:sample_rows] + test[:sample_rows]
-    sources, targets = family_for(cfg, download=False).encode(load_tokenizer(cfg), [r["prompt"] for r in sample],
-                                                              [r["target"] for r in sample])
-    src = [min(len(x), d.max_source_length) for x in sources]
-    tgt = [min(len(x), d.max_target_length) for x in targets]
-    n_sample = len(train[::step][:sample_rows])
+    tokenizer = load_tokenizer(cfg)
+
+    def lengths(rows: list[dict]) -> tuple[list[int], list[int]]:
+        if family.chat_data:  # rows the template refuses are skipped, as the data stage skips them
+            found: dict[str, list[int]] = {"source": [], "target": []}
+            conversations.render_conversations([r["conversation"] for r in rows], tokenizer, d.max_source_length,
+                                               d.max_target_length, Findings(strict=False), found)
+            sources, targets = found["source"], found["target"]
+        else:
+            encoded = family.encode(tokenizer, [r["prompt"] for r in rows], [r["target"] for r in rows])
+            sources, targets = [len(x) for x in encoded[0]], [len(x) for x in encoded[1]]
+        return [min(n, d.max_source_length) for n in sources], [min(n, d.max_target_length) for n in targets]
+
+    src, tgt = lengths(train[::step][:sample_rows])
+    n_sample = len(src)
+    if not n_sample:
+        raise UserError(f"{source.label}: the chat template renders none of the sampled training rows")
+    test_src, test_tgt = lengths(test[:sample_rows])
+    src, tgt = src + test_src, tgt + test_tgt
     # The training rows take the sampled lengths in turn, so the batch simulation sees their spread.
     src_train = [src[i % n_sample] for i in range(len(train))]
     tgt_train = [tgt[i % n_sample] for i in range(len(train))]
     return DataEstimate("sample", len(train), len(test), src_train, tgt_train, max(tgt[n_sample:], default=0),
-                        f"{len(examples)} usable rows in {label}; lengths from a sample of {n_sample} tokenised rows")
+                        f"{len(examples)} usable rows in {source.label}; lengths from a sample of {n_sample} "
+                        "tokenised rows")
 
 
 @dataclass
