@@ -143,3 +143,21 @@ def test_tiny_model_runs_through_trl_export_deploy_and_the_formats_bedrock_offer
             rt.converse(modelId=arn, messages=turn, inferenceConfig={"maxTokens": N})
         assert code(e) == "ValidationException" and "not supported for Qwen3 models" in str(e.value)
     assert boto("bedrock").get_imported_model(modelIdentifier=arn)["instructSupported"] is (family == "mistral")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama", "mistral"])
+def test_the_answer_a_model_is_trained_to_write_reads_back_as_the_target(family):
+    """Decoded as evaluation decodes a generated answer, the answer tokens a row trains on read back as the row's
+    target: for Qwen3, whose template opens every answer with an empty reasoning block, without that block."""
+    from transformers import AutoTokenizer
+
+    from termtune.chat_template import ChatTemplate
+    from termtune.families import FAMILIES as ALL
+
+    tokenizer = AutoTokenizer.from_pretrained(str(MODELS / FAMILIES[family][0]))
+    target = "A chronic disease of the airways."
+    rendered = ChatTemplate.of(tokenizer).render([{"role": "user", "content": "What is asthma?"},
+                                                 {"role": "assistant", "content": target}])
+    text = tokenizer.decode(rendered.ids[rendered.start:rendered.end], skip_special_tokens=True)
+    assert ("<think>" in text) == (family == "qwen3")
+    assert next(f for f in ALL if f.name == family).answer_text(text) == target

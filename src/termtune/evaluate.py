@@ -346,7 +346,7 @@ def generate(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", inp
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for row, i in enumerate(batch):
                 n_tokens, ended = _count_new_tokens(new[row], eos_id, pad_id)
-                results[i] = Generation(text=texts[row].strip(), n_tokens=n_tokens,
+                results[i] = Generation(text=family.answer_text(texts[row]), n_tokens=n_tokens,
                                         cut=not ended and len(new[row]) >= ecfg.max_new_tokens)
     return results  # type: ignore[return-value]
 

@@ -114,6 +114,10 @@ class Family:
         """The generated answer's token ids in `model.generate`'s output (prompt and start tokens dropped)."""
         raise NotImplementedError
 
+    def answer_text(self, text: str) -> str:
+        """The answer a person reads (and evaluation scores) in a generated answer's decoded text."""
+        return text.strip()
+
     # -- export (an artifact transformers 4.51.3, Bedrock's, reads as the model that was trained)
     def export_tokenizer_files(self, tokenizer_source: str) -> dict[str, Path]:
         """Files an artifact needs beyond what the tokenizer's save_pretrained writes: {name: source file}.

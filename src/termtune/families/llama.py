@@ -15,6 +15,7 @@ The four differ only in names (model_type, architecture, what the report calls t
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
+EMPTY_REASONING = re.compile(r"^\s*<think>\s*</think>")
+"""An answer's opening reasoning block with nothing in it (Qwen3)."""
+TRL_LOSS_CHUNK = 32768
+"""Positions TRL 1.16's fused lm_head scores at once (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)."""
 MAX_SIZE = 2**24
 """The largest size a shape may give (the widest real layers are tens of thousands; vocabularies a few hundred
 thousand): far above that is a typo, not a model."""
@@ -182,6 +187,11 @@ class DecoderFamily(Family):
 
     def answer_ids(self, output: "torch.Tensor", prompt_width: int) -> "torch.Tensor":
         return output[:, prompt_width:]  # generate returns the (left-padded) prompt, then the answer
+
+    def answer_text(self, text: str) -> str:
+        # Qwen3's template writes an empty reasoning block before every answer it renders without reasoning, so
+        # a model trained on those rows opens its answers with one: not part of the answer a person reads
+        return EMPTY_REASONING.sub("", text, count=1).strip()
 
     # ------------------------------------------------------------------------- export
 
@@ -558,6 +568,8 @@ class DecoderShape:
     """Prompt and answer are one stream, so rows can be packed (training_flops(..., packed=True) counts it)."""
     activations_measured: ClassVar[bool] = False
     """activation_bytes is a tally from the layer shapes: an estimate (T5's counts were measured)."""
+    own_loss: ClassVar[bool] = True
+    """Trained on its trainer's own loss (TRL's), whose memory loss_bytes counts (not termtune's chunked loss)."""
 
     @property
     def d_model(self) -> int:
@@ -597,20 +609,26 @@ class DecoderShape:
 
     def activation_bytes(self, rows: int, src: int, tgt: int, r: int, dropout_on: bool, bf16: bool,
                          checkpointing: bool) -> int:
-        """Bytes autograd keeps for one batch of rows x (src + tgt) tokens, plus the full logits TRL's loss makes
-        (it does not chunk them): per token per layer ~10 hidden-wide tensors (norm inputs and outputs, residual,
-        attention output), 4 intermediate-wide (gate, up, activation, product), q, k, v, the attention weights
-        (heads x sequence, the math attention CPUs run) and 2 per LoRA layer of width r."""
+        """Bytes autograd keeps for one batch of rows x (src + tgt) tokens: per token per layer ~10 hidden-wide
+        tensors (norm inputs and outputs, residual, attention output), 4 intermediate-wide (gate, up, activation,
+        product), q, k, v, the attention weights (heads x sequence, the math attention CPUs run) and 2 per LoRA
+        layer of width r."""
         seq = src + tgt
         wide, narrow = 4, (2 if bf16 else 4)
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         per_token = (10 + 2 * dropout_on) * self.hidden * wide + (4 * self.intermediate + q + 2 * kv
                                                                   + self.heads * seq + 14 * r) * narrow
         layer = rows * seq * per_token
-        logits = rows * seq * self.vocab_size * 4 * 3  # logits, log-softmax, their gradient
         if checkpointing:
-            return int(rows * seq * self.hidden * self.layers * wide + layer + logits)
-        return int(self.layers * layer + logits)
+            return int(rows * seq * self.hidden * self.layers * wide + layer)
+        return int(self.layers * layer)
+
+    def loss_bytes(self, rows: int, seq: int) -> int:
+        """The lm_head and loss working memory of TRL's fused lm_head (SFTTrainer's loss): it scores TRL_LOSS_CHUNK
+        positions at a time (every position off CUDA) in fp32, keeping a chunk's logits, their log-softmax and
+        gradient, and the fp32 hidden states and their gradient. termtune's batches fit in one chunk."""
+        positions = rows * seq
+        return int(min(positions, TRL_LOSS_CHUNK) * self.vocab_size * 4 * 3 + 2 * positions * self.hidden * 4)
 
     def training_flops(self, b: Any, r: int, targets: str | list[str], head_trained: bool = False,
                        packed: bool = False) -> tuple[float, float]:
