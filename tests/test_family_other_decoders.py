@@ -303,7 +303,12 @@ def test_a_mixture_of_experts_trains_its_experts_and_exports_what_4_51_3_reads_a
     check = json.loads((layout.artifact / "manifest.json").read_text())["bedrock_check"]
     if check["status"] != "not run":
         assert check["status"] == "passed" and check["max_abs_logit_diff"] <= 1e-4, check
-    assert before_training(cfg).startswith("plan: not available (termtune plan does not count a mixture of experts")
+    from termtune.plan import compare_with_measured
+
+    assert before_training(cfg).startswith("plan:") and "not available" not in before_training(cfg)
+    planned = {r["quantity"]: r for r in compare_with_measured(cfg)}
+    # counted on the model peft wraps: exactly the LoRA weights training trained (router and experts included)
+    assert planned["trainable parameters"]["planned"] == planned["trainable parameters"]["measured"]
 
 
 def test_gpt_bigcode_training_is_refused_in_one_line_before_any_work(tmp_path):
@@ -317,3 +322,31 @@ def test_gpt_bigcode_training_is_refused_in_one_line_before_any_work(tmp_path):
             refused(cfg)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", MIXTURES)
+def test_the_plan_counts_a_mixture_on_the_model_transformers_builds_and_keeps_its_experts_out_of_qlora(
+        tmp_path, family):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from termtune import plan as P
+    from termtune.families import family_for
+    from termtune.families.base import model_config
+
+    cfg = tiny_run(tmp_path, family)
+    fam = family_for(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(fam, cfg))
+    planned = P.plan(cfg, cpu_peak=1e11, cpu_bandwidth=1e10)
+    shape = fam.plan_shape(cfg)
+    p = shape.parameter_counts()
+    assert p["total"] == sum(t.numel() for t in model.parameters()) == planned.params["total"]
+    assert p["experts"] > 0 and p["linear"] > 0 and p["router"] > 0
+    # under QLoRA only the nn.Linear layers are 4-bit: experts and routers stay fp32, as bitsandbytes leaves them
+    assert planned.memory_by_quantization["4bit"]["base"] == int(
+        (p["total"] - p["linear"]) * P.CONSTANTS["fp32_bytes"].value + p["linear"] * P.CONSTANTS["nf4_bytes"].value)
+    # a token passes num_experts_per_tok of the experts: fewer FLOPs than every expert, more than none
+    dense_part = p["linear"] + p["router"]
+    assert dense_part < shape.active_weights() < dense_part + p["experts"]
+    assert f"{shape.experts} experts ({shape.experts_per_token} per token)" in planned.summary()

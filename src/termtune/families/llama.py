@@ -277,7 +277,7 @@ class DecoderFamily(Family):
             heads=heads, kv_heads=values.get("num_key_value_heads") or heads,
             head_dim=values.get("head_dim") or values["hidden_size"] // heads, vocab_size=values["vocab_size"],
             tied=bool(values.get("tie_word_embeddings", False)), qkv_bias=self.name == "qwen2",
-            qk_norm=self.name == "qwen3", dropout=float(values.get("attention_dropout") or 0.0),
+            qk_norm=self.name in ("qwen3", "qwen3_moe"), dropout=float(values.get("attention_dropout") or 0.0),
             name=self.display_name, origin=origin)
 
     def plan_sources(self) -> dict[str, str]:
@@ -602,6 +602,10 @@ class DecoderShape:
         return {"embedding": embedding, "linear": linear, "norms_and_biases": norms + biases, "lm_head": lm_head,
                 "total": embedding + linear + norms + biases + lm_head}
 
+    def active_weights(self) -> int:
+        """The weights (lm_head aside) each token passes through: all of a dense model's linear layers."""
+        return self.parameter_counts()["linear"]
+
     def lora_parameters(self, r: int, targets: str | list[str]) -> int:
         """r * (in + out) per adapted nn.Linear; 'all-linear' is every Linear but lm_head (peft's rule)."""
         return sum(r * (i + o) * n for name, i, o, n in self.linear_layers()
@@ -644,8 +648,7 @@ class DecoderShape:
         else:
             tokens = b.padded_tokens
             pairs = sum(len(batch) * max(s + t for s, t in batch) ** 2 for batch in b.lengths)
-        p = self.parameter_counts()
-        base_pass = 2 * p["linear"] * tokens
+        base_pass = 2 * self.active_weights() * tokens
         head_pass = 2 * self.vocab_size * self.hidden * tokens
         lora = 6 * self.lora_parameters(r, targets) * tokens
         attention = 3 * 4 * self.heads * self.head_dim * self.layers * pairs / 2

@@ -25,19 +25,21 @@ routers in their place: the tensor table names them.
 
 Training a mixture of experts needs nothing of its own: peft's LoRA all-linear wraps the attention, the router
 and the fused experts (as parameters), the merge folds them back, and save_pretrained writes the merged experts
-per expert. `termtune plan` does not count experts yet, and says so. GPTBigCode is not trained: its bases
+per expert. `termtune plan` counts a mixture's parameters and LoRA weights on the model transformers and peft
+build (MoEShape), and under QLoRA leaves the experts unquantized, as bitsandbytes does. GPTBigCode is not trained: its bases
 (StarCoder, SantaCoder) ship no chat template, through which termtune renders every training row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 from termtune.config import Config
 from termtune.errors import UserError
-from termtune.families.base import FAIL, OK, WARN
+from termtune.families.base import FAIL, OK, WARN, lora_config, model_config
 from termtune.families.decoder_export import MAX_CONTEXT
-from termtune.families.llama import LLAMA, DecoderFamily, decoder_tensors, positive_int, qwen3_norms
+from termtune.families.llama import LLAMA, DecoderFamily, DecoderShape, decoder_tensors, positive_int, qwen3_norms
 
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -46,7 +48,7 @@ class OtherDecoderFamily(DecoderFamily):
     """A decoder family with its own tensor table and import rules (`rules` replace DecoderFamily's of the same
     name; `embeddings` names its token embeddings, `tied_by_default` is 4.51.3's reading of a config.json without
     tie_word_embeddings). `not_trained`: why termtune does not train it (training, its data stage and its plan
-    refuse with it), or None for a family that trains as the dense decoders do. `termtune plan` counts none."""
+    refuse with it), or None for a family that trains as the dense decoders do."""
 
     def __init__(self, name: str, model_type: str, architecture: str, display_name: str,
                  tensors: Callable[[dict[str, Any]], tuple[dict[str, list[int]], dict[str, list[int]]]],
@@ -72,11 +74,46 @@ class OtherDecoderFamily(DecoderFamily):
             raise self.refuse_training()
         return super().encode(tokenizer, prompts, targets)
 
-    def plan_shape(self, cfg: Config) -> Any:
+    def plan_shape(self, cfg: Config) -> "MoEShape":
+        """The shape read as a dense decoder's, then the mixture counted on the model transformers builds from the
+        config (meta device: shapes only) and the LoRA weights on peft's wrapping of it: exact, whatever layout the
+        installed transformers and peft give the experts."""
+        import torch
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
         if self.not_trained:
             raise self.refuse_training()
-        # DecoderShape counts one dense MLP per layer; a token here passes num_experts_per_tok experts' MLPs
-        raise UserError(f"termtune plan does not count a mixture of experts ({self.display_name}) yet")
+        dense = super().plan_shape(cfg)
+        config = model_config(self, cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        counts = {"embedding": model.get_input_embeddings().weight.numel(), "linear": 0, "router": 0, "experts": 0,
+                  "lm_head": 0 if dense.tied else model.get_output_embeddings().weight.numel(),
+                  "total": sum(p.numel() for p in model.parameters())}
+        sparse = 0
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and module is not model.get_output_embeddings():
+                counts["linear"] += sum(p.numel() for p in module.parameters())  # what bitsandbytes quantizes
+            elif name.endswith("mlp.experts") or name.endswith("block_sparse_moe.experts"):
+                counts["experts"] += sum(p.numel() for p in module.parameters())
+                sparse += 1
+            elif name.endswith(".gate") and not isinstance(module, torch.nn.Linear):
+                counts["router"] += sum(p.numel() for p in module.parameters())
+        counts["norms_and_biases"] = counts["total"] - sum(counts[k] for k in ("embedding", "linear", "router",
+                                                                               "experts", "lm_head"))
+        adapted = get_peft_model(model, lora_config(self, cfg))
+        lora = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        values = config.to_dict()
+        return MoEShape(**vars(dense), experts=values["num_local_experts"],
+                        experts_per_token=values["num_experts_per_tok"],
+                        expert_intermediate=values.get("moe_intermediate_size") or values["intermediate_size"],
+                        sparse_layers=sparse, counted=tuple(counts.items()),
+                        lora_counted=((cfg.lora.r, repr(cfg.lora.target_modules)), lora))
+
+    def plan_sources(self) -> dict[str, str]:
+        return {"MoEShape": "parameters and LoRA weights counted on the model transformers and peft build (meta "
+                            "device); FLOPs and activations as the experts a token passes (an estimate)"}
 
     def cmi_rules(self) -> dict[str, Callable[[Any], tuple[str, str]]]:
         return {**super().cmi_rules(), **self._rules}
@@ -163,6 +200,51 @@ MIXTRAL = OtherDecoderFamily("mixtral", "mixtral", "MixtralForCausalLM", "Mixtra
                              {"head count": _experts_rule("num_local_experts", 8, 2)})
 QWEN3_MOE = OtherDecoderFamily("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3-MoE", qwen3_moe_tensors,
                                {"head count": _experts_rule("num_experts", 128, 8)})
+
+
+@dataclass(frozen=True)
+class MoEShape(DecoderShape):
+    """A mixture of experts as `termtune plan` counts it. Parameters (`counted`) and LoRA weights (`lora_counted`)
+    are counted on the built model, exact. bitsandbytes quantizes nn.Linear layers only, so under QLoRA the
+    experts and routers (3-D parameters in transformers 5) stay unquantized: `linear` is the attention and dense
+    MLPs alone. FLOPs and activations are a dense decoder's whose MLP, on the `sparse_layers`, is the
+    `experts_per_token` experts a token passes: an estimate (routing is uneven, LoRA on the experts is not)."""
+
+    experts: int = 1
+    experts_per_token: int = 1
+    expert_intermediate: int = 1
+    sparse_layers: int = 0
+    counted: tuple[tuple[str, int], ...] = ()
+    lora_counted: tuple[tuple[int, str], int] = ((0, ""), 0)
+    """((lora.r, repr(lora.target_modules)), trainable LoRA weights) as peft wraps the model."""
+
+    def describe(self) -> str:
+        return (f"{super().describe()}; {self.experts} experts ({self.experts_per_token} per token) on "
+                f"{self.sparse_layers} of {self.layers} layers")
+
+    def parameter_counts(self) -> dict[str, int]:
+        return dict(self.counted)
+
+    def active_weights(self) -> int:
+        p = self.parameter_counts()
+        return int(p["linear"] + p["router"] + p["experts"] * self.experts_per_token / self.experts)
+
+    def lora_parameters(self, r: int, targets: str | list[str]) -> int:
+        (counted_r, counted_targets), count = self.lora_counted
+        if (r, repr(targets)) != (counted_r, counted_targets):
+            raise ValueError(f"LoRA weights were counted for r={counted_r}, {counted_targets}; not for r={r}, "
+                             f"{targets!r}")
+        return count
+
+    def activation_bytes(self, rows: int, src: int, tgt: int, r: int, dropout_on: bool, bf16: bool,
+                         checkpointing: bool) -> int:
+        # a token's MLP tensors on a sparse layer are its experts' (each of expert_intermediate width)
+        dense_layers = self.layers - self.sparse_layers
+        width = (dense_layers * self.intermediate
+                 + self.sparse_layers * self.experts_per_token * self.expert_intermediate) / self.layers
+        as_dense = DecoderShape(**{f.name: getattr(self, f.name) for f in fields(DecoderShape)})
+        return replace(as_dense, intermediate=round(width)).activation_bytes(rows, src, tgt, r, dropout_on, bf16,
+                                                                             checkpointing)
 
 
 # ----------------------------------------------------------------------------- GPTBigCode
