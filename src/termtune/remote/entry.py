@@ -133,6 +133,12 @@ def prepare_run_dir(cfg: Any, root: Path) -> None:
     link_tree(root / JOB_CHANNEL.format("data"), root / layout.data)
     (root / JOB_TRAIN).mkdir(parents=True, exist_ok=True)
     (root / layout.train).symlink_to(root / JOB_TRAIN, target_is_directory=True)
+    if cfg.model.init == "random":
+        # Built here, before torchrun: under torch.distributed transformers saves on global rank 0 only, and the
+        # other hosts do not share its disk.
+        from termtune.modeling import materialize_random_base
+
+        materialize_random_base(cfg)
 
 
 # ----------------------------------------------------------------------------- the host's process
