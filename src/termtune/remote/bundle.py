@@ -73,7 +73,7 @@ def build(cfg: Config, dest: Path) -> dict[str, Path]:
         raise UserError(f"{layout.split('train')}: no prepared data; run `termtune data prepare` with the same "
                         "config first")
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()) and not (dest / MANIFEST).is_file():
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not (dest / MANIFEST).is_file():
         raise UserError(f"{dest}: exists and is not a termtune bundle (no {MANIFEST}); choose another folder")
     job_yaml, local_model = job_config(cfg)
     with atomic_dir(dest, force=True) as tmp:

@@ -99,15 +99,17 @@ def _rehearsal_settings() -> tuple[dict[str, str] | None, int | None]:
 
 
 def load_job_config(root: Path) -> Any:
-    """The config channel's termtune.yaml, checked against the channels it names. A `train.on` setting is
-    forced to local: the job trains where it is."""
+    """The config channel's termtune.yaml, checked against the channels it names. The job decides where the
+    run directory and the artifact go (whatever the file says), and a `train.on` setting is forced to local:
+    the job trains where it is."""
     from termtune.config import TrainConfig, load_config
-    from termtune.remote.bundle import CONFIG_FILE, JOB_CHANNEL
+    from termtune.remote.bundle import CONFIG_FILE, JOB_ARTIFACT, JOB_CHANNEL, JOB_RUN_DIR
 
     path = root / JOB_CHANNEL.format("config") / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{path}: missing: the job has no termtune config channel (`config`), or it is empty")
-    cfg = load_config(path, {"train.on": "local"} if "on" in TrainConfig.model_fields else {})
+    placed = {"run.dir": JOB_RUN_DIR, "export.dir": JOB_ARTIFACT}
+    cfg = load_config(path, {**placed, "train.on": "local"} if "on" in TrainConfig.model_fields else placed)
     data = root / JOB_CHANNEL.format("data")
     if not (data / "train.jsonl").is_file():
         raise UserError(f"{data}/train.jsonl: missing: the job has no prepared-data channel (`data`), or it lacks "
