@@ -21,7 +21,6 @@ costs the wheel (about two seconds) plus hashing.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil

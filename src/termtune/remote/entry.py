@@ -154,12 +154,14 @@ class _Stop:
     def __init__(self) -> None:
         self.requested = False
         self.child: subprocess.Popen | None = None
+        self.launcher = False
+        """Whether the child is torchrun, whose own children get the signal."""
 
     def handle(self, *_: Any) -> None:
         self.requested = True
         if self.child is None or self.child.poll() is not None:
             raise _Stopped()
-        for pid in _children(self.child.pid) or [self.child.pid]:
+        for pid in (_children(self.child.pid) if self.launcher else []) or [self.child.pid]:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -182,13 +184,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _run_logged(command: list[str], root: Path, stop: _Stop) -> int:
-    """Run `command` in the job's root, its output both on stdout (the job's log) and in termtune/train.log."""
+def _run_logged(command: list[str], root: Path, stop: _Stop, launcher: bool = False) -> int:
+    """Run `command` in the job's root, its output both on stdout (the job's log) and in termtune/train.log.
+    `launcher`: the command is torchrun (see _Stop)."""
     log = root / LOG
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        stop.child = proc
+        stop.child, stop.launcher = proc, launcher
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.buffer.write(line)
@@ -221,7 +224,7 @@ def launch(root: Path) -> int:
         shutil.rmtree(root / ERRORS, ignore_errors=True)
         me = [sys.executable, "-m", "termtune.remote.entry"]
         trained = _run_logged([sys.executable, "-m", "torch.distributed.run", *arguments, *me[1:], "train"],
-                              root, stop)
+                              root, stop, launcher=True)
         if stop.requested:
             raise _Stopped()
         if trained != 0:
