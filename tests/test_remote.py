@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import medquad_rows, tiny_overrides, write_jsonl
+from conftest import TOKENIZER_DIR, medquad_rows, tiny_overrides, write_jsonl
 from termtune import pipeline
 from termtune.config import load_config
 from termtune.errors import UserError
@@ -154,6 +154,11 @@ def test_bundle_config_points_into_the_channels_and_requirements_pin_the_local_v
     hub = load_config(None, [f"run.dir={cfg.run_dir}", "model.source=google/flan-t5-small"])
     text, local = bundle.job_config(hub)
     assert local == {} and yaml.safe_load(text)["model"]["source"] == "google/flan-t5-small"
+    # ... while a local tokenizer beside it goes up in its own folder.
+    hub.model.tokenizer = str(TOKENIZER_DIR)
+    text, local = bundle.job_config(hub)
+    assert local == {"tokenizer": TOKENIZER_DIR.resolve()}
+    assert yaml.safe_load(text)["model"]["tokenizer"] == "input/data/model/tokenizer"
 
 
 def test_bundle_refuses_a_run_without_prepared_data_and_a_folder_that_is_not_a_bundle(tmp_path):
@@ -298,6 +303,13 @@ def test_a_job_without_its_data_or_with_a_bad_config_fails_with_the_reason(finis
     assert returncode != 0
     assert "unknown key train.learning_rat (did you mean train.learning_rate?)" in \
         (bad / "output" / "failure").read_text()
+
+    unmet = _job_root(channels, tmp_path / "unmet")
+    with (unmet / "input" / "data" / "code" / "requirements.txt").open("a") as f:
+        f.write("termtune-no-such-package==1.0\n")
+    returncode, out = _run(unmet)  # PIP_NO_INDEX: as in a job without internet access
+    assert returncode != 0
+    assert "pip could not install termtune's requirements" in (unmet / "output" / "failure").read_text()
 
     no_code = _job_root(channels, tmp_path / "no-wheel")
     next((no_code / "input" / "data" / "code").glob("*.whl")).unlink()
