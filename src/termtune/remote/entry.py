@@ -209,6 +209,7 @@ def launch(root: Path) -> int:
     first_host = False
     try:
         os.chdir(root)
+        (root / FAILURE).unlink(missing_ok=True)  # an earlier attempt's, in a rehearsal that reuses the folder
         resource = _resource_config(root)
         addresses, port = _rehearsal_settings()
         cfg = load_job_config(root)
@@ -257,8 +258,8 @@ def _step_failure(root: Path, step: str, status: int) -> str:
     errors = sorted((root / ERRORS).glob("*")) if (root / ERRORS).is_dir() else []
     if errors:  # the first rank's reason; the others usually only say that rank failed
         return errors[0].read_text(encoding="utf-8").strip()
-    lines = (root / LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines() if (root / LOG).is_file() else []
-    last = lines[-1] if lines else "no output"
+    log = (root / LOG).read_text(encoding="utf-8", errors="replace") if (root / LOG).is_file() else ""
+    last = log.strip().splitlines()[-1] if log.strip() else "no output"
     return f"termtune's {step} exited with status {status} without saying why (killed, or out of memory?); " \
            f"its last log line: {last}"
 
@@ -298,6 +299,8 @@ def _export(root: Path) -> None:
 
     cfg = load_job_config(root)
     layout = RunLayout.of(cfg)
+    # The job's own output: an earlier attempt's artifact (its manifest moved out) is replaced, not refused.
+    shutil.rmtree(root / layout.artifact, ignore_errors=True)
     artifact = export(cfg, force=True)
     records = root / RECORDS
     records.mkdir(parents=True, exist_ok=True)
