@@ -74,7 +74,8 @@ def _resource_config(root: Path) -> dict[str, Any]:
     try:
         resource = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{path}: missing; SageMaker writes it into every training job (a rehearsal must too)") from None
+        raise UserError(f"{path}: missing; SageMaker writes it into every training job (so must a rehearsal)") \
+            from None
     except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(resource, dict):
