@@ -249,9 +249,10 @@ def run_termtune(work: Path, out: Path, setup: dict, side: str, decoder: bool = 
     train_module = importlib.import_module("termtune.train")  # the module, not the API function of that name
     install = train_module._install_callbacks
 
-    def install_with_meter(trainer: Any, *args: Any) -> None:
-        install(trainer, *args)
+    def install_with_meter(trainer: Any, *args: Any) -> Any:
+        stop = install(trainer, *args)  # the SIGTERM callback, which train() arms
         add_meter(trainer, out, setup, decoder)
+        return stop
 
     train_module._install_callbacks = install_with_meter
     result = train(load_config(work / f"{side}.yaml"))

@@ -280,12 +280,13 @@ def train_with_clock(config: Path, out: Path, also: Any = None, every: int = SNA
     cfg = load_config(config)
     install = train_module._install_callbacks
 
-    def install_with_clock(trainer: Any, *args: Any) -> None:
-        install(trainer, *args)
+    def install_with_clock(trainer: Any, *args: Any) -> Any:
+        stop = install(trainer, *args)  # the SIGTERM callback, which train() arms
         add_clock(trainer, out, examples_per_step=cfg.train.batch_size, n_examples=len(trainer.train_dataset),
                   every=every)
         if also:
             also(trainer)
+        return stop
 
     train_module._install_callbacks = install_with_clock
     train(cfg)

@@ -71,7 +71,7 @@ def test_a_packed_batch_gives_each_example_its_own_logits_and_the_padded_batch_l
         assert torch.allclose(packed_grads[name], p.grad, atol=1e-6), name
 
 
-def test_packed_training_starts_from_the_padded_loss_and_exports(llama_cfg):  # noqa: F811
+def test_a_decoder_trains_packed_by_default_from_the_padded_loss_and_exports(llama_cfg):  # noqa: F811
     from termtune import pipeline
 
     def first_losses(cfg):
@@ -80,9 +80,9 @@ def test_packed_training_starts_from_the_padded_loss_and_exports(llama_cfg):  # 
         lines = (cfg.run_dir / "train" / "metrics.jsonl").read_text().splitlines()
         return [json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)]
 
-    cfg_padded = llama_cfg(run="padded")  # one epoch: 5 batches of 8
+    cfg_padded = llama_cfg("train.packing=false", run="padded")  # one epoch: 5 batches of 8
     padded = first_losses(cfg_padded)
-    packed_cfg = llama_cfg("train.packing=true", run="packed")
+    packed_cfg = llama_cfg(run="packed")  # a decoder packs unless train.packing says otherwise
     packed = first_losses(packed_cfg)
     # step 1 scores the same batches with the same weights: one loss, whatever the layout
     assert abs(packed[0] - padded[0]) < 1e-4, (packed, padded)

@@ -94,7 +94,7 @@ def test_packed_batches_cost_less_than_padded_ones_and_the_same_when_no_row_is_p
 
 
 def test_a_decoder_plan_counts_padding_as_one_stream_and_prices_packing(tmp_path):
-    planned = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct"), cpu_peak=1e11)
+    planned = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct", "train.packing=false"), cpu_peak=1e11)
     data, f = planned.data, planned.flops
     real = data["real_source"] + data["real_target"]
     # the prompt and its answer are padded together to the batch's longest row, not each to its own longest
@@ -152,8 +152,8 @@ def test_a_decoder_plan_counts_the_loss_memory_once(tmp_path):
 
 
 def test_a_packed_decoder_plan_has_no_padding_and_prices_the_packed_batches(tmp_path):
-    padded = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct"), cpu_peak=1e11)
-    packed = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct", "train.packing=true"), cpu_peak=1e11)
+    padded = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct", "train.packing=false"), cpu_peak=1e11)
+    packed = P.plan(real_cfg(tmp_path, "qwen2.5-0.5b-instruct"), cpu_peak=1e11)  # a decoder packs by default
     assert packed.data["padding_fraction"] == 0.0 < padded.data["padding_fraction"]
     assert packed.flops["epoch"] == pytest.approx(padded.flops["epoch_packed"])
     assert "epoch_packed" not in packed.flops and packed.train_flops < padded.train_flops

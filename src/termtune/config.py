@@ -217,10 +217,10 @@ class TrainConfig(Section):
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     group_by_length: bool = True
     """Batch examples of similar length together so little compute is spent on padding."""
-    packing: bool = False
-    """Decoder families: each batch is one row of its examples end to end, no padding; attention and loss stay
-    within each example (position ids restart). max_tokens_per_batch then counts real tokens. Faster or not
-    depends on lengths and hardware (benchmarks/bench_train_causal.py). Encoder-decoders cannot pack."""
+    packing: bool | None = None
+    """Each batch as one row of its examples end to end, no padding; attention and loss stay within each example
+    (position ids restart); max_tokens_per_batch then counts real tokens. null: on where the model can pack
+    (decoders: 1.12-1.14x examples/s on SmolLM2, BENCHMARKS.md), off for encoder-decoders, which cannot."""
     eval_steps: int | None = Field(None, ge=1)
     """Held-out loss every N steps (None: every epoch)."""
     save_steps: int = Field(50, ge=1)

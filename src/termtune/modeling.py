@@ -48,7 +48,7 @@ def check_model_settings(cfg: Config) -> None:
     """Check the model's sizes and the LoRA settings against its real layers before any data or weights are
     touched."""
     family = family_for(cfg)
-    if cfg.train.packing and not family.packs:
+    if cfg.train.packing and not family.packs:  # null (the default) packs only where the family can
         raise UserError(f"train.packing: {family.display_name} cannot train on packed batches (its encoder and "
                         "decoder inputs are padded separately); set train.packing: false")
     family.check_model_settings(cfg)

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.families import FAMILIES, family_for
-from termtune.families.base import packed_tokens
+from termtune.families.base import packed_tokens, trains_packed
 from termtune.layout import RunLayout
 from termtune.rundir import read_json
 
@@ -353,7 +353,8 @@ def batching(cfg: Config, data: DataEstimate) -> Batching:
     from termtune.train import LengthGroupedBatchSampler
 
     t = cfg.train
-    padded_tokens = packed_tokens if t.packing else family_for(cfg, download=False).padded_tokens
+    family = family_for(cfg, download=False)
+    padded_tokens = packed_tokens if trains_packed(cfg, family) else family.padded_tokens
     sampler = LengthGroupedBatchSampler(data.source_lengths, data.target_lengths, batch_size=t.batch_size,
                                         max_tokens=t.max_tokens_per_batch, group_by_length=t.group_by_length,
                                         seed=cfg.run.seed, padded_tokens=padded_tokens)
@@ -625,17 +626,18 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     usable = device.memory_bytes * (1 - (_c("gpu_headroom") if gpu else 0))
     fits = memory["total"] <= usable
 
+    packed = trains_packed(cfg, family_for(cfg, download=False))
     epochs = cfg.train.epochs
     steps = batches.steps_per_epoch * epochs if cfg.train.max_steps < 0 else cfg.train.max_steps
     epoch_share = steps / max(1, batches.steps_per_epoch)
     head_trained = "lm_head" in cfg.lora.modules_to_save
     epoch_flops = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained,
-                                  packed=cfg.train.packing)
+                                  packed=packed)
     flops = epoch_flops * epoch_share
     real_tokens = batches.real_source + batches.real_target
     flop_counts = {"epoch": epoch_flops, "per_token": epoch_flops / real_tokens,
-                   "batches": "packed" if cfg.train.packing else "padded"}
-    if shape.packs and not cfg.train.packing:  # what the same epoch would cost with the rows packed: no pad tokens
+                   "batches": "packed" if packed else "padded"}
+    if shape.packs and not packed:  # what the same epoch would cost with the rows packed: no pad tokens
         packed = flops_per_epoch(shape, batches, cfg.lora.r, cfg.lora.target_modules, gc, head_trained, packed=True)
         flop_counts |= {"epoch_packed": packed, "per_token_packed": packed / real_tokens}
     loss_traffic = standard_loss_bytes(shape, batches, head_trained) * epoch_share

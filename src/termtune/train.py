@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 from termtune.config import Config
 from termtune.errors import UserError
 from termtune.families import family_for, family_of_model
-from termtune.families.base import packed_tokens, padded_separately
+from termtune.families.base import packed_tokens, padded_separately, trains_packed
 from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.modeling import check_model_settings
@@ -171,13 +171,14 @@ def train(cfg: Config) -> TrainResult:
     with args.main_process_first(desc="load the base model"):
         # rank 0 materialises a random-init base once; the other ranks then load that same folder
         model = attach_lora(cfg, load_base(cfg))
-    collator = make_collator(tokenizer, model, packed=cfg.train.packing)
+    packed = trains_packed(cfg, family)
+    collator = make_collator(tokenizer, model, packed=packed)
     batch_sampler = LengthGroupedBatchSampler(
         source_lengths=[len(x) for x in train_ds["input_ids"]],
         target_lengths=[len(x) for x in train_ds["labels"]],
         batch_size=cfg.train.batch_size, max_tokens=cfg.train.max_tokens_per_batch,
         group_by_length=cfg.train.group_by_length, seed=cfg.run.seed,
-        padded_tokens=packed_tokens if cfg.train.packing else family.padded_tokens)
+        padded_tokens=packed_tokens if packed else family.padded_tokens)
     from termtune.trainer_additions import trainer_class
 
     trainer = trainer_class(trainer_base)(

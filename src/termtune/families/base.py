@@ -198,6 +198,11 @@ def padded_separately(source_lengths: list[int], target_lengths: list[int]) -> i
     return len(source_lengths) * (max(source_lengths) + max(target_lengths))
 
 
+def trains_packed(cfg: Config, family: Family) -> bool:
+    """Whether training packs its batches: train.packing, or where it is null, whether the family can."""
+    return family.packs if cfg.train.packing is None else cfg.train.packing
+
+
 def packed_tokens(source_lengths: list[int], target_lengths: list[int]) -> int:
     """Token slots of a packed batch (train.packing): its examples end to end, no padding."""
     return sum(source_lengths) + sum(target_lengths)
