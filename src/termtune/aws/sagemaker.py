@@ -189,7 +189,7 @@ def check_settings(cfg: Config) -> None:
         raise UserError(f"aws.sagemaker.instance_type: {sm.instance_type!r} is not a SageMaker training instance "
                         "type" + (f" (did you mean {guess[0]}?)" if guess else " (e.g. ml.g5.2xlarge)"))
     if cfg.model.quantization != "none" and not has_cuda(sm.instance_type):
-        raise UserError(f"model.quantization={cfg.model.quantization} (QLoRA) needs an NVIDIA GPU, and "
+        raise UserError(f"model.quantization: {cfg.model.quantization} (QLoRA) needs an NVIDIA GPU, and "
                         f"{sm.instance_type} has none: set aws.sagemaker.instance_type to a GPU instance such as "
                         "ml.g5.2xlarge, or model.quantization=none")
     if sm.job_name is not None:
@@ -223,7 +223,7 @@ def check_settings(cfg: Config) -> None:
     if len(sm.tags) > MAX_TAGS - len(TERMTUNE_TAGS):
         raise UserError(f"aws.sagemaker.tags: {len(sm.tags)} tags; a job takes {MAX_TAGS}, and termtune sets "
                         f"{len(TERMTUNE_TAGS)}, so at most {MAX_TAGS - len(TERMTUNE_TAGS)}")
-    image(cfg)  # a region with no known image and no aws.sagemaker.image
+    image_repository_arn(image(cfg))  # a region with no known image, an image that is not in ECR
     for key in ("output_kms_key_id", "volume_kms_key_id"):
         value = getattr(sm, key)
         if value is not None and not re.fullmatch(r"[a-zA-Z0-9:/_-]{1,2048}", value):
@@ -349,7 +349,7 @@ def trust_policy(account: str) -> dict[str, Any]:
 
 
 def permissions_policy(uris: Uris, account: str, region: str, image_uri: str, kms_arns: Iterable[str] = (),
-                       vpc: bool = False) -> dict[str, Any]:
+                       subnets: Iterable[str] = (), security_groups: Iterable[str] = ()) -> dict[str, Any]:
     """Least privilege for one run's jobs: read this run's SageMaker prefix (the channels, and the checkpoints
     to resume from), write only its output and checkpoints, the training-job logs and metrics, pull the one
     image repository, and use the named KMS keys (by key ARN: IAM does not authorise through an alias)."""
@@ -381,12 +381,19 @@ def permissions_policy(uris: Uris, account: str, region: str, image_uri: str, km
         statements.append({"Sid": "UseKeys", "Effect": "Allow",
                            "Action": ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:CreateGrant",
                                       "kms:DescribeKey"], "Resource": keys})
-    if vpc:  # the job's network interfaces in the user's subnets (SageMaker Developer Guide, sagemaker-roles)
-        statements.append({"Sid": "JobNetwork", "Effect": "Allow",
-                           "Action": ["ec2:CreateNetworkInterface", "ec2:CreateNetworkInterfacePermission",
-                                      "ec2:DeleteNetworkInterface", "ec2:DeleteNetworkInterfacePermission",
-                                      "ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
-                                      "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], "Resource": ["*"]})
+    subnets, security_groups = list(subnets), list(security_groups)
+    if subnets:  # the job's network interfaces, in the named subnets and groups only (SageMaker Developer Guide)
+        ec2 = f"arn:aws:ec2:{region}:{account}"
+        statements += [
+            {"Sid": "JobNetworkInterfaces", "Effect": "Allow", "Action": ["ec2:CreateNetworkInterface"],
+             "Resource": [f"{ec2}:network-interface/*"] + [f"{ec2}:subnet/{s}" for s in subnets]
+             + [f"{ec2}:security-group/{g}" for g in security_groups]},
+            {"Sid": "JobNetworkInterfacesUse", "Effect": "Allow",
+             "Action": ["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
+                        "ec2:DeleteNetworkInterfacePermission"], "Resource": [f"{ec2}:network-interface/*"]},
+            {"Sid": "JobNetworkDescribe", "Effect": "Allow",  # the Describe calls take no resource
+             "Action": ["ec2:DescribeNetworkInterfaces", "ec2:DescribeVpcs", "ec2:DescribeDhcpOptions",
+                        "ec2:DescribeSubnets", "ec2:DescribeSecurityGroups"], "Resource": ["*"]}]
     return {"Version": "2012-10-17", "Statement": statements}
 
 

@@ -237,8 +237,9 @@ def _ensure_role(cfg: Config, rid: str, uris: sm.Uris, kms_arns: list[str]) -> t
         return cfg.aws.sagemaker.role_arn, False, {"role_arn": cfg.aws.sagemaker.role_arn, "role_created": False}
     account = _account(cfg, required=True)
     trust = sm.trust_policy(account)
+    vpc = cfg.aws.sagemaker.vpc
     permissions = sm.permissions_policy(uris, account, cfg.aws.region, sm.image(cfg), kms_arns,
-                                        vpc=bool(cfg.aws.sagemaker.vpc.subnets))
+                                        vpc.subnets, vpc.security_group_ids)
     name = ROLE_PREFIX + rid
     arn, created = iam.create_or_update(client("iam", cfg.aws.region, cfg.aws.profile), name, trust, permissions,
                                         name, description="SageMaker training jobs of one termtune run")
