@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -409,11 +410,12 @@ def job_output(cfg, job, artifact: Path, lines=("step 1 loss 2.0", "step 2 loss 
         where = "termtune" if path.name == "manifest.json" else "artifact"
         s3.upload_file(str(path), BUCKET, f"{prefix}{where}/{path.name}")
     logs = boto("logs")
+    now = int(time.time() * 1000)  # CloudWatch Logs refuses events older than 14 days
     if not logs.describe_log_groups(logGroupNamePrefix="/aws/sagemaker/TrainingJobs")["logGroups"]:
         logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
     logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=f"{job}/algo-1-1733300000")
     logs.put_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=f"{job}/algo-1-1733300000",
-                        logEvents=[{"timestamp": 1733300000000 + i, "message": m} for i, m in enumerate(lines)])
+                        logEvents=[{"timestamp": now + i, "message": m} for i, m in enumerate(lines)])
     return output
 
 
@@ -436,7 +438,8 @@ def flow(tmp_path, aws_env, bucket, monkeypatch, prepared_cfg):  # noqa: F811
     return cfg, FakeSageMaker(monkeypatch), aws_env
 
 
-def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reused(flow, artifact_template, capfd):  # noqa: F811
+def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reused(flow, artifact_template, capfd,  # noqa: F811
+                                                                                   monkeypatch):
     from termtune import api
     from termtune.aws import training
     from termtune.layout import RunLayout
@@ -445,8 +448,9 @@ def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reuse
     output = job_output(cfg, "tt-run-one", artifact_template)
     seen_before_create = []
     fake.submitted("tt-run-one")
-    fake.client.meta.events.register("before-call.sagemaker.CreateTrainingJob",
-                                     lambda **_: seen_before_create.append(training.read_jobs(cfg)))
+    create = training.create_job
+    monkeypatch.setattr(training, "create_job", lambda *a, **k: seen_before_create.append(training.read_jobs(cfg))
+                        or create(*a, **k))
     fake.status("tt-run-one", "InProgress", "Training", transitions=["Starting", "Downloading", "Training"])
     fake.status("tt-run-one", "Completed", "Completed", output=output, BillableTimeInSeconds=600,
                 TrainingTimeInSeconds=600, transitions=["Starting", "Downloading", "Training", "Uploading", "Completed"])
