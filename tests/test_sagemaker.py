@@ -427,6 +427,9 @@ def flow(tmp_path, aws_env, bucket, monkeypatch, prepared_cfg):  # noqa: F811
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_CLOUDWATCH_LOGS", os.environ["AWS_ENDPOINT_URL_S3"])  # moto
     stand_in_bundle(monkeypatch)
+    logs = boto("logs")  # moto's state outlives a test: no job's log lines from an earlier one
+    for group in logs.describe_log_groups(logGroupNamePrefix="/aws/sagemaker/TrainingJobs")["logGroups"]:
+        logs.delete_log_group(logGroupName=group["logGroupName"])
     cfg = prepared_cfg
     for key, value in {"train.on": "sagemaker", "aws.bucket": BUCKET, "aws.sagemaker.poll_seconds": 0.01,
                        "aws.sagemaker.job_name": "tt-run-one", "aws.poll_seconds": 0.1}.items():
@@ -548,10 +551,10 @@ def test_ctrl_c_without_a_terminal_detaches_and_leaves_the_job_running(flow, mon
     fake.submitted("tt-run-one")
     fake.status("tt-run-one", "InProgress", "Training")
 
-    def interrupted(seconds):
+    def interrupted(self, logs):  # Ctrl-C while the job's log lines are being read
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.time, "sleep", interrupted)
+    monkeypatch.setattr(training.sm.LogTail, "read", interrupted)
     monkeypatch.setattr(sys, "stdin", open("/dev/null"))
     with pytest.raises(Detached, match="goes on in SageMaker"):
         api.train(cfg)
