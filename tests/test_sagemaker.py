@@ -231,7 +231,7 @@ def test_role_propagation_is_retried_only_for_a_role_termtune_created(tmp_path):
     import boto3
     from botocore.stub import Stubber
 
-    from termtune.aws import training
+    from termtune.aws import jobrecord, training
 
     request = request_for(sm_cfg(tmp_path))
     client = boto3.client("sagemaker", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
@@ -443,8 +443,8 @@ def flow(tmp_path, aws_env, bucket, monkeypatch, prepared_cfg):  # noqa: F811
 
 def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reused(flow, artifact_template, capfd,  # noqa: F811
                                                                                    monkeypatch):
-    from termtune import api
-    from termtune.aws import training
+    from termtune import api, pipeline
+    from termtune.aws import jobrecord, training
     from termtune.layout import RunLayout
 
     cfg, fake, _ = flow
@@ -452,7 +452,7 @@ def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reuse
     seen_before_create = []
     fake.submitted("tt-run-one")
     create = training.create_job
-    monkeypatch.setattr(training, "create_job", lambda *a, **k: seen_before_create.append(training.read_jobs(cfg))
+    monkeypatch.setattr(training, "create_job", lambda *a, **k: seen_before_create.append(jobrecord.read_jobs(cfg))
                         or create(*a, **k))
     fake.status("tt-run-one", "InProgress", "Training", transitions=["Starting", "Downloading", "Training"])
     fake.status("tt-run-one", "Completed", "Completed", output=output, BillableTimeInSeconds=600,
@@ -462,11 +462,11 @@ def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reuse
 
     [recorded] = seen_before_create[0]  # the request is on disk before SageMaker is asked
     assert recorded["status"] == "creating" and recorded["request"]["TrainingJobName"] == "tt-run-one"
-    [job] = training.read_jobs(cfg)
+    [job] = jobrecord.read_jobs(cfg)
     assert job["job_arn"] == arn("tt-run-one") and job["status"] == "Completed"
     assert job["s3_model_artifacts"] == output and job["artifact_uri"] == output + "artifact/"
     assert job["billable_seconds"] == 600 and job["cost"]["usd"] == pytest.approx(600 * 1.515 / 3600)
-    assert job["fingerprint"] == training.fingerprint(cfg) and job["role_created"] is True
+    assert job["fingerprint"] == pipeline.train_fingerprint(cfg) and job["role_created"] is True
     assert (RunLayout.of(cfg).job_records / "manifest.json").is_file()
     assert "Completed" in result.summary() and "$0.25" in result.summary()
     out, err = capfd.readouterr()
@@ -482,10 +482,10 @@ def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reuse
 
     # unchanged settings: nothing is submitted (the Stubber would refuse any call)
     again = api.train(cfg)
-    assert again.up_to_date and len(training.read_jobs(cfg)) == 1
+    assert again.up_to_date and len(jobrecord.read_jobs(cfg)) == 1
     # the stage record lost, the Completed job of the same fingerprint is still reused
     RunLayout.of(cfg).record("train").unlink()
-    assert api.train(cfg).reused and len(training.read_jobs(cfg)) == 1
+    assert api.train(cfg).reused and len(jobrecord.read_jobs(cfg)) == 1
     fake.stub.assert_no_pending_responses()
 
     # a changed learning rate is a new job, with unchanged channel files skipped
@@ -495,11 +495,12 @@ def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reuse
     fake.submitted("tt-run-two")
     fake.status("tt-run-two", "Completed", "Completed", output=output2, BillableTimeInSeconds=60)
     api.train(cfg)
-    first, second = training.read_jobs(cfg)
+    first, second = jobrecord.read_jobs(cfg)
     assert second["job_name"] == "tt-run-two" and second["fingerprint"] != first["fingerprint"]
     assert second["uploads"]["code"]["skipped"] == 1 and second["uploads"]["config"]["uploaded"] == 1
     assert second["request"]["CheckpointConfig"]["S3Uri"] != first["request"]["CheckpointConfig"]["S3Uri"]
-    assert "tt-run-one" in training.jobs_list(cfg) and "current" in training.jobs_list(cfg).splitlines()[2]
+    listing = training.jobs_list(cfg, pipeline.train_fingerprint(cfg)).splitlines()
+    assert "tt-run-one" in listing[1] and "other" in listing[1] and "tt-run-two" in listing[2] and "current" in listing[2]
 
 
 def test_deploy_imports_from_the_jobs_output_without_uploading(flow, artifact_template):  # noqa: F811
@@ -523,8 +524,8 @@ def test_deploy_imports_from_the_jobs_output_without_uploading(flow, artifact_te
 
 
 def test_detach_returns_at_once_and_attach_finishes_the_stage(flow, artifact_template):  # noqa: F811
-    from termtune import api
-    from termtune.aws import training
+    from termtune import api, pipeline
+    from termtune.aws import jobrecord, training
     from termtune.layout import RunLayout
 
     cfg, fake, _ = flow
@@ -532,20 +533,20 @@ def test_detach_returns_at_once_and_attach_finishes_the_stage(flow, artifact_tem
     fake.submitted("tt-run-one")
     with pytest.raises(Detached, match="termtune jobs attach"):
         api.train(cfg)
-    [job] = training.read_jobs(cfg)
+    [job] = jobrecord.read_jobs(cfg)
     assert job["status"] == "InProgress" and job["job_arn"] == arn("tt-run-one") and job["request"]
     assert not RunLayout.of(cfg).record("train").exists()
 
     output = job_output(cfg, "tt-run-one", artifact_template)
     fake.status("tt-run-one", "Completed", "Completed", output=output, BillableTimeInSeconds=60)
-    result = training.attach(cfg)
+    result = pipeline.attach_job(cfg)
     assert result.job["status"] == "Completed" and RunLayout.of(cfg).record("train").exists()
-    assert len(training.read_jobs(cfg)) == 1  # followed, not submitted again
+    assert len(jobrecord.read_jobs(cfg)) == 1  # followed, not submitted again
 
 
 def test_ctrl_c_without_a_terminal_detaches_and_leaves_the_job_running(flow, monkeypatch):  # noqa: F811
     from termtune import api
-    from termtune.aws import training
+    from termtune.aws import jobrecord, training
 
     cfg, fake, _ = flow
     fake.submitted("tt-run-one")
@@ -559,12 +560,12 @@ def test_ctrl_c_without_a_terminal_detaches_and_leaves_the_job_running(flow, mon
     with pytest.raises(Detached, match="goes on in SageMaker"):
         api.train(cfg)
     fake.stub.assert_no_pending_responses()  # and no StopTrainingJob: the Stubber would have refused it
-    assert training.read_jobs(cfg)[0]["status"] == "InProgress"
+    assert jobrecord.read_jobs(cfg)[0]["status"] == "InProgress"
 
 
 def test_a_failed_job_says_why_with_its_last_log_lines(flow, artifact_template, capfd):  # noqa: F811
     from termtune import api
-    from termtune.aws import training
+    from termtune.aws import jobrecord, training
 
     cfg, fake, _ = flow
     job_output(cfg, "tt-run-one", artifact_template, lines=("loading data", "Traceback: out of memory"))
@@ -572,7 +573,7 @@ def test_a_failed_job_says_why_with_its_last_log_lines(flow, artifact_template, 
     fake.status("tt-run-one", "Failed", "Failed", FailureReason="AlgorithmError: CUDA out of memory at step 3")
     with pytest.raises(UserError, match="tt-run-one failed: AlgorithmError: CUDA out of memory at step 3"):
         api.train(cfg)
-    [job] = training.read_jobs(cfg)
+    [job] = jobrecord.read_jobs(cfg)
     assert job["status"] == "Failed" and "out of memory" in job["failure_reason"]
     assert "last log lines:\n[algo-1] loading data\n[algo-1] Traceback: out of memory" in capfd.readouterr().err
 

@@ -385,9 +385,11 @@ def jobs_list(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) 
     Example:
         termtune jobs list configs/demo.yaml
     """
+    from termtune import pipeline
     from termtune.aws import training
 
-    typer.echo(training.jobs_list(resolve(args)))
+    cfg = resolve(args)
+    typer.echo(training.jobs_list(cfg, pipeline.train_fingerprint(cfg)))
 
 
 @jobs_app.command("status")
@@ -442,9 +444,9 @@ def jobs_attach(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)
     Example:
         termtune jobs attach configs/demo.yaml
     """
-    from termtune.aws import training
+    from termtune import pipeline
 
-    _echo(training.attach(resolve(args), job))
+    _echo(pipeline.attach_job(resolve(args), job))
 
 
 def _echo(result: Any) -> None:

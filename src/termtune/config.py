@@ -714,6 +714,7 @@ def _section_docs(section: type[BaseModel], prefix: str) -> list[tuple[str, str,
             default = field.get_default(call_default_factory=True)
             shown = json.dumps(str(default) if isinstance(default, Path) else to_jsonable_python(default))
         if isinstance(annotation, type) and issubclass(annotation, Section):  # a section inside a section
+            rows.append((f"{prefix}{key}", "section", "{}", " ".join((field.description or "").split())))
             rows += _section_docs(annotation, f"{prefix}{key}.")
             continue
         rows.append((f"{prefix}{key}", type_name, shown, " ".join((field.description or "").split())))

@@ -98,7 +98,7 @@ def _train(cfg: Config, force: bool) -> Outcome:
     if cfg.train.on == "sagemaker":
         from termtune.aws import training
 
-        job = training.train(cfg)
+        job = training.train(cfg, fingerprint(cfg, BY_NAME["train"]))
         return Outcome(job, job.summary(), {"sagemaker_job": {k: job.job.get(k) for k in (
             "job_name", "job_arn", "s3_model_artifacts", "artifact_uri", "billable_seconds", "cost")}})
     from termtune.train import train
@@ -240,9 +240,10 @@ def _read_data(cfg: Config, layout: RunLayout) -> Any:
 
 def _read_train(cfg: Config, layout: RunLayout) -> Any:
     if cfg.train.on == "sagemaker":
-        from termtune.aws.training import JobResult, current_job
+        from termtune.aws.jobrecord import completed_job
+        from termtune.aws.training import JobResult
 
-        return JobResult(current_job(cfg) or {"job_name": "?", "status": "unknown"}, reused=True)
+        return JobResult(completed_job(cfg) or {"job_name": "?", "status": "unknown"}, reused=True)
     from termtune.train import TrainResult
 
     return TrainResult.load(layout.train_result)
@@ -587,3 +588,22 @@ def run(cfg: Config, force: bool = False) -> dict[str, Outcome | None]:
     emit("result", terminal_block(headline(cfg)))
     emit("result", f"report      {layout.report_html}")
     return outcomes
+
+
+def attach_job(cfg: Config, name: str | None = None) -> Any:
+    """`termtune jobs attach`: follow a recorded SageMaker job until it ends. The job of the current settings
+    completes the train stage as `termtune train` would (recorded, reported); another is followed and recorded
+    in <run>/sagemaker/jobs.json only."""
+    from termtune.aws import jobrecord, training
+
+    job = jobrecord.job_named(cfg, name)
+    if cfg.train.on == "sagemaker" and job.get("fingerprint") == fingerprint(cfg, BY_NAME["train"]):
+        cfg.aws.sagemaker.detach = False
+        outcome = run_stage(cfg, "train")
+        return outcome.result if outcome is not None else BY_NAME["train"].read_back(cfg, RunLayout.of(cfg))
+    return training.follow_recorded(cfg, job)
+
+
+def train_fingerprint(cfg: Config) -> str:
+    """The train stage's fingerprint for the current settings (which SageMaker jobs are current)."""
+    return fingerprint(cfg, BY_NAME["train"])

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from termtune import history
-from termtune.aws import bedrock, costs, iam, s3
+from termtune.aws import bedrock, costs, iam, jobrecord, s3
 from termtune.aws.clients import client, credentials_problem, error_code, error_message
 from termtune.aws.names import bucket_problem, job_name_for, role_name_problem, safe_name
 from termtune.config import Config
@@ -134,9 +134,7 @@ def trained_job(cfg: Config) -> dict[str, Any] | None:
     is none for the current settings); None when the run trains locally."""
     if cfg.train.on != "sagemaker":
         return None
-    from termtune.aws.training import completed_job
-
-    job = completed_job(cfg)
+    job = jobrecord.completed_job(cfg)
     if job is None:
         raise UserError("deploy: train.on=sagemaker, and no training job of this run completed with the current "
                         "settings; run termtune train --on sagemaker (or termtune jobs attach) first")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from termtune.aws import iam, s3
+from termtune.aws import iam, jobrecord, s3
 from termtune.aws import sagemaker as sm
 from termtune.aws.clients import client, error_code, error_message
 from termtune.config import Config
@@ -27,7 +27,7 @@ from termtune.errors import Detached, UserError
 from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.results import StageResult
-from termtune.rundir import read_json, remove, sha256_file, write_json
+from termtune.rundir import read_json, remove, sha256_file
 
 ENDED = ("Completed", "Failed", "Stopped")
 ROLE_PREFIX = "termtune-sagemaker-"
@@ -57,54 +57,6 @@ class JobResult(StageResult):
         return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the record
-
-
-def read_jobs(cfg: Config) -> list[dict[str, Any]]:
-    jobs = read_json(RunLayout.of(cfg).jobs, {}).get("jobs", [])
-    return [j for j in jobs if isinstance(j, dict) and isinstance(j.get("job_name"), str)]
-
-
-def _save(cfg: Config, job: dict[str, Any]) -> None:
-    """Replace (or add) `job` in jobs.json by name, atomically."""
-    job["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    jobs = [j for j in read_jobs(cfg) if j["job_name"] != job["job_name"]] + [job]
-    write_json(RunLayout.of(cfg).jobs, {"jobs": jobs})
-
-
-def fingerprint(cfg: Config) -> str:
-    """The train stage's fingerprint: the data, the model, lora and train settings, the instance and image."""
-    from termtune import pipeline
-
-    return pipeline.fingerprint(cfg, pipeline.BY_NAME["train"])
-
-
-def current_job(cfg: Config) -> dict[str, Any] | None:
-    """The newest job made from the current settings, or None."""
-    fp = fingerprint(cfg)
-    return next((j for j in reversed(read_jobs(cfg)) if j.get("fingerprint") == fp), None)
-
-
-def completed_job(cfg: Config) -> dict[str, Any] | None:
-    """The current settings' Completed job whose artifact was verified, or None (deploy imports from it)."""
-    job = current_job(cfg)
-    return job if job and job.get("status") == "Completed" and job.get("artifact_uri") else None
-
-
-def job_named(cfg: Config, name: str | None) -> dict[str, Any]:
-    """A recorded job by name (None: the newest); UserError when there is none."""
-    jobs = read_jobs(cfg)
-    if not jobs:
-        raise UserError(f"{RunLayout.of(cfg).jobs}: this run has submitted no SageMaker training job; "
-                        "run termtune train --on sagemaker first")
-    if name is None:
-        return jobs[-1]
-    for job in jobs:
-        if job["job_name"] == name:
-            return job
-    raise UserError(f"--job {name}: not a job of this run (its jobs: {', '.join(j['job_name'] for j in jobs)})")
-
-
 def s3_root(cfg: Config, rid: str) -> str:
     """s3://bucket/<parent>/sagemaker/<run>-<id>/: beside deploy's import prefix, never inside it (Bedrock
     imports everything under that one)."""
@@ -118,12 +70,12 @@ def s3_root(cfg: Config, rid: str) -> str:
 # ----------------------------------------------------------------------------- train
 
 
-def train(cfg: Config) -> JobResult:
-    """Run the train stage as a SageMaker training job; see the module doc."""
+def train(cfg: Config, fingerprint: str) -> JobResult:
+    """Run the train stage (whose inputs have this fingerprint) as a SageMaker training job; see the module doc."""
     from termtune.aws.stage import aws_errors
 
     sm.check_settings(cfg)
-    job = current_job(cfg)
+    job = jobrecord.current_job(cfg, fingerprint)
     with aws_errors():
         smc = client("sagemaker", cfg.aws.region, cfg.aws.profile)
         if job and job.get("status") == "Completed" and job.get("artifact_uri"):
@@ -132,12 +84,12 @@ def train(cfg: Config) -> JobResult:
         if job and job.get("status") == "creating":
             job = _adopt(cfg, smc, job)  # the create call may or may not have reached SageMaker
         if job is None or job.get("status") in ("Failed", "Stopped"):
-            job = _submit(cfg, smc)
+            job = _submit(cfg, smc, fingerprint)
         elif job.get("status") != "Completed":
             emit("note", f"following job {job['job_name']}, submitted {job.get('submitted_at')} with these settings")
         if cfg.aws.sagemaker.detach:
             raise Detached(_detached_message(cfg, job))
-        return follow(cfg, job, smc)
+        return follow(cfg, job, smc, RunLayout.of(cfg).job_records)
 
 
 def _adopt(cfg: Config, smc: Any, job: dict[str, Any]) -> dict[str, Any] | None:
@@ -149,17 +101,16 @@ def _adopt(cfg: Config, smc: Any, job: dict[str, Any]) -> dict[str, Any] | None:
             return None
         raise
     job.update(job_arn=described["TrainingJobArn"], status=described["TrainingJobStatus"])
-    _save(cfg, job)
+    jobrecord.save(cfg, job)
     return job
 
 
-def _submit(cfg: Config, smc: Any) -> dict[str, Any]:
+def _submit(cfg: Config, smc: Any, fp: str) -> dict[str, Any]:
     from termtune.aws import stage
 
     settings = cfg.aws.sagemaker
     layout = RunLayout.of(cfg)
     run_name = cfg.run_dir.resolve().name
-    fp = fingerprint(cfg)
     rid = stage.run_id(cfg)
     uris = sm.Uris.of(s3_root(cfg, rid))
     name = sm.job_name(cfg, time.strftime("%Y%m%d%H%M%S"))
@@ -188,11 +139,11 @@ def _submit(cfg: Config, smc: Any) -> dict[str, Any]:
            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "instance_type": settings.instance_type,
            "instance_count": settings.instance_count, "s3_root": uris.root, "uploads": uploaded, **role,
            "request": request}
-    _save(cfg, job)
+    jobrecord.save(cfg, job)
     retry_s = cfg.aws.role_retry_minutes * 60 if created_now else 0.0
     job["job_arn"] = create_job(smc, request, retry_s)
     job["status"] = "InProgress"
-    _save(cfg, job)
+    jobrecord.save(cfg, job)
     emit("note", f"submitted training job {name} ({settings.instance_count} x {settings.instance_type}"
                  f"{', spot' if settings.spot else ''}) in {cfg.aws.region}")
     return job
@@ -279,9 +230,11 @@ def create_job(smc: Any, request: dict[str, Any], role_retry_s: float,
 # ----------------------------------------------------------------------------- follow
 
 
-def follow(cfg: Config, job: dict[str, Any], smc: Any, sleep: Callable[[float], None] = time.sleep) -> JobResult:
-    """Show status changes and the job's log lines until it ends, then record the outcome. Ctrl-C asks
-    whether to detach (the job goes on) or stop it; without a terminal to ask, it detaches."""
+def follow(cfg: Config, job: dict[str, Any], smc: Any, records: Path,
+           sleep: Callable[[float], None] = time.sleep) -> JobResult:
+    """Show status changes and the job's log lines until it ends, then record the outcome (a Completed job's
+    records go into `records`). Ctrl-C asks whether to detach (the job goes on) or stop it; without a
+    terminal to ask, it detaches."""
     logs = client("logs", cfg.aws.region, cfg.aws.profile)
     tail = sm.LogTail(job["job_name"])
     shown = 0
@@ -303,7 +256,7 @@ def follow(cfg: Config, job: dict[str, Any], smc: Any, sleep: Callable[[float], 
                     line = f"[{stream.split('/', 1)[-1].rsplit('-', 1)[0]}] {message.rstrip()}"
                     recent = (recent + [line])[-LAST_LINES:]
                     emit("result", line)
-                return finish(cfg, job, described, recent)
+                return finish(cfg, job, described, recent, records)
             sleep(cfg.aws.sagemaker.poll_seconds)
     except KeyboardInterrupt:
         if _ask_stop(job):
@@ -331,7 +284,7 @@ def _detached_message(cfg: Config, job: dict[str, Any]) -> str:
             "`termtune jobs attach <config>`, stop it with `termtune jobs stop <config>`")
 
 
-def finish(cfg: Config, job: dict[str, Any], described: dict[str, Any], recent: list[str]) -> JobResult:
+def finish(cfg: Config, job: dict[str, Any], described: dict[str, Any], recent: list[str], records: Path) -> JobResult:
     """Record how the job ended. Completed: download its records, verify the artifact, record output and cost.
     Failed or Stopped: record FailureReason and raise it, after the last log lines."""
     status = described["TrainingJobStatus"]
@@ -342,7 +295,7 @@ def finish(cfg: Config, job: dict[str, Any], described: dict[str, Any], recent: 
                ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if status != "Completed":
         job["failure_reason"] = described.get("FailureReason") or f"(no FailureReason; {described.get('SecondaryStatus')})"
-        _save(cfg, job)
+        jobrecord.save(cfg, job)
         if recent:
             emit("note", "last log lines:\n" + "\n".join(recent))
         raise UserError(f"training job {job['job_name']} {status.lower()}: {job['failure_reason']}; its checkpoints "
@@ -351,14 +304,10 @@ def finish(cfg: Config, job: dict[str, Any], described: dict[str, Any], recent: 
     output = output if output.endswith("/") else output + "/"
     job.update(s3_model_artifacts=output)
     s3c = client("s3", cfg.aws.region, cfg.aws.profile)
-    layout = RunLayout.of(cfg)
-    # the current settings' records go where the run keeps them; an older job's beside its entry
-    records = layout.job_records if job.get("fingerprint") == fingerprint(cfg) else \
-        layout.sagemaker / "records" / job["job_name"]
     manifest = download_records(s3c, output + "termtune/", records)
     verify_artifact(s3c, manifest, output + "artifact/")
     job["artifact_uri"] = output + "artifact/"
-    _save(cfg, job)
+    jobrecord.save(cfg, job)
     return JobResult(job)
 
 
@@ -404,11 +353,11 @@ def verify_artifact(s3c: Any, files: list[s3.ArtifactFile], uri: str) -> None:
 # ----------------------------------------------------------------------------- termtune jobs
 
 
-def jobs_list(cfg: Config) -> str:
-    jobs = read_jobs(cfg)
+def jobs_list(cfg: Config, fp: str) -> str:
+    """The recorded jobs; `fp`, the current train-stage fingerprint, marks the jobs of the current settings."""
+    jobs = jobrecord.read_jobs(cfg)
     if not jobs:
         return "no SageMaker training jobs recorded in this run"
-    fp = fingerprint(cfg)
     rows = [f"{'job':<44} {'status':<11} {'submitted':<25} {'cost':>9}  settings"]
     for j in jobs:
         cost = f"${j['cost']['usd']:.2f}" if isinstance(j.get("cost"), dict) else "-"
@@ -421,7 +370,7 @@ def jobs_status(cfg: Config, name: str | None = None) -> str:
     """The job's state as SageMaker reports it now."""
     from termtune.aws.stage import aws_errors
 
-    job = job_named(cfg, name)
+    job = jobrecord.job_named(cfg, name)
     with aws_errors():
         d = client("sagemaker", job.get("region") or cfg.aws.region, cfg.aws.profile).describe_training_job(
             TrainingJobName=job["job_name"])
@@ -443,7 +392,7 @@ def jobs_logs(cfg: Config, name: str | None = None) -> list[str]:
     """Every log line the job has written so far, hosts merged by time."""
     from termtune.aws.stage import aws_errors
 
-    job = job_named(cfg, name)
+    job = jobrecord.job_named(cfg, name)
     with aws_errors():
         logs = client("logs", job.get("region") or cfg.aws.region, cfg.aws.profile)
         return [f"[{stream.split('/', 1)[-1].rsplit('-', 1)[0]}] {message.rstrip()}"
@@ -453,7 +402,7 @@ def jobs_logs(cfg: Config, name: str | None = None) -> list[str]:
 def jobs_stop(cfg: Config, name: str | None = None) -> str:
     from termtune.aws.stage import aws_errors
 
-    job = job_named(cfg, name)
+    job = jobrecord.job_named(cfg, name)
     with aws_errors():
         smc = client("sagemaker", job.get("region") or cfg.aws.region, cfg.aws.profile)
         status = smc.describe_training_job(TrainingJobName=job["job_name"])["TrainingJobStatus"]
@@ -464,18 +413,13 @@ def jobs_stop(cfg: Config, name: str | None = None) -> str:
             "Stopped; termtune jobs status shows when")
 
 
-def attach(cfg: Config, name: str | None = None) -> JobResult:
-    """Follow a recorded job until it ends. The current settings' job completes the train stage (through the
-    runner, so it is recorded as `termtune train` would); another job is followed and recorded in jobs.json."""
+def follow_recorded(cfg: Config, job: dict[str, Any]) -> JobResult:
+    """Follow a job of other settings than the current ones until it ends; its records go beside jobs.json
+    (<run>/sagemaker/records/<job>), not into the train stage's outputs."""
     from termtune.aws.stage import aws_errors
 
-    job = job_named(cfg, name)
-    if job.get("fingerprint") == fingerprint(cfg) and cfg.train.on == "sagemaker":
-        from termtune import api
-
-        cfg.aws.sagemaker.detach = False
-        return api.train(cfg)
     if job.get("status") in ENDED:
         return JobResult(job)
     with aws_errors():
-        return follow(cfg, job, client("sagemaker", job.get("region") or cfg.aws.region, cfg.aws.profile))
+        return follow(cfg, job, client("sagemaker", job.get("region") or cfg.aws.region, cfg.aws.profile),
+                      RunLayout.of(cfg).sagemaker / "records" / job["job_name"])
