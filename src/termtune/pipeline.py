@@ -37,7 +37,7 @@ from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.quiet import quiet
 from termtune.rundir import exclusive, provenance, read_json, remove, sha256_file, write_json, write_text
-from termtune.stages import IN_AWS, ORDER, command_of
+from termtune.stages import IN_AWS, LOCAL_ONLY, ORDER, command_of
 
 
 @dataclass
@@ -205,11 +205,6 @@ def upstream_of(cfg: Config, stage: Stage) -> tuple[str, ...]:
     if stage.name == "deploy" and cfg.train.on == "sagemaker":
         return ("train",)
     return stage.upstream
-
-
-LOCAL_ONLY = ("evaluate", "export", "validate")
-"""The stages that need the adapter on this machine: with train.on=sagemaker the job exports and
-validates the artifact itself, and `termtune run` goes from train to deploy."""
 
 
 def _data_sources(cfg: Config) -> dict[str, Any]:

@@ -384,7 +384,7 @@ def _role_plan(cfg: Config, rid: str) -> str:
 
 def _role_policies(cfg: Config, rid: str, dry_run: bool) -> tuple[dict, dict]:
     n = import_source(cfg, names(cfg, rid))
-    account = _account(cfg, required=not dry_run)
+    account = caller_account(cfg, required=not dry_run)
     key_arn = kms_key_arn(cfg, required=not dry_run) if cfg.aws.kms_key_id else None
     job = trained_job(cfg)
     if job and job["request"]["OutputDataConfig"].get("KmsKeyId"):  # the job's output key (a key ARN)
@@ -440,7 +440,7 @@ def kms_key_arn(cfg: Config, required: bool = True) -> str:
     kms:DescribeKey: IAM authorises kms:Decrypt only on a key ARN, never through an alias."""
     key = cfg.aws.kms_key_id or ""
     try:
-        return _usable_key(cfg, key, "aws.kms_key_id")["Arn"]
+        return usable_key(cfg, key, "aws.kms_key_id")["Arn"]
     except Exception:
         if not required:
             return f"<the key ARN kms:DescribeKey gives for {key}>"
@@ -454,12 +454,12 @@ def model_kms_key_arn(cfg: Config) -> str:
     key account is a deliberate set-up, and DescribeKey answering at all means that key's policy
     already lets this account in; whether it also grants Bedrock, termtune cannot read from here."""
     key = cfg.aws.model_kms_key_id or ""
-    meta = _usable_key(cfg, key, "aws.model_kms_key_id")
+    meta = usable_key(cfg, key, "aws.model_kms_key_id")
     spec = meta.get("KeySpec") or meta.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
     if spec != "SYMMETRIC_DEFAULT":  # the only spec whose usage is ENCRYPT_DECRYPT with symmetric keys
         raise UserError(f"aws.model_kms_key_id: {meta['Arn']} is a {spec} key; Bedrock encrypts imported models "
                         "only with a symmetric encryption key (SYMMETRIC_DEFAULT)")
-    owner, account = meta["Arn"].split(":")[4], _account(cfg, required=True)
+    owner, account = meta["Arn"].split(":")[4], caller_account(cfg, required=True)
     if owner != account:
         emit("note", f"aws.model_kms_key_id: {meta['Arn']} belongs to account {owner}, not yours ({account}); the "
                      "import works only if that key's policy also grants Bedrock kms:CreateGrant, kms:DescribeKey, "
@@ -467,7 +467,7 @@ def model_kms_key_arn(cfg: Config) -> str:
     return meta["Arn"]
 
 
-def _usable_key(cfg: Config, key: str, setting: str) -> dict[str, Any]:
+def usable_key(cfg: Config, key: str, setting: str) -> dict[str, Any]:
     """kms:DescribeKey's KeyMetadata for `key`, refused (one line naming `setting`) when the key does
     not exist, is not enabled, or lives outside aws.region: KMS keys are regional, and S3 and
     Bedrock use a key only in their own region."""
@@ -492,7 +492,7 @@ def _usable_key(cfg: Config, key: str, setting: str) -> dict[str, Any]:
     return meta
 
 
-def _account(cfg: Config, required: bool) -> str:
+def caller_account(cfg: Config, required: bool) -> str:
     try:
         with aws_errors():
             return client("sts", cfg.aws.region, cfg.aws.profile).get_caller_identity()["Account"]

@@ -114,7 +114,7 @@ def _submit(cfg: Config, smc: Any, fp: str) -> dict[str, Any]:
     rid = stage.run_id(cfg)
     uris = sm.Uris.of(s3_root(cfg, rid))
     name = sm.job_name(cfg, time.strftime("%Y%m%d%H%M%S"))
-    kms = {key: stage._usable_key(cfg, getattr(settings, key), f"aws.sagemaker.{key}")["Arn"]
+    kms = {key: stage.usable_key(cfg, getattr(settings, key), f"aws.sagemaker.{key}")["Arn"]
            for key in ("output_kms_key_id", "volume_kms_key_id") if getattr(settings, key)}
 
     # 1. the bundle; the request is checked (with a stand-in role) before anything goes up
@@ -182,11 +182,11 @@ def _upload_channel(cfg: Config, s3c: Any, folder: Path, uri: str) -> dict[str, 
 def _ensure_role(cfg: Config, rid: str, uris: sm.Uris, kms_arns: list[str]) -> tuple[str, bool, dict[str, Any]]:
     """(execution role ARN, created by this call, what to record): aws.sagemaker.role_arn as given, or
     termtune-sagemaker-<run id> created or updated with this run's least-privilege policy."""
-    from termtune.aws.stage import _account
+    from termtune.aws.stage import caller_account
 
     if cfg.aws.sagemaker.role_arn:
         return cfg.aws.sagemaker.role_arn, False, {"role_arn": cfg.aws.sagemaker.role_arn, "role_created": False}
-    account = _account(cfg, required=True)
+    account = caller_account(cfg, required=True)
     trust = sm.trust_policy(account)
     vpc = cfg.aws.sagemaker.vpc
     permissions = sm.permissions_policy(uris, account, cfg.aws.region, sm.image(cfg), kms_arns,
