@@ -343,6 +343,7 @@ def stand_in_bundle(monkeypatch):
     from termtune.layout import RunLayout
 
     def build(cfg, dest):
+        shutil.rmtree(dest, ignore_errors=True)
         folders = {name: dest / name for name in ("code", "config", "data")}
         for folder in folders.values():
             folder.mkdir(parents=True)
@@ -609,3 +610,31 @@ def test_local_stages_refuse_a_run_that_trains_on_sagemaker(flow):  # noqa: F811
     cfg, _, _ = flow
     with pytest.raises(UserError, match="evaluate: train.on=sagemaker"):
         api.evaluate(cfg)
+
+
+def test_run_goes_from_data_to_the_job_and_the_cli_detaches_with_exit_0(flow, artifact_template, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from termtune import api
+    from termtune.aws import jobrecord
+    from termtune.cli import app
+    from termtune.config import dump_config
+
+    cfg, fake, _ = flow
+    cfg.aws.deploy = False
+    output = job_output(cfg, "tt-run-one", artifact_template)
+    fake.submitted("tt-run-one")
+    fake.status("tt-run-one", "Completed", "Completed", output=output, BillableTimeInSeconds=60)
+    outcomes = api.run(cfg)
+    assert list(outcomes.results) == ["data", "train"] and outcomes["train"].job["status"] == "Completed"
+
+    config = tmp_path / "sagemaker.yaml"
+    config.write_text(dump_config(cfg))
+    fake.submitted("tt-run-two")
+    result = CliRunner().invoke(app, ["train", str(config), "train.learning_rate=0.002",
+                                      "aws.sagemaker.job_name=tt-run-two", "--on", "sagemaker", "--detach"])
+    assert result.exit_code == 0, result.output
+    assert "tt-run-two goes on in SageMaker" in result.output and "termtune jobs attach" in result.output
+    assert [j["status"] for j in jobrecord.read_jobs(cfg)] == ["Completed", "InProgress"]
+    listing = CliRunner().invoke(app, ["jobs", "list", str(config)])
+    assert listing.exit_code == 0 and "tt-run-one" in listing.output and "tt-run-two" in listing.output

@@ -150,11 +150,11 @@ def _submit(cfg: Config, smc: Any, fp: str) -> dict[str, Any]:
 
 
 def _build_bundle(cfg: Config, dest: Path) -> dict[str, Path]:
-    """termtune.remote.bundle.build into a fresh `dest`: channel -> the folder holding exactly its files."""
+    """termtune.remote.bundle.build into `dest` (which it replaces whole): channel -> the folder holding
+    exactly its files."""
     from termtune.remote import bundle
 
-    remove(dest)
-    dest.mkdir(parents=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     channels = bundle.build(cfg, dest)
     unknown = [c for c in channels if c not in sm.CHANNELS]
     if unknown:
