@@ -638,3 +638,24 @@ def test_run_goes_from_data_to_the_job_and_the_cli_detaches_with_exit_0(flow, ar
     assert [j["status"] for j in jobrecord.read_jobs(cfg)] == ["Completed", "InProgress"]
     listing = CliRunner().invoke(app, ["jobs", "list", str(config)])
     assert listing.exit_code == 0 and "tt-run-one" in listing.output and "tt-run-two" in listing.output
+
+
+def test_plan_estimates_against_the_jobs_instances_and_their_sagemaker_price(prepared_cfg):
+    from termtune import plan as P
+
+    cfg = prepared_cfg
+    cfg.train.on = "sagemaker"
+    cfg.aws.sagemaker.instance_type = "ml.g5.12xlarge"
+    cfg.aws.sagemaker.instance_count = 2
+    on_job = P.plan(cfg, cpu_peak=100e9, cpu_bandwidth=10e9)
+    same_gpu = P.plan(cfg, gpu="a10g", cpu_peak=100e9, cpu_bandwidth=10e9)  # --gpu still plans for that GPU
+    assert on_job.device["name"] == "NVIDIA A10G" and on_job.device["memory_bytes"] == 24 * 2**30
+    assert on_job.memory == same_gpu.memory and on_job.fits == same_gpu.fits
+    assert on_job.device["usd_per_hour"] == pytest.approx(2 * 7.09)
+    assert on_job.money["train_usd"] == pytest.approx(2 * 7.09 * on_job.train_seconds / 3600)
+    assert "2 x ml.g5.12xlarge (SageMaker)" in on_job.summary()
+    cfg.aws.region = "eu-west-3"  # no dated price there
+    assert P.plan(cfg, cpu_peak=100e9, cpu_bandwidth=10e9).money["train_usd"] is None
+    cfg.aws.sagemaker.instance_type = "ml.m5.xlarge"
+    with pytest.raises(UserError, match="aws.sagemaker.instance_type: plan has no GPU figures for ml.m5.xlarge"):
+        P.plan(cfg, cpu_peak=100e9, cpu_bandwidth=10e9)

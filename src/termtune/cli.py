@@ -137,7 +137,7 @@ def data_inspect(
 def plan(
     args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for this GPU (l4, a10g, l40s, a100, h100); "
-                                      "default: this machine's CPU."),
+                                      "default: this machine's CPU, or with train.on=sagemaker the job's instance."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Estimate training memory, time and cost, and the Bedrock price, before spending them.
