@@ -659,3 +659,33 @@ def test_plan_estimates_against_the_jobs_instances_and_their_sagemaker_price(pre
     cfg.aws.sagemaker.instance_type = "ml.m5.xlarge"
     with pytest.raises(UserError, match="aws.sagemaker.instance_type: plan has no GPU figures for ml.m5.xlarge"):
         P.plan(cfg, cpu_peak=100e9, cpu_bandwidth=10e9)
+
+
+def test_a_job_recorded_as_being_created_is_adopted_or_created_anew(flow, artifact_template):  # noqa: F811
+    """A command killed between recording the request and SageMaker's answer: the next run asks SageMaker for
+    the job by name and follows it if it exists; otherwise the entry says so and a job is created."""
+    from termtune import api, pipeline
+    from termtune.aws import jobrecord
+
+    cfg, fake, _ = flow
+    fp = pipeline.train_fingerprint(cfg)
+    jobrecord.save(cfg, {"job_name": "tt-run-one", "status": "creating", "fingerprint": fp, "job_arn": None})
+    output = job_output(cfg, "tt-run-one", artifact_template)
+    fake.status("tt-run-one", "InProgress", "Training")  # the adoption's DescribeTrainingJob: it exists
+    fake.status("tt-run-one", "Completed", "Completed", output=output, BillableTimeInSeconds=60)
+    api.train(cfg)
+    [job] = jobrecord.read_jobs(cfg)  # followed, not created a second time (the Stubber refuses a create)
+    assert job["status"] == "Completed" and job["job_arn"] == arn("tt-run-one")
+
+    cfg.train.learning_rate = 0.003
+    cfg.aws.sagemaker.job_name = "tt-run-two"
+    fp = pipeline.train_fingerprint(cfg)
+    jobrecord.save(cfg, {"job_name": "tt-lost", "status": "creating", "fingerprint": fp, "job_arn": None})
+    fake.stub.add_client_error("describe_training_job", "ValidationException", "Requested resource not found.")
+    output = job_output(cfg, "tt-run-two", artifact_template)
+    fake.submitted("tt-run-two")
+    fake.status("tt-run-two", "Completed", "Completed", output=output, BillableTimeInSeconds=60)
+    api.train(cfg)
+    assert {j["job_name"]: j["status"] for j in jobrecord.read_jobs(cfg)} == {
+        "tt-run-one": "Completed", "tt-lost": "not created", "tt-run-two": "Completed"}
+    fake.stub.assert_no_pending_responses()

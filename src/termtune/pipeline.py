@@ -596,7 +596,8 @@ def attach_job(cfg: Config, name: str | None = None) -> Any:
         cfg.aws.sagemaker.detach = False
         outcome = run_stage(cfg, "train")
         return outcome.result if outcome is not None else BY_NAME["train"].read_back(cfg, RunLayout.of(cfg))
-    return training.follow_recorded(cfg, job)
+    with locked(cfg, "termtune jobs attach", create=False):
+        return training.follow_recorded(cfg, job)
 
 
 def train_fingerprint(cfg: Config) -> str:

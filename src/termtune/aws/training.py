@@ -98,6 +98,8 @@ def _adopt(cfg: Config, smc: Any, job: dict[str, Any]) -> dict[str, Any] | None:
         described = smc.describe_training_job(TrainingJobName=job["job_name"])
     except Exception as e:
         if error_code(e) in ("ValidationException", "ResourceNotFound"):  # SageMaker: "Requested resource not found"
+            job["status"] = "not created"  # the command ended before SageMaker had it: nothing runs, nothing bills
+            jobrecord.save(cfg, job)
             return None
         raise
     job.update(job_arn=described["TrainingJobArn"], status=described["TrainingJobStatus"])
@@ -176,7 +178,8 @@ def _upload_channel(cfg: Config, s3c: Any, folder: Path, uri: str) -> dict[str, 
     # a file an earlier bundle had and this one has not would otherwise land in the job's channel
     stale = set(s3.remote_objects(s3c, bucket, prefix)) - {f.path for f in files}
     s3.delete_objects(s3c, bucket, prefix, stale)
-    return {"uri": uri, "uploaded": len(up.uploaded), "skipped": len(up.skipped), "removed": sorted(stale)}
+    return {"uri": uri, "files": [f.path for f in files], "uploaded": len(up.uploaded), "skipped": len(up.skipped),
+            "removed": sorted(stale)}
 
 
 def _ensure_role(cfg: Config, rid: str, uris: sm.Uris, kms_arns: list[str]) -> tuple[str, bool, dict[str, Any]]:
