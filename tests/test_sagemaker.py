@@ -689,3 +689,29 @@ def test_a_job_recorded_as_being_created_is_adopted_or_created_anew(flow, artifa
     assert {j["job_name"]: j["status"] for j in jobrecord.read_jobs(cfg)} == {
         "tt-run-one": "Completed", "tt-lost": "not created", "tt-run-two": "Completed"}
     fake.stub.assert_no_pending_responses()
+
+
+def test_where_it_trains_changes_only_the_fingerprints_it_should(tmp_path):
+    """Local runs made before train.on existed stay up to date; a SageMaker job's instances and image make a
+    new train fingerprint, its waiting and polling settings none; deploy is never re-run by aws.sagemaker."""
+    from termtune import pipeline
+
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "aws.bucket=termtune-test"])
+    train, deploy = pipeline.BY_NAME["train"], pipeline.BY_NAME["deploy"]
+    local = pipeline.inputs(cfg, train)
+    assert "train.on" not in local["keys"] and local["sources"] == {}
+    local_fp, deploy_fp = pipeline.fingerprint(cfg, train), pipeline.fingerprint(cfg, deploy)
+    cfg.aws.sagemaker.instance_type = "ml.g6.2xlarge"
+    cfg.aws.sagemaker.poll_seconds = 1
+    assert pipeline.fingerprint(cfg, train) == local_fp  # not used while training locally
+    cfg.train.on = "sagemaker"
+    on_job = pipeline.fingerprint(cfg, train)
+    assert on_job != local_fp
+    cfg.aws.sagemaker.max_runtime = 3600
+    cfg.aws.sagemaker.detach = True
+    cfg.aws.sagemaker.tags = {"team": "terms"}
+    assert pipeline.fingerprint(cfg, train) == on_job
+    cfg.aws.sagemaker.instance_count = 2
+    assert pipeline.fingerprint(cfg, train) != on_job
+    cfg.train.on = "local"
+    assert pipeline.fingerprint(cfg, deploy) == deploy_fp

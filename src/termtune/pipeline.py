@@ -299,7 +299,9 @@ BY_NAME: dict[str, Stage] = {s.name: s for s in (
           # how long to wait and how to invoke do not change what is imported
           ignores=("aws.import_timeout_minutes", "aws.poll_seconds", "aws.invoke_schema", "aws.invoke_max_tokens",
                    "aws.invoke_temperature", "aws.cold_start_budget_minutes", "aws.invoke_prompt",
-                   "aws.model_quota", "aws.role_retry_minutes", "aws.deploy"),
+                   "aws.model_quota", "aws.role_retry_minutes", "aws.deploy",
+                   # the training job's settings reach deploy through train (its fingerprint), not directly
+                   "aws.sagemaker"),
           upstream=("export",), outputs=lambda l: [l.deploy], markers=lambda l, cfg: [l.deploy], put_back=False,
           # deleted elsewhere, the recorded model is gone: make-like, `run` imports it again
           still_valid=_deployed_model_gone, read_back=_read_deploy),
