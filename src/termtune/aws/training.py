@@ -30,6 +30,8 @@ from termtune.results import StageResult
 from termtune.rundir import read_json, remove, sha256_file
 
 ENDED = ("Completed", "Failed", "Stopped")
+NOT_CREATED = "not created"
+"""The status of a recorded job SageMaker never had: the command ended before its create call reached it."""
 ROLE_PREFIX = "termtune-sagemaker-"
 LAST_LINES = 20
 
@@ -83,7 +85,7 @@ def train(cfg: Config, fingerprint: str) -> JobResult:
             return JobResult(job, reused=True)
         if job and job.get("status") == "creating":
             job = _adopt(cfg, smc, job)  # the create call may or may not have reached SageMaker
-        if job is None or job.get("status") in ("Failed", "Stopped"):
+        if job is None or job.get("status") in ("Failed", "Stopped", NOT_CREATED):
             job = _submit(cfg, smc, fingerprint)
         elif job.get("status") != "Completed":
             emit("note", f"following job {job['job_name']}, submitted {job.get('submitted_at')} with these settings")
@@ -98,7 +100,7 @@ def _adopt(cfg: Config, smc: Any, job: dict[str, Any]) -> dict[str, Any] | None:
         described = smc.describe_training_job(TrainingJobName=job["job_name"])
     except Exception as e:
         if error_code(e) in ("ValidationException", "ResourceNotFound"):  # SageMaker: "Requested resource not found"
-            job["status"] = "not created"  # the command ended before SageMaker had it: nothing runs, nothing bills
+            job["status"] = NOT_CREATED  # nothing runs, nothing bills
             jobrecord.save(cfg, job)
             return None
         raise
