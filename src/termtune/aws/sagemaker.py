@@ -1,4 +1,4 @@
-"""The SageMaker control plane of `termtune train --on sagemaker`: the checks, the request, the role, the logs, the cost.
+"""SageMaker training jobs for `termtune train --on sagemaker`: checks, request, role, logs, cost.
 
 botocore checks only required members and minimum lengths of a CreateTrainingJob request: a 70-character
 name, an instance type that does not exist or spot without a wait limit all reach AWS (and a bill, or a
@@ -266,7 +266,8 @@ def job_name(cfg: Config, stamp: str) -> str:
     """aws.sagemaker.job_name, or tt-<run>-<yyyymmddHHMMSS>: valid by construction, unique per second."""
     from termtune.aws.names import safe_name
 
-    return cfg.aws.sagemaker.job_name or f"tt-{safe_name(cfg.run_dir.resolve().name, limit=63 - 4 - len(stamp))}-{stamp}"
+    run = safe_name(cfg.run_dir.resolve().name, limit=63 - len("tt--") - len(stamp))
+    return cfg.aws.sagemaker.job_name or f"tt-{run}-{stamp}"
 
 
 # ----------------------------------------------------------------------------- the request
@@ -320,7 +321,8 @@ def build_request(cfg: Config, name: str, role_arn: str, uris: Uris, fingerprint
         "EnableNetworkIsolation": sm.network_isolation,
         "EnableInterContainerTrafficEncryption": sm.instance_count > 1,
         # the run's folder name may hold characters a tag may not (brackets, commas): those become hyphens
-        "Tags": [{"Key": "project", "Value": "termtune"}, {"Key": "run", "Value": re.sub(r"[^\w.:/=+@ -]", "-", run_name)[:256]},
+        "Tags": [{"Key": "project", "Value": "termtune"},
+                 {"Key": "run", "Value": re.sub(r"[^\w.:/=+@ -]", "-", run_name)[:256]},
                  {"Key": "fingerprint", "Value": fingerprint[:16]}]
                 + [{"Key": k, "Value": v} for k, v in sm.tags.items()],
     }

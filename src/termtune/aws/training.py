@@ -134,7 +134,8 @@ def _submit(cfg: Config, smc: Any, fp: str) -> dict[str, Any]:
 
     # 3. the execution role
     input_key = stage.kms_key_arn(cfg) if cfg.aws.kms_key_id else None
-    role_arn, created_now, role = _ensure_role(cfg, rid, uris, sorted({*kms.values(), *([input_key] if input_key else [])}))
+    keys = sorted({*kms.values(), *([input_key] if input_key else [])})
+    role_arn, created_now, role = _ensure_role(cfg, rid, uris, keys)
 
     # 4. recorded before the call: a command killed during it finds the job by name
     request = sm.build_request(cfg, name, role_arn, uris, fp, run_name, kms, channels)
@@ -299,7 +300,8 @@ def finish(cfg: Config, job: dict[str, Any], described: dict[str, Any], recent: 
                cost=sm.cost(described, cfg.aws.region, cfg.aws.sagemaker.usd_per_hour),
                ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if status != "Completed":
-        job["failure_reason"] = described.get("FailureReason") or f"(no FailureReason; {described.get('SecondaryStatus')})"
+        job["failure_reason"] = (described.get("FailureReason")
+                                 or f"(no FailureReason; {described.get('SecondaryStatus')})")
         jobrecord.save(cfg, job)
         if recent:
             emit("note", "last log lines:\n" + "\n".join(recent))
