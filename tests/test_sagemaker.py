@@ -402,10 +402,10 @@ def arn(job):
 
 def job_output(cfg, job, artifact: Path, lines=("step 1 loss 2.0", "step 2 loss 1.5")) -> str:
     """What the job leaves: the artifact and termtune's records under <S3ModelArtifacts>, and its log lines."""
-    from termtune.aws import stage, training
+    from termtune.aws import stage
 
     s3 = boto("s3")
-    output = f"{training.s3_root(cfg, stage.run_id(cfg))}output/{job}/output/model/"
+    output = f"{stage.sagemaker_root(cfg, stage.run_id(cfg))}output/{job}/output/model/"
     _, prefix = output.removeprefix("s3://").split("/", 1)
     for path in artifact.iterdir():
         where = "termtune" if path.name == "manifest.json" else "artifact"
@@ -504,9 +504,10 @@ def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reuse
     assert "tt-run-one" in listing[1] and "other" in listing[1] and "tt-run-two" in listing[2] and "current" in listing[2]
 
 
-def test_deploy_imports_from_the_jobs_output_without_uploading(flow, artifact_template):  # noqa: F811
+def test_deploy_imports_from_the_jobs_output_without_uploading_and_cleanup_keeps_it(flow,  # noqa: F811
+                                                                                      artifact_template):
     from termtune import api
-    from termtune.aws import stage
+    from termtune.aws import jobrecord, stage
 
     cfg, fake, start_serve = flow
     output = job_output(cfg, "tt-run-one", artifact_template)
@@ -522,6 +523,14 @@ def test_deploy_imports_from_the_jobs_output_without_uploading(flow, artifact_te
     assert result.s3_uri == output + "artifact/" and result.model_arn
     record = stage.read_record(cfg)
     assert record["sagemaker_job"] == "tt-run-one" and record["s3_uri"] == output + "artifact/"
+
+    # cleanup: the import, the channels the job read, the execution role; the job's output stays
+    [job] = jobrecord.read_jobs(cfg)
+    api.cleanup(cfg, yes=True)
+    left = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    assert left == {k for k in before if "/output/" in k} and any(k.endswith("model.safetensors") for k in left)
+    with pytest.raises(boto("iam").exceptions.NoSuchEntityException):
+        boto("iam").get_role(RoleName=job["role_name"])
 
 
 def test_detach_returns_at_once_and_attach_finishes_the_stage(flow, artifact_template):  # noqa: F811
@@ -715,3 +724,22 @@ def test_where_it_trains_changes_only_the_fingerprints_it_should(tmp_path):
     assert pipeline.fingerprint(cfg, train) != on_job
     cfg.train.on = "local"
     assert pipeline.fingerprint(cfg, deploy) == deploy_fp
+
+
+def test_cleanup_refuses_while_a_job_may_run_and_a_channel_that_is_not_this_runs(flow):  # noqa: F811
+    from termtune import api
+    from termtune.aws import jobrecord, stage
+
+    cfg, _, _ = flow
+    rid = stage.run_id(cfg)
+    jobrecord.save(cfg, {"job_name": "tt-running", "status": "InProgress"})
+    with pytest.raises(UserError, match="tt-running may still be running"):
+        api.cleanup(cfg, yes=True)
+    theirs = {"uri": "s3://termtune-test/precious/", "files": ["keep.txt"]}
+    jobrecord.save(cfg, {"job_name": "tt-running", "status": "Stopped", "uploads": {"code": theirs}})
+    with pytest.raises(UserError, match="refusing to clean up 's3://termtune-test/precious/'"):
+        api.cleanup(cfg, yes=True)
+    ours = {"uri": f"{stage.sagemaker_root(cfg, rid)}code/", "files": ["../../precious/keep.txt"]}
+    jobrecord.save(cfg, {"job_name": "tt-running", "status": "Stopped", "uploads": {"code": ours}})
+    with pytest.raises(UserError, match="not plain"):
+        api.cleanup(cfg, yes=True)

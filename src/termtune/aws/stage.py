@@ -129,6 +129,14 @@ def names(cfg: Config, rid: str, artifact_sha256: str | None = None, taken: set[
             "s3_uri": f"s3://{cfg.aws.bucket}/{prefix}/", "model_name": model_name}
 
 
+def sagemaker_root(cfg: Config, rid: str) -> str:
+    """s3://bucket/<parent>/sagemaker/<run>-<id>/, where this run's SageMaker jobs read and write: beside the
+    import prefix, never inside it (Bedrock imports everything under that one)."""
+    prefix = names(cfg, rid)["prefix"].rstrip("/")
+    parent, _, last = prefix.rpartition("/")
+    return f"s3://{cfg.aws.bucket}/{parent + '/' if parent else ''}sagemaker/{last}/"
+
+
 def trained_job(cfg: Config) -> dict[str, Any] | None:
     """With train.on=sagemaker, the Completed training job whose artifact deploy imports (UserError when there
     is none for the current settings); None when the run trains locally."""
@@ -545,6 +553,23 @@ def _own_uploads(cfg: Config, records: list[dict[str, Any]]) -> dict[str, set[st
     return out
 
 
+def _job_uploads(cfg: Config, jobs: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """The channel files the run's training jobs uploaded (URI -> names), each URI checked to be one of this
+    run's channels (a jobs.json edited by hand or copied from another run is refused whole)."""
+    out: dict[str, set[str]] = {}
+    rid = run_id(cfg, create=False)
+    for job in jobs:
+        for channel, upload in (job.get("uploads") or {}).items():
+            uri, files = (upload.get("uri"), upload.get("files", [])) if isinstance(upload, dict) else (None, None)
+            bad = [f for f in files if not isinstance(f, str) or name_problem(f)] if isinstance(files, list) else [files]
+            if rid is None or uri != f"{sagemaker_root(cfg, rid)}{channel}/" or bad:
+                raise UserError(f"{RunLayout.of(cfg).jobs}: refusing to clean up {uri!r}: not one of this run's "
+                                "SageMaker channels, or a file name that is not plain; nothing was deleted. Was "
+                                "jobs.json edited or copied from another run?")
+            out.setdefault(uri, set()).update(files)
+    return out
+
+
 def _foreign_uri(uri: Any, rid: str | None) -> str | None:
     """Why `uri` is not one of this run's prefixes, or None when it is."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
@@ -584,6 +609,14 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     plan = [f"imported model {i.get('model_arn') or i.get('model_name')}"
             + (f" (after import job {i['job_name']} ends)" if i.get("job_name") else "")
             for i in imports if i.get("model_arn") or i.get("model_name")]
+    jobs = jobrecord.read_jobs(cfg)
+    running = [j["job_name"] for j in jobs if j.get("status") in ("creating", "InProgress", "Stopping")]
+    if running:
+        raise UserError(f"training job {', '.join(running)} may still be running and reads this run's S3 files and "
+                        "role; stop it (termtune jobs stop) or let it end, then clean up; nothing was deleted")
+    uploads |= _job_uploads(cfg, jobs)
+    grants += list(dict.fromkeys((j["role_name"], j["role_policy"]) for j in jobs
+                                 if isinstance(j.get("role_name"), str) and isinstance(j.get("role_policy"), str)))
     plan += [f"the {len(keys)} objects this run uploaded under {uri}" for uri, keys in uploads.items()]
     plan += [f"this run's policy {policy} on IAM role {role} (the role too, if termtune created it and no other "
              "run uses it)" for role, policy in grants]
@@ -591,6 +624,9 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
         emit("note", "nothing recorded to delete")
         return []
     emit("note", "will delete:\n  " + "\n  ".join(plan))
+    if jobs:
+        emit("note", f"will keep the training jobs' output and checkpoints under {jobs[-1].get('s3_root')} (the "
+                     "trained models: delete them yourself once they are no longer wanted)")
     if not yes:
         if not sys.stdin.isatty():
             raise UserError("cleanup deletes cloud resources; pass --yes to confirm when not at a terminal")

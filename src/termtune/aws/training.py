@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,16 +57,6 @@ class JobResult(StageResult):
         if j.get("status") == "Completed":
             lines.append("next: termtune deploy <config> (imports straight from the job's output)")
         return "\n".join(lines)
-
-
-def s3_root(cfg: Config, rid: str) -> str:
-    """s3://bucket/<parent>/sagemaker/<run>-<id>/: beside deploy's import prefix, never inside it (Bedrock
-    imports everything under that one)."""
-    from termtune.aws.stage import names
-
-    prefix = names(cfg, rid)["prefix"].rstrip("/")
-    parent, _, last = prefix.rpartition("/")
-    return f"s3://{cfg.aws.bucket}/{parent + '/' if parent else ''}sagemaker/{last}/"
 
 
 # ----------------------------------------------------------------------------- train
@@ -116,7 +106,7 @@ def _submit(cfg: Config, smc: Any, fp: str) -> dict[str, Any]:
     layout = RunLayout.of(cfg)
     run_name = cfg.run_dir.resolve().name
     rid = stage.run_id(cfg)
-    uris = sm.Uris.of(s3_root(cfg, rid))
+    uris = sm.Uris.of(stage.sagemaker_root(cfg, rid))
     name = sm.job_name(cfg, time.strftime("%Y%m%d%H%M%S"))
     kms = {key: stage.usable_key(cfg, getattr(settings, key), f"aws.sagemaker.{key}")["Arn"]
            for key in ("output_kms_key_id", "volume_kms_key_id") if getattr(settings, key)}
