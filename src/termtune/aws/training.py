@@ -243,15 +243,12 @@ def follow(cfg: Config, job: dict[str, Any], smc: Any, records: Path,
                 emit("note", f"job {job['job_name']}: {t.get('Status')}"
                              + (f": {t['StatusMessage']}" if t.get("StatusMessage") else ""))
             shown = max(shown, len(transitions))
-            for _, stream, message in tail.read(logs):
-                line = f"[{stream.split('/', 1)[-1].rsplit('-', 1)[0]}] {message.rstrip()}"
+            ended = described["TrainingJobStatus"] in ENDED
+            # once it has ended, a second read gets what the job wrote just before
+            for line in host_lines(tail.read(logs) + (tail.read(logs) if ended else [])):
                 recent = (recent + [line])[-LAST_LINES:]
                 emit("result", line)
-            if described["TrainingJobStatus"] in ENDED:
-                for _, stream, message in tail.read(logs):  # what the job wrote just before it ended
-                    line = f"[{stream.split('/', 1)[-1].rsplit('-', 1)[0]}] {message.rstrip()}"
-                    recent = (recent + [line])[-LAST_LINES:]
-                    emit("result", line)
+            if ended:
                 return finish(cfg, job, described, recent, records)
             sleep(cfg.aws.sagemaker.poll_seconds)
     except KeyboardInterrupt:
@@ -260,6 +257,11 @@ def follow(cfg: Config, job: dict[str, Any], smc: Any, records: Path,
             raise Detached(f"asked SageMaker to stop {job['job_name']} (it saves a checkpoint first); "
                            "termtune jobs status shows when it has stopped") from None
         raise Detached(_detached_message(cfg, job)) from None
+
+
+def host_lines(lines: list[tuple[int, str, str]]) -> list[str]:
+    """LogTail's (timestamp, stream, message) as `[algo-1] message` lines."""
+    return [f"[{stream.split('/', 1)[-1].rsplit('-', 1)[0]}] {message.rstrip()}" for _, stream, message in lines]
 
 
 def _ask_stop(job: dict[str, Any]) -> bool:
@@ -392,8 +394,7 @@ def jobs_logs(cfg: Config, name: str | None = None) -> list[str]:
     job = jobrecord.job_named(cfg, name)
     with aws_errors():
         logs = client("logs", job.get("region") or cfg.aws.region, cfg.aws.profile)
-        return [f"[{stream.split('/', 1)[-1].rsplit('-', 1)[0]}] {message.rstrip()}"
-                for _, stream, message in sm.LogTail(job["job_name"]).read(logs)]
+        return host_lines(sm.LogTail(job["job_name"]).read(logs))
 
 
 def jobs_stop(cfg: Config, name: str | None = None) -> str:
