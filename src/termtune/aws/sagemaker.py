@@ -370,7 +370,7 @@ def permissions_policy(uris: Uris, account: str, region: str, image_uri: str, km
                       f"arn:aws:s3:::{bucket}/{prefix}checkpoints/*"], "Condition": owner},
         {"Sid": "JobLogs", "Effect": "Allow",
          "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-         "Resource": [logs, f"{logs}:log-stream:*"]},
+         "Resource": [logs, f"{logs}:*"]},  # the group, and its streams (log-group:<name>:log-stream:<stream>)
         {"Sid": "JobMetrics", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": ["*"],
          "Condition": {"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*"]}}},
         {"Sid": "PullImageToken", "Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"], "Resource": ["*"]},
