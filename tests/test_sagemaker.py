@@ -455,7 +455,8 @@ def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reuse
     create = training.create_job
     monkeypatch.setattr(training, "create_job", lambda *a, **k: seen_before_create.append(jobrecord.read_jobs(cfg))
                         or create(*a, **k))
-    fake.status("tt-run-one", "InProgress", "Training", transitions=["Starting", "Downloading", "Training"])
+    fake.status("tt-run-one", "InProgress", "Training", transitions=["Starting", "Downloading", "Training"],
+                ProgressInfo={"CurrentStep": 3, "TotalStepCountPerEpoch": 7, "CurrentEpoch": 1, "MaxEpoch": 2})
     fake.status("tt-run-one", "Completed", "Completed", output=output, BillableTimeInSeconds=600,
                 TrainingTimeInSeconds=600, transitions=["Starting", "Downloading", "Training", "Uploading", "Completed"])
     result = api.train(cfg)
@@ -474,6 +475,7 @@ def test_a_job_is_recorded_before_it_is_created_then_followed_finished_and_reuse
     assert out.count("[algo-1] step 1 loss 2.0") == 1 and out.count("[algo-1] step 2 loss 1.5") == 1
     assert out.index("step 1 loss") < out.index("step 2 loss")
     assert err.count("job tt-run-one: Downloading") == 1 and "job tt-run-one: Uploading" in err
+    assert "job tt-run-one: step 3/7 of epoch 1/2" in err
 
     role = boto("iam").get_role(RoleName=job["role_name"])["Role"]
     assert role["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "sagemaker.amazonaws.com"}
@@ -743,3 +745,27 @@ def test_cleanup_refuses_while_a_job_may_run_and_a_channel_that_is_not_this_runs
     jobrecord.save(cfg, {"job_name": "tt-running", "status": "Stopped", "uploads": {"code": ours}})
     with pytest.raises(UserError, match="not plain"):
         api.cleanup(cfg, yes=True)
+
+
+def test_ctrl_c_at_a_terminal_can_stop_the_job(flow, monkeypatch):  # noqa: F811
+    import builtins
+
+    from termtune import api
+    from termtune.aws import training
+
+    cfg, fake, _ = flow
+    fake.submitted("tt-run-one")
+    fake.status("tt-run-one", "InProgress", "Training")
+    fake.stub.add_response("stop_training_job", {}, {"TrainingJobName": "tt-run-one"})
+
+    def interrupted(self, logs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.sm.LogTail, "read", interrupted)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt: asked.append(prompt) or "s")
+    with pytest.raises(Detached, match="asked SageMaker to stop tt-run-one"):
+        api.train(cfg)
+    assert "[d]etach and let it finish, or [s]top it?" in asked[0]
+    fake.stub.assert_no_pending_responses()  # StopTrainingJob was called

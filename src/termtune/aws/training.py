@@ -233,7 +233,7 @@ def follow(cfg: Config, job: dict[str, Any], smc: Any, records: Path,
     terminal to ask, it detaches."""
     logs = client("logs", cfg.aws.region, cfg.aws.profile)
     tail = sm.LogTail(job["job_name"])
-    shown = 0
+    shown, progress = 0, None
     recent: list[str] = []
     try:
         while True:
@@ -243,6 +243,11 @@ def follow(cfg: Config, job: dict[str, Any], smc: Any, records: Path,
                 emit("note", f"job {job['job_name']}: {t.get('Status')}"
                              + (f": {t['StatusMessage']}" if t.get("StatusMessage") else ""))
             shown = max(shown, len(transitions))
+            if described.get("ProgressInfo") and described["ProgressInfo"] != progress:
+                progress = described["ProgressInfo"]
+                emit("progress", f"job {job['job_name']}: step {progress.get('CurrentStep', '?')}/"
+                                 f"{progress.get('TotalStepCountPerEpoch', '?')} of epoch "
+                                 f"{progress.get('CurrentEpoch', '?')}/{progress.get('MaxEpoch', '?')}")
             ended = described["TrainingJobStatus"] in ENDED
             # once it has ended, a second read gets what the job wrote just before
             for line in host_lines(tail.read(logs) + (tail.read(logs) if ended else [])):
