@@ -146,3 +146,66 @@ def bucket(aws_env):
 
 def _exists(s3) -> bool:
     return any(b["Name"] == BUCKET for b in s3.list_buckets().get("Buckets", []))
+
+
+# ----------------------------------------------------------------------------- SageMaker training jobs
+
+SAGEMAKER_ROLE = "termtune-sagemaker-job"
+TRAINING_IMAGE = ("763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:"
+                  "2.5.1-transformers4.49.0-gpu-py311-cu124-ubuntu22.04")
+
+
+def sagemaker_trust(account: str = ACCOUNT) -> dict:
+    return {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole",
+        "Condition": {"StringEquals": {"aws:SourceAccount": account}}}]}
+
+
+def sagemaker_permissions(bucket: str = BUCKET, write: bool = True) -> dict:
+    """A training job role's policy: read (and, with `write`, write) the bucket; CloudWatch Logs."""
+    actions = ["s3:GetObject", "s3:ListBucket"] + (["s3:PutObject"] if write else [])
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": actions, "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]},
+        {"Effect": "Allow", "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents",
+                                       "logs:DescribeLogStreams"],
+         "Resource": "*"}]}  # moto authorises Logs calls against the resource "*" only
+
+
+@pytest.fixture
+def sagemaker_env(aws_env, bucket):
+    """termtune serve with its SageMaker training-job stand-in running jobs, behind real boto3.
+
+    Usage: `stand_in = sagemaker_env(role_name=..., permissions=..., **serve_options)`; returns a
+    SimpleNamespace(server, training, role_arn, bucket):
+
+    - boto3 clients made afterwards reach serve for `sagemaker` (AWS_ENDPOINT_URL_SAGEMAKER) and moto
+      (IAM enforced) for s3/iam/sts/kms/logs (AWS_ENDPOINT_URL_CLOUDWATCH_LOGS), as the administrator;
+    - `role_arn`: an execution role (default name SAGEMAKER_ROLE) that trusts sagemaker.amazonaws.com,
+      with `permissions` as its inline policy (default sagemaker_permissions(): read and write the
+      test bucket, CloudWatch Logs; sagemaker_permissions(write=False) has no s3:PutObject);
+    - `bucket`: the fresh versioned test bucket (BUCKET);
+    - `server.state.training` (also `training`): the stand-in's state, e.g. `training.jobs[name].hosts[k]
+      .process` for a job's process (its process group id is its pid).
+    - serve_options are Bedrock()'s: run_training_jobs (default True here), training_time_scale (default
+      0.02: the 120 s stop grace is 2.4 s, the spot wait 0.6 s, checkpoints sync every 0.1 s),
+      spot_interrupt_after_seconds (interrupt each spot job once, this long into training),
+      training_capacity_error (ResourceLimitExceeded on every create), and serve's other knobs.
+    Jobs need TRAINING_IMAGE (or another us-east-1 ECR URI) and a ContainerEntrypoint; the job's
+    processes are killed when the test ends (serve stops).
+    """
+    from types import SimpleNamespace
+
+    import boto3
+
+    from termtune.aws import iam
+
+    def start(role_name: str = SAGEMAKER_ROLE, permissions: dict | None = None, **options):
+        options.setdefault("run_training_jobs", True)
+        options.setdefault("training_time_scale", 0.02)
+        server = aws_env(**options)
+        role_arn, _ = iam.create_or_update(boto3.client("iam", region_name="us-east-1"), role_name,
+                                           sagemaker_trust(), permissions or sagemaker_permissions(bucket),
+                                           "termtune-training-job")
+        return SimpleNamespace(server=server, training=server.state.training, role_arn=role_arn, bucket=bucket)
+
+    return start

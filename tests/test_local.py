@@ -40,9 +40,14 @@ def test_the_sdk_reaches_the_stand_ins_and_everything_is_restored(user_environme
 
     from termtune.local import local_aws
 
-    with local_aws(bucket="termtune-local-test") as aws:
+    with local_aws(bucket="termtune-local-test", run_training_jobs=True) as aws:
         assert os.environ["AWS_ENDPOINT_URL_S3"] == os.environ["AWS_ENDPOINT_URL_STS"] == aws.moto_url
-        assert os.environ["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] == aws.bedrock_url
+        assert os.environ["AWS_ENDPOINT_URL_CLOUDWATCH_LOGS"] == aws.moto_url
+        assert os.environ["AWS_ENDPOINT_URL_BEDROCK_RUNTIME"] == os.environ["AWS_ENDPOINT_URL_SAGEMAKER"] == aws.bedrock_url
+        # SageMaker's training jobs are serve's, and it was told to run them; their logs go to moto
+        assert boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"] == []
+        assert "SageMaker runs training jobs' commands" in (aws.logs / "serve.log").read_text()
+        assert boto3.client("logs", region_name="us-east-1").describe_log_groups()["logGroups"] == []
         assert "AWS_PROFILE" not in os.environ and "AWS_REGION" not in os.environ
         s3 = boto3.client("s3", region_name="us-east-1")
         assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["termtune-local-test"]

@@ -333,10 +333,22 @@ def serve(
                                 "model under Bedrock's transformers 4.51.3: TERMTUNE_BEDROCK_PYTHON, or "
                                 ".venv-bedrock/bin/python here or beside this virtual environment), in-process, "
                                 "or auto (worker when that interpreter exists)."),
+    run_training_jobs: bool = typer.Option(False, "--run-training-jobs", help="Run SageMaker training jobs: each "
+                                           "job's ContainerEntrypoint + ContainerArguments runs as a process on this "
+                                           "machine (binds 127.0.0.1 only). Without it every training job fails."),
+    training_time_scale: float = typer.Option(1.0, "--training-time-scale", help="Multiply serve's own training-job "
+                                              "waits (the 120 s stop grace, the spot wait, the checkpoint sync "
+                                              "period) by this."),
+    spot_interrupt_after: float = typer.Option(0.0, "--spot-interrupt-after", metavar="SECONDS",
+                                               help="Interrupt each managed spot training job once, this long into "
+                                               "training (it restarts from its S3 checkpoints)."),
+    training_capacity_error: bool = typer.Option(False, "--training-capacity-error", help="Answer "
+                                                 "ResourceLimitExceeded to every CreateTrainingJob."),
 ) -> None:
     """A local Bedrock-compatible endpoint (control plane + runtime) for offline runs and tests.
 
-    Point boto3 at it with AWS_ENDPOINT_URL_BEDROCK / AWS_ENDPOINT_URL_BEDROCK_RUNTIME.
+    Point boto3 at it with AWS_ENDPOINT_URL_BEDROCK / AWS_ENDPOINT_URL_BEDROCK_RUNTIME, and SageMaker training
+    jobs with AWS_ENDPOINT_URL_SAGEMAKER (they run only with --run-training-jobs).
     Its startup line says where models run; every answer says so in its x-termtune-runtime header.
 
     Example:
@@ -345,7 +357,10 @@ def serve(
     from termtune import serve as serve_stage
 
     serve_stage.serve(host=host, port=port, cold_start_seconds=cold_start, throttle_every=throttle_every,
-                      import_delay_seconds=import_delay, model_quota=model_quota, region=region, runtime=runtime)
+                      import_delay_seconds=import_delay, model_quota=model_quota, region=region, runtime=runtime,
+                      run_training_jobs=run_training_jobs, training_time_scale=training_time_scale,
+                      spot_interrupt_after_seconds=spot_interrupt_after,
+                      training_capacity_error=training_capacity_error)
 
 
 # ----------------------------------------------------------------------------- the whole path

@@ -1,7 +1,8 @@
 """Local stand-ins for AWS, for the demo, notebooks and tests: nothing here can reach AWS.
 
-    moto's server      S3, IAM, STS and KMS, with IAM access control on (termtune.rehearsal)
-    termtune serve     Amazon Bedrock: import jobs and InvokeModel, with real generation
+    moto's server      S3, IAM, STS, KMS and CloudWatch Logs, with IAM access control on (termtune.rehearsal)
+    termtune serve     Amazon Bedrock: import jobs and InvokeModel, with real generation; and SageMaker
+                       training jobs (run as local processes only with run_training_jobs=True)
 
 Both run as child processes on free 127.0.0.1 ports. Inside the block, the AWS SDK's standard
 variables point every boto3 client at them (AWS_ENDPOINT_URL_<SERVICE>, the access key moto
@@ -45,8 +46,8 @@ from termtune.events import emit
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
-MOTO_SERVICES = ("S3", "IAM", "STS", "KMS")
-BEDROCK_SERVICES = ("BEDROCK", "BEDROCK_RUNTIME")
+MOTO_SERVICES = ("S3", "IAM", "STS", "KMS", "CLOUDWATCH_LOGS")
+SERVE_SERVICES = ("BEDROCK", "BEDROCK_RUNTIME", "SAGEMAKER")
 # Settings that would send a client elsewhere or sign with other credentials: unset in the block.
 CLEARED = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_MAX_ATTEMPTS",
            "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_REGION")
@@ -75,7 +76,7 @@ def aws_variables(moto_url: str | None = None, bedrock_url: str | None = None,
     if moto_url:
         values.update({f"AWS_ENDPOINT_URL_{service}": moto_url for service in MOTO_SERVICES})
     if bedrock_url:
-        values.update({f"AWS_ENDPOINT_URL_{service}": bedrock_url for service in BEDROCK_SERVICES})
+        values.update({f"AWS_ENDPOINT_URL_{service}": bedrock_url for service in SERVE_SERVICES})
     return values
 
 
@@ -120,12 +121,16 @@ class LocalAWS:
 
 @contextmanager
 def local_aws(bucket: str | None = None, cold_start_seconds: float = 0.0, import_delay_seconds: float = 1.0,
-              startup_timeout_s: float = 120.0) -> Iterator[LocalAWS]:
+              startup_timeout_s: float = 120.0, run_training_jobs: bool = False, training_time_scale: float = 1.0,
+              spot_interrupt_after_seconds: float = 0.0) -> Iterator[LocalAWS]:
     """Start moto's server and termtune serve, point the AWS SDK at them for the block, then stop both.
 
     `bucket` is created in the local S3 first. `cold_start_seconds` makes the local Bedrock answer
     ModelNotReadyException for that long after each import, as a real cold start does;
-    `import_delay_seconds` is how long an import job stays InProgress.
+    `import_delay_seconds` is how long an import job stays InProgress. `run_training_jobs` lets serve
+    run SageMaker training jobs as processes here (termtune serve --run-training-jobs);
+    `training_time_scale` and `spot_interrupt_after_seconds` are its --training-time-scale and
+    --spot-interrupt-after.
 
     Raises:
         UserError: a stand-in exited or did not answer within `startup_timeout_s` (naming its log).
@@ -145,7 +150,10 @@ def local_aws(bucket: str | None = None, cold_start_seconds: float = 0.0, import
         serve_port = free_port()
         processes.append(_spawn([sys.executable, "-m", "termtune.cli", "serve", "--host", HOST,
                                  "--port", str(serve_port), "--cold-start", str(cold_start_seconds),
-                                 "--import-delay", str(import_delay_seconds)],
+                                 "--import-delay", str(import_delay_seconds),
+                                 "--training-time-scale", str(training_time_scale),
+                                 "--spot-interrupt-after", str(spot_interrupt_after_seconds),
+                                 *(["--run-training-jobs"] if run_training_jobs else [])],
                                 logs / "serve.log", aws_variables(moto_url, None, credentials)))
         _wait_for_port(processes[1], serve_port, logs / "serve.log", startup_timeout_s)
         stand_ins = LocalAWS(moto_url, f"http://{HOST}:{serve_port}", credentials, logs, [p.pid for p in processes])
@@ -218,11 +226,14 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m termtune.local",
-        description="Run a command with local stand-ins for AWS (moto: S3/IAM/STS/KMS; termtune serve: Bedrock); "
+        description="Run a command with local stand-ins for AWS (moto: S3/IAM/STS/KMS/Logs; termtune serve: "
+                    "Bedrock and SageMaker training jobs); "
                     "both stop when it ends.")
     parser.add_argument("--bucket", help="create this bucket in the local S3 first")
     parser.add_argument("--cold-start", type=float, default=0.0, metavar="SECONDS",
                         help="the local Bedrock answers ModelNotReadyException this long after each import")
+    parser.add_argument("--run-training-jobs", action="store_true",
+                        help="the local SageMaker runs training jobs as processes on this machine")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -231,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # `kill` or a closed terminal: stop the stand-ins on the way out
         signal.signal(sig, lambda number, _: sys.exit(128 + number))
     try:
-        with local_aws(args.bucket, cold_start_seconds=args.cold_start) as aws:
-            emit("note", f"local AWS: S3/IAM/STS/KMS (moto, IAM enforced) on {aws.moto_url}, Bedrock (termtune "
-                         f"serve) on {aws.bedrock_url}; running {shlex.join(command)}")
+        with local_aws(args.bucket, cold_start_seconds=args.cold_start,
+                       run_training_jobs=args.run_training_jobs) as aws:
+            emit("note", f"local AWS: S3/IAM/STS/KMS/Logs (moto, IAM enforced) on {aws.moto_url}, Bedrock and "
+                         f"SageMaker (termtune serve) on {aws.bedrock_url}; running {shlex.join(command)}")
             status = subprocess.run(command).returncode
             if status != 0:  # a failed command keeps the stand-ins' logs for a look
                 emit("note", f"local AWS: {command[0]} exited with status {status}; logs kept in {aws.logs}")

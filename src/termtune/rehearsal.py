@@ -1,4 +1,4 @@
-"""moto's S3/IAM/STS/KMS server with IAM access control on, for the offline rehearsal.
+"""moto's S3/IAM/STS/KMS/CloudWatch Logs server with IAM access control on, for the offline rehearsal.
 
 With access control on, moto checks every request's signature against an access key it
 issued and evaluates the caller's IAM policies for the action and resource, so the import
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     server, url, keys = start_moto(args.host, args.port)
     with open(args.env_file, "w", encoding="utf-8") as f:
         f.write("".join(f"export {k}={v}\n" for k, v in keys.items()))
-    emit("note", f"moto (S3, IAM, STS, KMS; IAM access control on) on {url}")
+    emit("note", f"moto (S3, IAM, STS, KMS, CloudWatch Logs; IAM access control on) on {url}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:

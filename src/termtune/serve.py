@@ -8,6 +8,10 @@ against it once the SDK's standard endpoint settings point at it:
     export AWS_ENDPOINT_URL_BEDROCK=http://127.0.0.1:8787
     export AWS_ENDPOINT_URL_BEDROCK_RUNTIME=http://127.0.0.1:8787
 
+On the same port it stands in for SageMaker's training jobs (`POST /` with `X-Amz-Target:
+SageMaker.<Operation>`, AWS_ENDPOINT_URL_SAGEMAKER): termtune.serve_training, which runs a job's
+command on this machine only when serve is started with --run-training-jobs.
+
 What it does like AWS: the rest-json routes and status codes, the field patterns and
 lengths (termtune.aws.names), one running import job per region, the imported-model
 quota, clientRequestToken idempotency, the exact status strings InProgress / Completed /
@@ -78,10 +82,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from termtune import serve_rules, serve_runtime
+from termtune import serve_rules, serve_runtime, serve_training
 from termtune.aws.clients import RUNTIME_HEADER, STAND_IN_HEADER
 from termtune.aws.names import (KMS_KEY_ARN_RE, MAX_SECURITY_GROUPS, MAX_SUBNETS, MAX_TAGS, MODEL_ARN_RE, ROLE_ARN_RE,
                                 SORT_BY, SORT_ORDER, field_problem)
+from termtune.errors import UserError
 from termtune.events import emit
 from termtune.safepath import UnsafeName, inside
 
@@ -104,12 +109,9 @@ NOT_READY = ("Model is not ready for inference. Wait and try your request again.
              "https://docs.aws.amazon.com/bedrock/latest/userguide/invoke-imported-model.html")
 
 
-class ApiError(Exception):
-    """An AWS-shaped error: botocore reads `code` from x-amzn-ErrorType."""
-
-    def __init__(self, code: str, message: str, status: int = 400):
-        super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+# An AWS-shaped error: rest-json clients (Bedrock) read its code from x-amzn-ErrorType, awsJson clients
+# (SageMaker) from the body's __type; every error answer carries both.
+ApiError = serve_training.ServiceError
 
 
 def _now() -> str:
@@ -131,7 +133,9 @@ class Bedrock:
                  import_delay_seconds: float = 1.0, model_quota: int = 3, role_delay_seconds: float = 0.0,
                  max_body_bytes: int = MAX_BODY_BYTES, local_root: str | Path | None = None,
                  generation_seconds: float = GENERATION_SECONDS, queue_seconds: float = QUEUE_SECONDS,
-                 account: str | None = None, runtime: str = "auto"):
+                 account: str | None = None, runtime: str = "auto", run_training_jobs: bool = False,
+                 training_time_scale: float = 1.0, spot_interrupt_after_seconds: float = 0.0,
+                 training_capacity_error: bool = False, quiet: bool = True):
         self.region = region
         self.runtime = serve_runtime.choose(runtime)
         self.account = account
@@ -156,8 +160,14 @@ class Bedrock:
         self.calls = 0
         self.counts: dict[str, int] = {}  # error code or "ok" -> how many answers (for tests and logs)
         self.workdir = Path(tempfile.mkdtemp(prefix="termtune-serve-"))
+        # SageMaker training jobs (termtune.serve_training); they run only with run_training_jobs
+        self.training = serve_training.Training(region, self.own_account, self.workdir, run_jobs=run_training_jobs,
+                                                time_scale=training_time_scale,
+                                                interrupt_after_seconds=spot_interrupt_after_seconds,
+                                                capacity_error=training_capacity_error, quiet=quiet)
 
     def close(self) -> None:
+        self.training.close()
         with self.lock:
             served, self.models_run = list(self.models_run.values()), {}
         for model in served:
@@ -793,6 +803,9 @@ class Handler(BaseHTTPRequestHandler):
             self.deadline.cancel()  # the request is in; generation has its own time budget
             self._check_host()
             state.throttle()
+            target = self.headers.get("X-Amz-Target") or ""
+            if method == "POST" and url.path == "/" and target.startswith(serve_training.TARGET_PREFIX):
+                return self._sagemaker(target.removeprefix(serve_training.TARGET_PREFIX), raw)
             route = (method, parts[0], len(parts))
             if route == ("POST", "model-import-jobs", 1):
                 self._check_json_content_type()
@@ -818,10 +831,25 @@ class Handler(BaseHTTPRequestHandler):
                                                          "implements", 404)
         except ApiError as e:
             state.count(e.code)
-            self._reply(e.status, {"message": e.message}, error=e.code)
+            self._reply(e.status, {"__type": e.code, "message": e.message}, error=e.code)
         except Exception as e:  # a bug here must still answer like a service, not hang the client
             state.count("InternalServerException")
             self._reply(500, {"message": f"{type(e).__name__}: {e}"}, error="InternalServerException")
+
+    def _sagemaker(self, operation: str, raw: bytes) -> None:
+        """A SageMaker call (awsJson 1.1): its answer, or its error as {"__type", "message"}."""
+        state = self.server.state
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        try:
+            if content_type != serve_training.CONTENT_TYPE:  # what a browser cannot send without asking first
+                raise ApiError("ValidationException", f"Content-Type {content_type or '(none)'!r} is not supported; "
+                                                      f"send {serve_training.CONTENT_TYPE}.")
+            answer = state.training.call(operation, self._json(raw))
+        except ApiError as e:
+            state.count(e.code)
+            return self._reply(e.status, {"__type": e.code, "message": e.message}, error=e.code,
+                               content_type=serve_training.CONTENT_TYPE)
+        self._reply(200, answer, content_type=serve_training.CONTENT_TYPE)
 
     def _body(self) -> bytes:
         """The body, whole: refused when its framing is not one plain Content-Length, when it is over the
@@ -884,10 +912,11 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError("ValidationException", "The request body must be a JSON object.")
         return value
 
-    def _reply(self, status: int, body: dict, error: str | None = None) -> None:
+    def _reply(self, status: int, body: dict, error: str | None = None,
+               content_type: str = "application/json") -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("x-amzn-RequestId", secrets.token_hex(16))
         self._stand_in_headers()
@@ -1004,6 +1033,10 @@ class BedrockServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], state: Bedrock, quiet: bool = False, workers: int = WORKERS,
                  backlog: int = BACKLOG, request_seconds: float = REQUEST_SECONDS):
+        if state.training.run_jobs and address[0] not in ("127.0.0.1", "localhost"):
+            state.close()  # anyone who reached it could run commands on this machine
+            raise UserError(f"run_training_jobs (--run-training-jobs) runs each training job's command on this "
+                            f"machine, so serve binds only 127.0.0.1 with it, not {address[0]}")
         self.request_queue_size = backlog  # read by server_activate(), inside super().__init__
         super().__init__(address, Handler)
         self.state = state
@@ -1061,18 +1094,27 @@ def start_server(host: str = "127.0.0.1", port: int = 0, quiet: bool = True, wor
 
 def serve(host: str = "127.0.0.1", port: int = 8787, cold_start_seconds: float = 0.0, throttle_every: int = 0,
           import_delay_seconds: float = 1.0, model_quota: int = 3, region: str = "us-east-1",
-          role_delay_seconds: float = 0.0, local_root: str | None = None, runtime: str = "auto") -> None:
+          role_delay_seconds: float = 0.0, local_root: str | None = None, runtime: str = "auto",
+          run_training_jobs: bool = False, training_time_scale: float = 1.0, spot_interrupt_after_seconds: float = 0.0,
+          training_capacity_error: bool = False) -> None:
     """Serve until interrupted (termtune serve)."""
     state = Bedrock(region=region, cold_start_seconds=cold_start_seconds, throttle_every=throttle_every,
                     import_delay_seconds=import_delay_seconds, model_quota=model_quota,
-                    role_delay_seconds=role_delay_seconds, local_root=local_root, runtime=runtime)
+                    role_delay_seconds=role_delay_seconds, local_root=local_root, runtime=runtime,
+                    run_training_jobs=run_training_jobs, training_time_scale=training_time_scale,
+                    spot_interrupt_after_seconds=spot_interrupt_after_seconds,
+                    training_capacity_error=training_capacity_error, quiet=False)
     server = BedrockServer((host, port), state)
     if host not in ("127.0.0.1", "localhost", "::1"):
         emit("note", f"serve: warning: listening on {host} with no authentication; anyone who can reach it can "
                      "import and invoke models")
-    emit("note", f"termtune serve: a local stand-in for Amazon Bedrock (control plane + runtime, region {region}, "
-                 f"not AWS) on {server.url}\n  models run under {state.runtime.label}\n"
-                 f"  export AWS_ENDPOINT_URL_BEDROCK={server.url} AWS_ENDPOINT_URL_BEDROCK_RUNTIME={server.url}")
+    training = ("runs training jobs' commands on this machine" if run_training_jobs else
+                "fails every training job: start it with --run-training-jobs to run them")
+    emit("note", f"termtune serve: a local stand-in for Amazon Bedrock (control plane + runtime) and SageMaker "
+                 f"training jobs (region {region}, not AWS) on {server.url}\n  models run under "
+                 f"{state.runtime.label}; SageMaker {training}\n"
+                 f"  export AWS_ENDPOINT_URL_BEDROCK={server.url} AWS_ENDPOINT_URL_BEDROCK_RUNTIME={server.url} "
+                 f"AWS_ENDPOINT_URL_SAGEMAKER={server.url}")
     # `kill` (SIGTERM, what scripts send) ends it as cleanly as Ctrl-C: the work folder goes too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
