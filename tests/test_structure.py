@@ -217,8 +217,9 @@ def test_the_stages_are_named_in_one_table():
 
 # ----------------------------------------------------------------------------- who prints
 
-SHOWS_OUTPUT = {"cli.py", "events.py"}
-"""The command line, and the event sink that shows what library code reports (termtune.events)."""
+SHOWS_OUTPUT = {"cli.py", "events.py", "entry.py"}
+"""The command line, the event sink that shows what library code reports (termtune.events), and the program a
+SageMaker training job runs (termtune.remote.entry), whose output is the job's log."""
 
 
 def printing_calls(path: Path) -> list[str]:

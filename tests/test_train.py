@@ -357,6 +357,36 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_adapter(tmp_path):
     assert steps == sorted(set(steps))  # the redone steps replaced, not duplicated, their log rows
 
 
+def test_sigterm_seals_a_checkpoint_of_the_current_step_and_the_rerun_resumes_from_it(tmp_path):
+    args, cfg = _prepared(tmp_path, {"train.epochs": 2})  # 7 steps per epoch, checkpoints every 5
+    ckpts = cfg.run_dir / "train" / "checkpoints"
+    proc = subprocess.Popen([*TERMTUNE, "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=_env(TERMTUNE_TEST_STEP_DELAY="0.5"), cwd=REPO)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and train.last_complete_checkpoint(ckpts) is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.2)  # inside step 6
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stopped = train.last_complete_checkpoint(ckpts)
+    assert proc.returncode == 2, err[-3000:]
+    assert f"stopped by SIGTERM at step {stopped.name.split('-')[1]}; its checkpoint is sealed" in err
+    assert int(stopped.name.split("-")[1]) > 5  # the step the signal came in, not the last save_steps multiple
+    assert not (cfg.run_dir / "train" / "result.json").exists()
+
+    rerun = subprocess.run([*TERMTUNE, "train", *args], capture_output=True, text=True, env=_env(), cwd=REPO,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = json.loads((cfg.run_dir / "train" / "result.json").read_text())
+    assert result["resumed_from"] == str(stopped) and result["global_step"] == 14
+
+
 def test_a_checkpoint_trained_on_other_data_is_never_resumed(tmp_path, capsys):
     # What a kill after the last checkpoint leaves: sealed checkpoints, and no adapter, result or record.
     overrides, cfg = _prepared(tmp_path, {"data.max_rows": 40, "train.save_steps": 2}, n_rows=64)

@@ -15,6 +15,8 @@ Built on the trainer and collator of the model's family (termtune.families; labe
 - checkpoints that are sealed only once every file is on disk, so a run killed at any moment
   (even mid-save) resumes from the last complete one and ends with the same weights; a seal names
   the data it was trained on, so a run never resumes across a change of the data;
+- SIGTERM (a stopped or interrupted cloud job, `kill`) seals a checkpoint at the end of the current step
+  and stops (termtune.train.Stopped), so the rerun resumes from exactly there;
 - a metrics log (JSONL, TensorBoard when installed), padding fraction and target tokens/s,
   held-out loss, the final adapter plus tokenizer and its digest (export checks it);
   `result.json` is written last.
@@ -32,6 +34,9 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -177,11 +182,14 @@ def train(cfg: Config) -> TrainResult:
     trainer = trainer_class(trainer_base)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         processing_class=tokenizer, batch_sampler=batch_sampler)
-    _install_callbacks(trainer, cfg, layout, rank, data_sha256)
+    stop = _install_callbacks(trainer, cfg, layout, rank, data_sha256)
 
     # -- do
-    with writing(checkpoints_dir):  # a full disk while saving a checkpoint: one line naming the folder
+    with writing(checkpoints_dir), _on_sigterm(stop.request):  # a full disk while saving: one line naming the folder
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped_at is not None:
+        raise Stopped(f"train: stopped by SIGTERM at step {stop.stopped_at}; its checkpoint is sealed in "
+                      f"{checkpoints_dir}: run the same command again to resume from it")
     trainer.throughput.flush()  # steps after the last log still count in the totals (a collective: all ranks)
     last_eval_step = max((h["step"] for h in trainer.state.log_history if "eval_loss" in h), default=None)
     if eval_ds is not None and last_eval_step != trainer.state.global_step:
@@ -202,6 +210,24 @@ def train(cfg: Config) -> TrainResult:
         write_json(layout.train_result, asdict(result))
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+class Stopped(UserError):
+    """Training was asked to stop (SIGTERM) and did, after sealing a checkpoint of the step it reached."""
+
+
+@contextmanager
+def _on_sigterm(handler: Callable[..., None]) -> Iterator[None]:
+    """Call `handler` on SIGTERM for the block instead of dying (only the main thread can set handlers:
+    elsewhere SIGTERM keeps its default action)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _check_finite_adapter(trainer: Any, cfg: Config, train_dir: Path) -> None:
@@ -398,12 +424,13 @@ def _training_arguments(cfg: Config, precision: str, output_dir: Path, has_eval:
 # ----------------------------------------------------------------------------- callbacks
 
 
-def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int, data_sha256: str) -> None:
+def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int, data_sha256: str) -> Any:
+    """Add termtune's callbacks; returns the one that stops training on SIGTERM."""
     from transformers import ProgressCallback
 
     from termtune.progress import interactive
     from termtune.trainer_additions import (Checkpoints, DivergenceGuard, MetricsLog, ProgressBar, ProgressLines,
-                                            StepDelay)
+                                            StepDelay, StopOnSignal)
 
     def seal(folder: Path, world_size: int) -> None:
         seal_checkpoint(folder, cfg, world_size, data_sha256)
@@ -421,6 +448,9 @@ def _install_callbacks(trainer: Any, cfg: Config, layout: RunLayout, rank: int, 
             trainer.add_callback(tensorboard)
     if os.environ.get("TERMTUNE_TEST_STEP_DELAY"):
         trainer.add_callback(StepDelay())
+    stop = StopOnSignal(trainer)  # last: it sees a signal that came during the step's other callbacks
+    trainer.add_callback(stop)
+    return stop
 
 
 def _tensorboard_callback(log_dir: Path) -> Any:

@@ -230,6 +230,33 @@ class DivergenceGuard(TrainerCallback):
             raise self.diverged(f"the loss became {loss} at step {state.global_step} of {state.max_steps}")
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (a stopped or interrupted cloud job, `kill`): save a sealed checkpoint at the end of the current
+    step and stop training, so a rerun resumes from exactly there. `request` is the signal handler; every rank
+    stops at the same step (a rank that saved alone would wait forever for the others). `stopped_at` is the step
+    training stopped at, None when it ran to the end."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.requested = False
+        self.stopped_at: int | None = None
+
+    def request(self, *_: Any) -> None:
+        self.requested = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import torch
+
+        stop = self.requested
+        if args.world_size > 1:
+            flag = torch.tensor([float(stop)], device=args.device)
+            stop = bool(self.trainer.accelerator.reduce(flag, reduction="sum").item())
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
 class StepDelay(TrainerCallback):
     """Test hook: TERMTUNE_TEST_STEP_DELAY=<seconds> slows each step so a test can kill a run mid-way."""
 
