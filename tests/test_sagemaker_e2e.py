@@ -11,7 +11,6 @@ nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -154,18 +153,29 @@ def test_the_jobs_lines_stream_in_order_once_and_jobs_reads_the_recorded_job(tin
     "*", and termtune's own role names the training-job log group (as AWS documents), so moto drops the lines
     of a job that runs as termtune's role."""
     from termtune import api, pipeline
-    from termtune.aws import training
+    from termtune.aws import jobrecord, training
 
     stand_in = sagemaker_env()
     cfg = sagemaker_cfg(tiny_cfg, **{"aws.sagemaker.role_arn": stand_in.role_arn})
     pipeline.run_stage(cfg, "data")
     api.train(cfg)
-    lines = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[algo-1] ")]
-    assert lines and len(lines) == len(set(lines))  # each of the job's lines once (they carry distinct steps)
-    steps = [line for line in lines if "train: step" in line]
-    assert steps and steps == sorted(steps, key=lambda line: int(line.split("train: step ")[1].split("/")[0]))
+    shown = [line for line in capfd.readouterr().out.splitlines() if line.startswith("[algo-1] ")]
+    # what the job wrote, read whole from CloudWatch Logs afterwards: shown once each, in order, none missing
+    logs = boto("logs")
+    job_name = jobrecord.read_jobs(cfg)[0]["job_name"]
+    [stream] = [s["logStreamName"] for s in logs.describe_log_streams(
+        logGroupName="/aws/sagemaker/TrainingJobs", logStreamNamePrefix=job_name + "/")["logStreams"]]
+    written, token = [], None
+    while True:
+        page = logs.get_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream,
+                                   startFromHead=True, **({"nextToken": token} if token else {}))
+        if not page["events"]:
+            break
+        written += [f"[algo-1] {e['message'].rstrip()}" for e in page["events"]]
+        token = page["nextForwardToken"]
+    assert len(written) > 10 and any("train: step" in line for line in written)
+    assert shown == written
     status = training.jobs_status(cfg)
     assert ": Completed (Completed)" in status.splitlines()[0] and "output " in status
-    logs = training.jobs_logs(cfg)
-    assert any("train: step" in line for line in logs) and len(logs) == len(set(logs))
-    assert json.loads(json.dumps(training.jobs_list(cfg, pipeline.train_fingerprint(cfg)))).count("Completed") == 1
+    assert training.jobs_logs(cfg) == written
+    assert training.jobs_list(cfg, pipeline.train_fingerprint(cfg)).count("Completed") == 1
