@@ -707,7 +707,7 @@ def test_a_model_key_in_another_account_is_used_with_a_warning(tmp_path, aws_env
 
     aws_env()
     key = boto("kms").create_key()["KeyMetadata"]
-    monkeypatch.setattr(stage, "_account", lambda cfg, required: "210987654321")
+    monkeypatch.setattr(stage, "caller_account", lambda cfg, required: "210987654321")
     cfg = make_cfg(tmp_path, artifact_template, **{"aws.model_kms_key_id": key["KeyId"]})
     assert aws.deploy(cfg).facts["modelKmsKeyArn"] == key["Arn"]
     assert f"{key['Arn']} belongs to account 123456789012, not yours (210987654321)" in capfd.readouterr().err

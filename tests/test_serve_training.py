@@ -427,3 +427,28 @@ def test_max_wait_counts_the_spot_wait(sagemaker_env):
     job = wait_for(sm, "tt-max-wait")
     assert (job["TrainingJobStatus"], job["SecondaryStatus"]) == ("Stopped", "MaxWaitTimeExceeded")
     assert "Interrupted" in transitions(job)
+
+
+def test_a_checkpoint_file_deleted_before_its_upload_is_skipped(tmp_path, bucket):  # noqa: F811
+    """A job deletes files in its checkpoint folder while serve syncs it (termtune's write probe, a checkpoint the
+    trainer rotates out): a file gone between the listing and its upload is not there to sync; the job goes on."""
+    from termtune.serve_training import Host, Job, Training
+
+    training = Training("us-east-1", lambda: ACCOUNT, tmp_path)
+    host = Host("algo-1", tmp_path / "algo-1")
+    job = Job({"CheckpointConfig": {"S3Uri": f"s3://{BUCKET}/ckpt/", "LocalPath": "/opt/ml/checkpoints"},
+               "RoleArn": f"arn:aws:iam::{ACCOUNT}:role/r"}, [], tmp_path, hosts=[host])
+    folder = training._checkpoints(host, job.description)
+    (folder / "a.bin").write_bytes(b"weights")
+    (folder / "b.probe").write_bytes(b"")
+    s3 = boto("s3")
+    upload = s3.upload_file
+
+    def upload_then_the_job_deletes_its_probe(path, *args, **kwargs):
+        upload(path, *args, **kwargs)
+        (folder / "b.probe").unlink(missing_ok=True)
+
+    s3.upload_file = upload_then_the_job_deletes_its_probe
+    training._sync(job, s3)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="ckpt/").get("Contents", [])]
+    assert keys == ["ckpt/a.bin"] and list(job.synced) == ["a.bin"]

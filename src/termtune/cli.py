@@ -19,7 +19,7 @@ import typer
 
 from termtune import api
 from termtune.config import Config
-from termtune.errors import UserError
+from termtune.errors import Detached, UserError
 
 app = typer.Typer(
     help="Teach a language model a field's terminology and ship it to Amazon Bedrock Custom Model Import.",
@@ -30,6 +30,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare and inspect the training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+jobs_app = typer.Typer(help="The run's SageMaker training jobs (train.on=sagemaker).", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 _state: dict[str, Any] = {"debug": False, "run_dir": None}
 
@@ -59,6 +61,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             typer.echo(f"termtune: error: {e}", err=True)
             raise typer.Exit(2) from None
+        except Detached as e:  # on purpose: the work goes on elsewhere, and the message says how to follow it
+            typer.echo(f"termtune: {e}", err=True)
+            raise typer.Exit(0) from None
         except OSError as e:  # a full disk or a read-only folder mid-stage: the user's to fix, in one line
             if _state["debug"]:
                 raise
@@ -132,7 +137,7 @@ def data_inspect(
 def plan(
     args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="Plan for this GPU (l4, a10g, l40s, a100, h100); "
-                                      "default: this machine's CPU."),
+                                      "default: this machine's CPU, or with train.on=sagemaker the job's instance."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Estimate training memory, time and cost, and the Bedrock price, before spending them.
@@ -156,15 +161,25 @@ def train(
     args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
     force: bool = typer.Option(False, "--force", help="Train again from scratch even when the adapter is up to "
                                "date (the old result is kept in history.json)."),
+    on: Optional[str] = typer.Option(None, "--on", help="Where to train: local or sagemaker (default: train.on)."),
+    detach: bool = typer.Option(False, "--detach", help="With --on sagemaker: return once the job is submitted; "
+                                "termtune jobs attach follows it."),
 ) -> None:
     """Fine-tune LoRA adapters; re-running after a crash resumes from the last checkpoint.
 
-    Works the same under `torchrun --nproc_per_node N` and `accelerate launch`.
+    Works the same under `torchrun --nproc_per_node N` and `accelerate launch`. With --on sagemaker the
+    prepared data goes to a SageMaker training job (aws.sagemaker), whose status and log lines are shown.
 
     Example:
         termtune train configs/demo.yaml train.epochs=2
+        termtune train configs/demo.yaml --on sagemaker aws.bucket=my-bucket
     """
-    result = api.train(resolve(args), force=force)
+    cfg = resolve(args)
+    if on is not None:
+        cfg.train.on = on
+    if detach:
+        cfg.aws.sagemaker.detach = True
+    result = api.train(cfg, force=force)
     if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate, one summary, not one per process
         _echo(result)
 
@@ -370,6 +385,83 @@ def run(
         termtune run configs/demo.yaml
     """
     api.run(resolve(args), force=force)
+
+
+# ----------------------------------------------------------------------------- SageMaker jobs
+
+JOB_HELP = "A job of this run by name (default: the newest)."
+
+
+@jobs_app.command("list")
+@friendly
+def jobs_list(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP)) -> None:
+    """The training jobs this run submitted, newest last (from <run>/sagemaker/jobs.json).
+
+    Example:
+        termtune jobs list configs/demo.yaml
+    """
+    from termtune import pipeline
+    from termtune.aws import training
+
+    cfg = resolve(args)
+    typer.echo(training.jobs_list(cfg, pipeline.train_fingerprint(cfg)))
+
+
+@jobs_app.command("status")
+@friendly
+def jobs_status(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+                job: Optional[str] = typer.Option(None, "--job", help=JOB_HELP)) -> None:
+    """A job's status, transitions, failure reason, billable time and output, as SageMaker reports them now.
+
+    Example:
+        termtune jobs status configs/demo.yaml
+    """
+    from termtune.aws import training
+
+    typer.echo(training.jobs_status(resolve(args), job))
+
+
+@jobs_app.command("logs")
+@friendly
+def jobs_logs(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+              job: Optional[str] = typer.Option(None, "--job", help=JOB_HELP)) -> None:
+    """Every log line a job has written so far (CloudWatch Logs), its hosts merged by time.
+
+    Example:
+        termtune jobs logs configs/demo.yaml
+    """
+    from termtune.aws import training
+
+    for line in training.jobs_logs(resolve(args), job):
+        typer.echo(line)
+
+
+@jobs_app.command("stop")
+@friendly
+def jobs_stop(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+              job: Optional[str] = typer.Option(None, "--job", help=JOB_HELP)) -> None:
+    """Ask SageMaker to stop a job (it checkpoints on SIGTERM and ends Stopped).
+
+    Example:
+        termtune jobs stop configs/demo.yaml
+    """
+    from termtune.aws import training
+
+    typer.echo(training.jobs_stop(resolve(args), job))
+
+
+@jobs_app.command("attach")
+@friendly
+def jobs_attach(args: Optional[List[str]] = typer.Argument(None, help=ARGS_HELP),
+                job: Optional[str] = typer.Option(None, "--job", help=JOB_HELP)) -> None:
+    """Follow a job's status and log lines until it ends, then record its result as termtune train does.
+
+    Example:
+        termtune jobs attach configs/demo.yaml
+    """
+    from termtune import pipeline
+
+    _echo(pipeline.attach_job(resolve(args), job))
 
 
 def _echo(result: Any) -> None:

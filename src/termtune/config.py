@@ -233,6 +233,9 @@ class TrainConfig(Section):
     dataloader_workers: int = Field(0, ge=0)
     """Worker processes that collate training batches in the background (0: in the training process). The
     data is tokenized beforehand, so 0 is enough unless a fast GPU waits for batches."""
+    on: Literal["local", "sagemaker"] = "local"
+    """Where `termtune train` (and `run`) trains: on this machine, or as an Amazon SageMaker training job
+    set up by aws.sagemaker (docs/sagemaker.md). The data is prepared here first either way."""
 
     @field_validator("max_steps")
     @classmethod
@@ -299,6 +302,83 @@ DEFAULT_CMU_PRICES = {
 }
 
 
+SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(value: Any) -> Any:
+    """4h, 90m, 1d, 3600s or a number of seconds -> whole seconds (other values are left to pydantic)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = text[-1:] if text[-1:] in SECONDS_PER_UNIT else "s"
+        number = text[:-1] if text[-1:] in SECONDS_PER_UNIT else text
+        try:
+            seconds = float(number) * SECONDS_PER_UNIT[unit]
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration; write e.g. 4h, 90m, 1d or a number of seconds") from None
+        if seconds != int(seconds):
+            raise ValueError(f"{value!r} is not a whole number of seconds")
+        return int(seconds)
+    return value
+
+
+class SageMakerVpcConfig(Section):
+    subnets: list[str] = Field(default_factory=list)
+    """Subnet ids the job's instances run in (VpcConfig.Subnets); give security_group_ids with them."""
+    security_group_ids: list[str] = Field(default_factory=list)
+    """Security group ids of the job's instances (VpcConfig.SecurityGroupIds); give subnets with them."""
+
+
+class SageMakerConfig(Section):
+    instance_type: str = "ml.g5.2xlarge"
+    """Instance type of the training job (one of SageMaker's, e.g. ml.g5.2xlarge: 1 A10G with 24 GB)."""
+    instance_count: int = Field(1, ge=1, le=100)
+    """Instances; torchrun spans them all, one process per GPU."""
+    volume_gb: int = Field(100, ge=1, le=16384)
+    """Storage per instance in GB (ResourceConfig.VolumeSizeInGB): the base model, checkpoints and the export."""
+    image: str | None = None
+    """Training image URI; None: the Hugging Face PyTorch Deep Learning Container termtune is tested with, for
+    aws.region and GPU or CPU (docs/sagemaker.md). Set it for a custom or VPC-mirrored image."""
+    spot: bool = False
+    """Managed spot training: billed for less, may be interrupted; the job resumes from its S3 checkpoints."""
+    max_runtime: int = Field(4 * 3600, ge=1, le=28 * 86400)
+    """Longest the job may train before SageMaker stops it (4h, 90m, 1d or seconds; at most 28 days)."""
+    max_wait: int | None = Field(None, ge=1, le=28 * 86400)
+    """With spot: longest to wait for spot capacity and train, at least max_runtime (None: twice max_runtime,
+    at most 28 days)."""
+    checkpoints: bool = True
+    """Sync the job's checkpoints to S3 (CheckpointConfig), so a spot interruption or a re-run resumes.
+    Spot needs it."""
+    role_arn: str | None = None
+    """Execution role the job runs as; None: termtune creates termtune-sagemaker-<run id>, allowed only this
+    run's S3 prefix, the job's logs and metrics, the image's ECR repository and the KMS keys set here."""
+    vpc: SageMakerVpcConfig = Field(default_factory=SageMakerVpcConfig)
+    """Run the job's instances in your VPC (both lists, or neither)."""
+    network_isolation: bool = False
+    """No network at all inside the job (EnableNetworkIsolation): the base model must be a local folder
+    (sent as the job's model channel) and the image must hold every requirement."""
+    output_kms_key_id: str | None = None
+    """KMS key (id, alias or ARN) that encrypts the job's output in S3; resolved to its key ARN."""
+    volume_kms_key_id: str | None = None
+    """KMS key (id, alias or ARN) that encrypts the instances' storage volume; resolved to its key ARN."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Tags on the job, besides termtune's own (project, run, fingerprint); at most 47."""
+    job_name: str | None = None
+    """Training job name (default: tt-<run>-<timestamp>); 1 to 63 letters, digits and hyphens, unique in the
+    account and region."""
+    usd_per_hour: float | None = Field(None, gt=0)
+    """On-demand price of one instance-hour, for the cost termtune prints; None: termtune's dated price table
+    (docs/sagemaker.md), which knows the common GPU instances in a few regions."""
+    poll_seconds: float = Field(15, gt=0)
+    """Seconds between two status and log checks while termtune follows a job."""
+    detach: bool = False
+    """Return as soon as the job is submitted (termtune train --detach); `termtune jobs attach` follows it later."""
+
+    @field_validator("max_runtime", "max_wait", mode="before")
+    @classmethod
+    def _durations(cls, value: Any) -> Any:
+        return _seconds(value)
+
+
 class AwsConfig(Section):
     region: str = "us-east-1"
     """AWS region of every call (S3 upload, IAM, import, invoke). Custom Model Import runs in us-east-1,
@@ -358,6 +438,8 @@ class AwsConfig(Section):
     {per_minute: ...}}}, for the cost deploy prints. Add your region's prices from AWS's pricing page."""
     deploy: bool = True
     """`termtune run` deploys and invokes after export; false stops at validate."""
+    sagemaker: SageMakerConfig = Field(default_factory=SageMakerConfig)
+    """The SageMaker training job of train.on=sagemaker (termtune train --on sagemaker)."""
 
     @field_validator("prefix")
     @classmethod
@@ -635,6 +717,10 @@ def _section_docs(section: type[BaseModel], prefix: str) -> list[tuple[str, str,
         else:
             default = field.get_default(call_default_factory=True)
             shown = json.dumps(str(default) if isinstance(default, Path) else to_jsonable_python(default))
+        if isinstance(annotation, type) and issubclass(annotation, Section):  # a section inside a section
+            rows.append((f"{prefix}{key}", "section", "{}", " ".join((field.description or "").split())))
+            rows += _section_docs(annotation, f"{prefix}{key}.")
+            continue
         rows.append((f"{prefix}{key}", type_name, shown, " ".join((field.description or "").split())))
         levels, inner = _mapping_levels(annotation)
         if levels and isinstance(inner, type) and issubclass(inner, Section):

@@ -111,6 +111,27 @@ class RunLayout:
     def train_result(self) -> Path:
         return self.train / "result.json"
 
+    @property
+    def job_records(self) -> Path:
+        """train.on=sagemaker: the records the training job wrote beside its artifact (metrics, report,
+        manifest, log), downloaded from <S3ModelArtifacts>termtune/ once the job completed."""
+        return self.train / "job"
+
+    @property
+    def sagemaker(self) -> Path:
+        return self.root / "sagemaker"
+
+    @property
+    def jobs(self) -> Path:
+        """Every SageMaker training job this run submitted: the request, the job ARN (written before
+        termtune waits), status, output, billable seconds and cost. Kept across re-runs."""
+        return self.sagemaker / "jobs.json"
+
+    @property
+    def bundle(self) -> Path:
+        """The job's input channels as built before upload (termtune.remote.bundle), one folder each."""
+        return self.sagemaker / "bundle"
+
     # -- evaluate
     @property
     def eval(self) -> Path:

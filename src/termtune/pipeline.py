@@ -37,7 +37,7 @@ from termtune.events import emit
 from termtune.layout import RunLayout
 from termtune.quiet import quiet
 from termtune.rundir import exclusive, provenance, read_json, remove, sha256_file, write_json, write_text
-from termtune.stages import IN_AWS, ORDER, command_of
+from termtune.stages import IN_AWS, LOCAL_ONLY, ORDER, command_of
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Stage:
     """Stages whose outputs this one reads."""
     outputs: Callable[[RunLayout], list[Path]] = lambda layout: []
     """What the stage writes; set aside when it runs again, deleted once the new result is recorded."""
-    markers: Callable[[RunLayout], list[Path]] = lambda layout: []
+    markers: Callable[[RunLayout, Config], list[Path]] = lambda layout, cfg: []
     """The outputs that must exist for the stage to count as complete."""
     sources: Callable[[Config], dict[str, Any]] = lambda cfg: {}
     """Inputs that are not config values (the data file's content, the resolved tokenizer)."""
@@ -95,6 +95,12 @@ def _data(cfg: Config, force: bool) -> Outcome:
 
 
 def _train(cfg: Config, force: bool) -> Outcome:
+    if cfg.train.on == "sagemaker":
+        from termtune.aws import training
+
+        job = training.train(cfg, fingerprint(cfg, BY_NAME["train"]))
+        return Outcome(job, job.summary(), {"sagemaker_job": {k: job.job.get(k) for k in (
+            "job_name", "job_arn", "s3_model_artifacts", "artifact_uri", "billable_seconds", "cost")}})
     from termtune.train import train
 
     result = train(cfg)
@@ -110,6 +116,10 @@ def _train(cfg: Config, force: bool) -> Outcome:
 
 
 def _check_train(cfg: Config) -> None:
+    if cfg.train.on == "sagemaker":
+        from termtune.aws.sagemaker import check_settings
+
+        check_settings(cfg)  # offline, before anything is uploaded or paid for
     from termtune.modeling import check_model_settings
 
     check_model_settings(cfg)  # lora.r, lora.target_modules, architecture_overrides against the model
@@ -171,6 +181,32 @@ def _invoke(cfg: Config, force: bool) -> Outcome:
     return Outcome(saved, "", {"model_arn": saved["model_arn"], "prompt": saved["prompt"]})
 
 
+def _train_sources(cfg: Config) -> dict[str, Any]:
+    """Where it trains. Local training adds nothing, so runs made before train.on existed stay up to date; a
+    SageMaker job adds the settings that change its weights (the instances, hence the batch, and the image)."""
+    if cfg.train.on == "local":
+        return {}
+    from termtune.aws.sagemaker import image
+
+    sm = cfg.aws.sagemaker
+    return {"train.on": cfg.train.on, "sagemaker": {"instance_type": sm.instance_type,
+                                                    "instance_count": sm.instance_count, "image": image(cfg)}}
+
+
+def _train_markers(layout: RunLayout, cfg: Config) -> list[Path]:
+    if cfg.train.on == "sagemaker":  # the adapter stays in the job; its records come back
+        return [layout.job_records / "manifest.json"]
+    return [layout.train_result, layout.adapter / "adapter_model.safetensors"]
+
+
+def upstream_of(cfg: Config, stage: Stage) -> tuple[str, ...]:
+    """The stages whose outputs `stage` reads: a model trained on SageMaker is exported in the job, so deploy
+    reads the training job's output, not a local export."""
+    if stage.name == "deploy" and cfg.train.on == "sagemaker":
+        return ("train",)
+    return stage.upstream
+
+
 def _data_sources(cfg: Config) -> dict[str, Any]:
     """The data's identity: a local file's size and sha256, a folder's files, or the Hub id and revision."""
     path = Path(cfg.data.source).expanduser()
@@ -198,6 +234,11 @@ def _read_data(cfg: Config, layout: RunLayout) -> Any:
 
 
 def _read_train(cfg: Config, layout: RunLayout) -> Any:
+    if cfg.train.on == "sagemaker":
+        from termtune.aws.jobrecord import completed_job
+        from termtune.aws.training import JobResult
+
+        return JobResult(completed_job(cfg) or {"job_name": "?", "status": "unknown"}, reused=True)
     from termtune.train import TrainResult
 
     return TrainResult.load(layout.train_result)
@@ -238,28 +279,30 @@ BY_NAME: dict[str, Stage] = {s.name: s for s in (
           # the source is known by its content (sources); strict only decides whether a finding
           # is an error, and a run that succeeds writes the same data either way
           ignores=("data.source", "data.strict"),
-          outputs=lambda l: [l.data], markers=lambda l: [l.split("test")], sources=_data_sources,
+          outputs=lambda l: [l.data], markers=lambda l, cfg: [l.split("test")], sources=_data_sources,
           read_back=_read_data),
     Stage("train", _train, reads=("model", "lora", "train", "run.seed"),
           # how often to log, save and evaluate does not change the trained weights
+          # train.on counts through _train_sources (where it trains changes nothing when it is local)
           ignores=("train.logging_steps", "train.save_steps", "train.save_total_limit", "train.eval_steps",
-                   "train.dataloader_workers"),
+                   "train.dataloader_workers", "train.on"),
           upstream=("data",), outputs=lambda l: [l.train, l.base_model],
           # the adapter is what evaluate and export read: deleted, the stage is not complete
-          markers=lambda l: [l.train_result, l.adapter / "adapter_model.safetensors"], check=_check_train,
-          read_back=_read_train),
+          markers=_train_markers, check=_check_train, sources=_train_sources, read_back=_read_train),
     Stage("evaluate", _evaluate, reads=("eval",), ignores=("eval.samples_in_report",),
-          upstream=("data", "train"), outputs=lambda l: [l.eval], markers=lambda l: [l.eval_metrics],
+          upstream=("data", "train"), outputs=lambda l: [l.eval], markers=lambda l, cfg: [l.eval_metrics],
           read_back=_read_evaluate),
     Stage("export", _export, reads=("export",), upstream=("train",),
-          outputs=lambda l: [l.validation], markers=lambda l: [l.manifest], read_back=_read_export),
+          outputs=lambda l: [l.validation], markers=lambda l, cfg: [l.manifest], read_back=_read_export),
     Stage("validate", _validate, upstream=("export",), always=True),
     Stage("deploy", _deploy, reads=("aws",),
           # how long to wait and how to invoke do not change what is imported
           ignores=("aws.import_timeout_minutes", "aws.poll_seconds", "aws.invoke_schema", "aws.invoke_max_tokens",
                    "aws.invoke_temperature", "aws.cold_start_budget_minutes", "aws.invoke_prompt",
-                   "aws.model_quota", "aws.role_retry_minutes", "aws.deploy"),
-          upstream=("export",), outputs=lambda l: [l.deploy], markers=lambda l: [l.deploy], put_back=False,
+                   "aws.model_quota", "aws.role_retry_minutes", "aws.deploy",
+                   # the training job's settings reach deploy through train (its fingerprint), not directly
+                   "aws.sagemaker"),
+          upstream=("export",), outputs=lambda l: [l.deploy], markers=lambda l, cfg: [l.deploy], put_back=False,
           # deleted elsewhere, the recorded model is gone: make-like, `run` imports it again
           still_valid=_deployed_model_gone, read_back=_read_deploy),
     Stage("invoke", _invoke, upstream=("deploy",), always=True),
@@ -281,7 +324,7 @@ def inputs(cfg: Config, stage: Stage, cache: dict[str, Any] | None = None) -> di
         keys = {k: v for k, v in flat.items()
                 if any(k == r or k.startswith(r + ".") for r in stage.reads)
                 and not any(k == i or k.startswith(i + ".") for i in stage.ignores)}
-        upstream = {name: fingerprint(cfg, BY_NAME[name], cache) for name in stage.upstream}
+        upstream = {name: fingerprint(cfg, BY_NAME[name], cache) for name in upstream_of(cfg, stage)}
         cache[key] = {"keys": keys, "upstream": upstream, "sources": stage.sources(cfg)}
     return cache[key]
 
@@ -312,7 +355,7 @@ def state(cfg: Config, stage: Stage, cache: dict[str, Any] | None = None) -> Sta
         return State(False, ["not run yet"], None)
     now = inputs(cfg, stage, cache)
     if fingerprint(cfg, stage, cache) == record["fingerprint"]:
-        missing = [path for path in stage.markers(layout) if not path.exists()]
+        missing = [path for path in stage.markers(layout, cfg) if not path.exists()]
         if missing:
             return State(False, [f"{path} is missing" for path in missing], record)
         return State(True, [], record)
@@ -394,7 +437,11 @@ def check_upstream(cfg: Config, name: str) -> None:
 
 
 def _check_upstream(cfg: Config, stage: Stage, cache: dict[str, Any]) -> None:
-    for name in stage.upstream:
+    if cfg.train.on == "sagemaker" and stage.name in LOCAL_ONLY:
+        raise UserError(f"{stage.name}: train.on=sagemaker trains, exports and validates in the SageMaker job, so "
+                        "there is no local adapter to read; termtune deploy imports the job's artifact (or set "
+                        "train.on=local to train here)")
+    for name in upstream_of(cfg, stage):
         up = BY_NAME[name]
         if up.always:
             _check_upstream(cfg, up, cache)
@@ -511,20 +558,21 @@ def run(cfg: Config, force: bool = False) -> dict[str, Outcome | None]:
     """`termtune run`: every stage in order; deploy and invoke only when aws.deploy is true.
     Returns each stage's outcome by name (None for a stage that was up to date).
     `force`: train even when the plan says training does not fit this machine."""
-    stages = [s for s in STAGES if cfg.aws.deploy or s.name not in IN_AWS]
+    stages = [s for s in STAGES if (cfg.aws.deploy or s.name not in IN_AWS)
+              and not (cfg.train.on == "sagemaker" and s.name in LOCAL_ONLY)]
     layout = RunLayout.of(cfg)
     started = time.perf_counter()
-    from termtune.modeling import check_model_settings
 
     outcomes: dict[str, Outcome | None] = {}
     with locked(cfg, "termtune run"), quiet(layout.library_log):
         cache: dict[str, Any] = {}
         if not state(cfg, BY_NAME["train"], cache).complete:
-            check_model_settings(cfg)  # the model's shape against lora.* fails before the data stage
+            _check_train(cfg)  # the model's shape against lora.*, the SageMaker settings: before the data stage
         for stage in stages:
             emit("stage", f"== {stage.name}")
             t0 = time.perf_counter()
-            before = (lambda: _echo_plan(cfg, force)) if stage.name == "train" else None
+            # the plan is this machine's: a SageMaker job's instance is checked by aws.sagemaker's rules
+            before = (lambda: _echo_plan(cfg, force)) if stage.name == "train" and cfg.train.on == "local" else None
             outcome = outcomes[stage.name] = _run_locked(cfg, stage, force=False, cache=cache, announce=True,
                                                          verify=True, before=before)
             if outcome is not None:
@@ -537,3 +585,23 @@ def run(cfg: Config, force: bool = False) -> dict[str, Outcome | None]:
     emit("result", terminal_block(headline(cfg)))
     emit("result", f"report      {layout.report_html}")
     return outcomes
+
+
+def attach_job(cfg: Config, name: str | None = None) -> Any:
+    """`termtune jobs attach`: follow a recorded SageMaker job until it ends. The job of the current settings
+    completes the train stage as `termtune train` would (recorded, reported); another is followed and recorded
+    in <run>/sagemaker/jobs.json only."""
+    from termtune.aws import jobrecord, training
+
+    job = jobrecord.job_named(cfg, name)
+    if cfg.train.on == "sagemaker" and job.get("fingerprint") == fingerprint(cfg, BY_NAME["train"]):
+        cfg.aws.sagemaker.detach = False
+        outcome = run_stage(cfg, "train")
+        return outcome.result if outcome is not None else BY_NAME["train"].read_back(cfg, RunLayout.of(cfg))
+    with locked(cfg, "termtune jobs attach", create=False):
+        return training.follow_recorded(cfg, job)
+
+
+def train_fingerprint(cfg: Config) -> str:
+    """The train stage's fingerprint for the current settings (which SageMaker jobs are current)."""
+    return fingerprint(cfg, BY_NAME["train"])

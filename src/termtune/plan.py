@@ -145,6 +145,32 @@ GPUS: dict[str, Gpu] = {
 }
 
 
+SAGEMAKER_GPUS = {"g5": "a10g", "g6": "l4", "g6e": "l40s", "p4d": "a100", "p5": "h100"}
+"""SageMaker instance families (ml.<family>.<size>) by the GPU each of their GPUs is, for train.on=sagemaker."""
+
+
+def sagemaker_gpu(instance_type: str) -> str:
+    """The GPUS key of a SageMaker training instance's GPUs; UserError for an instance plan has no figures for."""
+    family = instance_type.removeprefix("ml.").split(".")[0]
+    if family not in SAGEMAKER_GPUS:
+        raise UserError(f"aws.sagemaker.instance_type: plan has no GPU figures for {instance_type} (it knows the "
+                        f"{', '.join('ml.' + f for f in SAGEMAKER_GPUS)} families); give --gpu to plan for one of "
+                        f"{', '.join(GPUS)}")
+    return SAGEMAKER_GPUS[family]
+
+
+def _sagemaker_device(cfg: Config, device: Device) -> Device:
+    """The job's instances: SageMaker's training rate (termtune.aws.sagemaker's dated table) for all of them."""
+    from dataclasses import replace
+
+    from termtune.aws.sagemaker import USD_PER_HOUR
+
+    sm = cfg.aws.sagemaker
+    rate = sm.usd_per_hour or USD_PER_HOUR.get(cfg.aws.region, {}).get(sm.instance_type)
+    return replace(device, instance=f"{sm.instance_count} x {sm.instance_type} (SageMaker)",
+                   usd_per_hour=None if rate is None else round(rate * sm.instance_count, 4))
+
+
 @dataclass(frozen=True)
 class CmiPrice:
     usd_per_cmu_minute: float
@@ -587,6 +613,9 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     """
     if gpu is not None and gpu.lower() not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown GPU (known: {', '.join(GPUS)})")
+    on_sagemaker = gpu is None and cfg.train.on == "sagemaker"  # the job's instance, not this machine
+    if on_sagemaker:
+        gpu = sagemaker_gpu(cfg.aws.sagemaker.instance_type)
     shape = model_shape(cfg)
     shape.check_lora_rank(cfg.lora.r, cfg.lora.target_modules)
     params = shape.parameter_counts()
@@ -601,6 +630,8 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     cpu_bf16 = cfg.train.precision == "bf16"  # an opt-in on a CPU (termtune.train.resolve_precision)
     cpu_peak = cpu_peak or measure_cpu_peak(bf16=cpu_bf16)
     device = _device(gpu, cpu_peak, cfg, cpu_bf16)
+    if on_sagemaker:
+        device = _sagemaker_device(cfg, device)
     gc = cfg.train.gradient_checkpointing
     dropout_on = cfg.lora.dropout > 0 or shape.dropout > 0
     rows, src, tgt, real_tgt = batches.worst
@@ -657,6 +688,9 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     if set(cfg.lora.modules_to_save) - {"lm_head"}:
         notes.append(f"{', '.join(sorted(set(cfg.lora.modules_to_save) - {'lm_head'}))} trained in full: their "
                      "gradients are not in the FLOP count, so the time is a lower bound")
+    if on_sagemaker and device.usd_per_hour is None:
+        notes.append(f"no SageMaker price for {cfg.aws.sagemaker.instance_type} in {cfg.aws.region}: set "
+                     "aws.sagemaker.usd_per_hour (docs/sagemaker.md)")
     if data.origin == "card":
         notes.append("no token lengths without the data: memory and time are upper bounds at the maximum lengths")
     return Plan(

@@ -693,11 +693,13 @@ class Training:
             folder = self._checkpoints(host, d)
             for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
                 name = path.relative_to(folder).as_posix()
-                stat = path.stat()
-                if job.synced.get(name) == (stat.st_size, stat.st_mtime_ns):
-                    continue
                 try:
+                    stat = path.stat()
+                    if job.synced.get(name) == (stat.st_size, stat.st_mtime_ns):
+                        continue
                     s3.upload_file(str(path), bucket, prefix + name)
+                except FileNotFoundError:
+                    continue  # deleted since the listing (a probe, a rotated-out checkpoint): nothing to sync
                 except Exception as e:
                     if error_code(e) is None:
                         raise

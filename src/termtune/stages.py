@@ -11,6 +11,11 @@ ORDER = ("data", "train", "evaluate", "export", "validate", "deploy", "invoke")
 IN_AWS = ("deploy", "invoke")
 """The stages that reach AWS: `termtune run` runs them only when aws.deploy is true."""
 
+LOCAL_ONLY = ORDER[ORDER.index("train") + 1:ORDER.index("deploy")]
+"""The stages between train and deploy (evaluate, export, validate) need the adapter here: with
+train.on=sagemaker the job exports and validates the artifact itself, and `termtune run` goes from
+train to deploy."""
+
 
 def command_of(stage: str) -> str:
     """The termtune command that runs `stage` alone: `data prepare`, `train`, ..."""

@@ -56,7 +56,8 @@ def policy_name(run_id: str) -> str:
     return POLICY_PREFIX + run_id
 
 
-def create_or_update(iam: Any, role_name: str, trust: dict, permissions: dict, policy: str) -> tuple[str, bool]:
+def create_or_update(iam: Any, role_name: str, trust: dict, permissions: dict, policy: str,
+                     description: str = "Bedrock Custom Model Import reads termtune artifacts") -> tuple[str, bool]:
     """Return (role ARN, created now). An existing role keeps its trust policy unless
     termtune created it; the inline policy `policy` (this run's) is brought up to date either
     way, and the other runs' policies on the role are left as they are."""
@@ -70,7 +71,7 @@ def create_or_update(iam: Any, role_name: str, trust: dict, permissions: dict, p
             iam.update_assume_role_policy(RoleName=role_name, PolicyDocument=json.dumps(trust))
     except iam.exceptions.NoSuchEntityException:
         role = iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps(trust),
-                               Description="Bedrock Custom Model Import reads termtune artifacts",
+                               Description=description,
                                Tags=[CREATED_BY_TAG])["Role"]
         created = True
     try:

@@ -135,9 +135,10 @@ def upload(s3: Any, directory: Path, files: list[ArtifactFile], bucket: str, pre
     return UploadResult([f.path for f in todo], skipped, total)
 
 
-def check_prefix(s3: Any, files: list[ArtifactFile], bucket: str, prefix: str) -> None:
+def check_prefix(s3: Any, files: list[ArtifactFile], bucket: str, prefix: str, hashes: bool = True) -> None:
     """Refuse to import unless the prefix holds exactly the artifact: every file, same size,
-    same sha256, and nothing else (stray files may make the import fail, §1.3)."""
+    same sha256 (unless not `hashes`: objects termtune did not upload carry none), and nothing
+    else (stray files may make the import fail, §1.3)."""
     present = remote_objects(s3, bucket, prefix)
     uri = f"s3://{bucket}/{prefix}"
     problems = []
@@ -146,7 +147,7 @@ def check_prefix(s3: Any, files: list[ArtifactFile], bucket: str, prefix: str) -
             problems.append(f"{f.path} missing")
         elif present[f.path] != f.size:
             problems.append(f"{f.path} has {present[f.path]} bytes, expected {f.size}")
-        elif remote_sha256(s3, bucket, prefix + f.path) != f.sha256:
+        elif hashes and remote_sha256(s3, bucket, prefix + f.path) != f.sha256:
             problems.append(f"{f.path} has a different sha256")
     stray = sorted(set(present) - {f.path for f in files})
     if stray:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from termtune import history
-from termtune.aws import bedrock, costs, iam, s3
+from termtune.aws import bedrock, costs, iam, jobrecord, s3
 from termtune.aws.clients import client, credentials_problem, error_code, error_message
 from termtune.aws.names import bucket_problem, job_name_for, role_name_problem, safe_name
 from termtune.config import Config
@@ -129,6 +129,35 @@ def names(cfg: Config, rid: str, artifact_sha256: str | None = None, taken: set[
             "s3_uri": f"s3://{cfg.aws.bucket}/{prefix}/", "model_name": model_name}
 
 
+def sagemaker_root(cfg: Config, rid: str) -> str:
+    """s3://bucket/<parent>/sagemaker/<run>-<id>/, where this run's SageMaker jobs read and write: beside the
+    import prefix, never inside it (Bedrock imports everything under that one)."""
+    prefix = names(cfg, rid)["prefix"].rstrip("/")
+    parent, _, last = prefix.rpartition("/")
+    return f"s3://{cfg.aws.bucket}/{parent + '/' if parent else ''}sagemaker/{last}/"
+
+
+def trained_job(cfg: Config) -> dict[str, Any] | None:
+    """With train.on=sagemaker, the Completed training job whose artifact deploy imports (UserError when there
+    is none for the current settings); None when the run trains locally."""
+    if cfg.train.on != "sagemaker":
+        return None
+    job = jobrecord.completed_job(cfg)
+    if job is None:
+        raise UserError("deploy: train.on=sagemaker, and no training job of this run completed with the current "
+                        "settings; run termtune train --on sagemaker (or termtune jobs attach) first")
+    return job
+
+
+def import_source(cfg: Config, n: dict[str, str]) -> dict[str, str]:
+    """`names` with the import prefix moved to the SageMaker job's artifact when the run trains there."""
+    job = trained_job(cfg)
+    if job is None:
+        return n
+    bucket, prefix = s3.split_uri(job["artifact_uri"])
+    return {**n, "bucket": bucket, "prefix": prefix, "s3_uri": job["artifact_uri"]}
+
+
 def read_record(cfg: Config) -> dict[str, Any]:
     return read_json(RunLayout.of(cfg).deploy, {})
 
@@ -160,21 +189,27 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
     # 1. inputs
     check_names(cfg)
     artifact = RunLayout.of(cfg).artifact
-    if not artifact.is_dir():
-        raise UserError(f"{artifact}: no artifact; run termtune export first")
-    failed = [c for c in validate(artifact) if c.failed]
-    if failed:
-        reasons = "; ".join(f"{c.name}: {c.message}" for c in failed)
-        raise UserError(f"{artifact} fails the Bedrock preflight, refusing to deploy ({reasons}); "
-                        f"see termtune validate {artifact}")
+    job = trained_job(cfg)
+    if job is None:
+        if not artifact.is_dir():
+            raise UserError(f"{artifact}: no artifact; run termtune export first")
+        failed = [c for c in validate(artifact) if c.failed]
+        if failed:
+            reasons = "; ".join(f"{c.name}: {c.message}" for c in failed)
+            raise UserError(f"{artifact} fails the Bedrock preflight, refusing to deploy ({reasons}); "
+                            f"see termtune validate {artifact}")
+        files = s3.artifact_files(artifact)
+        manifest = read_json(RunLayout.of(cfg).manifest, {})
+    else:  # the SageMaker job's artifact, imported where the job wrote it: nothing is uploaded
+        manifest = read_json(RunLayout.of(cfg).job_records / s3.MANIFEST, {})
+        files = [s3.ArtifactFile(f["path"], f["size"], f["sha256"]) for f in manifest.get("files", [])]
     record = read_record(cfg)
-    files = s3.artifact_files(artifact)
     model_files = [f for f in files if f.path not in s3.TERMTUNE_FILES]
     own_files = [f for f in files if f.path in s3.TERMTUNE_FILES]
-    artifact_sha = artifact_digest(read_json(RunLayout.of(cfg).manifest, {}).get("files", []))
+    artifact_sha = artifact_digest(manifest.get("files", []))
     earlier = {e.get("deploy", {}).get("model_name") for e in history.read(RunLayout.of(cfg)) if e.get("stage") == "deploy"}
     rid = run_id(cfg)
-    n = names(cfg, rid, artifact_sha, taken=earlier)
+    n = import_source(cfg, names(cfg, rid, artifact_sha, taken=earlier))
     if record.get("artifact_sha256") not in (None, artifact_sha) and record.get("status") not in (None, "deleted"):
         raise UserError(f"{artifact} changed since it was deployed as {record.get('model_name')}; "
                         "run `termtune run` with this config (it keeps the earlier import in the run history), "
@@ -190,9 +225,13 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
     bedrock.check_request(cfg.aws.region, fields + [("roleArn", probe_role, "aws.role_arn")])
 
     if dry_run:
-        emit("note", f"would upload {len(model_files)} files ({sum(f.size for f in model_files) / 1e6:.1f} MB) to "
-                     f"{n['s3_uri']} with SSE {cfg.aws.sse}, and termtune's {', '.join(f.path for f in own_files)} "
-                     f"to s3://{n['bucket']}/{n['meta_prefix']}")
+        if job is not None:
+            emit("note", f"would import the {len(model_files)} files training job {job['job_name']} wrote to "
+                         f"{n['s3_uri']} (no upload)")
+        else:
+            emit("note", f"would upload {len(model_files)} files ({sum(f.size for f in model_files) / 1e6:.1f} MB) "
+                         f"to {n['s3_uri']} with SSE {cfg.aws.sse}, and termtune's "
+                         f"{', '.join(f.path for f in own_files)} to s3://{n['bucket']}/{n['meta_prefix']}")
         emit("note", _role_plan(cfg, rid))
         emit("note", f"would create import job {job_name} -> imported model {n['model_name']} in {cfg.aws.region}")
         return DeployResult(n["s3_uri"], n["model_name"], job_name, dry_run=True)
@@ -209,34 +248,40 @@ def deploy(cfg: Config, dry_run: bool = False) -> DeployResult:
         s3c = client("s3", cfg.aws.region, cfg.aws.profile)
 
         # 3. upload, then prove the import prefix holds exactly the model before anything imports it
-        card = RunLayout.of(cfg).model_card
-        card_files = [s3.ArtifactFile(card.name, card.stat().st_size, sha256_file(card))] if card.is_file() else []
-        _record_uploads(cfg, rid, {n["s3_uri"]: model_files,
-                                   f"s3://{n['bucket']}/{n['meta_prefix']}": own_files + card_files})
-        try:
-            for prefix in (n["prefix"], n["meta_prefix"]):  # what an interrupted upload left open
-                if s3.abort_uploads(s3c, n["bucket"], prefix):
-                    emit("note", f"aborted the incomplete multipart uploads an interrupted deploy left under "
-                                 f"s3://{n['bucket']}/{prefix}")
-            up = s3.upload(s3c, artifact, model_files, n["bucket"], n["prefix"], cfg.aws.sse, cfg.aws.kms_key_id)
-            s3.upload(s3c, artifact, own_files, n["bucket"], n["meta_prefix"], cfg.aws.sse, cfg.aws.kms_key_id,
-                      progress=False)
-            if card_files:  # the model card travels with termtune's own files, outside the import prefix
-                s3.upload(s3c, card.parent, card_files, n["bucket"], n["meta_prefix"], cfg.aws.sse,
-                          cfg.aws.kms_key_id, progress=False)
-        except Exception as e:
-            if error_code(e) in ("NoSuchBucket", "AccessDenied", "403", "404"):
-                raise UserError(f"aws.bucket: cannot write to s3://{n['bucket']} ({error_code(e)}); "
-                                "create the bucket or check your permissions") from e
-            raise
-        s3.check_prefix(s3c, model_files, n["bucket"], n["prefix"])
+        if job is not None:  # the job's output was hashed against its manifest when the job ended
+            s3.check_prefix(s3c, model_files, n["bucket"], n["prefix"], hashes=False)
+            up = s3.UploadResult([], [f.path for f in model_files], 0)
+        else:
+            card = RunLayout.of(cfg).model_card
+            card_files = [s3.ArtifactFile(card.name, card.stat().st_size, sha256_file(card))] if card.is_file() else []
+            _record_uploads(cfg, rid, {n["s3_uri"]: model_files,
+                                       f"s3://{n['bucket']}/{n['meta_prefix']}": own_files + card_files})
+            try:
+                for prefix in (n["prefix"], n["meta_prefix"]):  # what an interrupted upload left open
+                    if s3.abort_uploads(s3c, n["bucket"], prefix):
+                        emit("note", f"aborted the incomplete multipart uploads an interrupted deploy left under "
+                                     f"s3://{n['bucket']}/{prefix}")
+                up = s3.upload(s3c, artifact, model_files, n["bucket"], n["prefix"], cfg.aws.sse, cfg.aws.kms_key_id)
+                s3.upload(s3c, artifact, own_files, n["bucket"], n["meta_prefix"], cfg.aws.sse, cfg.aws.kms_key_id,
+                          progress=False)
+                if card_files:  # the model card travels with termtune's own files, outside the import prefix
+                    s3.upload(s3c, card.parent, card_files, n["bucket"], n["meta_prefix"], cfg.aws.sse,
+                              cfg.aws.kms_key_id, progress=False)
+            except Exception as e:
+                if error_code(e) in ("NoSuchBucket", "AccessDenied", "403", "404"):
+                    raise UserError(f"aws.bucket: cannot write to s3://{n['bucket']} ({error_code(e)}); "
+                                    "create the bucket or check your permissions") from e
+                raise
+            s3.check_prefix(s3c, model_files, n["bucket"], n["prefix"])
 
         # 4. role
         role_arn, role_created_now = _ensure_role(cfg, rid)
         bedrock.check_request(cfg.aws.region, [("roleArn", role_arn, "aws.role_arn")])
         record = read_record(cfg)  # ensure_role may have written role facts
         record.update({"region": cfg.aws.region, "s3_uri": n["s3_uri"], "artifact_sha256": artifact_sha,
-                       "termtune_files_uri": f"s3://{n['bucket']}/{n['meta_prefix']}",
+                       "termtune_files_uri": job["s3_model_artifacts"] + "termtune/" if job
+                       else f"s3://{n['bucket']}/{n['meta_prefix']}",
+                       "sagemaker_job": job and job["job_name"],
                        "model_name": n["model_name"], "job_name": job_name, "client_request_token": token,
                        "role_arn": role_arn})
 
@@ -346,9 +391,12 @@ def _role_plan(cfg: Config, rid: str) -> str:
 
 
 def _role_policies(cfg: Config, rid: str, dry_run: bool) -> tuple[dict, dict]:
-    n = names(cfg, rid)
-    account = _account(cfg, required=not dry_run)
+    n = import_source(cfg, names(cfg, rid))
+    account = caller_account(cfg, required=not dry_run)
     key_arn = kms_key_arn(cfg, required=not dry_run) if cfg.aws.kms_key_id else None
+    job = trained_job(cfg)
+    if job and job["request"]["OutputDataConfig"].get("KmsKeyId"):  # the job's output key (a key ARN)
+        key_arn = job["request"]["OutputDataConfig"]["KmsKeyId"]
     trust = iam.trust_policy(account, cfg.aws.region)
     permissions = iam.permissions_policy(n["bucket"], n["prefix"], account, key_arn)
     return trust, permissions
@@ -400,7 +448,7 @@ def kms_key_arn(cfg: Config, required: bool = True) -> str:
     kms:DescribeKey: IAM authorises kms:Decrypt only on a key ARN, never through an alias."""
     key = cfg.aws.kms_key_id or ""
     try:
-        return _usable_key(cfg, key, "aws.kms_key_id")["Arn"]
+        return usable_key(cfg, key, "aws.kms_key_id")["Arn"]
     except Exception:
         if not required:
             return f"<the key ARN kms:DescribeKey gives for {key}>"
@@ -414,12 +462,12 @@ def model_kms_key_arn(cfg: Config) -> str:
     key account is a deliberate set-up, and DescribeKey answering at all means that key's policy
     already lets this account in; whether it also grants Bedrock, termtune cannot read from here."""
     key = cfg.aws.model_kms_key_id or ""
-    meta = _usable_key(cfg, key, "aws.model_kms_key_id")
+    meta = usable_key(cfg, key, "aws.model_kms_key_id")
     spec = meta.get("KeySpec") or meta.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
     if spec != "SYMMETRIC_DEFAULT":  # the only spec whose usage is ENCRYPT_DECRYPT with symmetric keys
         raise UserError(f"aws.model_kms_key_id: {meta['Arn']} is a {spec} key; Bedrock encrypts imported models "
                         "only with a symmetric encryption key (SYMMETRIC_DEFAULT)")
-    owner, account = meta["Arn"].split(":")[4], _account(cfg, required=True)
+    owner, account = meta["Arn"].split(":")[4], caller_account(cfg, required=True)
     if owner != account:
         emit("note", f"aws.model_kms_key_id: {meta['Arn']} belongs to account {owner}, not yours ({account}); the "
                      "import works only if that key's policy also grants Bedrock kms:CreateGrant, kms:DescribeKey, "
@@ -427,7 +475,7 @@ def model_kms_key_arn(cfg: Config) -> str:
     return meta["Arn"]
 
 
-def _usable_key(cfg: Config, key: str, setting: str) -> dict[str, Any]:
+def usable_key(cfg: Config, key: str, setting: str) -> dict[str, Any]:
     """kms:DescribeKey's KeyMetadata for `key`, refused (one line naming `setting`) when the key does
     not exist, is not enabled, or lives outside aws.region: KMS keys are regional, and S3 and
     Bedrock use a key only in their own region."""
@@ -452,7 +500,7 @@ def _usable_key(cfg: Config, key: str, setting: str) -> dict[str, Any]:
     return meta
 
 
-def _account(cfg: Config, required: bool) -> str:
+def caller_account(cfg: Config, required: bool) -> str:
     try:
         with aws_errors():
             return client("sts", cfg.aws.region, cfg.aws.profile).get_caller_identity()["Account"]
@@ -487,7 +535,9 @@ def _own_uploads(cfg: Config, records: list[dict[str, Any]]) -> dict[str, set[st
     out: dict[str, set[str]] = {}
     for record in records:
         uploads = record.get("uploads") if isinstance(record.get("uploads"), dict) else {}
-        for uri in [*uploads, record.get("s3_uri"), record.get("termtune_files_uri")]:
+        # a SageMaker job's artifact was imported where the job wrote it: deploy uploaded nothing there
+        imported = [] if record.get("sagemaker_job") else [record.get("s3_uri"), record.get("termtune_files_uri")]
+        for uri in [*uploads, *imported]:
             if uri is None:
                 continue
             problem = _foreign_uri(uri, rid)
@@ -500,6 +550,23 @@ def _own_uploads(cfg: Config, records: list[dict[str, Any]]) -> dict[str, set[st
                 raise UserError(f"{where}: refusing to clean up {uri!r}: the recorded object name {bad[0]!r} is not "
                                 "a plain name under that prefix; nothing was deleted")
             out.setdefault(uri, set()).update(keys)
+    return out
+
+
+def _job_uploads(cfg: Config, jobs: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """The channel files the run's training jobs uploaded (URI -> names), each URI checked to be one of this
+    run's channels (a jobs.json edited by hand or copied from another run is refused whole)."""
+    out: dict[str, set[str]] = {}
+    rid = run_id(cfg, create=False)
+    for job in jobs:
+        for channel, upload in (job.get("uploads") or {}).items():
+            uri, files = (upload.get("uri"), upload.get("files", [])) if isinstance(upload, dict) else (None, None)
+            bad = [f for f in files if not isinstance(f, str) or name_problem(f)] if isinstance(files, list) else [files]
+            if rid is None or uri != f"{sagemaker_root(cfg, rid)}{channel}/" or bad:
+                raise UserError(f"{RunLayout.of(cfg).jobs}: refusing to clean up {uri!r}: not one of this run's "
+                                "SageMaker channels, or a file name that is not plain; nothing was deleted. Was "
+                                "jobs.json edited or copied from another run?")
+            out.setdefault(uri, set()).update(files)
     return out
 
 
@@ -542,6 +609,14 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
     plan = [f"imported model {i.get('model_arn') or i.get('model_name')}"
             + (f" (after import job {i['job_name']} ends)" if i.get("job_name") else "")
             for i in imports if i.get("model_arn") or i.get("model_name")]
+    jobs = jobrecord.read_jobs(cfg)
+    running = [j["job_name"] for j in jobs if j.get("status") in ("creating", "InProgress", "Stopping")]
+    if running:
+        raise UserError(f"training job {', '.join(running)} may still be running and reads this run's S3 files and "
+                        "role; stop it (termtune jobs stop) or let it end, then clean up; nothing was deleted")
+    uploads |= _job_uploads(cfg, jobs)
+    grants += list(dict.fromkeys((j["role_name"], j["role_policy"]) for j in jobs
+                                 if isinstance(j.get("role_name"), str) and isinstance(j.get("role_policy"), str)))
     plan += [f"the {len(keys)} objects this run uploaded under {uri}" for uri, keys in uploads.items()]
     plan += [f"this run's policy {policy} on IAM role {role} (the role too, if termtune created it and no other "
              "run uses it)" for role, policy in grants]
@@ -549,6 +624,9 @@ def cleanup(cfg: Config, yes: bool = False) -> list[str]:
         emit("note", "nothing recorded to delete")
         return []
     emit("note", "will delete:\n  " + "\n  ".join(plan))
+    if jobs:
+        emit("note", f"will keep the training jobs' output and checkpoints under {jobs[-1].get('s3_root')} (the "
+                     "trained models: delete them yourself once they are no longer wanted)")
     if not yes:
         if not sys.stdin.isatty():
             raise UserError("cleanup deletes cloud resources; pass --yes to confirm when not at a terminal")
