@@ -179,3 +179,80 @@ def test_the_jobs_lines_stream_in_order_once_and_jobs_reads_the_recorded_job(tin
     assert ": Completed (Completed)" in status.splitlines()[0] and "output " in status
     assert training.jobs_logs(cfg) == written
     assert training.jobs_list(cfg, pipeline.train_fingerprint(cfg)).count("Completed") == 1
+
+
+def _artifact_tensors(folder):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def _job_train_result(cfg) -> dict:
+    """The train result the job recorded (model/termtune/metrics.json), as the client downloaded it."""
+    import json
+
+    [metrics] = list(cfg.run_dir.rglob("metrics.json"))
+    return json.loads(metrics.read_text())["train"]
+
+
+def test_a_spot_interruption_resumes_from_the_s3_checkpoints_to_the_uninterrupted_weights(tmp_path, tiny_cfg,
+                                                                                           sagemaker_env):  # noqa: F811
+    """The stand-in interrupts the spot job once a sealed checkpoint is in S3; the restarted job (new instances,
+    checkpoints restored from S3) resumes from it and ends with the weights a job that was never interrupted
+    ends with (the resume test's tolerance)."""
+    import threading
+
+    from termtune import api, pipeline
+    from termtune.aws import jobrecord
+
+    stand_in = sagemaker_env(spot_interrupt_after_seconds=1e9)  # armed below, once a checkpoint is in S3
+    spot = sagemaker_cfg(tiny_cfg, "spot", **{"aws.sagemaker.spot": True, "train.max_steps": 12,
+                                              "train.save_steps": 2})
+    plain = sagemaker_cfg(tiny_cfg, "plain", **{"train.max_steps": 12, "train.save_steps": 2})
+    s3 = boto("s3")
+
+    def interrupt_after_the_first_checkpoint():
+        for _ in range(3000):
+            keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+            if any("/checkpoints/" in k and k.endswith("termtune-complete.json") for k in keys):
+                stand_in.training.interrupt_after_seconds = 1e-3
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=interrupt_after_the_first_checkpoint, daemon=True)
+    pipeline.run_stage(spot, "data")
+    watcher.start()
+    api.train(spot)
+    watcher.join(timeout=1)
+    [job] = jobrecord.read_jobs(spot)
+    assert job["status"] == "Completed"
+    assert stand_in.training.jobs[job["job_name"]].interrupted
+    assert _job_train_result(spot)["resumed_from"], "the restarted job did not resume from a checkpoint"
+
+    stand_in.training.interrupt_after_seconds = 0.0
+    pipeline.run_stage(plain, "data")
+    api.train(plain)
+    [plain_job] = jobrecord.read_jobs(plain)
+    resumed = _artifact_tensors(download(job["artifact_uri"], tmp_path / "spot"))
+    uninterrupted = _artifact_tensors(download(plain_job["artifact_uri"], tmp_path / "plain"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert max(float((resumed[k].float() - uninterrupted[k].float()).abs().max()) for k in resumed) <= 1e-5
+
+
+def test_two_instances_train_one_model_together(tmp_path, tiny_cfg, sagemaker_env):  # noqa: F811
+    from termtune import api, pipeline
+    from termtune.aws import jobrecord
+    from termtune.validate import validate
+
+    stand_in = sagemaker_env()
+    cfg = sagemaker_cfg(tiny_cfg, **{"aws.sagemaker.instance_count": 2})
+    pipeline.run_stage(cfg, "data")
+    api.train(cfg)
+    [job] = jobrecord.read_jobs(cfg)
+    assert job["status"] == "Completed" and job["instance_count"] == 2
+    assert len(stand_in.training.jobs[job["job_name"]].hosts) == 2
+    assert _job_train_result(cfg)["world_size"] == 2  # one torchrun process per host, one process group
+    assert not [c for c in validate(download(job["artifact_uri"], tmp_path / "artifact")) if c.failed]
