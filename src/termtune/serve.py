@@ -362,7 +362,7 @@ class Bedrock:
         """Temporary credentials of the job's role. The trust policy is checked here for the
         service principal bedrock.amazonaws.com with the request context Bedrock sends
         (aws:SourceAccount, aws:SourceArn): moto cannot evaluate service principals."""
-        from termtune.aws.clients import client, error_code, error_message
+        from termtune.aws.clients import client, error_code, error_message, role_credentials
         from termtune.aws.trust import allows_service
 
         role_arn, account = job["roleArn"], self.own_account()
@@ -388,8 +388,7 @@ class Bedrock:
                 raise
             raise ImportFailure(f"Amazon Bedrock can't assume the role {role_arn}: {error_code(e)} "
                                 f"({error_message(e)}).") from e
-        return {"aws_access_key_id": out["AccessKeyId"], "aws_secret_access_key": out["SecretAccessKey"],
-                "aws_session_token": out["SessionToken"]}
+        return role_credentials(out)
 
     def job(self, identifier: str) -> dict:
         _check("jobIdentifier", identifier)

@@ -496,7 +496,7 @@ class Training:
 
     def _assume(self, job: Job) -> dict[str, str]:
         """The job role's temporary credentials, from STS: the job reads and writes as the role."""
-        from termtune.aws.clients import client, error_code, error_message
+        from termtune.aws.clients import client, error_code, error_message, role_credentials
 
         role = job.description["RoleArn"]
         try:
@@ -507,8 +507,7 @@ class Training:
                 raise
             raise JobFailure(f"ClientError: SageMaker could not assume the role {role}: {error_code(e)} "
                              f"({error_message(e)})") from e
-        return {"aws_access_key_id": out["AccessKeyId"], "aws_secret_access_key": out["SecretAccessKey"],
-                "aws_session_token": out["SessionToken"]}
+        return role_credentials(out)
 
     # --------------------------------------------------------------- Downloading
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from termtune.aws.clients import error_code, error_message
+from termtune.aws.clients import error_code, error_message, retry_while_role_propagates
 from termtune.aws.names import CMI_REGIONS, field_problem
 from termtune.errors import UserError
 from termtune.events import emit, interactive
@@ -67,28 +67,19 @@ def create_job(bedrock: Any, request: dict, role_retry_seconds: float, on_role_r
     The same clientRequestToken goes with every attempt, so a retry after a lost response
     returns the first job instead of creating a second one.
     """
-    deadline = time.monotonic() + role_retry_seconds
-    delay = 2.0
-    while True:
-        try:
-            return bedrock.create_model_import_job(**request)["jobArn"]
-        except Exception as e:
-            code, message = error_code(e), error_message(e)
-            if code in ("ValidationException", "AccessDeniedException") and "role" in message.lower() \
-                    and time.monotonic() < deadline:
-                on_role_retry(f"{code}: {message}")
-                emit("note", f"Bedrock cannot use the new IAM role yet ({code}: {message}); IAM propagation "
-                             f"can take a minute or two, retrying in {delay:.0f}s")
-                sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 15.0)
-                continue
-            if code == "ServiceQuotaExceededException":
-                raise UserError(f"Bedrock refused the import: {message} (one import job at a time per "
-                                "region; a limited number of imported models)") from e
-            if code in ("ValidationException", "ConflictException", "AccessDeniedException",
-                        "ResourceNotFoundException"):
-                raise UserError(f"CreateModelImportJob failed: {code}: {message}") from e
-            raise
+    try:
+        return retry_while_role_propagates(lambda: bedrock.create_model_import_job(**request)["jobArn"], "Bedrock",
+                                           ("ValidationException", "AccessDeniedException"), role_retry_seconds,
+                                           sleep, on_role_retry)
+    except Exception as e:
+        code, message = error_code(e), error_message(e)
+        if code == "ServiceQuotaExceededException":
+            raise UserError(f"Bedrock refused the import: {message} (one import job at a time per "
+                            "region; a limited number of imported models)") from e
+        if code in ("ValidationException", "ConflictException", "AccessDeniedException",
+                    "ResourceNotFoundException"):
+            raise UserError(f"CreateModelImportJob failed: {code}: {message}") from e
+        raise
 
 
 def wait_for_job(bedrock: Any, job_arn: str, timeout_s: float, poll_s: float,

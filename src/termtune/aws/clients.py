@@ -8,7 +8,7 @@ same code talks to real AWS, to moto's server, or to `termtune serve`, with no t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from termtune.errors import UserError
 
@@ -66,3 +66,36 @@ def credentials_problem(exc: BaseException) -> UserError | None:
         return UserError(f"cannot reach {exc.kwargs.get('endpoint_url')}: check the network, or the "
                          "AWS_ENDPOINT_URL_* settings if you run against a local endpoint")
     return None
+
+
+def retry_while_role_propagates(call: Callable[[], Any], service: str, codes: tuple[str, ...], seconds: float,
+                                sleep: Callable[[float], None], on_retry: Callable[[str], None] | None = None) -> Any:
+    """call(); while it fails with one of `codes` and a message naming the role, for up to `seconds` (given only
+    for a role termtune has just created: IAM is eventually consistent), say so and call again, waiting 2 s,
+    doubling to at most 15 s. Any other failure, or one past the deadline, is raised as it came."""
+    import time
+
+    from termtune.events import emit
+
+    deadline = time.monotonic() + seconds
+    delay = 2.0
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            code, message = error_code(e), error_message(e)
+            if code not in codes or "role" not in message.lower() or time.monotonic() >= deadline:
+                raise
+            if on_retry:
+                on_retry(f"{code}: {message}")
+            emit("note", f"{service} cannot use the new IAM role yet ({code}: {message}); IAM propagation can take "
+                         f"a minute or two, retrying in {delay:.0f}s")
+            sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 15.0)
+
+
+def role_credentials(sts_credentials: dict[str, Any]) -> dict[str, str]:
+    """An AssumeRole answer's Credentials as keyword arguments for a boto3 client."""
+    return {"aws_access_key_id": sts_credentials["AccessKeyId"],
+            "aws_secret_access_key": sts_credentials["SecretAccessKey"],
+            "aws_session_token": sts_credentials["SessionToken"]}

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from termtune.aws import iam, jobrecord, s3
 from termtune.aws import sagemaker as sm
-from termtune.aws.clients import client, error_code, error_message
+from termtune.aws.clients import client, error_code, error_message, retry_while_role_propagates
 from termtune.config import Config
 from termtune.errors import Detached, UserError
 from termtune.events import emit
@@ -197,30 +197,22 @@ def create_job(smc: Any, request: dict[str, Any], role_retry_s: float,
                sleep: Callable[[float], None] = time.sleep) -> str:
     """CreateTrainingJob. A role SageMaker cannot assume yet is retried for role_retry_s (only for a role
     termtune has just created: IAM is eventually consistent); quota and name errors are one line."""
-    deadline = time.monotonic() + role_retry_s
-    delay = 2.0
-    while True:
-        try:
-            return smc.create_training_job(**request)["TrainingJobArn"]
-        except Exception as e:
-            code, message = error_code(e), error_message(e)
-            if code == "ValidationException" and "role" in message.lower() and time.monotonic() < deadline:
-                emit("note", f"SageMaker cannot use the new IAM role yet ({message}); IAM propagation can take a "
-                             f"minute or two, retrying in {delay:.0f}s")
-                sleep(min(delay, max(0.0, deadline - time.monotonic())))
-                delay = min(delay * 2, 15.0)
-                continue
-            if code == "ResourceLimitExceeded":
-                raise UserError(f"SageMaker refused the job: {message}; request a quota increase for "
-                                f"{request['ResourceConfig']['InstanceType']} training job usage in Service Quotas "
-                                "(SageMaker), or choose another aws.sagemaker.instance_type") from e
-            if code == "ResourceInUse":
-                raise UserError(f"aws.sagemaker.job_name: a training job named {request['TrainingJobName']} "
-                                "already exists in this account and region; names are unique: choose another, "
-                                "or leave job_name unset") from e
-            if code in ("ValidationException", "AccessDeniedException", "ResourceNotFound"):
-                raise UserError(f"CreateTrainingJob failed: {code}: {message}") from e
-            raise
+    try:
+        return retry_while_role_propagates(lambda: smc.create_training_job(**request)["TrainingJobArn"], "SageMaker",
+                                           ("ValidationException",), role_retry_s, sleep)
+    except Exception as e:
+        code, message = error_code(e), error_message(e)
+        if code == "ResourceLimitExceeded":
+            raise UserError(f"SageMaker refused the job: {message}; request a quota increase for "
+                            f"{request['ResourceConfig']['InstanceType']} training job usage in Service Quotas "
+                            "(SageMaker), or choose another aws.sagemaker.instance_type") from e
+        if code == "ResourceInUse":
+            raise UserError(f"aws.sagemaker.job_name: a training job named {request['TrainingJobName']} "
+                            "already exists in this account and region; names are unique: choose another, "
+                            "or leave job_name unset") from e
+        if code in ("ValidationException", "AccessDeniedException", "ResourceNotFound"):
+            raise UserError(f"CreateTrainingJob failed: {code}: {message}") from e
+        raise
 
 
 # ----------------------------------------------------------------------------- follow
