@@ -23,6 +23,7 @@ import contextlib
 import copy
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,6 +50,31 @@ def batches(base: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
         out.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
                     "decoder_input_ids": base._shift_right(labels)})
     return out
+
+
+def time_interleaved(variants: dict[str, dict], reps: int) -> tuple[dict[str, float], dict[str, Any],
+                                                                    dict[str, list[float]]]:
+    """Each variant ({"step": step(batch), "threads": n, "batches": [...]}) once over its batches (compilation and
+    allocator warm-up, timed apart), then `reps` interleaved rounds, so a change in machine load hits all alike.
+    Returns the warm-up seconds, what each variant's first step returned, and each round's seconds."""
+    threads = torch.get_num_threads()
+    warmup: dict[str, float] = {}
+    first: dict[str, Any] = {}
+    for name, v in variants.items():
+        torch.set_num_threads(v["threads"])
+        start = time.perf_counter()
+        results = [v["step"](batch) for batch in v["batches"]]
+        warmup[name], first[name] = time.perf_counter() - start, results[0]
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, v in variants.items():
+            torch.set_num_threads(v["threads"])
+            start = time.perf_counter()
+            for batch in v["batches"]:
+                v["step"](batch)
+            times[name].append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return warmup, first, times
 
 
 def main() -> None:
@@ -88,7 +114,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
 
-        return {"step": step, "threads": n_threads}
+        return {"step": step, "threads": n_threads, "batches": data}
 
     variants = {
         "termtune (chunk 1024, fused AdamW)": variant(),
@@ -103,24 +129,7 @@ def main() -> None:
     if opts.only is not None:
         variants = {k: v for i, (k, v) in enumerate(variants.items()) if i == 0 or any(o in k for o in opts.only)}
 
-    warmup: dict[str, float] = {}
-    for name, v in variants.items():
-        torch.set_num_threads(v["threads"])
-        start = time.perf_counter()
-        for batch in data:  # every shape once: compilation and allocator warm-up
-            v["step"](batch)
-        warmup[name] = time.perf_counter() - start
-
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(opts.reps):
-        for name, v in variants.items():
-            torch.set_num_threads(v["threads"])
-            start = time.perf_counter()
-            for batch in data:
-                v["step"](batch)
-            times[name].append(time.perf_counter() - start)
-    torch.set_num_threads(threads)
-
+    warmup, _, times = time_interleaved(variants, opts.reps)
     ref = next(iter(times))
     best_ref, median_ref = min(times[ref]), sorted(times[ref])[len(times[ref]) // 2]
     print(f"{'variant':36}{'warm-up s':>10}{'best ms':>9}{'median ms':>11}{'speed-up best':>15}{'median':>8}")

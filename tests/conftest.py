@@ -43,6 +43,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def loss_and_grads(model, compute) -> tuple:
+    """(the loss `compute()` returns, the gradients of `model`'s trainable parameters) after one backward pass."""
+    model.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
 def tiny_overrides(run_dir: Path, data_source: Path | str) -> list[str]:
     """Dotted overrides that turn the demo config into a seconds-long tiny run."""
     return [

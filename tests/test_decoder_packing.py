@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
+from conftest import REPO, loss_and_grads, medquad_rows, tiny_overrides, write_jsonl
 from termtune.config import load_config
 from termtune.errors import UserError
 from termtune.local import free_port
@@ -69,6 +69,43 @@ def test_a_packed_batch_gives_each_example_its_own_logits_and_the_padded_batch_l
     assert abs(float(out.loss) - float(padded.loss)) < 1e-6
     for name, p in model.named_parameters():
         assert torch.allclose(packed_grads[name], p.grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_decoders_chunked_loss_equals_trls_fused_loss_and_its_lora_gradients(packed):
+    """On a CPU a decoder trains on termtune's chunked loss over the answer positions (TRL's fused head scores every
+    position there): the same loss and LoRA gradients as TRL's, divided by the accumulated batch's token count
+    when the Trainer gives one, and by the batch's own otherwise."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from termtune.families.llama import CompletionCollator, PackedCompletionCollator
+    from termtune.lm_loss import LinearCrossEntropy, chunked_lm_loss, supports_chunked_loss
+
+    base = _tiny_llama()
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer patches it
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
+                                            init_lora_weights=False))  # non-zero B: every LoRA weight has a gradient
+    assert supports_chunked_loss(model)
+    batch = (PackedCompletionCollator() if packed else CompletionCollator(0))(ROWS)
+    means = []
+    for num_items in (None, torch.tensor(20)):  # 9 answer tokens here; 20 as if accumulated with other batches
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        trl = loss_and_grads(model, lambda: model(**batch, fused_lm_head=True, **extra).loss)
+        means.append(trl[0])
+        for chunk in (2, 10_000):  # several chunks with a short last one; all positions in one
+            ours = loss_and_grads(model, lambda c=chunk: chunked_lm_loss(model, chunk_size=c, **batch,
+                                                                         **extra)["loss"])
+            assert torch.allclose(ours[0], trl[0], atol=1e-6), (num_items, chunk, ours[0], trl[0])
+            assert all(torch.allclose(o, t, atol=1e-6) for o, t in zip(ours[1], trl[1]))
+    assert torch.allclose(means[1], means[0] * 9 / 20)
+    # negative control: each answer position scored against its own token (labels not shifted) is another loss
+    with torch.no_grad():
+        hidden = model.get_base_model().model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+        keep = batch["labels"] != -100
+        unshifted = LinearCrossEntropy.apply(hidden[keep], base.lm_head.weight, batch["labels"][keep], 2) / 9
+    assert not torch.allclose(unshifted, means[0], atol=1e-3)
 
 
 def test_a_decoder_trains_packed_by_default_from_the_padded_loss_and_exports(llama_cfg):  # noqa: F811

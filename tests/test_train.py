@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, medquad_rows, tiny_overrides, write_jsonl
+from conftest import REPO, loss_and_grads, medquad_rows, tiny_overrides, write_jsonl
 from termtune import data, pipeline
 from termtune.config import load_config
 from termtune.errors import UserError
@@ -157,21 +157,15 @@ def test_chunked_loss_and_its_lora_gradients_equal_the_standard_loss(tmp_path):
     batch = train.make_collator(tokenizer, model)([{"input_ids": r["input_ids"], "labels": r["labels"]}
                                                    for r in rows])
     assert (batch["labels"] == -100).any()  # ragged targets: padding positions to drop
-    lora = [p for p in model.parameters() if p.requires_grad]
-
-    def loss_and_grads(compute):
-        model.zero_grad(set_to_none=True)
-        loss = compute()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in lora]
 
     def assert_equal(got, expected):
         assert torch.allclose(got[0], expected[0], atol=1e-5), (got[0], expected[0])
         assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got[1], expected[1]))
 
-    standard = loss_and_grads(lambda: model(**batch).loss)
+    standard = loss_and_grads(model, lambda: model(**batch).loss)
     for chunk in (5, 10_000):  # several chunks with a short last one; the whole batch in one
-        assert_equal(loss_and_grads(lambda c=chunk: chunked_lm_loss(model, chunk_size=c, **batch)["loss"]), standard)
+        chunked = loss_and_grads(model, lambda c=chunk: chunked_lm_loss(model, chunk_size=c, **batch)["loss"])
+        assert_equal(chunked, standard)
 
     # Through termtune's Trainer, as training runs it, against transformers' own compute_loss
     # (same num_items_in_batch handling).
@@ -179,10 +173,10 @@ def test_chunked_loss_and_its_lora_gradients_equal_the_standard_loss(tmp_path):
     trainer = trainer_class(Seq2SeqTrainer)(model=model, args=args, batch_sampler=None)
     assert trainer.chunked_loss
     n = (batch["labels"] != -100).sum()
-    assert_equal(loss_and_grads(lambda: trainer.compute_loss(model, dict(batch), num_items_in_batch=n)),
-                 loss_and_grads(lambda: Seq2SeqTrainer.compute_loss(trainer, model, dict(batch),
+    assert_equal(loss_and_grads(model, lambda: trainer.compute_loss(model, dict(batch), num_items_in_batch=n)),
+                 loss_and_grads(model, lambda: Seq2SeqTrainer.compute_loss(trainer, model, dict(batch),
                                                                     num_items_in_batch=n)))
-    assert_equal(standard, loss_and_grads(lambda: trainer.compute_loss(model, dict(batch))))
+    assert_equal(standard, loss_and_grads(model, lambda: trainer.compute_loss(model, dict(batch))))
 
     # Anything unusual about the lm_head (here: trainable) keeps the standard path.
     model.get_base_model().lm_head.weight.requires_grad_(True)
@@ -201,14 +195,18 @@ def test_the_additions_attach_to_any_trainer_subclass_and_keep_its_compute_loss(
 
     class OwnLoss(Trainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
-            calls.append(type(self))
+            calls.append((type(self), model.training))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(T5Family, "trainer_classes", lambda self: (OwnLoss, TrainingArguments))
+    # where termtune's chunked loss applies it replaces the subclass's loss in training steps; elsewhere the
+    # subclass's compute_loss runs for every step
+    monkeypatch.setattr(T5Family, "takes_chunked_loss", lambda self, base: False)
     _, cfg = _prepared(tmp_path, {"train.save_steps": 3})
     result = train.train(cfg)
 
-    assert calls and all(issubclass(t, OwnLoss) and issubclass(t, TrainerAdditions) for t in calls)
+    assert all(issubclass(t, OwnLoss) and issubclass(t, TrainerAdditions) for t, _ in calls)
+    assert sum(training for _, training in calls) == result.global_step == 7
     rows = [r for r in _metrics(cfg) if "loss" in r]
     assert rows and all(r["target_tokens_per_s"] > 0 and 0 <= r["padding_fraction"] < 1 for r in rows)
     assert result.target_tokens_per_s > 0 and result.examples_per_s > 0 and result.global_step == 7

@@ -220,7 +220,7 @@ class TrainConfig(Section):
     packing: bool | None = None
     """Each batch as one row of its examples end to end, no padding; attention and loss stay within each example
     (position ids restart); max_tokens_per_batch then counts real tokens. null: on where the model can pack
-    (decoders: 1.12-1.14x examples/s on SmolLM2, BENCHMARKS.md), off for encoder-decoders, which cannot."""
+    (decoders: no pad tokens computed; BENCHMARKS.md, "Packing"), off for encoder-decoders, which cannot."""
     eval_steps: int | None = Field(None, ge=1)
     """Held-out loss every N steps (None: every epoch)."""
     save_steps: int = Field(50, ge=1)

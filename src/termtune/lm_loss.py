@@ -1,6 +1,6 @@
 """The training loss of a language model without materialising its full logits ("cut" cross-entropy).
 
-The lm_head (vocab x d_model, 32128 x 512 for the demo's model) and the softmax over its output
+The lm_head (vocab x d_model, e.g. 32128 x 512) and the softmax over its output
 are most of the work per target token. The standard forward writes a batch x target_len x vocab
 fp32 logits tensor (~130 MB for 4 x 256 tokens), reads it back for the softmax, and writes its
 gradient: memory-bound passes that miss the cache on a CPU. Here the model runs without its
@@ -44,6 +44,8 @@ def chunked_lm_loss(model: Any, labels: torch.Tensor, chunk_size: int, **inputs:
     """
     base = _base_model(model)
     labels = family_of_model(base).chunked_loss_inputs(base, labels, inputs)
+    # the token count of the whole accumulated batch, where the family's own loss divides by it (decoders)
+    num_items = inputs.pop("num_items_in_batch", None)
     head = base.lm_head
     base.lm_head = torch.nn.Identity()  # the model's "logits" are then its (scaled) last hidden states
     try:
@@ -52,7 +54,7 @@ def chunked_lm_loss(model: Any, labels: torch.Tensor, chunk_size: int, **inputs:
         base.lm_head = head
     keep = labels != IGNORE
     total = LinearCrossEntropy.apply(hidden[keep], head.weight, labels[keep], chunk_size)
-    return {"loss": total / keep.sum()}
+    return {"loss": total / (keep.sum() if num_items is None else num_items)}
 
 
 class LinearCrossEntropy(torch.autograd.Function):

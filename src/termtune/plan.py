@@ -640,7 +640,7 @@ def plan(cfg: Config, gpu: str | None = None, cpu_peak: float | None = None,
     base = base_bytes(shape, cfg.model.quantization)
     eval_rows = min(cfg.train.batch_size, max(1, data.test_rows))
     memory = {"base": base, "lora_states": int(trainable * _c("lora_state_bytes")), "activations": act[gc],
-              "loss": shape.loss_bytes(rows, src + tgt) if shape.own_loss
+              "loss": shape.loss_bytes(rows, src + tgt) if shape.own_loss(on_gpu=gpu is not None)
               else loss_bytes(shape, rows, tgt, real_tgt, device.bf16),
               "eval": eval_bytes(shape, eval_rows, data.test_target_max) if data.test_rows else 0,
               "framework": int(_c("cpu_framework_bytes") if gpu is None else _c("cuda_context_bytes"))}

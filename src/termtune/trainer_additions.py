@@ -7,7 +7,7 @@ Everything attaches through the Trainer's public hooks: `get_train_dataloader` (
 `compute_loss` (the chunked loss, the per-batch token counts, the first non-finite loss) and callbacks
 (throughput and padding per log, sealed checkpoints, the divergence stop, progress, the metrics log). No
 private Trainer method is overridden, so a subclass with its own compute_loss (TRL's SFTTrainer) keeps it:
-termtune's compute_loss wraps it.
+termtune's compute_loss wraps it, and replaces it in training steps only where termtune's chunked loss applies.
 
 Imports transformers at the top (the callbacks subclass its classes): import this module inside functions.
 """
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 
 from termtune.progress import Lines
 
@@ -63,12 +63,14 @@ class TrainerAdditions:
         if training and self.chunked_loss:
             # The lm_head and its softmax are most of the work per target token; termtune.lm_loss computes the
             # same loss over the non-pad tokens only, without the full logits tensor (~10-15 % faster steps on
-            # CPU). It stands in for the model call inside the Trainer's compute_loss, so the Trainer's own
-            # handling of num_items_in_batch, gradient accumulation and DDP scaling applies as is.
+            # CPU). It stands in for the model call inside transformers.Trainer's compute_loss, so the Trainer's
+            # own handling of num_items_in_batch, gradient accumulation and DDP scaling applies as is. That one,
+            # not a subclass's: TRL's SFTTrainer would call it as its fused LM head (its entropy and token accuracy
+            # log lines are then not made).
             from termtune.lm_loss import chunked_lm_loss
 
             loss_fn = functools.partial(chunked_lm_loss, model, chunk_size=LM_LOSS_CHUNK_ROWS)
-            loss = super().compute_loss(loss_fn, inputs, num_items_in_batch=num_items_in_batch)  # type: ignore[misc]
+            loss = Trainer.compute_loss(self, loss_fn, inputs, num_items_in_batch=num_items_in_batch)
         else:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
         # One device sync per batch, as the Trainer's own NaN log filter already does.

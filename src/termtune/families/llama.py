@@ -175,10 +175,19 @@ class DecoderFamily(Family):
         return None
 
     def takes_chunked_loss(self, base: Any) -> bool:
-        return False  # TRL's SFTTrainer computes its own loss (and its token accuracy) from the model's output
+        # TRL's fused LM head scores only the answer positions where it runs its Triton kernel (CUDA, XPU). Elsewhere
+        # its torch fallback scores every position, prompts included, in several passes over each vocabulary tile,
+        # and recomputes the tiles in the backward: termtune's chunked loss over the answer positions made a CPU step
+        # 1.3-1.5x faster (BENCHMARKS.md, "Decoder speed levers"). On a GPU TRL's kernel is kept.
+        return base.device.type not in ("cuda", "xpu")
 
     def chunked_loss_inputs(self, base: Any, labels: "torch.Tensor", inputs: dict[str, Any]) -> "torch.Tensor":
-        raise NotImplementedError("decoder families train on TRL's own loss")
+        import torch
+
+        # position t predicts token t + 1; a packed batch's example starts are labelled -100, so no position is
+        # scored on the next example's first token. num_items_in_batch stays: like TRL's loss, the chunked loss
+        # divides by the tokens of the whole accumulated batch when the Trainer gives their count.
+        return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
 
     # ------------------------------------------------------------------------- generation
 
@@ -568,8 +577,10 @@ class DecoderShape:
     """Prompt and answer are one stream, so rows can be packed (training_flops(..., packed=True) counts it)."""
     activations_measured: ClassVar[bool] = False
     """activation_bytes is a tally from the layer shapes: an estimate (T5's counts were measured)."""
-    own_loss: ClassVar[bool] = True
-    """Trained on its trainer's own loss (TRL's), whose memory loss_bytes counts (not termtune's chunked loss)."""
+    def own_loss(self, on_gpu: bool) -> bool:
+        """Trained on its trainer's own loss (TRL's fused LM head, whose memory loss_bytes counts) on a GPU; on a
+        CPU on termtune's chunked loss (DecoderFamily.takes_chunked_loss), whose memory termtune.plan counts."""
+        return on_gpu
 
     @property
     def d_model(self) -> int:

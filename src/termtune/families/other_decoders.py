@@ -69,6 +69,9 @@ class OtherDecoderFamily(DecoderFamily):
             raise self.refuse_training()
         super().check_model_settings(cfg)
 
+    def takes_chunked_loss(self, base: Any) -> bool:
+        return False  # TRL's loss adds the router's load-balancing loss, which the chunked loss has no part of
+
     def encode(self, tokenizer: Any, prompts: list[str], targets: list[str]) -> Any:
         if self.not_trained:
             raise self.refuse_training()
@@ -213,6 +216,9 @@ class MoEShape(DecoderShape):
     experts: int = 1
     experts_per_token: int = 1
     expert_intermediate: int = 1
+
+    def own_loss(self, on_gpu: bool) -> bool:
+        return True  # TRL's on every device (OtherDecoderFamily.takes_chunked_loss)
     sparse_layers: int = 0
     counted: tuple[tuple[str, int], ...] = ()
     lora_counted: tuple[tuple[int, str], int] = ((0, ""), 0)
