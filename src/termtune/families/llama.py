@@ -177,8 +177,8 @@ class DecoderFamily(Family):
     def takes_chunked_loss(self, base: Any) -> bool:
         # TRL's fused LM head scores only the answer positions where it runs its Triton kernel (CUDA, XPU). Elsewhere
         # its torch fallback scores every position, prompts included, in several passes over each vocabulary tile,
-        # and recomputes the tiles in the backward: termtune's chunked loss over the answer positions made a CPU step
-        # 1.3-1.5x faster (BENCHMARKS.md, "Decoder speed levers"). On a GPU TRL's kernel is kept.
+        # and recomputes the tiles in the backward: termtune's chunked loss over the answer positions gave 1.25-1.31x
+        # the examples/s on SmolLM2 (BENCHMARKS.md, "Decoder loss on a CPU"). On a GPU TRL's kernel is kept.
         return base.device.type not in ("cuda", "xpu")
 
     def chunked_loss_inputs(self, base: Any, labels: "torch.Tensor", inputs: dict[str, Any]) -> "torch.Tensor":
@@ -577,6 +577,7 @@ class DecoderShape:
     """Prompt and answer are one stream, so rows can be packed (training_flops(..., packed=True) counts it)."""
     activations_measured: ClassVar[bool] = False
     """activation_bytes is a tally from the layer shapes: an estimate (T5's counts were measured)."""
+
     def own_loss(self, on_gpu: bool) -> bool:
         """Trained on its trainer's own loss (TRL's fused LM head, whose memory loss_bytes counts) on a GPU; on a
         CPU on termtune's chunked loss (DecoderFamily.takes_chunked_loss), whose memory termtune.plan counts."""

@@ -216,13 +216,13 @@ class MoEShape(DecoderShape):
     experts: int = 1
     experts_per_token: int = 1
     expert_intermediate: int = 1
-
-    def own_loss(self, on_gpu: bool) -> bool:
-        return True  # TRL's on every device (OtherDecoderFamily.takes_chunked_loss)
     sparse_layers: int = 0
     counted: tuple[tuple[str, int], ...] = ()
     lora_counted: tuple[tuple[int, str], int] = ((0, ""), 0)
     """((lora.r, repr(lora.target_modules)), trainable LoRA weights) as peft wraps the model."""
+
+    def own_loss(self, on_gpu: bool) -> bool:
+        return True  # TRL's on every device (OtherDecoderFamily.takes_chunked_loss)
 
     def describe(self) -> str:
         return (f"{super().describe()}; {self.experts} experts ({self.experts_per_token} per token) on "

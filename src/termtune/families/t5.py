@@ -581,6 +581,7 @@ class Shape:
     """An encoder-decoder's source and target are two streams: no packing to plan."""
     activations_measured: ClassVar[bool] = True
     """ACTIVATION_COUNTS were counted on real T5s."""
+
     def own_loss(self, on_gpu: bool) -> bool:
         return False  # trained on termtune's chunked loss: termtune.plan.loss_bytes
 
